@@ -1,0 +1,3 @@
+from mtplx.cli.main import main
+
+main()

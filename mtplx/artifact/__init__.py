@@ -1,0 +1,1 @@
+"""The artifact: runtime contract, sidecar graft and loader."""

@@ -1,0 +1,1 @@
+"""Data only: the runtime contract schema and the catalog (read through mtplx.catalog)."""
