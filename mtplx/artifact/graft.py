@@ -1,0 +1,327 @@
+"""Build an mtplx artifact from an official Hugging Face checkpoint.
+
+source (HF layout, bf16, zero-centered norms, ``mtp.*`` tensors)
+  -> trunk: mlx-lm's own conversion (4-bit affine g64 by default, 8-bit, or bf16)
+  -> sidecar ``mtp/weights.safetensors``: every ``mtp.*`` tensor, norms shifted to absolute
+     exactly once (in float32), body linears int4 affine g64, ``fc`` and norms bf16
+  -> ``mtplx_runtime.json``: conventions measured on a probe text, hashes, defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mtplx._version import __version__
+from mtplx.artifact import contract as contract_io
+from mtplx.artifact.tensors import sha256_file, trunk_dependency_hashes, weight_files
+from mtplx.errors import ArtifactError, UnsupportedModelError
+from mtplx.model.mtp_head import MTPHead, body_linear_predicate
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe")
+GROUP_SIZE = 64
+HEAD_BITS = 4
+
+
+@dataclass
+class SourceCheckpoint:
+    path: Path
+    config: dict[str, Any]
+    text_config: dict[str, Any]
+    mtp_files: dict[str, Path]
+
+    @property
+    def model_type(self) -> str:
+        return self.config["model_type"]
+
+
+def read_source(path: str | Path) -> SourceCheckpoint:
+    """Check that ``path`` is a Qwen3.5/3.6 HF checkpoint with an MTP head."""
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise UnsupportedModelError("no config.json: this is not a Hugging Face checkpoint directory", path=path,
+                                    fix="pass the directory of the original checkpoint (e.g. a snapshot of Qwen/Qwen3.5-4B)")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(f"unknown architecture model_type={model_type!r}; mtplx supports {', '.join(SUPPORTED_MODEL_TYPES)}",
+                                    path=config_path, fix="use a Qwen3.5 or Qwen3.6 checkpoint")
+    text_config = config.get("text_config", config)
+    files = weight_files(path)
+    mtp_files = {name: f for name, f in files.items() if name.startswith("mtp.")}
+    if not mtp_files:
+        raise UnsupportedModelError("the checkpoint has no MTP head (no mtp.* tensors)", path=path,
+                                    fix="use the original Hugging Face checkpoint; MLX conversions and most quantized "
+                                        "re-uploads drop the mtp.* tensors")
+    return SourceCheckpoint(path=path, config=config, text_config=text_config, mtp_files=mtp_files)
+
+
+def text_args(text_config: dict[str, Any]):
+    from mlx_lm.models.qwen3_5 import TextModelArgs
+
+    return TextModelArgs.from_dict(dict(text_config))
+
+
+def _is_norm(name: str) -> bool:
+    """RMSNorm weights: the module's own name contains 'norm' (pre_fc_norm_hidden, q_norm, ...).
+    The head has no Gated-DeltaNet layer, whose gated norm is not zero-centered."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and "norm" in parts[-2] and "linear_attn" not in name
+
+
+def extract_mtp_weights(source: SourceCheckpoint) -> dict[str, mx.array]:
+    """The head's tensors under MTPHead's names, with zero-centered norms shifted to absolute.
+
+    The shift is done in float32 and cast back once: adding 1 in bf16 would round away the
+    low bits of every norm weight.
+    """
+    raw: dict[str, mx.array] = {}
+    for file in sorted(set(source.mtp_files.values())):
+        for name, value in mx.load(str(file)).items():
+            if name.startswith("mtp."):
+                raw[name[len("mtp."):]] = value
+    weights: dict[str, mx.array] = {}
+    for name, value in raw.items():
+        if _is_norm(name):
+            value = (value.astype(mx.float32) + 1.0).astype(mx.bfloat16)
+        weights[name] = value
+    return _stack_experts(weights)
+
+
+def _stack_experts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """MoE heads: HF stores experts fused (experts.gate_up_proj) or one by one; mlx-lm's
+    SwitchGLU wants stacked gate/up/down projections."""
+    out = dict(weights)
+    prefixes = {n.split(".experts.")[0] for n in weights if ".experts." in n}
+    for prefix in prefixes:
+        fused = out.pop(f"{prefix}.experts.gate_up_proj", None)
+        if fused is not None:
+            mid = fused.shape[-2] // 2
+            out[f"{prefix}.switch_mlp.gate_proj.weight"] = fused[..., :mid, :]
+            out[f"{prefix}.switch_mlp.up_proj.weight"] = fused[..., mid:, :]
+            out[f"{prefix}.switch_mlp.down_proj.weight"] = out.pop(f"{prefix}.experts.down_proj")
+            continue
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            keys = sorted((n for n in out if n.startswith(f"{prefix}.experts.") and n.endswith(f".{proj}.weight")),
+                          key=lambda n: int(n.split(".experts.")[1].split(".")[0]))
+            out[f"{prefix}.switch_mlp.{proj}.weight"] = mx.stack([out.pop(k) for k in keys])
+    return out
+
+
+def check_head_shapes(head: nn.Module, weights: dict[str, mx.array], where: Path) -> None:
+    expected = dict(tree_flatten(head.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        what = f"missing mtp.{missing[0]}" if missing else f"unexpected mtp.{unexpected[0]}"
+        raise ArtifactError(f"the MTP tensors do not match a Qwen3.5 MTP head for this config ({what}; "
+                            f"{len(missing)} missing, {len(unexpected)} unexpected)", path=where,
+                            fix="check that config.json belongs to these weights")
+    for name, value in weights.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ArtifactError(f"mtp.{name} has shape {tuple(value.shape)}, the config implies {tuple(expected[name].shape)}",
+                                path=where, fix="check that config.json belongs to these weights")
+
+
+def quantize_head(head: MTPHead, bits: int = HEAD_BITS, group_size: int = GROUP_SIZE) -> list[str]:
+    """Quantize the body linears in place; returns their module paths."""
+    quantized: list[str] = []
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        if body_linear_predicate(path, module):
+            quantized.append(path)
+            return True
+        return False
+
+    nn.quantize(head, group_size=group_size, bits=bits, class_predicate=predicate)
+    return sorted(quantized)
+
+
+def build_sidecar(source: SourceCheckpoint, out_file: Path, quantize: bool = True) -> dict[str, Any]:
+    """Write the sidecar; returns the contract's ``sidecar.quantization`` section."""
+    args = text_args(source.text_config)
+    head = MTPHead(args, num_layers=int(source.text_config.get("mtp_num_hidden_layers", 1)))
+    weights = extract_mtp_weights(source)
+    check_head_shapes(head, weights, source.path)
+    head.load_weights(list(weights.items()), strict=True)
+    quantized = quantize_head(head) if quantize else []
+    flat = {f"mtp.{k}": v for k, v in tree_flatten(head.parameters())}
+    quantized_tensors = {f"mtp.{m}.{s}" for m in quantized for s in ("weight", "scales", "biases")}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out_file), flat, metadata={"format": "mlx", "producer": f"mtplx {__version__}"})
+    return {
+        "scheme": "body-int4" if quantize else "bf16",
+        "mode": "affine" if quantize else "none",
+        "bits": HEAD_BITS if quantize else 16,
+        "group_size": GROUP_SIZE,
+        "quantized": [f"mtp.{m}" for m in quantized],
+        "unquantized": sorted(n for n in flat if n not in quantized_tensors),
+    }
+
+
+def convert_trunk(source: Path, out: Path, bits: int) -> dict[str, Any]:
+    """mlx-lm's own conversion; returns the contract's ``trunk.quantization``."""
+    from mlx_lm import convert
+
+    if bits not in (4, 8, 16):
+        raise ArtifactError(f"trunk bits {bits} is not supported", fix="use --trunk-bits 4, 8 or 16")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        target = Path(tmp) / "trunk"
+        convert(str(source), mlx_path=str(target), quantize=bits < 16, q_bits=bits if bits < 16 else 4,
+                q_group_size=GROUP_SIZE, dtype="bfloat16")
+        for f in target.iterdir():
+            shutil.move(str(f), out / f.name)
+    return trunk_quantization(out)
+
+
+def trunk_quantization(trunk_dir: Path) -> dict[str, Any]:
+    config = json.loads((trunk_dir / "config.json").read_text(encoding="utf-8"))
+    q = config.get("quantization")
+    if q:
+        return {"mode": q.get("mode", "affine"), "bits": q["bits"], "group_size": q["group_size"]}
+    return {"mode": "none", "bits": 16, "dtype": "bfloat16"}
+
+
+def copy_trunk(trunk: Path, source: SourceCheckpoint, out: Path) -> dict[str, Any]:
+    config_path = trunk / "config.json"
+    if not config_path.is_file():
+        raise ArtifactError("no config.json in the trunk directory", path=trunk, fix="pass an MLX trunk converted with mlx-lm")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    tc = config.get("text_config", config)
+    for key in ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads"):
+        if tc.get(key) != source.text_config.get(key):
+            raise ArtifactError(f"the trunk's {key}={tc.get(key)} does not match the source's {source.text_config.get(key)}",
+                                path=config_path, fix="pass the MLX conversion of this same checkpoint")
+    for f in trunk.iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    return trunk_quantization(out)
+
+
+@dataclass
+class GraftReport:
+    artifact: Path
+    contract: dict[str, Any]
+    tensors: list[dict[str, Any]] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"artifact": str(self.artifact), "seconds": round(self.seconds, 2), "sizes_bytes": self.sizes,
+                "tensors": self.tensors, "contract": self.contract}
+
+
+def graft(
+    source: str | Path,
+    out: str | Path,
+    trunk: str | Path | None = None,
+    trunk_bits: int = 4,
+    probe_text: str | None = None,
+    hidden_source: str | None = None,
+    depth: int = 2,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> GraftReport:
+    from mlx_lm import load as mlx_load
+
+    from mtplx.artifact.loader import load_head
+    from mtplx.artifact.probe import MAX_PROBE_TOKENS, default_probe_text, measure_acceptance
+    from mtplx.model.mtp_model import MTPModel
+    from mtplx.model.trunk import Trunk
+
+    started = time.perf_counter()
+    src = read_source(source)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ArtifactError("the output directory is not empty", path=out, fix="choose a new --out or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    trunk_q = copy_trunk(Path(trunk), src, out) if trunk else convert_trunk(src.path, out, trunk_bits)
+    sidecar_rel = contract_io.SIDECAR_DEFAULT_PATH
+    sidecar_q = build_sidecar(src, out / sidecar_rel)
+
+    trunk_config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    text_config = trunk_config.get("text_config", trunk_config)
+    data: dict[str, Any] = {
+        "format": contract_io.FORMAT,
+        "format_version": contract_io.FORMAT_VERSION,
+        "mtplx_version": __version__,
+        "name": name or out.name,
+        "architecture": {
+            "model_type": src.model_type,
+            "hidden_size": int(text_config["hidden_size"]),
+            "vocab_size": int(text_config["vocab_size"]),
+            "num_hidden_layers": int(text_config["num_hidden_layers"]),
+            "mtp_num_hidden_layers": int(text_config.get("mtp_num_hidden_layers", 1)),
+            "num_experts": int(text_config.get("num_experts", 0)),
+            "tie_word_embeddings": bool(text_config.get("tie_word_embeddings", trunk_config.get("tie_word_embeddings", False))),
+            "text_config_sha256": contract_io.text_config_digest(text_config),
+        },
+        "trunk": {"quantization": trunk_q},
+        "sidecar": {"path": sidecar_rel, "quantization": sidecar_q, "norms": "absolute"},
+        "conventions": {"hidden_source": "post_norm", "chain_hidden": "post_norm", "concat_order": "embedding_hidden"},
+        "provenance": {
+            "source": _source_provenance(src.path),
+            "sidecar_sha256": sha256_file(out / sidecar_rel),
+            "trunk_tensors_sha256": trunk_dependency_hashes(out),
+            "built_with": f"mtplx {__version__}",
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        "defaults": {"depth": depth, "temperature": 0.6, "draft_temperature": 0.6, "top_p": 0.95, "top_k": 20},
+    }
+    contract = contract_io.RuntimeContract(data=data)
+
+    model, tokenizer = mlx_load(str(out))
+    mtp = MTPModel(Trunk(model), load_head(out, contract, Trunk(model).args), contract)
+    tokens = tokenizer.encode(probe_text or default_probe_text())
+    acceptance = measure_acceptance(mtp, tokens)
+    if hidden_source is None:
+        chosen = max(acceptance, key=lambda c: (acceptance[c]["expected_acceptance"], c == "post_norm"))
+    else:
+        chosen = hidden_source
+    data["conventions"]["hidden_source"] = chosen
+    data["measured"] = {
+        "probe": "bundled" if probe_text is None else "user",
+        "probe_tokens": min(len(tokens), MAX_PROBE_TOKENS),
+        "hidden_source_chosen_by": "measurement" if hidden_source is None else "override",
+        "acceptance": acceptance,
+        "sampler": {"temperature": 0.6, "top_p": 0.95, "top_k": 20},
+    }
+    contract_io.write(data, out)
+
+    report = GraftReport(artifact=out, contract=data, seconds=time.perf_counter() - started)
+    side = mx.load(str(out / sidecar_rel))
+    report.tensors = [{"name": n, "shape": list(v.shape), "dtype": str(v.dtype).replace("mlx.core.", "")}
+                      for n, v in sorted(side.items())]
+    report.sizes = {"sidecar": (out / sidecar_rel).stat().st_size,
+                    "trunk": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+    return report
+
+
+def _source_provenance(path: Path) -> dict[str, Any]:
+    """HF snapshot paths (…/models--org--name/snapshots/<rev>) record repo id and revision;
+    other local directories record a digest of their config and weight index."""
+    parts = path.resolve().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return {"kind": "huggingface", "repo_id": part[len("models--"):].replace("--", "/"), "revision": parts[i + 2]}
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        f = path / name
+        if f.is_file():
+            h.update(f.read_bytes())
+    return {"kind": "local", "path": str(path.resolve()), "digest": h.hexdigest()}

@@ -1,0 +1,58 @@
+"""The Qwen3.5 Multi-Token-Prediction head.
+
+::
+
+    e = pre_fc_norm_embedding(embed(token[t+1]))      shared embed_tokens of the trunk
+    h = pre_fc_norm_hidden(trunk_hidden[t])
+    x = fc(concat([e, h]))                             2H -> H, embedding first
+    x = layers[0](x)                                   one full-attention block (dense or MoE),
+                                                       with its own KV cache
+    out = norm(x)                                      then the trunk's lm_head
+
+The block is mlx-lm's own Qwen3.5 decoder layer, built as a full-attention layer, so the MoE
+variant of qwen3_5_moe comes with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.qwen3_5 import DecoderLayer, TextModelArgs
+
+
+class MTPHead(nn.Module):
+    def __init__(self, args: TextModelArgs, num_layers: int = 1, concat_order: str = "embedding_hidden"):
+        super().__init__()
+        hidden = args.hidden_size
+        self.pre_fc_norm_embedding = nn.RMSNorm(hidden, eps=args.rms_norm_eps)
+        self.pre_fc_norm_hidden = nn.RMSNorm(hidden, eps=args.rms_norm_eps)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        # layer_idx = interval - 1 makes mlx-lm build a full-attention block.
+        self.layers = [DecoderLayer(args, layer_idx=args.full_attention_interval - 1) for _ in range(num_layers)]
+        self.norm = nn.RMSNorm(hidden, eps=args.rms_norm_eps)
+        self._embedding_first = concat_order == "embedding_hidden"
+
+    def __call__(self, embeddings: mx.array, hidden: mx.array, cache: list[Any] | None = None) -> tuple[mx.array, mx.array]:
+        """Rows ``[1, T, H]`` of (embedding of token t+1, trunk hidden at t) -> (normed, pre-norm) output."""
+        e = self.pre_fc_norm_embedding(embeddings)
+        h = self.pre_fc_norm_hidden(hidden)
+        x = self.fc(mx.concatenate([e, h] if self._embedding_first else [h, e], axis=-1))
+        cache = cache or [None] * len(self.layers)
+        mask = create_attention_mask(x, cache[0])
+        for layer, c in zip(self.layers, cache):
+            x = layer(x, mask=mask, cache=c)
+        return self.norm(x), x
+
+
+def body_linear_predicate(path: str, module: nn.Module) -> bool:
+    """The head's body linears stored int4: attention and MLP projections of ``layers.*``.
+
+    ``fc``, the norms and the MoE router gates stay bf16.
+    """
+    if not path.startswith("layers.") or not hasattr(module, "to_quantized"):
+        return False
+    leaf = path.rsplit(".", 1)[-1]
+    return leaf not in ("gate", "shared_expert_gate") and not isinstance(module, nn.RMSNorm)

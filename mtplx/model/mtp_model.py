@@ -1,0 +1,63 @@
+"""Trunk and MTP head composed: what the engine drives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from mtplx.artifact.contract import RuntimeContract
+from mtplx.model.mtp_head import MTPHead
+from mtplx.model.trunk import BlockStates, Trunk
+
+
+@dataclass
+class ModelCache:
+    """Every cache of one sequence: the trunk's (KV + Gated-DeltaNet) and the head's KV."""
+
+    trunk: list[Any]
+    head: list[KVCache]
+
+    @property
+    def offset(self) -> int:
+        """Tokens the trunk has consumed (read from a full-attention layer's KV cache)."""
+        return next(c.offset for c in self.trunk if isinstance(c, KVCache))
+
+
+class MTPModel:
+    """A loaded artifact: trunk + head + the conventions of its contract."""
+
+    def __init__(self, trunk: Trunk, head: MTPHead | None, contract: RuntimeContract | None, path: str | None = None):
+        self.trunk = trunk
+        self.head = head
+        self.contract = contract
+        self.path = path
+        conventions = contract.data["conventions"] if contract else {}
+        self.hidden_source = conventions.get("hidden_source", "post_norm")
+        self.chain_hidden = conventions.get("chain_hidden", "post_norm")
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.head is not None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.trunk.args.vocab_size
+
+    @property
+    def max_context(self) -> int:
+        return self.trunk.args.max_position_embeddings
+
+    def make_cache(self) -> ModelCache:
+        head_layers = len(self.head.layers) if self.head is not None else 0
+        return ModelCache(trunk=self.trunk.make_cache(), head=[KVCache() for _ in range(head_layers)])
+
+    def trunk_forward(self, tokens: mx.array, cache: ModelCache, states: BlockStates | None = None) -> tuple[mx.array, mx.array]:
+        return self.trunk.forward(tokens, cache.trunk, self.hidden_source, states)
+
+    def draft(self, hidden: mx.array, tokens: mx.array, cache: ModelCache) -> tuple[mx.array, mx.array]:
+        """Head rows (trunk-or-chain hidden at t, token t+1) -> (draft logits, hidden to chain)."""
+        normed, pre = self.head(self.trunk.embed(tokens), hidden, cache.head)
+        return self.trunk.lm_head(normed), (normed if self.chain_hidden == "post_norm" else pre)

@@ -1,0 +1,49 @@
+"""Shared fixtures: the shared tiny-qwen35-mtp checkpoint, artifacts grafted from it, the
+bundled demo artifact and small random models for statistics."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+FIXTURE = Path(os.environ.get("MTPLX_FIXTURE", ROOT.parent / "shared" / "fixtures" / "tiny-qwen35-mtp"))
+
+
+@pytest.fixture(scope="session")
+def fixture_checkpoint() -> Path:
+    if not (FIXTURE / "config.json").is_file():
+        pytest.skip(f"the shared fixture is not at {FIXTURE} (set MTPLX_FIXTURE)")
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def grafted_4bit(fixture_checkpoint, tmp_path_factory):
+    """The fixture grafted exactly as the demo artifact is (4-bit trunk, int4 head)."""
+    from mtplx.artifact.graft import graft
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-4bit"
+    report = graft(fixture_checkpoint, out)
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def grafted_bf16(fixture_checkpoint, tmp_path_factory):
+    """The fixture grafted onto an unquantized bf16 trunk (--trunk-bits 16)."""
+    from mtplx.artifact.graft import graft
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-bf16"
+    report = graft(fixture_checkpoint, out, trunk_bits=16)
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def demo():
+    import mtplx
+
+    return mtplx.load("demo")

@@ -1,0 +1,166 @@
+"""The loader: strict checks before anything runs, other runtimes' artifacts, HF resolution."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+import mtplx
+from mtplx.artifact.loader import demo_path
+from mtplx.errors import ArtifactError, MtplxError, UnsupportedModelError
+
+
+@pytest.fixture
+def artifact(tmp_path) -> Path:
+    dst = tmp_path / "artifact"
+    shutil.copytree(demo_path(), dst)
+    return dst
+
+
+def _edit_contract(path: Path, fn) -> None:
+    file = path / "mtplx_runtime.json"
+    data = json.loads(file.read_text())
+    fn(data)
+    file.write_text(json.dumps(data))
+
+
+def test_demo_loads_with_checks(demo):
+    model, tokenizer = demo
+    report = model.load_report
+    assert "sidecar and trunk hashes match the contract" in report.checks
+    assert model.has_mtp and model.vocab_size == 4096
+    logits, hidden = model.trunk_forward(mx.array([[1, 2, 3]]), model.make_cache())
+    assert logits.shape == (1, 3, 4096) and hidden.shape == (1, 3, 256)
+
+
+def test_tampered_sidecar_is_refused(artifact):
+    side = artifact / "mtp" / "weights.safetensors"
+    data = bytearray(side.read_bytes())
+    data[-10] ^= 0xFF
+    side.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match the sha256") as e:
+        mtplx.load(str(artifact))
+    assert "mtplx_runtime.json" in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_force_loads_tampered_sidecar_loudly(artifact, capsys):
+    side = artifact / "mtp" / "weights.safetensors"
+    data = bytearray(side.read_bytes())
+    data[-10] ^= 0xFF
+    side.write_bytes(bytes(data))
+    model, _ = mtplx.load(str(artifact), force=True)
+    assert any(w.startswith("FORCED") for w in model.load_report.warnings)
+    assert "FORCED LOAD" in capsys.readouterr().err
+
+
+def test_trunk_embedding_swap_is_refused(artifact):
+    _edit_contract(artifact, lambda d: d["provenance"]["trunk_tensors_sha256"].update(
+        {k: "0" * 64 for k in d["provenance"]["trunk_tensors_sha256"]}))
+    with pytest.raises(ArtifactError, match="trunk tensor .*embed_tokens"):
+        mtplx.load(str(artifact))
+
+
+def test_wrong_hidden_size_is_refused(artifact):
+    _edit_contract(artifact, lambda d: d["architecture"].update(hidden_size=512))
+    with pytest.raises(ArtifactError, match="hidden_size is 256 but the contract says 512"):
+        mtplx.load(str(artifact))
+
+
+def test_missing_sidecar_is_refused(artifact):
+    (artifact / "mtp" / "weights.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="mtp/weights.safetensors named by the contract is missing"):
+        mtplx.load(str(artifact))
+
+
+def test_sidecar_with_wrong_shapes_is_refused(artifact):
+    side = artifact / "mtp" / "weights.safetensors"
+    weights = mx.load(str(side))
+    weights["mtp.fc.weight"] = weights["mtp.fc.weight"][:128]
+    mx.save_safetensors(str(side), weights)
+    with pytest.raises(ArtifactError, match=r"mtp\.fc\.weight has shape"):
+        mtplx.load(str(artifact), force=True)
+
+
+def test_model_without_mtp_head(artifact):
+    (artifact / "mtplx_runtime.json").unlink()
+    shutil.rmtree(artifact / "mtp")
+    with pytest.raises(UnsupportedModelError, match="not an mtplx artifact") as e:
+        mtplx.load(str(artifact))
+    assert "mtplx graft" in str(e.value)
+    model, tok = mtplx.load(str(artifact), mtp=False)
+    assert not model.has_mtp
+    assert mtplx.generate(model, tok, "def f(", max_tokens=4, temperature=0, depth=0)
+    with pytest.raises(MtplxError, match="no MTP head"):
+        mtplx.generate(model, tok, "def f(", max_tokens=4, depth=2)
+
+
+def test_unknown_architecture(artifact):
+    config = json.loads((artifact / "config.json").read_text())
+    config["model_type"] = "llama"
+    (artifact / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="unknown architecture"):
+        mtplx.load(str(artifact))
+
+
+def test_not_a_directory_or_repo(tmp_path):
+    with pytest.raises(MtplxError, match="neither an existing directory"):
+        mtplx.load("no/such/thing/here")
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(MtplxError, match="must be a directory"):
+        mtplx.load(str(f))
+
+
+def test_other_runtime_artifact_loads_with_inferences(artifact):
+    """Their layout: mtp.safetensors, zero-centered norms, a contract with arch_id & co."""
+    side = mx.load(str(artifact / "mtp" / "weights.safetensors"))
+    for k in list(side):
+        if "norm" in k.split(".")[-2]:
+            side[k] = (side[k].astype(mx.float32) - 1.0).astype(mx.bfloat16)
+    shutil.rmtree(artifact / "mtp")
+    mx.save_safetensors(str(artifact / "mtp.safetensors"), side)
+    (artifact / "mtplx_runtime.json").write_text(json.dumps({
+        "mtplx_version": "0.9", "arch_id": "qwen3_5-tiny", "mtp_depth_max": 3, "mtp_depth_default": 2,
+        "recommended_profile": "turbo", "mtp_sidecar": "int4-g64-prequantized",
+        "recommended_draft_sampler": {"temperature": 0.6, "top_p": 0.95, "top_k": 20}}))
+    model, tok = mtplx.load(str(artifact))
+    inferred = " | ".join(model.load_report.inferred)
+    assert "zero-centered" in inferred and "mtp.safetensors" in inferred and "post_norm" in inferred
+    assert model.contract.defaults["depth"] == 2
+    reference, _ = mtplx.load("demo")
+    ids = "def add(a, b):\n    return"
+    assert (mtplx.generate(model, tok, ids, max_tokens=12, temperature=0, depth=2)
+            == mtplx.generate(reference, tok, ids, max_tokens=12, temperature=0, depth=2))
+
+
+def _populate_hf_cache(cache: Path, repo_id: str) -> Path:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<rev>/...}."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(demo_path(), snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_repo_id_resolves_offline_from_local_cache(tmp_path):
+    cache = tmp_path / "hub"
+    _populate_hf_cache(cache, "mtplx-test/tiny-demo")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    code = ("import mtplx; m, t = mtplx.load('mtplx-test/tiny-demo'); "
+            "print(m.path); print(mtplx.generate(m, t, 'def f(', max_tokens=4, temperature=0))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "models--mtplx-test--tiny-demo/snapshots/0123456789abcdef" in out.stdout
+    missing = subprocess.run([sys.executable, "-m", "mtplx", "inspect", "mtplx-test/not-cached"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1
+    assert "not in the local Hugging Face cache" in missing.stderr and "Traceback" not in missing.stderr
