@@ -1,0 +1,1 @@
+"""The decode loop (AR and MTP), exact sampling and cache rollback."""

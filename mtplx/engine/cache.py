@@ -1,0 +1,55 @@
+"""Commit and roll back the hybrid caches after a verify pass.
+
+After verifying ``[y, d_1 .. d_D]`` with ``a`` drafts accepted, the trunk must hold exactly the
+tokens up to ``d_a``:
+- attention KV caches: trim the ``D - a`` rejected positions;
+- Gated-DeltaNet conv and recurrent states: these are not positional, they are overwritten by
+  every token, so they are restored to the state recorded right after position ``a`` during
+  the verify pass (see :class:`mtplx.model.trunk.BlockStates`);
+- the MTP head's KV cache: rows for draft steps 2..D were built from the head's own hidden
+  (speculative), so they are trimmed; the accepted positions are re-run from the trunk's
+  verify hiddens at the next draft.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from mtplx.model.mtp_model import ModelCache
+from mtplx.model.trunk import BlockStates
+
+
+def commit(cache: ModelCache, states: BlockStates, drafted: int, accepted: int, head_rows_drafted: int) -> None:
+    """Keep the verify block up to position ``accepted``; drop ``head_rows_drafted - 1`` head rows."""
+    rejected = drafted - accepted
+    if rejected:
+        for c in cache.trunk:
+            if isinstance(c, KVCache):
+                c.trim(rejected)
+        states.restore(cache.trunk, accepted)
+    if head_rows_drafted > 1:
+        for c in cache.head:
+            c.trim(head_rows_drafted - 1)
+
+
+def snapshot(cache: ModelCache) -> dict[str, mx.array]:
+    """Every committed cache tensor by name, for comparing two caches (tests, debugging)."""
+    out: dict[str, mx.array] = {}
+    for name, caches in (("trunk", cache.trunk), ("head", cache.head)):
+        for i, c in enumerate(caches):
+            if isinstance(c, KVCache):
+                if c.keys is not None:
+                    out[f"{name}.{i}.keys"] = c.keys[..., : c.offset, :]
+                    out[f"{name}.{i}.values"] = c.values[..., : c.offset, :]
+            else:
+                for j, arr in enumerate(c.cache):
+                    if arr is not None:
+                        out[f"{name}.{i}.state{j}"] = arr
+    return out
+
+
+def offsets(cache: ModelCache) -> dict[str, Any]:
+    return {"trunk": cache.offset, "head": cache.head[0].offset if cache.head else 0}

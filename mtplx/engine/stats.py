@@ -1,0 +1,66 @@
+"""Running statistics of one generation: throughput, acceptance per draft position, phases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PHASES = ("prefill", "draft", "verify", "sample", "rollback")
+
+
+@dataclass
+class DecodeStats:
+    depth: int = 0
+    prompt_tokens: int = 0
+    generated: int = 0
+    steps: int = 0
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+
+    def __post_init__(self) -> None:
+        self.drafted = self.drafted or [0] * self.depth
+        self.accepted = self.accepted or [0] * self.depth
+
+    def record_step(self, drafted: int, accepted: int, emitted: int) -> None:
+        self.steps += 1
+        self.generated += emitted
+        for k in range(drafted):
+            self.drafted[k] += 1
+            if k < accepted:
+                self.accepted[k] += 1
+
+    @property
+    def acceptance(self) -> list[float]:
+        """P(draft k accepted) for k = 1..depth: accepted at k over steps that drafted k."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.generated / self.steps if self.steps else 0.0
+
+    @property
+    def decode_seconds(self) -> float:
+        return sum(v for k, v in self.seconds.items() if k != "prefill")
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode throughput: generated tokens over decode time (prefill excluded)."""
+        return self.generated / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        s = self.seconds["prefill"]
+        return self.prompt_tokens / s if s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "depth": self.depth,
+            "prompt_tokens": self.prompt_tokens,
+            "generated": self.generated,
+            "steps": self.steps,
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "prefill_tokens_per_second": round(self.prefill_tokens_per_second, 3),
+            "tokens_per_step": round(self.tokens_per_step, 4),
+            "acceptance": [round(a, 4) for a in self.acceptance],
+            "seconds": {k: round(v, 5) for k, v in self.seconds.items()},
+        }
