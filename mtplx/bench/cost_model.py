@@ -1,0 +1,113 @@
+"""What a speculative step costs on this machine, and the speedup that implies.
+
+A step at depth D costs one verify pass over D+1 tokens plus D draft steps and yields
+E = 1 + sum_k P(draft k accepted) tokens. In units of one AR step, the bound is
+
+    speedup(D) <= E / (c_verify(D+1) + D * c_draft)
+
+GPUs decode memory-bound, so c_verify(T) stays near 1 for small T; MLX's CPU backend runs
+4-bit matmuls compute-bound, so c_verify(T) grows about linearly and MTP cannot win there.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from mtplx.engine.sampling import Rng, SamplingParams, sample_logits
+from mtplx.model.mtp_model import MTPModel
+from mtplx.model.trunk import BlockStates
+
+
+@dataclass
+class CostModel:
+    ar_step_ms: float
+    verify_ms: dict[int, float]
+    draft_ms: float
+
+    def verify_ratio(self, tokens: int) -> float:
+        return self.verify_ms[tokens] / self.ar_step_ms
+
+    @property
+    def draft_ratio(self) -> float:
+        return self.draft_ms / self.ar_step_ms
+
+    def bound(self, depth: int, tokens_per_step: float) -> float:
+        """Upper bound on speedup over AR for a depth with the measured tokens per step."""
+        if depth == 0:
+            return 1.0
+        return tokens_per_step / (self.verify_ratio(depth + 1) + depth * self.draft_ratio)
+
+    def as_dict(self) -> dict:
+        return {"ar_step_ms": round(self.ar_step_ms, 3),
+                "verify_ms": {str(t): round(v, 3) for t, v in self.verify_ms.items()},
+                "verify_ratio": {str(t): round(self.verify_ratio(t), 3) for t in self.verify_ms},
+                "draft_ms": round(self.draft_ms, 3), "draft_ratio": round(self.draft_ratio, 3)}
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up: first calls compile kernels and allocate
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def measure(model: MTPModel, prompt: list[int], max_tokens: int, repeats: int = 5) -> CostModel:
+    """Time an AR step, a verify pass over T = 1..max_tokens, and one draft step, each on a
+    cache prefilled with ``prompt`` and rolled back after every timed call."""
+    cache = model.make_cache()
+    ids = mx.array(prompt)[None]
+    logits, hidden = model.trunk_forward(ids, cache)
+    if model.has_mtp and len(prompt) > 1:
+        model.draft(hidden[:, :-1], ids[:, 1:], cache)
+    mx.eval(logits, hidden, [c.state for c in cache.trunk + cache.head])
+    params = SamplingParams()
+    rng = Rng(0)
+    token = mx.array([[prompt[-1]]])
+    saved = [list(c.cache) for c in cache.trunk if not hasattr(c, "trim")]
+
+    def rewind(tokens: int) -> None:
+        """Back to the prefilled state: trim the KV caches, put the recurrent states back."""
+        it = iter(saved)
+        for c in cache.trunk:
+            if hasattr(c, "trim"):
+                c.trim(tokens)
+            else:
+                c.cache = list(next(it))
+
+    def ar_step():
+        out = model.trunk.logits(token, cache.trunk)
+        y, _ = sample_logits(out[:, -1], params, rng)
+        mx.eval(y)
+        rewind(1)
+
+    def verify(t: int):
+        block = mx.array([[prompt[-1]] * t])
+
+        def run():
+            v_logits, v_hidden = model.trunk_forward(block, cache, BlockStates())
+            mx.eval(v_logits, v_hidden)
+            rewind(t)
+        return run
+
+    ar_ms = _median_ms(ar_step, repeats)
+    verify_ms = {t: _median_ms(verify(t), repeats) for t in range(1, max_tokens + 1)}
+    draft_ms = 0.0
+    if model.has_mtp:
+        h = hidden[:, -1:]
+
+        def draft_step():
+            d_logits, _ = model.draft(h, token, cache)
+            y, _ = sample_logits(d_logits[0, -1:], params, rng)
+            mx.eval(y)
+            for c in cache.head:
+                c.trim(1)
+
+        draft_ms = _median_ms(draft_step, repeats)
+    return CostModel(ar_step_ms=ar_ms, verify_ms=verify_ms, draft_ms=draft_ms)

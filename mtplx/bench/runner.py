@@ -1,0 +1,214 @@
+"""`mtplx bench`: AR and every depth on the same prompts and seeds, interleaved in one process.
+
+Each round runs every (prompt, depth) pair once, in an order that rotates between rounds so
+that no depth always runs first (caches, allocator, thermal state). The report gives decode
+tokens/s (median and spread), speedup over AR, acceptance per draft position, tokens per
+verify step, the time split, the cost model, the analytic bound and the share of it reached.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from mtplx._version import __version__
+from mtplx.bench.cost_model import CostModel, measure
+from mtplx.engine.sampling import SamplingParams
+from mtplx.engine.speculative import Engine
+from mtplx.engine.stats import PHASES, DecodeStats
+from mtplx.model.mtp_model import MTPModel
+
+
+@dataclass
+class DepthResult:
+    depth: int
+    runs: list[DecodeStats] = field(default_factory=list)
+
+    @property
+    def tps(self) -> list[float]:
+        return [r.tokens_per_second for r in self.runs]
+
+    @property
+    def median_tps(self) -> float:
+        return statistics.median(self.tps) if self.runs else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        steps = sum(r.steps for r in self.runs)
+        return sum(r.generated for r in self.runs) / steps if steps else 0.0
+
+    @property
+    def acceptance(self) -> list[float]:
+        drafted = [sum(r.drafted[k] for r in self.runs) for k in range(self.depth)]
+        accepted = [sum(r.accepted[k] for r in self.runs) for k in range(self.depth)]
+        return [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
+
+    @property
+    def phase_share(self) -> dict[str, float]:
+        totals = {p: sum(r.seconds[p] for r in self.runs) for p in PHASES if p != "prefill"}
+        whole = sum(totals.values()) or 1.0
+        return {p: v / whole for p, v in totals.items()}
+
+
+@dataclass
+class BenchReport:
+    model: str
+    params: SamplingParams
+    max_tokens: int
+    prompts: int
+    rounds: int
+    results: dict[int, DepthResult]
+    cost: CostModel | None
+    mlx_lm_tps: float | None
+    device: str
+
+    def speedup(self, depth: int) -> float:
+        ar = self.results.get(0)
+        return self.results[depth].median_tps / ar.median_tps if ar and ar.median_tps else float("nan")
+
+    def bound(self, depth: int) -> float | None:
+        if self.cost is None:
+            return None
+        return self.cost.bound(depth, self.results[depth].tokens_per_step)
+
+    def verdicts(self) -> list[str]:
+        lines = []
+        if self.cost is not None:
+            ratios = ", ".join(f"T={t}: {self.cost.verify_ratio(t):.2f}x" for t in sorted(self.cost.verify_ms))
+            lines.append(f"Verify cost relative to one AR step ({self.cost.ar_step_ms:.1f} ms): {ratios}; "
+                         f"one draft step: {self.cost.draft_ratio:.2f}x.")
+            for d in sorted(self.results):
+                b = self.bound(d)
+                if d and b is not None and b <= 1.0:
+                    lines.append(f"Depth {d} cannot beat AR on this machine: even with its measured acceptance "
+                                 f"({self.results[d].tokens_per_step:.2f} tokens/step) the bound is {b:.2f}x, because "
+                                 f"verifying {d + 1} tokens costs {self.cost.verify_ratio(d + 1):.2f} AR steps.")
+        if self.results.get(0) and self.mlx_lm_tps:
+            lines.append(f"mtplx AR runs at {self.results[0].median_tps / self.mlx_lm_tps:.3f}x mlx_lm.generate "
+                         f"({self.mlx_lm_tps:.2f} tok/s) on the same trunk and sampler.")
+        return lines
+
+    def table(self) -> str:
+        head = (f"{'depth':>5} {'tok/s':>8} {'spread':>13} {'vs AR':>6} {'tok/step':>8} {'bound':>6} {'reached':>7}  "
+                f"{'acceptance by position':<24} {'draft/verify/sample/rollback %':<30}")
+        rows = [head, "-" * len(head)]
+        for d in sorted(self.results):
+            r = self.results[d]
+            tps = r.tps
+            spread = f"{min(tps):.2f}-{max(tps):.2f}" if tps else "-"
+            b = self.bound(d)
+            reached = self.speedup(d) / b if b else float("nan")
+            acc = " ".join(f"{a:.2f}" for a in r.acceptance) or "-"
+            share = r.phase_share
+            split = "/".join(f"{100 * share[p]:.0f}" for p in ("draft", "verify", "sample", "rollback"))
+            rows.append(f"{d:>5} {r.median_tps:>8.2f} {spread:>13} {self.speedup(d):>5.2f}x {r.tokens_per_step:>8.2f} "
+                        f"{(f'{b:.2f}x' if b else '-'):>6} {(f'{100 * reached:.0f}%' if b else '-'):>7}  {acc:<24} {split:<30}")
+        return "\n".join(rows)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mtplx_version": __version__,
+            "model": self.model,
+            "device": self.device,
+            "platform": platform.platform(),
+            "sampler": vars(self.params),
+            "max_tokens": self.max_tokens,
+            "prompts": self.prompts,
+            "rounds": self.rounds,
+            "mlx_lm_generate_tps": self.mlx_lm_tps,
+            "cost_model": self.cost.as_dict() if self.cost else None,
+            "depths": {
+                str(d): {
+                    "median_tps": round(r.median_tps, 3),
+                    "tps": [round(x, 3) for x in r.tps],
+                    "speedup_vs_ar": round(self.speedup(d), 4),
+                    "tokens_per_step": round(r.tokens_per_step, 4),
+                    "acceptance": [round(a, 4) for a in r.acceptance],
+                    "phase_share": {k: round(v, 4) for k, v in r.phase_share.items()},
+                    "bound": round(self.bound(d), 4) if self.bound(d) else None,
+                    "share_of_bound": round(self.speedup(d) / self.bound(d), 4) if self.bound(d) else None,
+                }
+                for d, r in sorted(self.results.items())
+            },
+            "verdicts": self.verdicts(),
+        }
+
+
+def device_name() -> str:
+    dev = mx.default_device()
+    if dev == mx.gpu and mx.metal.is_available():
+        return f"Apple GPU (Metal): {mx.metal.device_info().get('device_name', 'unknown')}"
+    if dev == mx.gpu:
+        return "NVIDIA GPU (CUDA)"
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def mlx_lm_reference(model: MTPModel, tokenizer: Any, prompts: list[list[int]], params: SamplingParams,
+                     max_tokens: int) -> float:
+    """mlx_lm.stream_generate's own generation tok/s on the same trunk (median over prompts).
+
+    Its sampler filters in another order, which changes the law, not the cost: speed only."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    sampler = make_sampler(temp=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    rates = []
+    for ids in prompts:
+        last = None
+        for last in stream_generate(model.trunk.model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler):
+            pass
+        if last is not None:
+            rates.append(last.generation_tps)
+    return statistics.median(rates) if rates else 0.0
+
+
+def run_bench(
+    model: MTPModel,
+    tokenizer: Any,
+    prompts: list[str],
+    depths: list[int],
+    max_tokens: int,
+    params: SamplingParams,
+    draft_params: SamplingParams | None = None,
+    rounds: int = 1,
+    seed: int = 0,
+    cost_model: bool = True,
+    reference: bool = True,
+    progress: Callable[[str], None] | None = None,
+    model_name: str = "",
+) -> BenchReport:
+    from mtplx.api import encode_prompt
+
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    results = {d: DepthResult(d) for d in depths}
+    # Warm-up on the first prompt at every depth so no measured run pays first-call costs.
+    for d in depths:
+        for _ in Engine(model, d, params, draft_params, seed).generate(encoded[0], 8):
+            pass
+    order = list(depths)
+    for r in range(rounds):
+        for i, ids in enumerate(encoded):
+            for d in order:
+                engine = Engine(model, d, params, draft_params, seed + 1000 * r + i)
+                for _ in engine.generate(ids, max_tokens):
+                    pass
+                results[d].runs.append(engine.stats)
+                if progress:
+                    progress(f"round {r + 1}/{rounds} prompt {i + 1}/{len(encoded)} depth {d}: "
+                             f"{engine.stats.tokens_per_second:.2f} tok/s")
+            order = order[1:] + order[:1]
+    cost = None
+    if cost_model:
+        cost = measure(model, encoded[0], max(depths) + 1 if max(depths) > 0 else 1)
+    ref = mlx_lm_reference(model, tokenizer, encoded, params, max_tokens) if reference and 0 in depths else None
+    return BenchReport(model=model_name, params=params, max_tokens=max_tokens, prompts=len(encoded), rounds=rounds,
+                       results=results, cost=cost, mlx_lm_tps=ref, device=device_name())
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")

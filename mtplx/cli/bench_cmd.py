@@ -1,0 +1,99 @@
+"""`mtplx bench` and `mtplx tune`."""
+
+from __future__ import annotations
+
+import click
+
+from mtplx.cli.options import force_option, json_option, model_option, write_json
+
+
+def _depths(value: str) -> list[int]:
+    try:
+        depths = sorted({int(x) for x in value.split(",") if x.strip()})
+    except ValueError:
+        raise click.BadParameter("depths are integers separated by commas, e.g. 0,1,2,3") from None
+    if not depths or min(depths) < 0 or max(depths) > 8:
+        raise click.BadParameter("depths must lie in 0..8")
+    return depths
+
+
+@click.command("bench")
+@model_option
+@click.option("--depths", default="0,1,2,3", show_default=True, help="Depths to compare; 0 is AR.")
+@click.option("--max-tokens", "-n", type=int, default=256, show_default=True)
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="One prompt per line (or .jsonl with {\"prompt\": ...}); default: a bundled set.")
+@click.option("--rounds", type=int, default=1, show_default=True, help="Passes over all prompts and depths.")
+@click.option("--temperature", "-t", type=float, default=0.6, show_default=True)
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--top-k", type=int, default=20, show_default=True)
+@click.option("--draft-temperature", type=float, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-reference", is_flag=True, help="Skip timing mlx_lm.generate on the same trunk.")
+@force_option
+@json_option
+def bench(model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
+          no_reference, force, json_out):
+    """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model."""
+    import mtplx
+    from mtplx.bench.prompts import DEFAULT_PROMPTS, read_prompts
+    from mtplx.bench.runner import run_bench
+    from mtplx.engine.sampling import SamplingParams
+
+    depth_list = _depths(depths)
+    model, tokenizer = mtplx.load(model_ref, mtp=max(depth_list) > 0, force=force)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    draft = SamplingParams(temperature=draft_temperature, top_p=top_p, top_k=top_k) if draft_temperature is not None else None
+    prompts = read_prompts(prompts_file) if prompts_file else DEFAULT_PROMPTS
+    report = run_bench(model, tokenizer, prompts, depth_list, max_tokens, params, draft, rounds=rounds, seed=seed,
+                       reference=not no_reference, progress=lambda s: click.echo(s, err=True), model_name=model_ref)
+    click.echo(f"mtplx bench: {model_ref} on {report.device}; {len(prompts)} prompts x {rounds} round(s), "
+               f"{max_tokens} tokens, temperature {temperature}, top_p {top_p}, top_k {top_k}")
+    click.echo(report.table())
+    for line in report.verdicts():
+        click.echo(line)
+    write_json(report.as_dict(), json_out)
+
+
+@click.command("tune")
+@model_option
+@click.option("--max-depth", type=int, default=3, show_default=True)
+@click.option("--max-tokens", "-n", type=int, default=128, show_default=True)
+@click.option("--rounds", type=int, default=1, show_default=True)
+@click.option("--min-gain", type=float, default=1.02, show_default=True,
+              help="A depth is saved only if it beats AR by at least this factor.")
+@force_option
+@json_option
+def tune(model_ref, max_depth, max_tokens, rounds, min_gain, force, json_out):
+    """Measure AR and each depth on this machine and save the fastest depth for this model."""
+    import mtplx
+    from mtplx.bench.prompts import DEFAULT_PROMPTS
+    from mtplx.bench.runner import now, run_bench
+    from mtplx.config import save_tuned
+    from mtplx.engine.sampling import SamplingParams
+
+    model, tokenizer = mtplx.load(model_ref, force=force)
+    if not model.has_mtp:
+        raise click.ClickException("this model has no MTP head: there is nothing to tune")
+    d = model.contract.defaults
+    params = SamplingParams(temperature=d["temperature"], top_p=d["top_p"], top_k=d["top_k"])
+    depths = list(range(0, max_depth + 1))
+    report = run_bench(model, tokenizer, DEFAULT_PROMPTS[:2], depths, max_tokens, params, rounds=rounds,
+                       cost_model=False, reference=False, progress=lambda s: click.echo(s, err=True),
+                       model_name=model_ref)
+    click.echo(report.table())
+    best = max((x for x in depths if x > 0), key=report.speedup)
+    gain = report.speedup(best)
+    record = {"depth": best if gain >= min_gain else 0, "speedup": round(gain, 4), "measured_at": now(),
+              "device": report.device, "max_tokens": max_tokens}
+    if gain >= min_gain:
+        path = save_tuned(model, record)
+        click.echo(f"Saved depth {best} ({gain:.2f}x AR) for {model_ref} in {path}.")
+    else:
+        path = save_tuned(model, record)
+        click.echo(f"No depth beats AR here (best: depth {best} at {gain:.2f}x, below {min_gain:.2f}x): "
+                   f"saved depth 0 (plain AR) for {model_ref} in {path}.")
+    write_json({"tuned": record, "bench": report.as_dict()}, json_out)
+
+
+COMMANDS = [bench, tune]

@@ -1,0 +1,56 @@
+"""`mtplx graft`: build an artifact from an official checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mtplx.cli.options import json_option, write_json
+
+
+@click.command("graft")
+@click.option("--source", required=True, help="Original HF checkpoint: a directory or a repo id (with mtp.* tensors).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to create.")
+@click.option("--trunk", type=click.Path(exists=True, file_okay=False), default=None,
+              help="An existing MLX conversion of the same checkpoint (default: convert the source).")
+@click.option("--trunk-bits", type=click.Choice(["4", "8", "16"]), default="4", show_default=True,
+              help="Trunk quantization when converting: 4/8-bit affine g64, or 16 (bf16).")
+@click.option("--probe", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text to measure acceptance on (default: a bundled probe).")
+@click.option("--hidden-source", type=click.Choice(["post_norm", "pre_norm"]), default=None,
+              help="Override the measured choice of trunk hidden fed to the head.")
+@click.option("--depth", type=int, default=2, show_default=True, help="Default depth written into the contract.")
+@click.option("--name", default=None, help="Display name recorded in the contract.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out directory.")
+@json_option
+def graft(source, out, trunk, trunk_bits, probe, hidden_source, depth, name, overwrite, json_out):
+    """Graft the official MTP head onto an MLX trunk and write mtplx_runtime.json."""
+    from mtplx.artifact.graft import graft as do_graft
+    from mtplx.artifact.loader import resolve
+
+    source_dir = resolve(source)
+    probe_text = Path(probe).read_text(encoding="utf-8") if probe else None
+    click.echo(f"Grafting {source} -> {out} (trunk {'from ' + trunk if trunk else trunk_bits + '-bit'}) ...", err=True)
+    report = do_graft(source_dir, out, trunk=trunk, trunk_bits=int(trunk_bits), probe_text=probe_text,
+                      hidden_source=hidden_source, depth=depth, name=name, overwrite=overwrite)
+    c = report.contract
+    q = c["sidecar"]["quantization"]
+    click.echo(f"Artifact: {report.artifact}  ({report.seconds:.1f} s)")
+    click.echo(f"  trunk: {c['trunk']['quantization']}  {report.sizes['trunk'] / 1e6:.1f} MB")
+    click.echo(f"  sidecar: {c['sidecar']['path']}  {report.sizes['sidecar'] / 1e6:.2f} MB, {q['scheme']}: "
+               f"{len(q['quantized'])} linears int4 g{q['group_size']}, {len(q['unquantized'])} tensors bf16")
+    for t in report.tensors:
+        click.echo(f"    {t['name']:<56} {t['dtype']:<9} {t['shape']}")
+    m = c["measured"]
+    click.echo(f"  acceptance on the probe ({m['probe_tokens']} tokens; temperature 0.6, top_p 0.95, top_k 20):")
+    for conv, a in m["acceptance"].items():
+        mark = "  <- chosen" if conv == c["conventions"]["hidden_source"] else ""
+        click.echo(f"    hidden_source={conv:<9} greedy agreement {a['greedy_agreement']:.3f} "
+                   f"(on the trunk's argmax path {a['greedy_agreement_argmax_context']:.3f})  "
+                   f"expected acceptance {a['expected_acceptance']:.3f}{mark}")
+    click.echo(f"  hidden_source {c['conventions']['hidden_source']} (chosen by {m['hidden_source_chosen_by']})")
+    write_json(report.as_dict(), json_out)
+
+
+COMMANDS = [graft]

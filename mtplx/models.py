@@ -1,0 +1,40 @@
+"""What models are at hand: the catalog, the bundled demo, and the local Hugging Face cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mtplx.catalog import catalog
+
+
+def _cached_repos() -> list[dict[str, Any]]:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        info = scan_cache_dir()
+    except Exception:  # noqa: BLE001 - no cache yet, or unreadable: nothing cached
+        return []
+    out = []
+    for repo in info.repos:
+        if repo.repo_type != "model":
+            continue
+        files = {f.file_name for rev in repo.revisions for f in rev.files}
+        kind = "mtplx artifact" if "mtplx_runtime.json" in files else "checkpoint"
+        out.append({"ref": repo.repo_id, "where": "hf-cache", "size_bytes": repo.size_on_disk,
+                    "title": kind, "path": str(repo.repo_path)})
+    return out
+
+
+def list_models() -> list[dict[str, Any]]:
+    from mtplx.artifact.loader import demo_path
+
+    entries = []
+    for m in catalog():
+        if m.get("bundled"):
+            size = sum(f.stat().st_size for f in demo_path().rglob("*") if f.is_file())
+            entries.append({"ref": m["ref"], "where": "bundled", "size_bytes": size, "title": m["title"]})
+        else:
+            entries.append({"ref": m["ref"], "where": "catalog", "size_bytes": None,
+                            "title": f"{m['title']} — graft with `mtplx graft --source {m['source']} --out DIR`",
+                            "memory_gb": m.get("memory_gb")})
+    return entries + _cached_repos()
