@@ -197,4 +197,4 @@ def generate(model: MTPModel, tokenizer: Any, prompt: Prompt, *, verbose: bool =
     return "".join(text)
 
 
-__all__ = ["GenerationResponse", "LoadReport", "generate", "load", "stream_generate"]
+__all__ = ["GenerationResponse", "LoadReport", "default_depth", "encode_prompt", "generate", "load", "stream_generate"]

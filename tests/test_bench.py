@@ -26,5 +26,5 @@ def test_bench_json_report(tmp_path):
         r = report["depths"][d]
         assert len(r["acceptance"]) == int(d) and r["tokens_per_step"] >= 1
         assert r["bound"] > 0 and r["share_of_bound"] > 0
-        assert abs(sum(r["phase_share"].values()) - 1) < 1e-6
+        assert abs(sum(r["phase_share"].values()) - 1) < 1e-3  # shares are rounded to 4 digits
     assert report["depths"]["0"]["speedup_vs_ar"] == 1.0

@@ -287,10 +287,7 @@ def graft(
     mtp = MTPModel(Trunk(model), load_head(out, contract, Trunk(model).args), contract)
     tokens = tokenizer.encode(probe_text or default_probe_text())
     acceptance = measure_acceptance(mtp, tokens)
-    if hidden_source is None:
-        chosen = max(acceptance, key=lambda c: (acceptance[c]["expected_acceptance"], c == "post_norm"))
-    else:
-        chosen = hidden_source
+    chosen = hidden_source or choose_hidden_source(acceptance)
     data["conventions"]["hidden_source"] = chosen
     data["measured"] = {
         "probe": "bundled" if probe_text is None else "user",
@@ -308,6 +305,16 @@ def graft(
     report.sizes = {"sidecar": (out / sidecar_rel).stat().st_size,
                     "trunk": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
     return report
+
+
+# On a probe of a few hundred tokens, acceptance differences below a point are noise; the
+# reference deployments' convention (post_norm) wins unless pre_norm is clearly better.
+HIDDEN_SOURCE_MARGIN = 0.01
+
+
+def choose_hidden_source(acceptance: dict[str, dict[str, float]]) -> str:
+    post, pre = acceptance["post_norm"]["expected_acceptance"], acceptance["pre_norm"]["expected_acceptance"]
+    return "pre_norm" if pre > post + HIDDEN_SOURCE_MARGIN else "post_norm"
 
 
 def _source_provenance(path: Path) -> dict[str, Any]:

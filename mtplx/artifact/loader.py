@@ -23,7 +23,7 @@ from mtplx.artifact import contract as contract_io
 from mtplx.artifact.contract import RuntimeContract
 from mtplx.artifact.tensors import sha256_file, trunk_dependency_hashes
 from mtplx.errors import ArtifactError, MtplxError, UnsupportedModelError
-from mtplx.model.mtp_head import MTPHead
+from mtplx.model.mtp_head import MTPHead, dequantize_linears
 from mtplx.model.mtp_model import MTPModel
 from mtplx.model.trunk import Trunk
 
@@ -157,6 +157,8 @@ def load_head(path: Path, contract: RuntimeContract, args: Any) -> MTPHead:
 
     check_head_shapes(head, weights, file)
     head.load_weights(list(weights.items()), strict=True)
+    if q["quantized"] and mx.default_device() == mx.cpu:
+        dequantize_linears(head)
     mx.eval(head.parameters())
     return head
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
@@ -27,6 +27,9 @@ class CostModel:
     ar_step_ms: float
     verify_ms: dict[int, float]
     draft_ms: float
+    # A plain trunk pass over T tokens (no state capture): what a checkpoint + replay rollback
+    # would pay again on every rejected step, and the baseline of the capture's overhead.
+    plain_ms: dict[int, float] = field(default_factory=dict)
 
     def verify_ratio(self, tokens: int) -> float:
         return self.verify_ms[tokens] / self.ar_step_ms
@@ -44,6 +47,7 @@ class CostModel:
     def as_dict(self) -> dict:
         return {"ar_step_ms": round(self.ar_step_ms, 3),
                 "verify_ms": {str(t): round(v, 3) for t, v in self.verify_ms.items()},
+                "plain_pass_ms": {str(t): round(v, 3) for t, v in self.plain_ms.items()},
                 "verify_ratio": {str(t): round(self.verify_ratio(t), 3) for t in self.verify_ms},
                 "draft_ms": round(self.draft_ms, 3), "draft_ratio": round(self.draft_ratio, 3)}
 
@@ -96,8 +100,17 @@ def measure(model: MTPModel, prompt: list[int], max_tokens: int, repeats: int = 
             rewind(t)
         return run
 
+    def plain(t: int):
+        block = mx.array([[prompt[-1]] * t])
+
+        def run():
+            mx.eval(model.trunk.logits(block, cache.trunk))
+            rewind(t)
+        return run
+
     ar_ms = _median_ms(ar_step, repeats)
     verify_ms = {t: _median_ms(verify(t), repeats) for t in range(1, max_tokens + 1)}
+    plain_ms = {t: _median_ms(plain(t), repeats) for t in range(1, max_tokens + 1)}
     draft_ms = 0.0
     if model.has_mtp:
         h = hidden[:, -1:]
@@ -110,4 +123,4 @@ def measure(model: MTPModel, prompt: list[int], max_tokens: int, repeats: int = 
                 c.trim(1)
 
         draft_ms = _median_ms(draft_step, repeats)
-    return CostModel(ar_step_ms=ar_ms, verify_ms=verify_ms, draft_ms=draft_ms)
+    return CostModel(ar_step_ms=ar_ms, verify_ms=verify_ms, draft_ms=draft_ms, plain_ms=plain_ms)

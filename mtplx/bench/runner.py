@@ -82,6 +82,11 @@ class BenchReport:
             ratios = ", ".join(f"T={t}: {self.cost.verify_ratio(t):.2f}x" for t in sorted(self.cost.verify_ms))
             lines.append(f"Verify cost relative to one AR step ({self.cost.ar_step_ms:.1f} ms): {ratios}; "
                          f"one draft step: {self.cost.draft_ratio:.2f}x.")
+            top = max(self.cost.verify_ms)
+            if self.cost.plain_ms.get(top):
+                lines.append(f"Rollback by per-position state capture costs {self.cost.verify_ms[top] / self.cost.plain_ms[top] - 1:+.1%} "
+                             f"on a {top}-token verify; a checkpoint + replay rollback would instead re-run up to "
+                             f"{top - 1} tokens ({self.cost.plain_ms.get(top - 1, 0):.1f} ms) on every rejected step.")
             for d in sorted(self.results):
                 b = self.bound(d)
                 if d and b is not None and b <= 1.0:

@@ -56,3 +56,32 @@ def body_linear_predicate(path: str, module: nn.Module) -> bool:
         return False
     leaf = path.rsplit(".", 1)[-1]
     return leaf not in ("gate", "shared_expert_gate") and not isinstance(module, nn.RMSNorm)
+
+
+def dequantize_linears(module: nn.Module) -> int:
+    """Replace int4 linears by bf16 ones holding the same dequantized weights; returns how many.
+
+    MLX's CPU backend runs quantized matmuls compute-bound, several times slower than bf16,
+    while GPUs run them memory-bound and faster. The head is small, so on the CPU it is
+    expanded once at load. Exactness does not depend on it: the draft law q is whatever the
+    head computes, and the same q enters the acceptance test.
+    """
+    from mlx.utils import tree_unflatten
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    replaced = []
+    for path, child in module.named_modules():
+        if isinstance(child, (nn.QuantizedLinear, QuantizedSwitchLinear)):
+            w = mx.dequantize(child.weight, child.scales, child.biases, group_size=child.group_size, bits=child.bits)
+            has_bias = "bias" in child
+            if isinstance(child, nn.QuantizedLinear):
+                new = nn.Linear(w.shape[-1], w.shape[0], bias=has_bias)
+            else:
+                new = SwitchLinear(w.shape[-1], w.shape[-2], w.shape[0], bias=has_bias)
+            new.weight = w
+            if has_bias:
+                new.bias = child.bias
+            replaced.append((path, new))
+    if replaced:
+        module.update_modules(tree_unflatten(replaced))
+    return len(replaced)

@@ -1,0 +1,142 @@
+"""Server counters, rendered in the Prometheus text exposition format (version 0.0.4).
+
+Written by hand rather than with prometheus_client: the handful of series below do not justify
+a dependency, and the worker thread and the event loop both update them, so one lock guards
+everything and a scrape sees a consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import defaultdict
+from typing import Any, Callable
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Endpoints get their own label value; anything else is "other" so that a scanner probing
+# random paths cannot grow the number of series without bound.
+KNOWN_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt(value: float) -> str:
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+class Metrics:
+    """Everything /metrics reports. ``queue_depth`` and ``busy`` are read live from callables
+    (the scheduler owns that state) so they can never drift from the truth."""
+
+    def __init__(self, queue_depth: Callable[[], int] = lambda: 0, busy: Callable[[], bool] = lambda: False):
+        self._lock = threading.Lock()
+        self._queue_depth = queue_depth
+        self._busy = busy
+        self.requests: dict[tuple[str, str], int] = defaultdict(int)
+        self.generations: dict[str, int] = defaultdict(int)
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.decode_seconds = 0.0
+        self.last_tps = 0.0
+        self.last_tokens_per_step = 0.0
+        # Summed over every generation, so the acceptance gauge is the server-lifetime rate
+        # P(draft k accepted), not the noisy value of the last request.
+        self.drafted: list[int] = []
+        self.accepted: list[int] = []
+
+    def bind(self, queue_depth: Callable[[], int], busy: Callable[[], bool]) -> None:
+        self._queue_depth, self._busy = queue_depth, busy
+
+    def record_request(self, path: str, status: int) -> None:
+        endpoint = path if path in KNOWN_ENDPOINTS else "other"
+        with self._lock:
+            self.requests[(endpoint, str(status))] += 1
+
+    def record_generation(self, outcome: str, stats: Any | None = None) -> None:
+        """``outcome``: completed, cancelled (client left mid-generation), dropped (left while
+        queued, never ran) or error. ``stats`` is the engine's DecodeStats when it ran."""
+        with self._lock:
+            self.generations[outcome] += 1
+            if stats is None:
+                return
+            self.prompt_tokens += stats.prompt_tokens
+            self.generated_tokens += stats.generated
+            self.decode_seconds += stats.decode_seconds
+            if stats.generated:
+                self.last_tps = stats.tokens_per_second
+                self.last_tokens_per_step = stats.tokens_per_step
+            for k, (d, a) in enumerate(zip(stats.drafted, stats.accepted)):
+                if k >= len(self.drafted):
+                    self.drafted.append(0)
+                    self.accepted.append(0)
+                self.drafted[k] += d
+                self.accepted[k] += a
+
+    def render(self) -> str:
+        with self._lock:
+            lines: list[str] = []
+
+            def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+                lines.append(f"# HELP {name} {help_text}")
+                lines.append(f"# TYPE {name} {kind}")
+                lines.extend(f"{name}{labels} {_fmt(v)}" for labels, v in samples)
+
+            family("mtplx_requests_total", "counter", "HTTP requests by endpoint and status code.",
+                   [(f'{{endpoint="{_escape(e)}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())])
+            family("mtplx_generations_total", "counter",
+                   "Generations by outcome (completed, cancelled, dropped, error).",
+                   [(f'{{outcome="{o}"}}', n) for o, n in sorted(self.generations.items())])
+            family("mtplx_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens)])
+            family("mtplx_generated_tokens_total", "counter", "Tokens generated.", [("", self.generated_tokens)])
+            family("mtplx_last_tokens_per_second", "gauge", "Decode throughput of the last generation.",
+                   [("", self.last_tps)])
+            avg = self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+            family("mtplx_average_tokens_per_second", "gauge",
+                   "Decode throughput over all generations (generated tokens / decode seconds).", [("", avg)])
+            family("mtplx_last_tokens_per_step", "gauge", "Tokens per engine step in the last generation.",
+                   [("", self.last_tokens_per_step)])
+            family("mtplx_acceptance", "gauge",
+                   "Acceptance rate of the draft at each position, over all generations.",
+                   [(f'{{position="{k + 1}"}}', a / d if d else 0.0)
+                    for k, (d, a) in enumerate(zip(self.drafted, self.accepted))])
+            family("mtplx_queue_depth", "gauge", "Requests waiting for the engine.", [("", self._queue_depth())])
+            family("mtplx_busy", "gauge", "1 while a generation is running.", [("", int(self._busy()))])
+            return "\n".join(lines) + "\n"
+
+
+class MetricsMiddleware:
+    """Counts every HTTP response by endpoint and status. Pure ASGI so that a streamed
+    response is counted when its status line goes out, not when the stream ends."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = False
+
+        async def counting_send(message: dict) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.start" and not sent:
+                sent = True
+                self.metrics.record_request(scope.get("path", ""), message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except asyncio.CancelledError:
+            # The client went away before a response started: nginx's "client closed request".
+            if not sent:
+                self.metrics.record_request(scope.get("path", ""), 499)
+            raise
+        except Exception:
+            # The outer ServerErrorMiddleware turns this into a 500; count it as one.
+            if not sent:
+                self.metrics.record_request(scope.get("path", ""), 500)
+            raise
