@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mtplx.engine.sampling import SamplingParams, filtered_probs, sample, speculative_verdict
+from mtplx.engine.sampling import SamplingParams, acceptance_arrays, filtered_probs, sample
 from mtplx.engine.speculative import Engine
 from tiny_models import tiny_model
 
@@ -58,12 +58,12 @@ def exact_ar_law(model, prefix: list[int], length: int) -> dict[tuple[int, ...],
     return law
 
 
-def sample_engine(model, depth: int, length: int, verdict=None, seed0: int = 0) -> list[tuple[int, ...]]:
+def sample_engine(model, depth: int, length: int, acceptance=None, seed0: int = 0) -> list[tuple[int, ...]]:
     out = []
     for i in range(N):
         engine = Engine(model, depth, PARAMS, DRAFT, seed=seed0 + i)
-        if verdict is not None:
-            engine.verdict = verdict
+        if acceptance is not None:
+            engine.acceptance_arrays = acceptance
         tokens = [t for step in engine.generate(PROMPT, length) for t in step.tokens]
         out.append(tuple(tokens[:length]))
     return out
@@ -108,15 +108,14 @@ def test_ar_engine_law(model, law3):
     assert gof_pvalue(sample_engine(model, 0, 3, seed0=5), law3) > ALPHA
 
 
-def biased_verdict(p, q, drafts, rng):
-    verdict = speculative_verdict(p, q, drafts, rng)
-    if verdict.accepted < q.shape[0]:
-        verdict.next_token = int(sample(p[verdict.accepted : verdict.accepted + 1], rng.sampling(1)).item())
-    return verdict
+def biased_acceptance(p, q, drafts, rng):
+    """The classic bug: after a rejection, draw the next token from p, not the residual."""
+    ratio, _ = acceptance_arrays(p, q, drafts, rng)
+    return ratio, sample(p, rng.sampling(p.shape[0]))
 
 
 def test_biased_engine_is_detected(model, law3):
-    samples = sample_engine(model, 2, 3, verdict=biased_verdict, seed0=2000)
+    samples = sample_engine(model, 2, 3, acceptance=biased_acceptance, seed0=2000)
     assert gof_pvalue(samples, law3) < ALPHA
 
 

@@ -112,27 +112,38 @@ def residual(p: mx.array, q: mx.array) -> mx.array:
     return mx.where(r.sum(axis=-1, keepdims=True) > 0, r, p)
 
 
-def speculative_verdict(p: mx.array, q: mx.array, drafts: mx.array, rng: Rng) -> Verdict:
-    """Leviathan/Chen acceptance for one verify pass.
+def acceptance_arrays(p: mx.array, q: mx.array, drafts: mx.array, rng: Rng) -> tuple[mx.array, mx.array]:
+    """Device side of one verify's acceptance test (lazy, evaluated with the verify pass).
 
     ``p [D+1, V]``: target law at the D draft positions and the bonus position.
     ``q [D, V]``: the law each draft was actually sampled from. ``drafts [D]``.
-    Draft i is kept while u_i < p_i(d_i) / q_i(d_i); at the first rejection the next token
-    comes from the residual norm(max(0, p_i - q_i)); if all pass, from p_D (the bonus).
-    The accept uniforms, residual draws and bonus draw are independent.
+    Returns the ratios p_i(d_i) / q_i(d_i) ``[D]`` and one candidate next token per position
+    ``[D+1]``: drawn from the residual norm(max(0, p_i - q_i)) at draft positions, from p_D
+    at the bonus position, each with its own uniform.
     """
     depth = q.shape[0]
     rows = mx.arange(depth)
-    p_d = p[rows, drafts]
-    q_d = q[rows, drafts]
+    ratio = p[rows, drafts] / mx.maximum(q[rows, drafts], 1e-30)
     candidates = sample(mx.concatenate([residual(p[:depth], q), p[depth:]], axis=0), rng.sampling(depth + 1))
-    ratio = p_d / mx.maximum(q_d, 1e-30)
-    mx.eval(ratio, candidates)
+    return ratio, candidates
+
+
+def decide(ratio: mx.array, candidates: mx.array, rng: Rng) -> Verdict:
+    """Host side: keep draft i while u_i < ratio_i (u_i independent of the candidates' draws);
+    the next token is the candidate at the first rejection, or the bonus if all pass."""
     ratio_host = np.array(ratio, dtype=np.float64)
-    u = rng.accept(depth)
-    accepted = depth
-    for i in range(depth):
-        if not u[i] < ratio_host[i]:
+    u = rng.accept(len(ratio_host))
+    accepted = len(ratio_host)
+    for i, r in enumerate(ratio_host):
+        if not u[i] < r:
             accepted = i
             break
     return Verdict(accepted=accepted, next_token=int(candidates[accepted].item()))
+
+
+def speculative_verdict(p: mx.array, q: mx.array, drafts: mx.array, rng: Rng) -> Verdict:
+    """Leviathan/Chen acceptance for one verify pass: :func:`acceptance_arrays`, evaluated,
+    then :func:`decide`. The output law is exactly p's (tests/test_sampling.py)."""
+    ratio, candidates = acceptance_arrays(p, q, drafts, rng)
+    mx.eval(ratio, candidates)
+    return decide(ratio, candidates, rng)

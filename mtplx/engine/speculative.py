@@ -7,7 +7,9 @@ from the last verify), which the next draft feeds in the same call as its first 
 
 1. draft: head(rows ..., (h_last, pending)) -> q_1, d_1; head((chain hidden, d_1)) -> q_2, d_2 ...
 2. verify: one trunk pass over [pending, d_1 .. d_D], recording Gated-DeltaNet states per position
-3. accept d_i while u_i < p_i(d_i)/q_i(d_i); then a residual or bonus token (sampling.py)
+3. accept d_i while u_i < p_i(d_i)/q_i(d_i); then a residual or bonus token (sampling.py);
+   its device work (target law, ratios, residual draws) is evaluated with the verify pass,
+   so a step synchronizes twice: once for the drafts, once for verify + acceptance
 4. commit: trim/restore every cache to the accepted prefix (cache.py)
 
 Rollback uses states recorded during the verify pass rather than a checkpoint + replay: a
@@ -25,7 +27,7 @@ from typing import Iterable, Iterator
 import mlx.core as mx
 
 from mtplx.engine.cache import commit
-from mtplx.engine.sampling import Rng, SamplingParams, filtered_probs, sample, sample_logits, speculative_verdict
+from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample_logits
 from mtplx.engine.stats import DecodeStats
 from mtplx.errors import MtplxError
 from mtplx.model.mtp_model import ModelCache, MTPModel
@@ -66,8 +68,8 @@ class Engine:
         self.draft_params = SamplingParams(temperature=0.0) if params.greedy else (draft_params or params)
         self.rng = Rng(seed)
         self.stats = DecodeStats(depth=depth)
-        # The acceptance rule, swappable so tests can prove they detect a biased one.
-        self.verdict = speculative_verdict
+        # The acceptance rule's device side, swappable so tests can prove they detect a biased one.
+        self.acceptance_arrays = acceptance_arrays
         # The live caches of the current generation (inspected by the cache-equality tests).
         self.cache: ModelCache | None = None
 
@@ -174,26 +176,27 @@ class Engine:
             drafts, qs = [], []
             hidden, tokens = head_h, head_t
             for _ in range(depth):
-                d_logits, chain = model.draft(hidden, tokens, cache)
-                d, q = sample_logits(d_logits[0, -1:], self.draft_params, self.rng)
+                d_logits, chain = model.draft(hidden, tokens, cache, last_only=True)
+                d, q = sample_logits(d_logits[0], self.draft_params, self.rng)
                 drafts.append(d)
                 qs.append(q)
-                hidden, tokens = chain[:, -1:], d[None]
+                hidden, tokens = chain, d[None]
             draft_tokens = mx.concatenate(drafts)
             q = mx.concatenate(qs)
             mx.eval(draft_tokens, q)
             t2 = time.perf_counter()
 
-            # 2. verify
+            # 2. verify, and the acceptance test's device work in the same evaluation
             states = BlockStates()
             block = mx.concatenate([mx.array([pending]), draft_tokens])[None]
             v_logits, v_hidden = model.trunk_forward(block, cache, states)
             p = filtered_probs(v_logits[0], self.params)
-            mx.eval(p, v_hidden)
+            ratio, candidates = self.acceptance_arrays(p, q, draft_tokens, self.rng)
+            mx.eval(ratio, candidates, v_hidden)
             t3 = time.perf_counter()
 
-            # 3. accept
-            verdict = self.verdict(p, q, draft_tokens, self.rng)
+            # 3. accept (host side)
+            verdict = decide(ratio, candidates, self.rng)
             a = verdict.accepted
             t4 = time.perf_counter()
 

@@ -57,7 +57,13 @@ class MTPModel:
     def trunk_forward(self, tokens: mx.array, cache: ModelCache, states: BlockStates | None = None) -> tuple[mx.array, mx.array]:
         return self.trunk.forward(tokens, cache.trunk, self.hidden_source, states)
 
-    def draft(self, hidden: mx.array, tokens: mx.array, cache: ModelCache) -> tuple[mx.array, mx.array]:
-        """Head rows (trunk-or-chain hidden at t, token t+1) -> (draft logits, hidden to chain)."""
+    def draft(self, hidden: mx.array, tokens: mx.array, cache: ModelCache, last_only: bool = False) -> tuple[mx.array, mx.array]:
+        """Head rows (trunk-or-chain hidden at t, token t+1) -> (draft logits, hidden to chain).
+
+        ``last_only`` projects only the last row onto the vocabulary: the engine feeds the rows
+        committed by the last verify together with the new one and drafts from the new one."""
         normed, pre = self.head(self.trunk.embed(tokens), hidden, cache.head)
-        return self.trunk.lm_head(normed), (normed if self.chain_hidden == "post_norm" else pre)
+        chain = normed if self.chain_hidden == "post_norm" else pre
+        if last_only:
+            normed, chain = normed[:, -1:], chain[:, -1:]
+        return self.trunk.lm_head(normed), chain
