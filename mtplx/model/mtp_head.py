@@ -64,20 +64,17 @@ def dequantize_linears(module: nn.Module) -> int:
     MLX's CPU backend runs quantized matmuls compute-bound, several times slower than bf16,
     while GPUs run them memory-bound and faster. The head is small, so on the CPU it is
     expanded once at load. Exactness does not depend on it: the draft law q is whatever the
-    head computes, and the same q enters the acceptance test.
+    head computes, and the same q enters the acceptance test. MoE experts stay quantized:
+    the CPU backend has a quantized expert matmul (gather_qmm) but no bf16 one.
     """
     from mlx.utils import tree_unflatten
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
     replaced = []
     for path, child in module.named_modules():
-        if isinstance(child, (nn.QuantizedLinear, QuantizedSwitchLinear)):
+        if isinstance(child, nn.QuantizedLinear):
             w = mx.dequantize(child.weight, child.scales, child.biases, group_size=child.group_size, bits=child.bits)
             has_bias = "bias" in child
-            if isinstance(child, nn.QuantizedLinear):
-                new = nn.Linear(w.shape[-1], w.shape[0], bias=has_bias)
-            else:
-                new = SwitchLinear(w.shape[-1], w.shape[-2], w.shape[0], bias=has_bias)
+            new = nn.Linear(w.shape[-1], w.shape[0], bias=has_bias)
             new.weight = w
             if has_bias:
                 new.bias = child.bias
