@@ -1,0 +1,77 @@
+"""`mtplx start`: pick a model and a mode interactively, then chat or serve.
+
+The command stays thin: the questions and the model check live in launcher.py, the chat loop
+in chat.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+
+@click.command("start")
+@click.option("--model", "-m", "model_ref", default=None,
+              help="Skip the model question: 'demo', a directory, or a Hugging Face repo id.")
+@click.option("--depth", "-d", type=int, default=None, help="Skip the mode question: draft depth (0 = plain AR).")
+@click.option("--no-mtp", is_flag=True, help="Skip the mode question: plain autoregressive decoding.")
+@click.option("--thinking/--no-thinking", default=None, help="Skip the thinking question.")
+@click.option("--surface", type=click.Choice(["chat", "serve"]), default=None,
+              help="Skip the surface question: chat in this terminal, or run the API server.")
+@click.option("--temperature", "-t", type=float, default=None, help="Sampling temperature (default: the contract's).")
+@click.option("--top-p", type=float, default=None, help="Nucleus filter (default: the contract's).")
+@click.option("--top-k", type=int, default=None, help="Top-k filter (default: the contract's).")
+@click.option("--max-tokens", "-n", type=click.IntRange(1), default=512, show_default=True,
+              help="Max tokens per reply (change it in the chat with /max N).")
+@click.option("--seed", type=int, default=None, help="Seed for every random draw (each reply reuses it).")
+@click.option("--yes", "-y", is_flag=True, help="Accept every default without asking (demo, MTP, chat, thinking off).")
+@click.pass_context
+def start(ctx: click.Context, model_ref: str | None, depth: int | None, no_mtp: bool, thinking: bool | None,
+          surface: str | None, temperature: float | None, top_p: float | None, top_k: int | None,
+          max_tokens: int, seed: int | None, yes: bool) -> None:
+    """Interactive launcher: choose a model, a decoding mode and thinking, check that the model
+    fits, then chat in this terminal or start the API server. Every question has a flag that
+    skips it; --yes takes all the defaults."""
+    from mtplx.cli.launcher import plan as make_plan
+
+    if no_mtp and depth:
+        raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
+    p = make_plan(model_ref=model_ref, depth=depth, no_mtp=no_mtp, thinking=thinking, surface=surface, yes=yes)
+    if p.surface == "serve":
+        _serve(ctx, p.ref, p.depth)
+        return
+    _chat(p, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
+
+
+def _serve(ctx: click.Context, ref: str, depth: int | None) -> None:
+    # Imported late: `mtplx serve` is optional and its module may be missing or broken.
+    try:
+        from mtplx.cli.serve_cmd import serve
+    except ImportError as e:
+        from mtplx.errors import MtplxError
+
+        raise MtplxError(f"the API server is not available in this installation ({e})",
+                         fix="choose 'Chat in this terminal', or install a version of mtplx with `mtplx serve`") from None
+    click.echo("Starting the API server (sampling and thinking are set per request) ...")
+    ctx.invoke(serve, model_ref=ref, depth=None if depth == 0 else depth, no_mtp=depth == 0)
+
+
+def _chat(p, *, temperature: float | None, top_p: float | None, top_k: int | None, max_tokens: int,
+          seed: int | None) -> None:
+    import mtplx
+    from mtplx.api import default_depth
+    from mtplx.cli.chat import ChatSession, run_chat
+
+    # On its own line: a Hugging Face download draws its progress bars below it.
+    click.echo(f"Loading {p.ref} ...")
+    t0 = time.perf_counter()
+    model, tokenizer = mtplx.load(p.ref, mtp=p.load_mtp)
+    click.echo(f"Loaded in {time.perf_counter() - t0:.1f} s ({'with' if model.has_mtp else 'without'} the MTP head).")
+    depth = default_depth(model) if p.depth is None else p.depth
+    session = ChatSession(model, tokenizer, depth=depth, thinking=p.thinking, max_tokens=max_tokens,
+                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    run_chat(session)
+
+
+COMMANDS = [start]
