@@ -61,7 +61,7 @@ def test_totals_pool_counts_across_depths():
     t.add(_stats(0, 16, 16, [], [], 2.0))
     t.add(_stats(3, 10, 4, [4, 4, 2], [4, 2, 1], 1.0))
     assert (t.replies, t.tokens) == (3, 50)
-    assert t.drafted == [14, 12, 2] and t.accepted == [12, 6, 1]
+    assert t.acceptance.drafted == [14, 12, 2] and t.acceptance.accepted == [12, 6, 1]
     assert t.format() == ("3 replies | 50 tokens | mean 10.0 tok/s (tokens over decode time)"
                           " | acceptance d1 0.86 d2 0.50 d3 0.50")
     assert "no MTP replies" in Totals().format()

@@ -20,7 +20,7 @@ from mtplx._version import __version__
 from mtplx.bench.cost_model import CostModel, measure
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
-from mtplx.engine.stats import PHASES, DecodeStats
+from mtplx.engine.stats import PHASES, AcceptanceTally, DecodeStats
 from mtplx.model.mtp_model import MTPModel
 
 
@@ -44,9 +44,10 @@ class DepthResult:
 
     @property
     def acceptance(self) -> list[float]:
-        drafted = [sum(r.drafted[k] for r in self.runs) for k in range(self.depth)]
-        accepted = [sum(r.accepted[k] for r in self.runs) for k in range(self.depth)]
-        return [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
+        tally = AcceptanceTally()
+        for r in self.runs:
+            tally.add(r)
+        return tally.rates
 
     @property
     def phase_share(self) -> dict[str, float]:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 import click
 
 from mtplx.cli.launcher import MAX_DEPTH
+from mtplx.engine.stats import AcceptanceTally
 
 PROMPT = "you> "
 REPLY = "mtplx> "
@@ -61,25 +62,18 @@ class Totals:
     replies: int = 0
     tokens: int = 0
     decode_seconds: float = 0.0
-    drafted: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
+    acceptance: AcceptanceTally = field(default_factory=AcceptanceTally)
 
     def add(self, stats: Any) -> None:
         self.replies += 1
         self.tokens += stats.generated
         self.decode_seconds += stats.decode_seconds
-        # Pool the per-position counts, so a position is weighted by how often it was drafted
-        # and replies at different depths combine correctly.
-        for k, (d, a) in enumerate(zip(stats.drafted, stats.accepted)):
-            if k >= len(self.drafted):
-                self.drafted.append(0)
-                self.accepted.append(0)
-            self.drafted[k] += d
-            self.accepted[k] += a
+        self.acceptance.add(stats)
 
     def format(self) -> str:
         tps = self.tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
-        acc = " ".join(f"d{k + 1} {a / d:.2f}" for k, (a, d) in enumerate(zip(self.accepted, self.drafted)) if d)
+        tally = self.acceptance
+        acc = " ".join(f"d{k + 1} {r:.2f}" for k, (r, d) in enumerate(zip(tally.rates, tally.drafted)) if d)
         return (f"{self.replies} replies | {self.tokens} tokens | mean {tps:.1f} tok/s (tokens over decode time)"
                 f" | acceptance {acc or '- (no MTP replies)'}")
 

@@ -64,3 +64,24 @@ class DecodeStats:
             "acceptance": [round(a, 4) for a in self.acceptance],
             "seconds": {k: round(v, 5) for k, v in self.seconds.items()},
         }
+
+
+@dataclass
+class AcceptanceTally:
+    """Draft and accept counts per draft position, pooled over generations of any depth, so
+    each position is weighted by how often it was drafted."""
+
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    def add(self, stats: DecodeStats) -> None:
+        for k, (d, a) in enumerate(zip(stats.drafted, stats.accepted)):
+            if k >= len(self.drafted):
+                self.drafted.append(0)
+                self.accepted.append(0)
+            self.drafted[k] += d
+            self.accepted[k] += a
+
+    @property
+    def rates(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]

@@ -12,6 +12,8 @@ import threading
 from collections import defaultdict
 from typing import Any, Callable
 
+from mtplx.engine.stats import AcceptanceTally
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Endpoints get their own label value; anything else is "other" so that a scanner probing
@@ -44,8 +46,7 @@ class Metrics:
         self.last_tokens_per_step = 0.0
         # Summed over every generation, so the acceptance gauge is the server-lifetime rate
         # P(draft k accepted), not the noisy value of the last request.
-        self.drafted: list[int] = []
-        self.accepted: list[int] = []
+        self.acceptance = AcceptanceTally()
 
     def bind(self, queue_depth: Callable[[], int], busy: Callable[[], bool]) -> None:
         self._queue_depth, self._busy = queue_depth, busy
@@ -68,12 +69,7 @@ class Metrics:
             if stats.generated:
                 self.last_tps = stats.tokens_per_second
                 self.last_tokens_per_step = stats.tokens_per_step
-            for k, (d, a) in enumerate(zip(stats.drafted, stats.accepted)):
-                if k >= len(self.drafted):
-                    self.drafted.append(0)
-                    self.accepted.append(0)
-                self.drafted[k] += d
-                self.accepted[k] += a
+            self.acceptance.add(stats)
 
     def render(self) -> str:
         with self._lock:
@@ -100,8 +96,7 @@ class Metrics:
                    [("", self.last_tokens_per_step)])
             family("mtplx_acceptance", "gauge",
                    "Acceptance rate of the draft at each position, over all generations.",
-                   [(f'{{position="{k + 1}"}}', a / d if d else 0.0)
-                    for k, (d, a) in enumerate(zip(self.drafted, self.accepted))])
+                   [(f'{{position="{k + 1}"}}', rate) for k, rate in enumerate(self.acceptance.rates)])
             family("mtplx_queue_depth", "gauge", "Requests waiting for the engine.", [("", self._queue_depth())])
             family("mtplx_busy", "gauge", "1 while a generation is running.", [("", int(self._busy()))])
             return "\n".join(lines) + "\n"
