@@ -9,7 +9,6 @@ time, so they agree to rounding (atol 2e-5), not bit for bit.
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from mtplx.engine.cache import snapshot

@@ -16,7 +16,6 @@ test has the power it claims.
 
 from __future__ import annotations
 
-import itertools
 
 import mlx.core as mx
 import numpy as np

@@ -8,7 +8,6 @@ import textwrap
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from mtplx.artifact import contract as contract_io

@@ -10,7 +10,6 @@ import hashlib
 import json
 import struct
 from pathlib import Path
-from typing import Iterable
 
 from mtplx.errors import ArtifactError
 
@@ -45,19 +44,6 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
         for name in read_header(f)[0]:
             mapping[name] = f
     return mapping
-
-
-def tensor_shapes(files: dict[str, Path], names: Iterable[str]) -> dict[str, tuple[list[int], str]]:
-    """(shape, dtype) of the named tensors, read from headers only."""
-    headers: dict[Path, dict] = {}
-    out = {}
-    for name in names:
-        f = files[name]
-        if f not in headers:
-            headers[f] = read_header(f)[0]
-        entry = headers[f][name]
-        out[name] = (entry["shape"], entry["dtype"])
-    return out
 
 
 def sha256_file(path: Path) -> str:

@@ -13,8 +13,6 @@ tokens up to ``d_a``:
 
 from __future__ import annotations
 
-from typing import Any
-
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
@@ -49,7 +47,3 @@ def snapshot(cache: ModelCache) -> dict[str, mx.array]:
                     if arr is not None:
                         out[f"{name}.{i}.state{j}"] = arr
     return out
-
-
-def offsets(cache: ModelCache) -> dict[str, Any]:
-    return {"trunk": cache.offset, "head": cache.head[0].offset if cache.head else 0}
