@@ -131,10 +131,9 @@ def stream_generate(
     model if `mtplx tune` saved one, else the contract's default."""
     ids = encode_prompt(tokenizer, prompt, enable_thinking)
     params = sampling_from(model, temperature, top_p, top_k, min_p)
-    draft = None
-    if draft_temperature is not None or model.contract:
-        dt = draft_temperature if draft_temperature is not None else model.contract.defaults.get("draft_temperature", params.temperature)
-        draft = SamplingParams(temperature=dt, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p)
+    defaults = model.contract.defaults if model.contract else {}
+    dt = draft_temperature if draft_temperature is not None else defaults.get("draft_temperature", params.temperature)
+    draft = SamplingParams(temperature=dt, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p)
     engine = Engine(model, default_depth(model) if depth is None else depth, params, draft, seed)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     detok = tokenizer.detokenizer

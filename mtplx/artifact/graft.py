@@ -284,7 +284,8 @@ def graft(
     contract = contract_io.RuntimeContract(data=data)
 
     model, tokenizer = mlx_load(str(out))
-    mtp = MTPModel(Trunk(model), load_head(out, contract, Trunk(model).args), contract)
+    trunk_view = Trunk(model)
+    mtp = MTPModel(trunk_view, load_head(out, contract, trunk_view.args), contract)
     tokens = tokenizer.encode(probe_text or default_probe_text())
     acceptance = measure_acceptance(mtp, tokens)
     chosen = hidden_source or choose_hidden_source(acceptance)
