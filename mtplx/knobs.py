@@ -1,0 +1,114 @@
+"""The decoding knobs and their limits, defined once.
+
+The CLI, the Python API, the server and the chat all validate what a user sets through these
+functions, so a value means the same thing (and is refused with the same sentence) everywhere.
+A refused value raises :class:`KnobError`: an :class:`MtplxError` (one clear paragraph, never
+labelled a bug) that is also a ``ValueError`` and carries the knob's name in ``param``, which
+the server reports as OpenAI's ``error.param``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from mtplx.errors import MtplxError
+
+# Deeper drafts are accepted too rarely to pay off; the contract's schema says the same.
+MAX_DEPTH = 8
+# numpy's generator takes any non-negative integer; JSON clients rarely go past 64 bits.
+MAX_SEED = 2**64 - 1
+
+
+class KnobError(MtplxError, ValueError):
+    """A decoding setting outside its allowed range or of the wrong type."""
+
+    def __init__(self, param: str, message: str, fix: str | None = None):
+        self.param = param
+        super().__init__(message, fix=fix)
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    kind: type  # int or float
+    low: float
+    high: float | None = None
+    low_open: bool = False  # (low, ...] rather than [low, ...]
+    meaning: str = ""
+    high_text: str | None = None  # how to print ``high`` when its digits would not help
+
+    def describe(self) -> str:
+        left = "(" if self.low_open else "["
+        if self.high is None:
+            right = "inf)"
+        else:
+            right = (self.high_text or (f"{int(self.high)}" if self.kind is int else f"{self.high:g}")) + "]"
+        what = "an integer" if self.kind is int else "a number"
+        return f"{what} in {left}{self.low:g}, {right}"
+
+    def check(self, value: Any) -> Any:
+        """The value as the knob's type, or :class:`KnobError`."""
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise KnobError(self.name, f"{self.name} must be an integer, got {value!r}",
+                                fix=f"pass {self.describe()}{self.meaning}")
+            value = int(value)
+        else:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise KnobError(self.name, f"{self.name} must be a number, got {value!r}",
+                                fix=f"pass {self.describe()}{self.meaning}")
+            value = float(value)
+            if not math.isfinite(value):
+                raise KnobError(self.name, f"{self.name} must be a finite number, got {value}",
+                                fix=f"pass {self.describe()}{self.meaning}")
+        too_low = value <= self.low if self.low_open else value < self.low
+        too_high = self.high is not None and value > self.high
+        if too_low or too_high:
+            raise KnobError(self.name, f"{self.name} must be {self.describe()}, got {value!r}",
+                            fix=f"pass {self.describe()}{self.meaning}")
+        return value
+
+
+KNOBS: dict[str, Knob] = {k.name: k for k in (
+    Knob("depth", int, 0, MAX_DEPTH, meaning=" (0 = plain autoregressive decoding)"),
+    Knob("max_tokens", int, 1),
+    Knob("temperature", float, 0.0, meaning=" (0 = greedy)"),
+    Knob("draft_temperature", float, 0.0, meaning=" (the law the head drafts from; any value stays exact)"),
+    Knob("top_p", float, 0.0, 1.0, low_open=True, meaning=" (1 disables it)"),
+    Knob("top_k", int, 0, meaning=" (0 disables it)"),
+    Knob("min_p", float, 0.0, 1.0, meaning=" (0 disables it)"),
+    Knob("seed", int, 0, MAX_SEED, high_text="2**64-1"),
+)}
+
+
+def check(name: str, value: Any) -> Any:
+    """Validate one knob; ``None`` (meaning "the default") passes through."""
+    return None if value is None else KNOBS[name].check(value)
+
+
+def check_all(**values: Any) -> dict[str, Any]:
+    """Validate several knobs by name; returns them converted (``None`` kept as is)."""
+    unknown = sorted(set(values) - set(KNOBS))
+    if unknown:
+        raise TypeError(f"unknown decoding knob(s): {', '.join(unknown)}")
+    return {name: check(name, value) for name, value in values.items()}
+
+
+def check_token_ids(ids: Iterable[Any], vocab_size: int, param: str = "prompt") -> list[int]:
+    """Token ids as ints, each in [0, vocab_size): an id outside the embedding table would read
+    memory past it (a crash on some backends, garbage on others), so nothing touches the model
+    before this check."""
+    out = []
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise KnobError(param, f"token {i} of the prompt is {t!r}, not an integer token id",
+                            fix=f"pass token ids in [0, {vocab_size})")
+        t = int(t)
+        if not 0 <= t < vocab_size:
+            raise KnobError(param, f"token {i} of the prompt is id {t}, outside this model's vocabulary "
+                                   f"[0, {vocab_size})", fix="pass ids produced by this model's tokenizer")
+        out.append(t)
+    return out
