@@ -1,8 +1,9 @@
 """The runtime contract schema and the catalog of known models.
 
 The JSON files live in the repository's top-level ``runtime_contracts/`` so people can read
-and review them; the wheel ships them as ``mtplx.runtime_contracts``. From a source checkout
-that is not installed in editable mode they are read from the repository directly.
+and review them; the wheel ships them as ``mtplx.runtime_contracts``. A source checkout reads
+the repository's own copy, so a checkout imported through PYTHONPATH never sees the files of
+another checkout that happens to be installed in editable mode.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Any
 
 
 def _contracts_dir():
-    try:
-        return resources.files("mtplx.runtime_contracts")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[1] / "runtime_contracts"
+    checkout = Path(__file__).resolve().parents[1] / "runtime_contracts"
+    if (checkout / "schema.json").is_file():
+        return checkout
+    return resources.files("mtplx.runtime_contracts")
 
 
 @lru_cache(maxsize=1)
