@@ -161,3 +161,30 @@ def test_bad_cache_files_are_refused(model, tmp_path):
         mtplx.load_prompt_cache(tmp_path / "old.safetensors", model)
     with pytest.raises(MtplxError, match="another model"):
         run(tiny_model(vocab=16, seed=3), [1, 2], 0, 1, cache)
+
+
+def test_lru_shares_prefixes_and_stays_in_its_bound(model):
+    from mtplx.engine.prompt_cache import PromptCacheLRU
+
+    lru = PromptCacheLRU(model, max_bytes=1 << 30)
+    system = [9, 8, 7, 6, 5, 4, 3, 2]
+    a = lru.checkout(system + [1])
+    run(model, system + [1], 2, 4, a)
+    assert lru.misses == 1
+    lru.checkin(a)
+    b = lru.checkout(system + [2])  # diverges inside a's tokens: a copy of the shared prefix
+    assert b is not a and len(lru) == 1 and b.reusable(system + [2]) == len(system)
+    taken = lru.checkout(a.tokens + [3])  # extends a: a itself, taken out of the LRU
+    assert taken is a and len(lru) == 0
+    again = lru.checkout(a.tokens + [3])  # a is checked out: never handed to two requests
+    assert again is not a and not again.tokens
+    out, engine = run(model, system + [2], 1, 4, b)
+    assert engine.stats.cached_tokens == len(system) and out == run(model, system + [2], 1, 4)[0]
+    lru.checkin(b)
+    lru.checkin(a)
+    assert len(lru) == 2 and lru.hits == 2
+
+    tiny = PromptCacheLRU(model, max_bytes=a.nbytes + b.nbytes - 1)
+    tiny.checkin(a)
+    tiny.checkin(b)
+    assert len(tiny) == 1 and tiny.evictions == 1 and tiny.nbytes <= tiny.max_bytes

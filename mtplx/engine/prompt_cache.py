@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -211,6 +213,8 @@ class PromptCache:
                                backlog_tokens=list(c.backlog_tokens if snap is None else snap.backlog_tokens))
         out.tokens = self.tokens[:position]
         out.snapshots = {s: v for s, v in self.snapshots.items() if s <= position}
+        # Copy the KV rows now: the source's buffers are written in place when it is extended.
+        mx.eval(out.cache.arrays())
         return out
 
     @property
@@ -228,6 +232,67 @@ class PromptCache:
 
     def __repr__(self) -> str:
         return f"PromptCache({len(self.tokens)} tokens, {len(self.snapshots)} snapshots, {self.nbytes / 2**20:.1f} MiB)"
+
+
+class PromptCacheLRU:
+    """Prompt caches of many conversations, least recently used first out, bounded in bytes.
+
+    A request checks out the entry serving the longest prefix of its prompt and checks it back
+    in when done, so no other request reads a cache while it is written. An entry the prompt
+    extends is handed over as it is; one it diverges from inside is left in place for its own
+    conversation and the request gets an independent copy of the reusable prefix."""
+
+    def __init__(self, model: MTPModel, max_bytes: int, **cache_kwargs: Any):
+        self.model = model
+        self.max_bytes = max_bytes
+        self.cache_kwargs = cache_kwargs
+        self._entries: OrderedDict[int, tuple[PromptCache, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+
+    def checkout(self, prompt: list[int]) -> PromptCache:
+        with self._lock:
+            best, reuse = None, 0
+            for key, (entry, _) in self._entries.items():
+                r = entry.reusable(prompt)
+                if r > reuse:
+                    best, reuse = key, r
+            if best is None:
+                self.misses += 1
+                return PromptCache(self.model, **self.cache_kwargs)
+            self.hits += 1
+            entry, _ = self._entries[best]
+            if reuse == len(entry.tokens):
+                del self._entries[best]
+                return entry
+            self._entries.move_to_end(best)
+        return entry.copy_prefix(reuse)
+
+    def checkin(self, cache: PromptCache) -> None:
+        if not cache.tokens or not cache.consistent():
+            return
+        size = cache.nbytes
+        with self._lock:
+            # An entry whose tokens this one extends is superseded by it.
+            for key in [k for k, (e, _) in self._entries.items()
+                        if len(e.tokens) <= len(cache.tokens) and cache.tokens[: len(e.tokens)] == e.tokens]:
+                del self._entries[key]
+            self._entries[id(cache)] = (cache, size)
+            while self._entries and self._bytes() > self.max_bytes:
+                self._entries.popitem(last=False)
+                self.evictions += 1
+
+    def _bytes(self) -> int:
+        return sum(size for _, size in self._entries.values())
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
 
 
 def make_prompt_cache(model: MTPModel, **kwargs: Any) -> PromptCache:
