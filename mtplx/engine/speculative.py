@@ -16,6 +16,9 @@ Rollback uses states recorded during the verify pass rather than a checkpoint + 
 replay is one more trunk pass over the accepted tokens on every rejected step, and on MLX's
 CPU backend a 4-bit pass over T tokens costs about T decode steps (`mtplx bench` prints that
 cost model), so replay would cost up to D extra steps each time a draft is rejected.
+
+A grammar constraint (constraints.py) masks p and q at the points marked ``# constraint:``;
+with none set those points cost nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Iterable, Iterator
 import mlx.core as mx
 
 from mtplx.engine.cache import commit
+from mtplx.engine.constraints import Constraint
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample_logits
 from mtplx.engine.stats import DecodeStats
 from mtplx.errors import MtplxError
@@ -55,6 +59,7 @@ class Engine:
         params: SamplingParams,
         draft_params: SamplingParams | None = None,
         seed: int | None = None,
+        constraint: Constraint | None = None,
     ):
         if depth < 0:
             raise MtplxError(f"depth must be >= 0, got {depth}", fix="use 0 for plain AR or 1..8 for MTP")
@@ -72,6 +77,8 @@ class Engine:
         self.acceptance_arrays = acceptance_arrays
         # The live caches of the current generation (inspected by the cache-equality tests).
         self.cache: ModelCache | None = None
+        # A grammar that masks p and q (response_format); None decodes unconstrained.
+        self.constraint = constraint
 
     def _check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
@@ -90,6 +97,8 @@ class Engine:
         budget = min(max_tokens, self.model.max_context - len(prompt))
         if budget <= 0:
             return
+        if self.constraint is not None:  # constraint: every generation starts at the grammar's start
+            self.constraint.start()
         steps = self._ar(prompt) if self.depth == 0 else self._mtp(prompt)
         emitted = 0
         for step in steps:
@@ -113,12 +122,21 @@ class Engine:
         cache = trunk.make_cache()
         t0 = time.perf_counter()
         logits = self._prefill_trunk_only(prompt, cache)
+        constraint = self.constraint
+        if constraint is not None:  # constraint: mask p for the first token
+            logits = constraint.mask(logits)
         y, _ = sample_logits(logits, self.params, self.rng)
         mx.async_eval(y)
         first = True
         while True:
             t1 = time.perf_counter()
             next_logits = trunk.logits(y[None], cache)[:, -1]
+            if constraint is not None:
+                # constraint: the next mask needs this token on the host, so sampling waits for
+                # it; the forward is queued first and runs while the matcher advances.
+                mx.async_eval(next_logits)
+                constraint.advance(y.item())
+                next_logits = constraint.mask(next_logits)
             next_y, _ = sample_logits(next_logits, self.params, self.rng)
             mx.async_eval(next_y)
             token = y.item()
@@ -163,8 +181,13 @@ class Engine:
         cache = self.cache = model.make_cache()
         t0 = time.perf_counter()
         logits, h_last = self._prefill(prompt, cache)
+        constraint = self.constraint
+        if constraint is not None:  # constraint: mask p for the first token
+            logits = constraint.mask(logits)
         y, _ = sample_logits(logits, self.params, self.rng)
         pending = y.item()
+        if constraint is not None:
+            constraint.advance(pending)
         seconds["prefill"] += time.perf_counter() - t0
         yield Emitted([pending], 0, 0)
 
@@ -177,7 +200,13 @@ class Engine:
             hidden, tokens = head_h, head_t
             for _ in range(depth):
                 d_logits, chain = model.draft(hidden, tokens, cache, last_only=True)
+                if constraint is not None:  # constraint: mask q with the state after pending, d_1..d_{i-1}
+                    d_logits = constraint.mask_draft(d_logits, model.draft_vocab)
                 d, q = sample_logits(d_logits[0], self.draft_params, self.rng)
+                if constraint is not None:
+                    # constraint: the next draft's mask needs this draft on the host: one sync
+                    # per draft, paid only when a grammar is set.
+                    constraint.advance_draft(d.item())
                 drafts.append(d)
                 qs.append(q)
                 hidden, tokens = chain, d[None]
@@ -190,6 +219,8 @@ class Engine:
             states = BlockStates()
             block = mx.concatenate([mx.array([pending]), draft_tokens])[None]
             v_logits, v_hidden = model.trunk_forward(block, cache, states)
+            if constraint is not None:  # constraint: mask p at each position with the draft's state
+                v_logits = constraint.mask_verify(v_logits[0])[None]
             p = filtered_probs(v_logits[0], self.params)
             ratio, candidates = self.acceptance_arrays(p, q, draft_tokens, self.rng)
             mx.eval(ratio, candidates, v_hidden)
@@ -198,6 +229,8 @@ class Engine:
             # 3. accept (host side)
             verdict = decide(ratio, candidates, self.rng)
             a = verdict.accepted
+            if constraint is not None:  # constraint: roll back to the accepted prefix, advance by the next token
+                constraint.commit(a, verdict.next_token)
             t4 = time.perf_counter()
 
             # 4. commit
