@@ -115,6 +115,22 @@ def test_constrained_mtp_law_equals_constrained_ar_law(model, law, depth):
     assert pvalue(samples, law) > ALPHA
 
 
+@pytest.mark.parametrize("prompt", [[1, 2, 1], [2, 4]])
+def test_greedy_ar_and_mtp_follow_the_reference_grammar(model, prompt):
+    """Greedy = argmax over the allowed tokens, on the AR path and at depth 1 and 2. On these
+    prompts the unconstrained argmax is forbidden at several positions (5 of 8 on the first),
+    and the second passes through a c into the relaxed state."""
+    expected = []
+    for _ in range(8):
+        logits, _ = model.trunk_forward(mx.array([prompt + expected]), model.make_cache())
+        expected.append(int(np.argmax(np.where(reference_allowed(expected), np.array(logits[0, -1]), -np.inf))))
+    greedy = SamplingParams(temperature=0.0)
+    constraint = Constraint(grammar_tokenizer(), grammar())
+    for depth in (0, 1, 2):
+        engine = Engine(model, depth, greedy, seed=0, constraint=constraint)
+        assert [t for step in engine.generate(prompt, 8) for t in step.tokens] == expected, depth
+
+
 def test_matcher_without_rollback_is_detected(model, law):
     samples = sample(model, 1, NoRollback(grammar_tokenizer(), grammar()), seed0=5000, n=200)
     assert pvalue(samples, law) < ALPHA

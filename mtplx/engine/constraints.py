@@ -17,10 +17,12 @@ only end-of-sequence tokens are allowed.
 A generation that reaches ``max_tokens`` (or a stop string) before the grammar is complete
 ends with finish_reason "length" (or "stop") as any other, and its text need not parse.
 
-Engine: llguidance, chosen by measurement. ``python3 tools/measure_grammar_engines.py``, on
-this machine (2 shared x86_64 cores) with the demo's tokenizer (4096 tokens; Qwen3.5's real
-248K-token tokenizer is not available offline, so these are lower bounds), a 6-property schema
-with a nested array of objects, walking a valid 96-token document:
+Engine: llguidance, chosen by measurement. ``python3 tools/measure_grammar_engines.py`` (run
+once more inside a virtualenv holding ``pip install xgrammar``), on a 2-core x86_64 Linux
+machine shared with other jobs, with the demo's tokenizer (4096 tokens; Qwen3.5's real
+248K-token tokenizer is not available offline, so these are lower bounds), each engine's
+default JSON options, a 4-property schema with a nested array of objects, walking a valid
+96-token document:
 
     llguidance 1.9.1: tokenizer view 17 ms; compile schema 0.56 ms (generic JSON 0.29 ms);
                       mask 0.011 ms per token (median; first mask 1.1 ms); roll back k and
@@ -32,7 +34,8 @@ with a nested array of objects, walking a valid 96-token document:
 Both are far below one decode step here (tens of ms), so speed does not decide. What they pull
 in does: llguidance is a 3 MB wheel with no dependencies (7.6 MB installed); xgrammar requires
 torch and, on Linux x86_64, triton and torch's CUDA libraries (``pip install xgrammar`` into
-an empty virtualenv took 5.3 GB, `du -sh`), and its mask buffers are torch tensors. mtplx is
+a virtualenv that already saw this machine's numpy and transformers added 5.3 GB, ``du -sh``),
+and its mask buffers are torch tensors. mtplx is
 MLX-only, so llguidance wins. Its JSON Schema compiler is also broad (``$ref``, ``anyOf``,
 patterns) and reports what it does not support, which becomes the user's error message.
 """
