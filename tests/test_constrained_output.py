@@ -19,7 +19,6 @@ from mtplx.engine.constraints import Constraint
 SCHEMA = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 16},
         "version": {"type": "integer"},
         "options": {
             "type": "object",
@@ -29,11 +28,11 @@ SCHEMA = {
             "additionalProperties": False,
         },
     },
-    "required": ["name", "version", "options"],
+    "required": ["version", "options"],
     "additionalProperties": False,
 }
 FORMAT = {"type": "json_schema", "json_schema": {"name": "config", "schema": SCHEMA, "strict": True}}
-PROMPT = "def load_config(path):\n"
+PROMPT = "import json\n\n"
 MAX_TOKENS = 96
 TIE = 0.05  # as in test_greedy.py: bf16 logits of a 4-bit trunk
 
