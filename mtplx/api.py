@@ -14,11 +14,13 @@ from typing import Any, Iterator, Sequence, Union
 
 from mtplx.artifact.loader import LoadReport
 from mtplx.artifact.loader import load as load_artifact
+from mtplx.engine.constraints import Constraint
 from mtplx.engine.prompt_cache import PromptCache, common_prefix, make_prompt_cache
 from mtplx.engine.prompt_cache_file import load_prompt_cache, save_prompt_cache
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.engine.stats import DecodeStats
+from mtplx.errors import MtplxError
 from mtplx.model.mtp_model import MTPModel
 
 Prompt = Union[str, Sequence[int], Sequence[dict[str, Any]], "EncodedPrompt"]
@@ -167,21 +169,38 @@ def stream_generate(
     stop: Sequence[str] | None = None,
     enable_thinking: bool | None = None,
     prompt_cache: PromptCache | None = None,
+    response_format: dict[str, Any] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``depth=0`` is plain AR; ``None`` takes the tuned depth for this
     model if `mtplx tune` saved one, else the contract's default.
 
     ``prompt_cache`` (from :func:`make_prompt_cache`) makes a call whose prompt extends the
     cached tokens prefill only the new suffix, and leaves the cache holding prompt + reply;
-    ``response.cached_tokens`` says how many prompt tokens it served."""
+    ``response.cached_tokens`` says how many prompt tokens it served.
+
+    ``response_format`` takes OpenAI's shapes: ``{"type": "text"}`` (no constraint),
+    ``{"type": "json_object"}`` (any JSON object) or ``{"type": "json_schema", "json_schema":
+    {"name": ..., "schema": {...}, "strict": ...}}``. Decoding is then constrained by the
+    grammar at every depth, exactly (see :mod:`mtplx.engine.constraints`); once the JSON is
+    complete only end-of-sequence can follow. A completion cut by ``max_tokens`` (finish_reason
+    "length") or a stop string need not parse. The grammar applies from the first generated
+    token, so a chat prompt is rendered with thinking off, and ``enable_thinking=True`` with a
+    response_format is refused. A malformed format or schema raises :class:`MtplxError`."""
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    constraint = Constraint.from_response_format(response_format, tokenizer, model.vocab_size, eos)
+    if constraint is not None:
+        if enable_thinking:
+            raise MtplxError("enable_thinking=True cannot be combined with response_format: the grammar applies "
+                             "from the first generated token, so the model could not think first",
+                             fix="drop enable_thinking or response_format")
+        enable_thinking = False
     encoded = encode_for_cache(tokenizer, prompt, enable_thinking) if prompt_cache is not None else None
     ids = encoded.ids if encoded is not None else encode_prompt(tokenizer, prompt, enable_thinking)
     params = sampling_from(model, temperature, top_p, top_k, min_p)
     defaults = model.contract.defaults if model.contract else {}
     dt = draft_temperature if draft_temperature is not None else defaults.get("draft_temperature", params.temperature)
     draft = SamplingParams(temperature=dt, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p)
-    engine = Engine(model, default_depth(model) if depth is None else depth, params, draft, seed)
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    engine = Engine(model, default_depth(model) if depth is None else depth, params, draft, seed, constraint)
     detok = tokenizer.detokenizer
     detok.reset()
     scanner = _StopScanner(stop or [])

@@ -16,6 +16,9 @@ verify), which the next draft feeds in the same call as its first row. One step
 
 With a prompt cache the prefill covers only the prompt's new suffix, and the caches are left
 holding exactly the tokens the trunk consumed, so the next call can extend them.
+
+A grammar constraint (constraints.py) masks p and q at the points marked ``# constraint:``;
+with none set those points cost nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Iterable, Iterator
 import mlx.core as mx
 
 from mtplx.engine import steps
+from mtplx.engine.constraints import Constraint
 from mtplx.engine.prompt_cache import PromptCache
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample_logits
 from mtplx.engine.stats import DecodeStats
@@ -76,6 +80,7 @@ class Engine:
         params: SamplingParams,
         draft_params: SamplingParams | None = None,
         seed: int | None = None,
+        constraint: Constraint | None = None,
     ):
         if depth < 0:
             raise MtplxError(f"depth must be >= 0, got {depth}", fix="use 0 for plain AR or 1..8 for MTP")
@@ -93,6 +98,8 @@ class Engine:
         self.acceptance_arrays = acceptance_arrays
         # The live caches of the current generation (inspected by the cache-equality tests).
         self.cache: ModelCache | None = None
+        # A grammar that masks p and q (response_format); None decodes unconstrained.
+        self.constraint = constraint
 
     def _check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
@@ -121,6 +128,8 @@ class Engine:
             self.stats.cached_tokens = reused
         else:
             reused = 0
+        if self.constraint is not None:  # constraint: every generation starts at the grammar's start
+            self.constraint.start()
         self.cache = prompt_cache.cache if prompt_cache is not None else self.model.make_cache()
         run = self._ar if self.depth == 0 else self._mtp
         consumed = list(prompt)
@@ -140,6 +149,8 @@ class Engine:
         t0 = time.perf_counter()
         logits, hidden = steps.prefill(self.model, prompt[reused:], self.cache, head=head, stops=stops,
                                        at_stop=at_stop)
+        if self.constraint is not None:  # constraint: mask p for the first token
+            logits = self.constraint.mask(logits)
         return logits, hidden, t0
 
     # -- AR ---------------------------------------------------------------------------------
@@ -150,7 +161,7 @@ class Engine:
 
         With a prompt cache and a head, the trunk's hiddens are kept for the head's rows, so a
         later MTP call on the same cache finds the head in step with the trunk."""
-        model, cache = self.model, self.cache
+        model, cache, constraint = self.model, self.cache, self.constraint
         keep_head = prompt_cache is not None and model.has_mtp
         logits, _, t0 = self._prefill(prompt, reused, prompt_cache, head=keep_head)
         y, _ = sample_logits(logits, self.params, self.rng)
@@ -164,6 +175,12 @@ class Engine:
                 next_logits = model.trunk.lm_head(post)[:, -1]
             else:
                 next_logits = steps.ar_step(model, cache, y)
+            if constraint is not None:
+                # constraint: the next mask needs this token on the host, so sampling waits for
+                # it; the forward is queued first and runs while the matcher advances.
+                mx.async_eval(next_logits)
+                constraint.advance(y.item())
+                next_logits = constraint.mask(next_logits)
             next_y, _ = sample_logits(next_logits, self.params, self.rng)
             mx.async_eval(next_y)
             token = y.item()
@@ -185,11 +202,13 @@ class Engine:
     # -- MTP --------------------------------------------------------------------------------
 
     def _mtp(self, prompt: list[int], reused: int, budget: _Budget, prompt_cache: PromptCache | None):
-        model, cache, seconds = self.model, self.cache, self.stats.seconds
+        model, cache, seconds, constraint = self.model, self.cache, self.stats.seconds, self.constraint
         vocab, subset = model.vocab_size, model.draft_vocab
         logits, _, t0 = self._prefill(prompt, reused, prompt_cache, head=True)
         y, _ = sample_logits(logits, self.params, self.rng)
         pending = y.item()
+        if constraint is not None:
+            constraint.advance(pending)
         seconds["prefill"] += time.perf_counter() - t0
         kept = budget.take([pending])
         self._record(0, 0, kept)
@@ -205,9 +224,15 @@ class Engine:
             hidden, tokens = cache.backlog, mx.array([cache.backlog_tokens + [pending]])
             for _ in range(depth):
                 d_logits, chain = steps.draft(model, cache, hidden, tokens)
+                if constraint is not None:  # constraint: mask q with the state after pending, d_1..d_{i-1}
+                    d_logits = constraint.mask_draft(d_logits, subset)
                 d, q = sample_logits(d_logits[0], self.draft_params, self.rng)
                 if subset is not None:
                     d, q = subset.token_ids(d), subset.scatter(q, vocab)
+                if constraint is not None:
+                    # constraint: the next draft's mask needs this draft (a vocabulary id) on the
+                    # host: one sync per draft, paid only when a grammar is set.
+                    constraint.advance_draft(d.item())
                 drafts.append(d)
                 qs.append(q)
                 hidden, tokens = chain, d[None]
@@ -219,6 +244,8 @@ class Engine:
             # 2. verify, and the acceptance test's device work in the same evaluation
             block = mx.concatenate([mx.array([pending]), draft_tokens])[None]
             v_logits, v_hidden, record = steps.verify(model, cache, block)
+            if constraint is not None:  # constraint: mask p at each position with the draft's state
+                v_logits = constraint.mask_verify(v_logits[0])[None]
             p = filtered_probs(v_logits[0], self.params)
             ratio, candidates = self.acceptance_arrays(p, q, draft_tokens, self.rng)
             mx.eval(ratio, candidates, v_hidden)
@@ -229,6 +256,8 @@ class Engine:
             a = verdict.accepted
             proposed = draft_tokens[:a].tolist() + [verdict.next_token]
             kept = budget.take(proposed)
+            if constraint is not None:  # constraint: roll back to the accepted prefix, advance by the next token
+                constraint.commit(a, verdict.next_token)
             t4 = time.perf_counter()
 
             # 4. commit: normally the accepted drafts; on the last step, only as far as the

@@ -1,0 +1,136 @@
+"""Exactness under a grammar: the law of constrained MTP output equals the constrained AR law.
+
+Model: a random Qwen3.5 (tests/tiny_models.py) with an 8-token vocabulary, float32, and the
+tiny tokenizer and grammar of tests/tiny_grammar.py ("no b before the first c": 3 of 7 pieces
+allowed until a c, all 7 after). The exact constrained AR law of the first three generated
+tokens is computed by enumeration, masking with the grammar written in plain Python (not
+llguidance), then filtering (temperature, top-k, top-p) as the engine does. MTP at depth 1
+and 2, sampled N times at fixed seeds with a draft law unlike p, is compared with it by a
+chi-square goodness-of-fit test (cells with an expected count under 5 pooled). Three tokens
+cover one whole depth-1 step (draft and bonus) and both drafts of a depth-2 step.
+
+Power: the law has 45 sequences, 27 of them with an expected count of 5 or more at N = 600
+(28 cells after pooling, df = 27). At level 1e-3 the test detects a law at effect size
+w = 0.28 with probability 0.9 (noncentral chi-square, lambda = N w^2 = 48:
+scipy.stats.ncx2.sf(chi2.isf(1e-3, 27), 27, 48) = 0.9). A sample outside the constrained
+support (probability 0 under the exact law) fails the test outright. The biased engine below
+(the matcher not rolled back after a rejection, so a rejected c relaxes the grammar for the
+tokens that follow) does that in about 5% of depth-1 samples at these settings (10 of 200
+with other seeds), so 200 samples miss it with probability about 0.95^200 < 1e-4.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from scipy import stats
+
+from mtplx.engine.constraints import Constraint
+from mtplx.engine.sampling import SamplingParams, filtered_probs
+from mtplx.engine.speculative import Engine
+from tiny_grammar import PIECES, grammar, grammar_tokenizer, reference_allowed, text
+from tiny_models import tiny_model
+
+PROMPT = [1, 2, 1]
+LENGTH = 3
+N = 600
+ALPHA = 1e-3
+PARAMS = SamplingParams(temperature=0.8, top_p=0.95, top_k=5)
+DRAFT = SamplingParams(temperature=1.2, top_p=1.0, top_k=0)  # q deliberately unlike p
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(vocab=len(PIECES), seed=0, embed_scale=0.1)
+
+
+@pytest.fixture(scope="module")
+def law(model):
+    """P(first LENGTH constrained tokens) under AR, by enumeration with the reference mask."""
+    law = {(): 1.0}
+    for _ in range(LENGTH):
+        grown = {}
+        for seq, prob in law.items():
+            logits, _ = model.trunk_forward(mx.array([PROMPT + list(seq)]), model.make_cache())
+            masked = mx.where(mx.array(reference_allowed(seq)), logits[0, -1:], -mx.inf)
+            p = np.array(filtered_probs(masked, PARAMS))[0].astype(np.float64)
+            for t in np.nonzero(p)[0]:
+                grown[seq + (int(t),)] = prob * p[t]
+        law = grown
+    assert abs(sum(law.values()) - 1) < 1e-6
+    return law
+
+
+class NoRollback(Constraint):
+    """The bug the test must catch: the matcher keeps the rejected drafts."""
+
+    def commit(self, accepted: int, next_token: int) -> None:
+        super().commit(len(self._step_moves), next_token)
+
+
+def sample(model, depth: int, constraint: Constraint, seed0: int, n: int = N,
+           steps: list[int] | None = None) -> list[tuple[int, ...]]:
+    """n constrained generations; ``steps`` collects each speculative step's accepted count."""
+    out = []
+    for i in range(n):
+        engine = Engine(model, depth, PARAMS, DRAFT, seed=seed0 + i, constraint=constraint)
+        tokens = []
+        for step in engine.generate(PROMPT, LENGTH):
+            tokens += step.tokens
+            if steps is not None and step.drafted:
+                steps.append(step.accepted)
+        out.append(tuple(tokens[:LENGTH]))
+    return out
+
+
+def pvalue(samples, law) -> float:
+    """Chi-square goodness of fit; 0 if a sample lies outside the law's support (probability 0)."""
+    if any(s not in law for s in samples):
+        return 0.0
+    cells = sorted(law, key=law.get, reverse=True)
+    observed = np.array([sum(1 for s in samples if s == c) for c in cells], dtype=float)
+    expected = np.array([law[c] * len(samples) for c in cells])
+    big = expected >= 5
+    obs = np.r_[observed[big], observed[~big].sum()]
+    exp = np.r_[expected[big], expected[~big].sum()]
+    return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+def test_law_is_constrained_and_varied(law):
+    """The grammar binds (b is forbidden before a c) and the law spreads over both states."""
+    assert all("b" not in text(s).split("c", 1)[0] for s in law)
+    with_c = sum(p for s, p in law.items() if "c" in text(s))
+    assert 0.3 < with_c < 0.7 and len(law) > 30
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_constrained_mtp_law_equals_constrained_ar_law(model, law, depth):
+    constraint = Constraint(grammar_tokenizer(), grammar())  # one matcher, restarted per generation
+    accepted = []
+    samples = sample(model, depth, constraint, seed0=1000 * depth, steps=accepted)
+    # Every outcome of a step occurs: rejection at each draft position (residual) and full
+    # acceptance (bonus), so the rollback and every mask position are exercised.
+    assert set(range(depth + 1)) <= set(accepted), sorted(set(accepted))
+    assert pvalue(samples, law) > ALPHA
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 1], [2, 4]])
+def test_greedy_ar_and_mtp_follow_the_reference_grammar(model, prompt):
+    """Greedy = argmax over the allowed tokens, on the AR path and at depth 1 and 2. On these
+    prompts the unconstrained argmax is forbidden at several positions (5 of 8 on the first),
+    and the second passes through a c into the relaxed state."""
+    expected = []
+    for _ in range(8):
+        logits, _ = model.trunk_forward(mx.array([prompt + expected]), model.make_cache())
+        expected.append(int(np.argmax(np.where(reference_allowed(expected), np.array(logits[0, -1]), -np.inf))))
+    greedy = SamplingParams(temperature=0.0)
+    constraint = Constraint(grammar_tokenizer(), grammar())
+    for depth in (0, 1, 2):
+        engine = Engine(model, depth, greedy, seed=0, constraint=constraint)
+        assert [t for step in engine.generate(prompt, 8) for t in step.tokens] == expected, depth
+
+
+def test_matcher_without_rollback_is_detected(model, law):
+    samples = sample(model, 1, NoRollback(grammar_tokenizer(), grammar()), seed0=5000, n=200)
+    assert pvalue(samples, law) < ALPHA
