@@ -12,14 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from mtplx import knobs
 from mtplx.artifact.loader import LoadReport
 from mtplx.artifact.loader import load as load_artifact
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.engine.stats import DecodeStats
+from mtplx.errors import ContextOverflowError, MtplxError
 from mtplx.model.mtp_model import MTPModel
+from mtplx.prompts import check_prompt, check_stop
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+
+DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass
@@ -56,14 +61,39 @@ def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | Non
 
 def encode_prompt(tokenizer: Any, prompt: Prompt, enable_thinking: bool | None = None) -> list[int]:
     """Text is tokenized as is; a list of chat messages goes through the chat template."""
+    prompt = check_prompt(prompt)
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt))
-    prompt = list(prompt)
     if prompt and isinstance(prompt[0], dict):
+        from jinja2 import TemplateError
+
         kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, **kwargs)
+        try:
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, **kwargs)
+        except TemplateError as e:
+            raise MtplxError(f"the model's chat template refused these messages: {e}",
+                             fix="check the roles and the order of the messages") from None
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    return [int(t) for t in prompt]
+    return prompt
+
+
+def prompt_ids(model: MTPModel, tokenizer: Any, prompt: Prompt, enable_thinking: bool | None = None) -> list[int]:
+    """The prompt as token ids that are safe to feed the model: each id inside the embedding
+    table (an id past it reads memory beyond the table: a crash on some backends, garbage on
+    others) and the whole leaving room for one new token in the context."""
+    prompt = check_prompt(prompt)
+    tokenized = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
+    ids = encode_prompt(tokenizer, prompt, enable_thinking)
+    try:
+        ids = knobs.check_token_ids(ids, model.vocab_size)
+    except knobs.KnobError as e:
+        if not tokenized:
+            raise
+        raise MtplxError(f"the tokenizer produced a token id outside the model's vocabulary ({e})",
+                         fix="load the model and its tokenizer from the same artifact") from None
+    if len(ids) >= model.max_context:
+        raise ContextOverflowError(len(ids), model.max_context)
+    return ids
 
 
 def sampling_from(model: MTPModel, temperature: float | None, top_p: float | None, top_k: int | None,
@@ -116,7 +146,7 @@ def stream_generate(
     tokenizer: Any,
     prompt: Prompt,
     *,
-    max_tokens: int = 256,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -128,8 +158,18 @@ def stream_generate(
     enable_thinking: bool | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``depth=0`` is plain AR; ``None`` takes the tuned depth for this
-    model if `mtplx tune` saved one, else the contract's default."""
-    ids = encode_prompt(tokenizer, prompt, enable_thinking)
+    model if `mtplx tune` saved one, else the contract's default.
+
+    Every argument is checked before the model runs (a bad one raises :class:`MtplxError`, a
+    knob out of range :class:`~mtplx.knobs.KnobError`, a prompt over the context
+    :class:`~mtplx.errors.ContextOverflowError`), when the first response is asked for."""
+    k = knobs.check_all(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                        depth=depth, draft_temperature=draft_temperature, seed=seed)
+    max_tokens = DEFAULT_MAX_TOKENS if k["max_tokens"] is None else k["max_tokens"]
+    temperature, top_p, top_k, min_p = k["temperature"], k["top_p"], k["top_k"], k["min_p"]
+    depth, draft_temperature, seed = k["depth"], k["draft_temperature"], k["seed"]
+    stop = check_stop(stop)
+    ids = prompt_ids(model, tokenizer, prompt, enable_thinking)
     params = sampling_from(model, temperature, top_p, top_k, min_p)
     defaults = model.contract.defaults if model.contract else {}
     dt = draft_temperature if draft_temperature is not None else defaults.get("draft_temperature", params.temperature)
@@ -138,7 +178,7 @@ def stream_generate(
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     detok = tokenizer.detokenizer
     detok.reset()
-    scanner = _StopScanner(stop or [])
+    scanner = _StopScanner(stop)
     stats = engine.stats
     finish = None
     for step in engine.generate(ids, max_tokens, eos):
@@ -196,4 +236,5 @@ def generate(model: MTPModel, tokenizer: Any, prompt: Prompt, *, verbose: bool =
     return "".join(text)
 
 
-__all__ = ["GenerationResponse", "LoadReport", "default_depth", "encode_prompt", "generate", "load", "stream_generate"]
+__all__ = ["GenerationResponse", "LoadReport", "default_depth", "encode_prompt", "generate", "load",
+           "prompt_ids", "stream_generate"]
