@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+from click.testing import CliRunner
 
 from mtplx._version import __version__
+from mtplx.cli.app import cli
 
 
 def mtplx(*args, input=None, env=None, timeout=300):
@@ -93,3 +97,74 @@ def test_tune_saves_a_depth_only_when_it_beats_ar(tmp_path):
         assert entry["depth"] == 0, "a depth that does not beat AR was saved"
     else:
         assert entry["depth"] == 1
+
+
+# ---------------------------------------------------------------- Ctrl-C: exit 130 and one line, at any moment
+
+CONSOLE_SCRIPT = "import sys; from mtplx.cli.main import main; sys.exit(main())"  # what pip's `mtplx` runs
+
+
+def interrupt_when(args: list[str], on_import: str | None, timeout: float = 120) -> tuple[int, list[str]]:
+    """Run the CLI as its console script does and send SIGINT when the module ``on_import`` has
+    been imported (``-X importtime`` prints a line as each import ends), or, when None, once the
+    first byte of the completion is out. Returns the exit code and the stderr lines that are not
+    import times."""
+    env = {**os.environ, "MTPLX_CONFIG": os.devnull, "HF_HUB_OFFLINE": "1"}
+    env.pop("MTPLX_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-c", CONSOLE_SCRIPT, *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sent, lines = False, []
+    try:
+        if on_import is None:
+            assert proc.stdout.read(1), "no completion came out"
+            proc.send_signal(signal.SIGINT)
+            sent = True
+        for line in proc.stderr:
+            if line.startswith("import time:"):
+                if not sent and line.rstrip().endswith(f" {on_import}"):
+                    proc.send_signal(signal.SIGINT)
+                    sent = True
+            else:
+                lines.append(line)
+        rc = proc.wait(timeout)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert sent, f"{on_import} was never imported"
+    return rc, lines
+
+
+@pytest.mark.parametrize("moment", [
+    "mtplx.cli.main",  # the entry point has just been imported, main() is about to run
+    "click.core",  # click and the commands are importing
+    "mlx.core",  # inside `run`, while the API and MLX import
+    "mtplx.api",  # while the model loads
+    None,  # while the completion streams
+])
+def test_ctrl_c_at_any_moment_exits_130_with_one_line(moment):
+    rc, lines = interrupt_when(["run", "--model", "demo", "--raw", "-n", "2000", "-t", "0", "def f("], moment)
+    assert rc == 130 and lines == ["mtplx: interrupted\n"], (rc, "".join(lines))
+
+
+class _CtrlCOnRead(io.RawIOBase):
+    """Standard input whose next read is a Ctrl-C, as a keypress at a prompt delivers it."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b):
+        if len(b) == 0:  # click probes the stream with read(0)
+            return 0
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_at_a_menu_exits_130(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTPLX_CONFIG", str(tmp_path / "config.json"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        r = CliRunner().invoke(cli, ["start"], input=_CtrlCOnRead())  # the first question: which model?
+    finally:
+        signal.signal(signal.SIGINT, handler)  # the exit path ignores a second Ctrl-C; not in pytest's process
+    assert r.exit_code == 130 and r.stderr == "mtplx: interrupted\n", r.output
+    assert "Which model?" in r.stdout
