@@ -62,14 +62,17 @@ def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | Non
 def encode_prompt(tokenizer: Any, prompt: Prompt, enable_thinking: bool | None = None) -> list[int]:
     """Text is tokenized as is; a list of chat messages goes through the chat template."""
     prompt = check_prompt(prompt)
+    # verbose=False: transformers would print a warning of its own for a text longer than the
+    # tokenizer's model_max_length; the context is checked right after, with one clear error.
     if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt))
+        return list(tokenizer.encode(prompt, verbose=False))
     if prompt and isinstance(prompt[0], dict):
         from jinja2 import TemplateError
 
         kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         try:
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, **kwargs)
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                tokenizer_kwargs={"verbose": False}, **kwargs)
         except TemplateError as e:
             raise MtplxError(f"the model's chat template refused these messages: {e}",
                              fix="check the roles and the order of the messages") from None

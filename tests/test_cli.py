@@ -172,6 +172,14 @@ def test_invalid_utf8_is_refused_with_its_offset():
     assert_one_line_error(invoke("run", "--model", "demo", "ab\udcff"), "the PROMPT argument is not valid UTF-8")
 
 
+def test_mistakes_found_once_the_model_is_loaded_are_one_line_too():
+    # already refused well before this work; kept so it does not regress
+    r = invoke("run", "--model", "demo", "--raw", "x " * 5000)
+    assert_one_line_error(r, "the prompt has ")  # one line: no warning of transformers' own either
+    assert "at or over the model's context of 4096" in r.stderr
+    assert_one_line_error(invoke("run", "--model", "demo", "--raw", ""), "the prompt is empty")
+
+
 def test_stdin_is_read_as_utf8_whatever_the_locale(monkeypatch):
     from mtplx.cli.run_cmd import read_stdin
 
