@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -47,13 +48,19 @@ class GenerationResponse:
         return self.tokens[-1] if self.tokens else None
 
 
-def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | None = None) -> tuple[MTPModel, Any]:
+def load(ref: str | os.PathLike[str], *, mtp: bool = True, force: bool = False,
+         revision: str | None = None) -> tuple[MTPModel, Any]:
     """Load an artifact (``"demo"``, a directory or a Hugging Face repo id).
 
     Returns ``(model, tokenizer)``; ``model.load_report`` says what was checked. With
     ``mtp=False`` any MLX Qwen3.5 checkpoint loads for plain AR decoding. ``force=True``
     loads an artifact whose hashes do not match its contract, with a warning.
     """
+    if isinstance(ref, os.PathLike):
+        ref = os.fspath(ref)
+    if not isinstance(ref, str) or not ref.strip():
+        raise MtplxError(f"the model reference is {ref!r}",
+                         fix="pass 'demo', an artifact directory or a Hugging Face repo id (org/name)")
     model, tokenizer, report = load_artifact(ref, mtp=mtp, force=force, revision=revision)
     model.load_report = report
     return model, tokenizer

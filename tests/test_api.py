@@ -144,6 +144,17 @@ def test_prompt_forms_that_work(demo):
     assert check_stop("\n\n") == ["\n\n"] and check_stop(None) == [] and check_stop(("a", "b")) == ["a", "b"]
 
 
+@pytest.mark.parametrize("ref", [None, 5, "", "  "])
+def test_load_refuses_what_is_not_a_model_reference(ref):
+    with pytest.raises(MtplxError, match="the model reference is"):
+        mtplx.load(ref)
+
+
+def test_load_takes_a_path(tmp_path):
+    with pytest.raises(MtplxError, match="mtplx_runtime.json"):  # a Path reaches the loader, as a str would
+        mtplx.load(tmp_path)
+
+
 def test_stream_generate_checks_before_the_first_response(demo):
     model, tok = demo
     gen = mtplx.stream_generate(model, tok, None)  # lazy, as a generator: the server relies on it
