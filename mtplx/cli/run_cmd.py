@@ -6,14 +6,46 @@ import sys
 
 import click
 
-from mtplx.cli.options import force_option, json_option, model_option, sampling_options, write_json
+from mtplx.cli.options import (force_option, format_status, json_option, knob, model_option, sampling_options,
+                               write_json)
+from mtplx.errors import MtplxError
+
+
+def read_stdin() -> str:
+    """Standard input as UTF-8 text, or one clear error.
+
+    Invalid UTF-8 is refused rather than decoded with replacement characters: the prompt would
+    silently differ from the file the user piped (a Latin-1 or UTF-16 file would reach the model
+    as a run of U+FFFD), and the completion would be conditioned on text nobody wrote. The
+    error says where the first bad byte is and how to convert the file. Read as bytes, so the
+    locale's encoding plays no part; a UTF-8 byte-order mark is dropped.
+    """
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MtplxError(f"standard input is not valid UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})",
+                         fix="convert it first, e.g. `iconv -f LATIN1 -t UTF-8 FILE | mtplx run`") from None
+
+
+def check_argument(prompt: str) -> str:
+    # Python turns bytes of argv that are not UTF-8 into lone surrogates, which no tokenizer takes.
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MtplxError(f"the PROMPT argument is not valid UTF-8 text (character {e.start})",
+                         fix="pass UTF-8 text, or pipe the prompt on standard input") from None
+    return prompt
 
 
 @click.command("run")
 @click.argument("prompt", required=False)
 @model_option
-@click.option("--max-tokens", "-n", type=int, default=256, show_default=True)
-@click.option("--depth", "-d", type=int, default=None, help="Draft depth (default: tuned, else the contract's).")
+@click.option("--max-tokens", "-n", type=int, default=256, show_default=True, callback=knob("max_tokens"))
+@click.option("--depth", "-d", type=int, default=None, callback=knob("depth"),
+              help="Draft depth (default: tuned, else the contract's).")
 @click.option("--no-mtp", is_flag=True, help="Plain autoregressive decoding (depth 0).")
 @click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the chat template.")
 @click.option("--thinking/--no-thinking", default=None, help="Turn the template's thinking mode on or off.")
@@ -25,12 +57,17 @@ from mtplx.cli.options import force_option, json_option, model_option, sampling_
 def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temperature, top_p, top_k, min_p,
         draft_temperature, seed, force, json_out, quiet):
     """Complete PROMPT (or standard input when PROMPT is omitted or '-')."""
-    import mtplx
-
+    if no_mtp and depth:
+        raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
     if prompt in (None, "-"):
         if sys.stdin.isatty():
             raise click.UsageError("give a PROMPT or pipe one on standard input")
-        prompt = sys.stdin.read()
+        prompt = read_stdin()
+    else:
+        prompt = check_argument(prompt)
+
+    import mtplx
+
     model, tokenizer = mtplx.load(model_ref, mtp=not no_mtp, force=force)
     messages = [{"role": "user", "content": prompt}] if chat else prompt
     text, last = [], None
@@ -45,9 +82,7 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
     if json_out != "-":
         click.echo()
     if last is not None and not quiet and json_out != "-":
-        acc = " ".join(f"{a:.2f}" for a in last.acceptance) or "-"
-        click.echo(f"[{last.generation_tokens} tokens | {last.generation_tps:.1f} tok/s | prefill {last.prompt_tps:.1f} tok/s"
-                   f" | acceptance {acc} | {last.tokens_per_step:.2f} tokens/step | {last.finish_reason}]", err=True)
+        click.echo(format_status(last, prefill=True), err=True)
     if last is not None:
         write_json({"text": "".join(text), "finish_reason": last.finish_reason, "stats": last.stats.as_dict()}, json_out)
 

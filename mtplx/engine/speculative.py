@@ -34,7 +34,7 @@ from mtplx.engine.constraints import Constraint
 from mtplx.engine.prompt_cache import PromptCache
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample_logits
 from mtplx.engine.stats import DecodeStats
-from mtplx.errors import MtplxError
+from mtplx.errors import ContextOverflowError, MtplxError
 from mtplx.model.mtp_model import ModelCache, MTPModel
 
 # Kept for callers that chunk prompts themselves; the engine's own value lives in steps.py.
@@ -104,10 +104,8 @@ class Engine:
     def _check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
             raise MtplxError("the prompt is empty", fix="pass at least one token")
-        limit = self.model.max_context
-        if len(prompt) >= limit:
-            raise MtplxError(f"the prompt has {len(prompt)} tokens, at or over the model's context of {limit}",
-                             fix="shorten the prompt or the chat history")
+        if len(prompt) >= self.model.max_context:
+            raise ContextOverflowError(len(prompt), self.model.max_context)
 
     def generate(self, prompt: list[int], max_tokens: int, eos: Iterable[int] = (),
                  prompt_cache: PromptCache | None = None, snapshot_at: Iterable[int] = ()) -> Iterator[Emitted]:
