@@ -1,0 +1,254 @@
+"""The request core every API dialect shares: errors, prompt encoding, the queue and the engine,
+and usage. The OpenAI routes (:mod:`mtplx.server.openai`) and the Anthropic routes
+(:mod:`mtplx.server.anthropic`) each turn their request into a :class:`Generation` and their
+answer out of :class:`GenerationResponse` objects; everything between is here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from mtplx._version import __version__
+from mtplx.api import GenerationResponse, default_depth, encode_prompt
+from mtplx.errors import MtplxError
+from mtplx.server.metrics import Metrics
+from mtplx.server.queue import Job, QueueFull, Scheduler, ShuttingDown, until_disconnect
+
+RETRY_AFTER_S = 1
+FINGERPRINT = f"mtplx-{__version__}"
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+class APIError(Exception):
+    """An error answered as JSON. ``type_`` and ``code`` follow OpenAI's vocabulary; the
+    Anthropic routes render the same error in Anthropic's shape (:func:`error_response`)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's shape: {"error": {message, type, param, code}}."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _param(loc: tuple) -> str | None:
+    """('body', 'messages', 0, 'content', 'list[ContentPart]', 0) -> 'messages[0].content[0]'.
+    Pydantic adds the union member it tried ('str', 'list[str]') to the path; drop those."""
+    out = ""
+    for p in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p not in _TYPE_TAGS and "[" not in p:
+            out += f".{p}" if out else p
+    return out or None
+
+
+def validation_error(request: Request, exc: RequestValidationError) -> APIError:
+    """Turn pydantic's first complaint into one sentence."""
+    errors = exc.errors()
+    param = _param(tuple(errors[0].get("loc", ())))
+    # A union field reports one error per member; the one that is not a type mismatch says
+    # what is actually wrong (e.g. too many stop strings, not "should be a string").
+    same = [e for e in errors if _param(tuple(e.get("loc", ()))) == param]
+    err = next((e for e in same if not str(e.get("type", "")).endswith("_type")), errors[0])
+    kind = err.get("type", "")
+    ctype = request.headers.get("content-type", "")
+    if kind == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", "invalid JSON")
+        return APIError(400, f"Could not parse the JSON body of the request ({detail}). "
+                             "Send a JSON object with Content-Type: application/json.", code="invalid_json")
+    if param is None:  # the body as a whole
+        if "json" not in ctype.lower():
+            return APIError(400, f"Unsupported Content-Type {ctype or '(none)'!r}: send the request body as JSON "
+                                 "with Content-Type: application/json.", code="invalid_content_type")
+        return APIError(400, "The request body must be a JSON object.", code="invalid_body")
+    if kind == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return APIError(400, f"Invalid value for '{param}': {msg}.", param=param, code="invalid_value")
+
+
+def engine_error(exc: BaseException) -> APIError:
+    """An exception raised while generating -> the error the client sees."""
+    if isinstance(exc, ShuttingDown):
+        return APIError(503, str(exc), type_="server_error", code="unavailable")
+    if isinstance(exc, (MtplxError, ValueError)):
+        return APIError(400, str(exc))
+    return APIError(500, f"Generation failed ({type(exc).__name__}); see the server log.", type_="server_error")
+
+
+def cancelled_error() -> APIError:
+    return APIError(503, "The generation was cancelled before it finished.", type_="server_error")
+
+
+# -- request bodies ----------------------------------------------------------------------------
+
+class StrictModel(BaseModel):
+    """Base of every request body. strict=True: a string where a number belongs is a 400, not
+    silently coerced."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+# -- generations -------------------------------------------------------------------------------
+
+@dataclass
+class Generation:
+    """What one request asks the engine for, in mtplx's terms (every dialect maps onto it)."""
+
+    ids: list[int]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    depth: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """A whole generation: its text and every engine step (the last one carries the totals)."""
+
+    text: str
+    steps: list[GenerationResponse]
+
+    @property
+    def last(self) -> GenerationResponse:
+        return self.steps[-1]
+
+
+def usage(prompt_tokens: int, r: GenerationResponse | None) -> dict[str, int]:
+    done = r.generation_tokens if r is not None else 0
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+
+def mtplx_stats(r: GenerationResponse, depth: int) -> dict[str, Any]:
+    """The ``mtplx`` field of a response: how the speculation went."""
+    return {"tokens_per_second": round(r.generation_tps, 3), "prompt_tokens_per_second": round(r.prompt_tps, 3),
+            "acceptance": [round(a, 4) for a in r.acceptance], "tokens_per_step": round(r.tokens_per_step, 4),
+            "depth": depth}
+
+
+class Core:
+    """One model behind a queue: encodes prompts, submits generations and hands back their steps."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, model_id: str = "mtplx", depth: int | None = None,
+                 queue_size: int = 8, max_tokens_default: int = 512):
+        self.model, self.tokenizer = model, tokenizer
+        self.model_id = model_id
+        self.max_tokens_default = max_tokens_default
+        self.queue_size = queue_size
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(model, tokenizer, self.metrics, max_queue=queue_size)
+        self.depth = default_depth(model) if depth is None else depth
+        if self.depth > 0 and not model.has_mtp:
+            raise MtplxError(f"depth {self.depth} needs an MTP head and this model has none",
+                             fix="use --depth 0 or --no-mtp")
+        # Chat templates and BPE run on their own thread: a long prompt must not stall the event
+        # loop, and one thread means the tokenizer is never used concurrently.
+        self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtplx-tokenize")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        self._tok_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    async def encode(self, prompt: Any, thinking: bool | None, param: str) -> list[int]:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._tok_pool, encode_prompt, self.tokenizer, prompt, thinking)
+        except Exception as e:  # noqa: BLE001 - e.g. a chat template that rejects the conversation
+            raise APIError(400, f"Could not build the prompt: {e}", param=param) from e
+
+    # -- generations ---------------------------------------------------------------------------
+
+    def submit(self, g: Generation) -> tuple[Job, int]:
+        """Queue ``g``; returns the job and the depth it runs at."""
+        model = self.model
+        if not g.ids:
+            raise APIError(400, "The prompt is empty.", param="prompt")
+        if len(g.ids) >= model.max_context:
+            raise APIError(400, f"The prompt has {len(g.ids)} tokens, at or over the model's context of "
+                                f"{model.max_context}.", code="context_length_exceeded")
+        depth = self.depth if g.depth is None else g.depth
+        if depth > 0 and not model.has_mtp:
+            raise APIError(400, "This server's model has no MTP head; only depth 0 is available.", param="depth")
+        kwargs = dict(max_tokens=g.max_tokens or self.max_tokens_default, temperature=g.temperature,
+                      top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, depth=depth, seed=g.seed, stop=g.stop)
+        job = Job(g.ids, kwargs, asyncio.get_running_loop())
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"The server is busy: {e}. Retry shortly.", type_="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from e
+        except ShuttingDown as e:
+            raise APIError(503, str(e), type_="server_error", code="unavailable") from e
+        return job, depth
+
+    def cancel(self, job: Job) -> None:
+        self.scheduler.cancel(job)
+
+    async def steps(self, job: Job) -> AsyncIterator[GenerationResponse]:
+        """The job's engine steps as they come; an engine failure or a cancellation before the
+        last step raises :class:`APIError`. The job is cancelled however the caller stops."""
+        finished = False
+        try:
+            while (ev := await job.next_event()).kind != "done":
+                if ev.kind == "chunk":
+                    finished = bool(ev.response.finish_reason)
+                    yield ev.response
+                else:
+                    raise engine_error(ev.error)
+            if not finished:
+                raise cancelled_error()
+        finally:
+            self.scheduler.cancel(job)  # a no-op once finished; frees the engine otherwise
+
+    async def collect(self, request: Request, job: Job) -> Outcome:
+        """Wait for the whole generation; a client that leaves meanwhile cancels it."""
+        # Events arrive every engine step, so disconnects are watched by a task of their own
+        # rather than between events (a long generation would otherwise never notice).
+        watcher = asyncio.create_task(until_disconnect(request))
+
+        def on_disconnect(t: asyncio.Task) -> None:
+            if not t.cancelled() and t.exception() is None:
+                self.scheduler.cancel(job)
+
+        watcher.add_done_callback(on_disconnect)
+        steps: list[GenerationResponse] = []
+        try:
+            async for r in self.steps(job):
+                steps.append(r)
+        except APIError:
+            if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+                raise APIError(499, "The client closed the request.") from None
+            raise
+        finally:
+            watcher.cancel()
+        return Outcome("".join(r.text for r in steps), steps)
