@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,17 +13,28 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtplx._version import __version__
-from mtplx.server.core import APIError, Core, validation_error
+from mtplx.server.core import APIError, Core, error_response, validation_error
+from mtplx.server.guards import RequestGuard
 from mtplx.server.metrics import CONTENT_TYPE, MetricsMiddleware
 from mtplx.server.openai import openai_routes
 
 
-def create_app(model: Any, tokenizer: Any, *, model_id: str = "mtplx", depth: int | None = None,
-               queue_size: int = 8, max_tokens_default: int = 512) -> FastAPI:
-    """An app serving ``model``. ``depth`` is the default draft depth (None: the tuned or
-    contract default); ``queue_size`` is how many requests may wait behind the running one."""
-    core = Core(model, tokenizer, model_id=model_id, depth=depth, queue_size=queue_size,
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+
+
+def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
+               depth: int | None = None, queue_size: int = 8, max_tokens_default: int = 512,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: Iterable[str] | None = ()) -> FastAPI:
+    """An app serving ``model``.
+
+    ``served_model_names``: the names requests may ask for (the first is the one reported);
+    ``depth``: the default draft depth (None: the tuned or contract default); ``queue_size``:
+    how many requests may wait behind the running one; ``max_body_bytes``: the largest request
+    body read (413 beyond); ``allowed_hosts``: Host names accepted besides loopback ones, or
+    ``None`` to accept any Host (only for a server bound to a public address)."""
+    core = Core(model, tokenizer, served_model_names=served_model_names, depth=depth, queue_size=queue_size,
                 max_tokens_default=max_tokens_default)
+    model_id = core.model_id
     scheduler, metrics = core.scheduler, core.metrics
 
     @asynccontextmanager
@@ -36,36 +47,42 @@ def create_app(model: Any, tokenizer: Any, *, model_id: str = "mtplx", depth: in
 
     app = FastAPI(title="mtplx", version=__version__, lifespan=lifespan)
     app.state.core, app.state.scheduler, app.state.metrics = core, scheduler, metrics
+    # The last added is the outermost: metrics count what the guard refuses too.
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
-    app.add_exception_handler(APIError, lambda request, exc: exc.response())
-    app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(request, exc).response())
+    # Every error answers in the shape of the API its path belongs to (OpenAI or Anthropic).
+    app.add_exception_handler(APIError, lambda request, exc: error_response(exc, request.url.path))
+    app.add_exception_handler(RequestValidationError,
+                              lambda request, exc: error_response(validation_error(request, exc), request.url.path))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         msg = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else str(exc.detail)
-        return APIError(exc.status_code, msg, code=None, headers=getattr(exc, "headers", None)).response()
+        err = APIError(exc.status_code, msg, code=None, headers=getattr(exc, "headers", None))
+        return error_response(err, request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The traceback goes to the server log (uvicorn prints it), never to the client.
-        return APIError(500, f"Internal server error ({type(exc).__name__}); see the server log.",
-                        type_="server_error").response()
+        err = APIError(500, f"Internal server error ({type(exc).__name__}); see the server log.", type_="server_error")
+        return error_response(err, request.url.path)
 
     app.include_router(openai_routes(core))
 
-    card = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "mtplx"}
+    created = int(time.time())
+
+    def card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "mtplx"}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card(n) for n in core.served_model_names]}
 
     @app.get("/v1/models/{name:path}")
     async def model_info(name: str) -> dict[str, Any]:
-        if name != model_id:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_id}'.",
-                           param="model", code="model_not_found")
-        return card
+        core.resolve_model(name)
+        return card(name)
 
     @app.get("/health")
     async def health() -> JSONResponse:

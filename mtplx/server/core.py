@@ -9,16 +9,18 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+from mtplx import knobs
 from mtplx._version import __version__
-from mtplx.api import GenerationResponse, default_depth, encode_prompt
+from mtplx.api import GenerationResponse, default_depth
 from mtplx.errors import MtplxError
+from mtplx.knobs import KnobError
 from mtplx.server.metrics import Metrics
 from mtplx.server.queue import Job, QueueFull, Scheduler, ShuttingDown, until_disconnect
 
@@ -42,8 +44,30 @@ class APIError(Exception):
         """OpenAI's shape: {"error": {message, type, param, code}}."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def anthropic_body(self) -> dict[str, Any]:
+        """Anthropic's shape: {"type": "error", "error": {type, message}}."""
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
+                                           "message": self.message}}
+
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# Anthropic names errors by status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 499: "api_error",
+                    500: "api_error", 503: "overloaded_error"}
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def is_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
+def error_response(err: APIError, path: str) -> JSONResponse:
+    """``err`` in the shape of the API that ``path`` belongs to."""
+    body = err.anthropic_body() if is_anthropic(path) else err.body()
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -82,8 +106,25 @@ def validation_error(request: Request, exc: RequestValidationError) -> APIError:
         return APIError(400, "The request body must be a JSON object.", code="invalid_body")
     if kind == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if kind == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: '{param}'. mtplx does not support it "
+                             "(the README lists every supported field).", param=param, code="unsupported_parameter")
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return APIError(400, f"Invalid value for '{param}': {msg}.", param=param, code="invalid_value")
+
+
+def unsupported(param: str, why: str) -> APIError:
+    """A field mtplx understands but cannot honour: refused, never silently dropped."""
+    return APIError(400, f"'{param}' is not supported: {why}.", param=param, code="unsupported_parameter")
+
+
+def knob(name: str, value: Any, param: str | None = None) -> Any:
+    """A decoding knob checked by :mod:`mtplx.knobs` (the one definition of its limits);
+    ``param`` names the request field when it differs from the knob's name."""
+    try:
+        return knobs.check(name, value)
+    except KnobError as e:
+        raise APIError(400, str(e), param=param or e.param, code="invalid_value") from None
 
 
 def engine_error(exc: BaseException) -> APIError:
@@ -103,9 +144,10 @@ def cancelled_error() -> APIError:
 
 class StrictModel(BaseModel):
     """Base of every request body. strict=True: a string where a number belongs is a 400, not
-    silently coerced."""
+    silently coerced; extra="forbid": a field mtplx does not know is a 400, not silently
+    dropped (OpenAI answers unknown fields the same way)."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 # -- generations -------------------------------------------------------------------------------
@@ -137,6 +179,17 @@ class Outcome:
         return self.steps[-1]
 
 
+def _chars(value: Any) -> int:
+    """Characters of text in a JSON-like value: a lower bound on what the template renders."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_chars(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_chars(v) for v in value)
+    return 0
+
+
 def usage(prompt_tokens: int, r: GenerationResponse | None) -> dict[str, int]:
     done = r.generation_tokens if r is not None else 0
     return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
@@ -152,10 +205,14 @@ def mtplx_stats(r: GenerationResponse, depth: int) -> dict[str, Any]:
 class Core:
     """One model behind a queue: encodes prompts, submits generations and hands back their steps."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, model_id: str = "mtplx", depth: int | None = None,
-                 queue_size: int = 8, max_tokens_default: int = 512):
+    def __init__(self, model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
+                 depth: int | None = None, queue_size: int = 8, max_tokens_default: int = 512):
         self.model, self.tokenizer = model, tokenizer
-        self.model_id = model_id
+        self.served_model_names = list(dict.fromkeys(n for n in served_model_names if n))
+        if not self.served_model_names:
+            raise MtplxError("the server needs at least one model name to answer to",
+                             fix="pass --served-model-name NAME")
+        self.model_id = self.served_model_names[0]
         self.max_tokens_default = max_tokens_default
         self.queue_size = queue_size
         self.metrics = Metrics()
@@ -164,9 +221,25 @@ class Core:
         if self.depth > 0 and not model.has_mtp:
             raise MtplxError(f"depth {self.depth} needs an MTP head and this model has none",
                              fix="use --depth 0 or --no-mtp")
+        # No token decodes to more than `longest` characters, so a text of n characters has at
+        # least n / longest tokens; Unicode normalization may merge up to a few code points
+        # into one before tokenizing, hence the factor. Beyond this a prompt cannot fit, and
+        # is refused before the tokenizer spends seconds and gigabytes on it.
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = model.max_context * max(longest, 1) * 4
         # Chat templates and BPE run on their own thread: a long prompt must not stall the event
         # loop, and one thread means the tokenizer is never used concurrently.
         self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtplx-tokenize")
+
+    def resolve_model(self, name: str | None) -> str:
+        """The served name a request's ``model`` selects (absent: the first one); another name is
+        a 404 ``model_not_found``, as OpenAI answers."""
+        if name is None or name in self.served_model_names:
+            return self.model_id
+        served = ", ".join(repr(n) for n in self.served_model_names)
+        raise APIError(404, f"The model '{name}' does not exist; this server serves {served} "
+                            "(mtplx serve --served-model-name sets these names).",
+                       param="model", code="model_not_found")
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -179,12 +252,47 @@ class Core:
 
     # -- prompts -------------------------------------------------------------------------------
 
-    async def encode(self, prompt: Any, thinking: bool | None, param: str) -> list[int]:
+    def check_prompt_chars(self, n_chars: int, param: str) -> None:
+        if n_chars > self.max_prompt_chars:
+            raise APIError(400, f"The prompt has {n_chars} characters, more than this model's context of "
+                                f"{self.model.max_context} tokens can hold.", param=param,
+                           code="context_length_exceeded")
+
+    def check_ids(self, ids: list[Any], param: str) -> list[int]:
+        """Token ids from the request, checked against the vocabulary before anything touches
+        the model (an id past the embedding table reads memory beyond it)."""
+        if len(ids) >= self.model.max_context:
+            raise self._too_long(len(ids))
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._tok_pool, encode_prompt, self.tokenizer, prompt, thinking)
+            return knobs.check_token_ids(ids, self.model.vocab_size, param=param)
+        except KnobError as e:
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
+
+    async def _tokenize(self, fn: Callable[[], Any], param: str) -> list[int]:
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(self._tok_pool, fn)
         except Exception as e:  # noqa: BLE001 - e.g. a chat template that rejects the conversation
             raise APIError(400, f"Could not build the prompt: {e}", param=param) from e
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    async def encode_text(self, text: str, param: str) -> list[int]:
+        self.check_prompt_chars(len(text), param)
+        return await self._tokenize(lambda: self.tokenizer.encode(text), param)
+
+    async def encode_chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+                          template_kwargs: dict[str, Any] | None = None, param: str = "messages") -> list[int]:
+        """Messages (and tools) through the model's chat template, with the generation prompt.
+        ``template_kwargs`` reach the template as variables (``enable_thinking``, ...)."""
+        self.check_prompt_chars(sum(_chars(m) for m in messages) + _chars(tools), param)
+        kwargs = dict(template_kwargs or {})
+        if tools:
+            kwargs["tools"] = tools
+        return await self._tokenize(lambda: self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, **kwargs), param)
+
+    def _too_long(self, n: int) -> APIError:
+        return APIError(400, f"The prompt has {n} tokens, at or over the model's context of "
+                             f"{self.model.max_context}.", code="context_length_exceeded")
 
     # -- generations ---------------------------------------------------------------------------
 
@@ -194,8 +302,7 @@ class Core:
         if not g.ids:
             raise APIError(400, "The prompt is empty.", param="prompt")
         if len(g.ids) >= model.max_context:
-            raise APIError(400, f"The prompt has {len(g.ids)} tokens, at or over the model's context of "
-                                f"{model.max_context}.", code="context_length_exceeded")
+            raise self._too_long(len(g.ids))
         depth = self.depth if g.depth is None else g.depth
         if depth > 0 and not model.has_mtp:
             raise APIError(400, "This server's model has no MTP head; only depth 0 is available.", param="depth")

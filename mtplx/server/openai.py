@@ -1,13 +1,12 @@
 """OpenAI's routes: ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed as
 server-sent events or returned whole.
 
-Compatibility choices, where OpenAI and llama-server differ:
-
-* ``model`` is optional and any name is accepted, as llama-server does: one model is served,
-  and chat UIs often send a stale or made-up name. Responses carry the served model's id.
-* Unknown request fields are ignored (llama-server, vLLM), so clients that send
-  ``frequency_penalty``, ``logit_bias`` and the like keep working; those have no effect.
-* Validation failures are HTTP 400 in OpenAI's error shape, never FastAPI's 422.
+Every field of a request is either honoured or refused with a 400 that names it; none is
+silently dropped. A few fields that only label a request for OpenAI's own bookkeeping (``user``,
+``metadata``, ``service_tier``, ...) are accepted and have no effect; the README lists every
+field and what mtplx does with it. ``model`` may be omitted (the server's first name is used);
+a name the server does not answer to is a 404 ``model_not_found``. Validation failures are
+HTTP 400 in OpenAI's error shape, never FastAPI's 422.
 """
 
 from __future__ import annotations
@@ -19,14 +18,17 @@ from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from mtplx.server.core import (FINGERPRINT, APIError, Core, Generation, StrictModel, cancelled_error, mtplx_stats,
-                               usage)
+from mtplx.server.core import (FINGERPRINT, APIError, Core, Generation, StrictModel, knob, mtplx_stats,
+                               unsupported, usage)
 from mtplx.server.queue import Job, JobStream
 
-MAX_DEPTH = 8  # the runtime contract's ceiling (mtplx.artifact.contract.MAX_DEPTH)
 MAX_STOPS = 16
+# chat_template_kwargs reach the template as variables; these would change what the server
+# itself controls.
+RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tools", "documents", "add_generation_prompt", "tokenize",
+                            "return_dict", "chat_template", "continue_final_message", "return_assistant_tokens_mask"}
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -39,6 +41,7 @@ class ContentPart(StrictModel):
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None  # accepted; Qwen's template has no place for it
 
 
 class StreamOptions(StrictModel):
@@ -47,37 +50,77 @@ class StreamOptions(StrictModel):
 
 class _Common(StrictModel):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, description="mtplx/vLLM extension; 0 or -1 disables it")
-    min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=0)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(None, description="mtplx/vLLM extension; 0 or -1 disables it")
+    min_p: float | None = None
+    seed: int | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    depth: int | None = Field(None, ge=0, le=MAX_DEPTH, description="mtplx extension: draft depth, 0 = plain AR")
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported: the server generates one choice per request")
-        return v
+    depth: int | None = Field(None, description="mtplx extension: draft depth, 0 = plain AR")
+    # Refused unless neutral: mtplx samples one choice from the model's own law.
+    n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # Accepted, no effect: labels for OpenAI's bookkeeping.
+    user: str | None = None
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = Field(None, description="mtplx extension (also chat_template_kwargs)")
+    reasoning_effort: str | None = None  # refused: thinking is on or off (enable_thinking)
+    store: bool | None = None  # refused when true: nothing is stored
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str]
-    echo: bool = False
+    echo: bool | None = None
     suffix: str | None = None
+    best_of: int | None = None
+
+
+def _refuse_unsupported(body: _Common) -> None:
+    if body.n not in (None, 1):
+        raise unsupported("n", "the server generates one choice per request (n=1)")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(body, name) not in (None, 0):
+            raise unsupported(name, "mtplx samples from the model's own distribution; only 0 is accepted")
+    if body.logit_bias:
+        raise unsupported("logit_bias", "mtplx samples from the model's own distribution")
+    if isinstance(body, ChatCompletionRequest):
+        if body.reasoning_effort is not None:
+            raise unsupported("reasoning_effort", "thinking is on or off; set chat_template_kwargs.enable_thinking")
+        if body.store:
+            raise unsupported("store", "mtplx stores no completions")
+    if isinstance(body, CompletionRequest):
+        if body.echo:
+            raise unsupported("echo", "the prompt is not returned with the completion")
+        if body.suffix:
+            raise unsupported("suffix", "mtplx does not fill in the middle")
+        if body.best_of not in (None, 1):
+            raise unsupported("best_of", "the server generates one choice per request")
+
+
+def _generation(body: _Common, max_tokens_param: str = "max_tokens") -> Generation:
+    """The request's decoding knobs, each checked by mtplx.knobs (ids are filled in later)."""
+    _refuse_unsupported(body)
+    max_tokens = getattr(body, max_tokens_param)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return Generation(
+        [], max_tokens=knob("max_tokens", max_tokens, max_tokens_param),
+        temperature=knob("temperature", body.temperature), top_p=knob("top_p", body.top_p),
+        top_k=knob("top_k", 0 if body.top_k == -1 else body.top_k), min_p=knob("min_p", body.min_p),
+        seed=knob("seed", body.seed), depth=knob("depth", body.depth), stop=stop)
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -86,18 +129,11 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _generation(body: _Common, ids: list[int], max_tokens: int | None) -> Generation:
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    top_k = 0 if body.top_k == -1 else body.top_k
-    return Generation(ids, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=top_k,
-                      min_p=body.min_p, seed=body.seed, depth=body.depth, stop=stop)
-
-
 def openai_routes(core: Core) -> APIRouter:
     router = APIRouter()
-    model_id = core.model_id
 
-    async def stream(job: Job, *, chat: bool, prompt_tokens: int, depth: int, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(job: Job, *, chat: bool, model: str, prompt_tokens: int, depth: int,
+                     include_usage: bool) -> AsyncIterator[str]:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         now = int(time.time())
 
@@ -108,7 +144,7 @@ def openai_routes(core: Core) -> APIRouter:
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": now,
-                   "model": model_id, "system_fingerprint": FINGERPRINT, "choices": [choice]}
+                   "model": model, "system_fingerprint": FINGERPRINT, "choices": [choice]}
             if include_usage:
                 out["usage"] = None
             out.update(extra)
@@ -131,12 +167,12 @@ def openai_routes(core: Core) -> APIRouter:
             yield _sse(e.body())
         yield "data: [DONE]\n\n"
 
-    async def respond(request: Request, body: _Common, ids: list[int], max_tokens: int | None, chat: bool) -> Response:
-        job, depth = core.submit(_generation(body, ids, max_tokens))
+    async def respond(request: Request, body: _Common, model: str, g: Generation, chat: bool) -> Response:
+        job, depth = core.submit(g)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return JobStream(stream(job, chat=chat, prompt_tokens=len(ids), depth=depth, include_usage=include_usage),
-                             core.scheduler, job)
+            return JobStream(stream(job, chat=chat, model=model, prompt_tokens=len(g.ids), depth=depth,
+                                    include_usage=include_usage), core.scheduler, job)
         out = await core.collect(request, job)
         last = out.last
         if chat:
@@ -147,36 +183,45 @@ def openai_routes(core: Core) -> APIRouter:
         return JSONResponse({
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model_id, "system_fingerprint": FINGERPRINT,
-            "choices": [choice], "usage": usage(len(ids), last), "mtplx": mtplx_stats(last, depth),
+            "created": int(time.time()), "model": model, "system_fingerprint": FINGERPRINT,
+            "choices": [choice], "usage": usage(len(g.ids), last), "mtplx": mtplx_stats(last, depth),
         })
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        model = core.resolve_model(body.model)
+        g = _generation(body, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
-        thinking = body.enable_thinking
-        ctk = body.chat_template_kwargs or {}
-        if "enable_thinking" in ctk:
-            if not isinstance(ctk["enable_thinking"], bool):
-                raise APIError(400, "Invalid value for 'chat_template_kwargs.enable_thinking': expected a boolean.",
-                               param="chat_template_kwargs.enable_thinking", code="invalid_value")
-            thinking = ctk["enable_thinking"]
-        ids = await core.encode(messages, thinking, "messages")
-        return await respond(request, body, ids, body.max_completion_tokens or body.max_tokens, chat=True)
+        g.ids = await core.encode_chat(messages, template_kwargs=_template_kwargs(body))
+        return await respond(request, body, model, g, chat=True)
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        if body.echo or body.suffix:
-            raise APIError(400, "'echo' and 'suffix' are not supported.", param="echo" if body.echo else "suffix")
+        model = core.resolve_model(body.model)
+        g = _generation(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
-                raise APIError(400, "Only one prompt per request is supported.", param="prompt")
+                raise unsupported("prompt", "one prompt per request (a list of one string or of token ids)")
             prompt = prompt[0]
-        ids = await core.encode(prompt, None, "prompt")
-        return await respond(request, body, ids, body.max_tokens, chat=False)
+        g.ids = await core.encode_text(prompt, "prompt") if isinstance(prompt, str) else core.check_ids(prompt, "prompt")
+        return await respond(request, body, model, g, chat=False)
 
     return router
+
+
+def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any]:
+    """chat_template_kwargs (passed to the template as variables) and the enable_thinking shortcut."""
+    kwargs = dict(body.chat_template_kwargs or {})
+    for key in kwargs:
+        if key in RESERVED_TEMPLATE_KWARGS:
+            raise unsupported(f"chat_template_kwargs.{key}", "the server sets it itself")
+    if "enable_thinking" in kwargs and not isinstance(kwargs["enable_thinking"], bool):
+        raise APIError(400, "Invalid value for 'chat_template_kwargs.enable_thinking': expected a boolean.",
+                       param="chat_template_kwargs.enable_thinking", code="invalid_value")
+    if body.enable_thinking is not None:
+        kwargs.setdefault("enable_thinking", body.enable_thinking)
+    return kwargs
 
 
 def _message_dict(m: ChatMessage, i: int) -> dict[str, str]:
