@@ -207,6 +207,10 @@ BAD_BODIES = [
     ({"messages": MESSAGES, "functions": [{"name": "f"}]}, "functions"),
     ({"messages": MESSAGES, "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools"),
     ({"messages": [{"role": "user", "content": "x", "audio": {}}]}, "messages[0].audio"),
+    # The demo's chat template renders no tools: refused, not silently dropped.
+    ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": MESSAGES + [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[1].role"),
+    ({"messages": MESSAGES, "tool_choice": "auto"}, "tool_choice"),
 ]
 
 

@@ -23,6 +23,7 @@ from pydantic import Field
 from mtplx.server.core import (FINGERPRINT, APIError, Core, Generation, StrictModel, knob, mtplx_stats,
                                unsupported, usage)
 from mtplx.server.queue import Job, JobStream
+from mtplx.server.tools import Piece, ToolCall, ToolCallSplitter, ToolFormat, tool_format
 
 MAX_STOPS = 16
 # chat_template_kwargs reach the template as variables; these would change what the server
@@ -38,10 +39,46 @@ class ContentPart(StrictModel):
     text: str | None = None
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str  # a JSON object, as the API returned it
+
+
+class MessageToolCall(StrictModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None  # accepted; Qwen's template has no place for it
+    tool_calls: list[MessageToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    reasoning_content: str | None = None  # assistant (vLLM's field; Qwen's template renders it)
+    refusal: str | None = None  # accepted, as clients send back the assistant messages they got
+
+
+class FunctionDefinition(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # refused when true: arguments are not constrained to the schema
+
+
+class ToolDefinition(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(StrictModel):
@@ -74,6 +111,9 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = Field(None, description="mtplx extension (also chat_template_kwargs)")
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted: every call the model writes is returned
     reasoning_effort: str | None = None  # refused: thinking is on or off (enable_thinking)
     store: bool | None = None  # refused when true: nothing is stored
     metadata: dict[str, str] | None = None
@@ -129,20 +169,43 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+class _Answer:
+    """The generated text as it should reach the client: as is, or split into plain text and
+    tool calls when the request has tools."""
+
+    def __init__(self, fmt: ToolFormat | None, tools: list[dict[str, Any]] | None):
+        self.splitter = ToolCallSplitter(fmt, tools) if fmt is not None else None
+
+    def feed(self, text: str, final: bool) -> list[Piece]:
+        if self.splitter is None:
+            return [text] if text else []
+        return self.splitter.feed(text) + (self.splitter.finish() if final else [])
+
+    def finish_reason(self, engine_reason: str | None) -> str | None:
+        called = self.splitter is not None and self.splitter.calls > 0
+        return "tool_calls" if called and engine_reason == "stop" else engine_reason
+
+
+def _tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    out = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
+    return out if index is None else {"index": index, **out}
+
+
 def openai_routes(core: Core) -> APIRouter:
     router = APIRouter()
+    fmt = tool_format(core.tokenizer)
 
-    async def stream(job: Job, *, chat: bool, model: str, prompt_tokens: int, depth: int,
+    async def stream(job: Job, answer: _Answer, *, chat: bool, model: str, prompt_tokens: int, depth: int,
                      include_usage: bool) -> AsyncIterator[str]:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         now = int(time.time())
 
-        def chunk(text: str | None = None, finish: str | None = None, role: bool = False, **extra: Any) -> dict:
+        def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> dict:
             if chat:
-                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": (delta or {}).get("content", ""), "logprobs": None,
+                          "finish_reason": finish}
             out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": now,
                    "model": model, "system_fingerprint": FINGERPRINT, "choices": [choice]}
             if include_usage:
@@ -151,14 +214,19 @@ def openai_routes(core: Core) -> APIRouter:
             return out
 
         last = None
+        calls = 0
         try:
             if chat:
-                yield _sse(chunk(role=True))
+                yield _sse(chunk({"role": "assistant", "content": ""}))
             async for last in core.steps(job):
-                if last.text:
-                    yield _sse(chunk(last.text))
+                for piece in answer.feed(last.text, final=bool(last.finish_reason)):
+                    if isinstance(piece, ToolCall):
+                        yield _sse(chunk({"tool_calls": [_tool_call_json(piece, calls)]}))
+                        calls += 1
+                    else:
+                        yield _sse(chunk({"content": piece}))
                 if last.finish_reason:
-                    yield _sse(chunk(finish=last.finish_reason, mtplx=mtplx_stats(last, depth)))
+                    yield _sse(chunk(finish=answer.finish_reason(last.finish_reason), mtplx=mtplx_stats(last, depth)))
             if include_usage:
                 final = chunk(usage=usage(prompt_tokens, last), mtplx=mtplx_stats(last, depth))
                 final["choices"] = []
@@ -167,19 +235,26 @@ def openai_routes(core: Core) -> APIRouter:
             yield _sse(e.body())
         yield "data: [DONE]\n\n"
 
-    async def respond(request: Request, body: _Common, model: str, g: Generation, chat: bool) -> Response:
+    async def respond(request: Request, body: _Common, model: str, g: Generation, answer: _Answer,
+                      chat: bool) -> Response:
         job, depth = core.submit(g)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return JobStream(stream(job, chat=chat, model=model, prompt_tokens=len(g.ids), depth=depth,
+            return JobStream(stream(job, answer, chat=chat, model=model, prompt_tokens=len(g.ids), depth=depth,
                                     include_usage=include_usage), core.scheduler, job)
         out = await core.collect(request, job)
         last = out.last
+        pieces = answer.feed(out.text, final=True)
+        text = "".join(p for p in pieces if isinstance(p, str))
+        finish = answer.finish_reason(last.finish_reason)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
-                      "finish_reason": last.finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            calls = [_tool_call_json(p) for p in pieces if isinstance(p, ToolCall)]
+            if calls:
+                message.update(content=text or None, tool_calls=calls)
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": last.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return JSONResponse({
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if chat else "text_completion",
@@ -191,9 +266,10 @@ def openai_routes(core: Core) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = core.resolve_model(body.model)
         g = _generation(body, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
-        messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
-        g.ids = await core.encode_chat(messages, template_kwargs=_template_kwargs(body))
-        return await respond(request, body, model, g, chat=True)
+        tools = _tools(body, fmt)
+        messages = [_message_dict(m, i, fmt) for i, m in enumerate(body.messages)]
+        g.ids = await core.encode_chat(messages, tools=tools, template_kwargs=_template_kwargs(body))
+        return await respond(request, body, model, g, _Answer(fmt if tools else None, tools), chat=True)
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -205,9 +281,31 @@ def openai_routes(core: Core) -> APIRouter:
                 raise unsupported("prompt", "one prompt per request (a list of one string or of token ids)")
             prompt = prompt[0]
         g.ids = await core.encode_text(prompt, "prompt") if isinstance(prompt, str) else core.check_ids(prompt, "prompt")
-        return await respond(request, body, model, g, chat=False)
+        return await respond(request, body, model, g, _Answer(None, None), chat=False)
 
     return router
+
+
+def _tools(body: ChatCompletionRequest, fmt: ToolFormat | None) -> list[dict[str, Any]] | None:
+    """The tools to render into the prompt (None: none, and no tool-call parsing)."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none"):
+            raise APIError(400, "'tool_choice' needs 'tools'.", param="tool_choice", code="invalid_value")
+        return None
+    if choice == "none":
+        return None  # the model is not told about the tools, so it answers in text
+    if choice == "required" or isinstance(choice, NamedToolChoice):
+        raise unsupported("tool_choice", "mtplx cannot force a tool call (that needs constrained decoding of the "
+                                         "call); use 'auto' or 'none'")
+    for i, tool in enumerate(body.tools):
+        if tool.function.strict:
+            raise unsupported(f"tools[{i}].function.strict", "the arguments the model writes are not constrained "
+                                                             "to the schema; leave strict unset or false")
+    if fmt is None:
+        raise unsupported("tools", "this model's chat template does not render tools (mlx-lm recognises no "
+                                   "tool-call format in it)")
+    return [t.model_dump(exclude_none=True) for t in body.tools]
 
 
 def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any]:
@@ -224,9 +322,10 @@ def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any]:
     return kwargs
 
 
-def _message_dict(m: ChatMessage, i: int) -> dict[str, str]:
-    """OpenAI message -> the template's {role, content}. Text parts are joined with newlines
-    (vLLM's rule); other parts (images, audio) cannot reach a text-only model."""
+def _message_dict(m: ChatMessage, i: int, fmt: ToolFormat | None) -> dict[str, Any]:
+    """OpenAI message -> what the chat template reads. Text parts are joined with newlines
+    (vLLM's rule); other parts (images, audio) cannot reach a text-only model. Tool calls carry
+    their arguments as an object, which is what templates iterate over."""
     if isinstance(m.content, list):
         for part in m.content:
             if part.type != "text" or part.text is None:
@@ -236,4 +335,35 @@ def _message_dict(m: ChatMessage, i: int) -> dict[str, str]:
     else:
         content = m.content or ""
     # Qwen's template knows no "developer" role; OpenAI defines it as the new name for system.
-    return {"role": "system" if m.role == "developer" else m.role, "content": content}
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+    if (m.tool_calls or m.role == "tool") and fmt is None:
+        raise unsupported(f"messages[{i}].{'tool_calls' if m.tool_calls else 'role'}",
+                          "this model's chat template does not render tool calls or their results")
+    if m.tool_calls:
+        if m.role != "assistant":
+            raise APIError(400, "Only assistant messages carry 'tool_calls'.", param=f"messages[{i}].tool_calls",
+                           code="invalid_value")
+        out["tool_calls"] = [_template_tool_call(c, f"messages[{i}].tool_calls[{j}]")
+                             for j, c in enumerate(m.tool_calls)]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.reasoning_content is not None:
+        out["reasoning_content"] = m.reasoning_content
+    return out
+
+
+def _template_tool_call(call: MessageToolCall, param: str) -> dict[str, Any]:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.function.name, "arguments": parse_arguments(call.function.arguments,
+                                                                                 f"{param}.function.arguments")}}
+
+
+def parse_arguments(text: str, param: str) -> dict[str, Any]:
+    """A tool call's arguments, a JSON object in a string, as the object."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"Invalid value for '{param}': not JSON ({e}).", param=param, code="invalid_value") from None
+    if not isinstance(value, dict):
+        raise APIError(400, f"Invalid value for '{param}': expected a JSON object.", param=param, code="invalid_value")
+    return value
