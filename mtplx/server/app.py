@@ -1,5 +1,6 @@
-"""``create_app``: the FastAPI app that assembles the request core and the API routes, and
-answers discovery (``/v1/models``, ``/health``, ``/metrics``) and errors."""
+"""``create_app``: the FastAPI app that assembles the request core, the request guard and the
+OpenAI and Anthropic routes, and answers discovery (``/v1/models``, ``/health``, ``/metrics``)
+and errors."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtplx._version import __version__
+from mtplx.server.anthropic import anthropic_routes
 from mtplx.server.core import APIError, Core, error_response, validation_error
 from mtplx.server.guards import RequestGuard
 from mtplx.server.metrics import CONTENT_TYPE, MetricsMiddleware
@@ -69,6 +71,7 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
         return error_response(err, request.url.path)
 
     app.include_router(openai_routes(core))
+    app.include_router(anthropic_routes(core))
 
     created = int(time.time())
 

@@ -88,11 +88,13 @@ def _param(loc: tuple) -> str | None:
 def validation_error(request: Request, exc: RequestValidationError) -> APIError:
     """Turn pydantic's first complaint into one sentence."""
     errors = exc.errors()
-    param = _param(tuple(errors[0].get("loc", ())))
+    first = _param(tuple(errors[0].get("loc", ()))) or ""
     # A union field reports one error per member; the one that is not a type mismatch says
-    # what is actually wrong (e.g. too many stop strings, not "should be a string").
-    same = [e for e in errors if _param(tuple(e.get("loc", ()))) == param]
-    err = next((e for e in same if not str(e.get("type", "")).endswith("_type")), errors[0])
+    # what is actually wrong (too many stop strings, not "should be a string"; an unknown
+    # content block type, not "content should be a string").
+    related = [e for e in errors if (_param(tuple(e.get("loc", ()))) or "").startswith(first)]
+    err = next((e for e in related if not str(e.get("type", "")).endswith("_type")), errors[0])
+    param = _param(tuple(err.get("loc", ())))
     kind = err.get("type", "")
     ctype = request.headers.get("content-type", "")
     if kind == "json_invalid":

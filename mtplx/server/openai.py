@@ -23,7 +23,7 @@ from pydantic import Field
 from mtplx.server.core import (FINGERPRINT, APIError, Core, Generation, StrictModel, knob, mtplx_stats,
                                unsupported, usage)
 from mtplx.server.queue import Job, JobStream
-from mtplx.server.tools import Piece, ToolCall, ToolCallSplitter, ToolFormat, tool_format
+from mtplx.server.tools import Answer, ToolCall, ToolFormat, tool_format
 
 MAX_STOPS = 16
 # chat_template_kwargs reach the template as variables; these would change what the server
@@ -169,21 +169,8 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-class _Answer:
-    """The generated text as it should reach the client: as is, or split into plain text and
-    tool calls when the request has tools."""
-
-    def __init__(self, fmt: ToolFormat | None, tools: list[dict[str, Any]] | None):
-        self.splitter = ToolCallSplitter(fmt, tools) if fmt is not None else None
-
-    def feed(self, text: str, final: bool) -> list[Piece]:
-        if self.splitter is None:
-            return [text] if text else []
-        return self.splitter.feed(text) + (self.splitter.finish() if final else [])
-
-    def finish_reason(self, engine_reason: str | None) -> str | None:
-        called = self.splitter is not None and self.splitter.calls > 0
-        return "tool_calls" if called and engine_reason == "stop" else engine_reason
+def _finish_reason(answer: Answer, engine_reason: str | None) -> str | None:
+    return "tool_calls" if answer.called and engine_reason == "stop" else engine_reason
 
 
 def _tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
@@ -195,7 +182,7 @@ def openai_routes(core: Core) -> APIRouter:
     router = APIRouter()
     fmt = tool_format(core.tokenizer)
 
-    async def stream(job: Job, answer: _Answer, *, chat: bool, model: str, prompt_tokens: int, depth: int,
+    async def stream(job: Job, answer: Answer, *, chat: bool, model: str, prompt_tokens: int, depth: int,
                      include_usage: bool) -> AsyncIterator[str]:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         now = int(time.time())
@@ -226,7 +213,7 @@ def openai_routes(core: Core) -> APIRouter:
                     else:
                         yield _sse(chunk({"content": piece}))
                 if last.finish_reason:
-                    yield _sse(chunk(finish=answer.finish_reason(last.finish_reason), mtplx=mtplx_stats(last, depth)))
+                    yield _sse(chunk(finish=_finish_reason(answer, last.finish_reason), mtplx=mtplx_stats(last, depth)))
             if include_usage:
                 final = chunk(usage=usage(prompt_tokens, last), mtplx=mtplx_stats(last, depth))
                 final["choices"] = []
@@ -235,7 +222,7 @@ def openai_routes(core: Core) -> APIRouter:
             yield _sse(e.body())
         yield "data: [DONE]\n\n"
 
-    async def respond(request: Request, body: _Common, model: str, g: Generation, answer: _Answer,
+    async def respond(request: Request, body: _Common, model: str, g: Generation, answer: Answer,
                       chat: bool) -> Response:
         job, depth = core.submit(g)
         if body.stream:
@@ -246,7 +233,7 @@ def openai_routes(core: Core) -> APIRouter:
         last = out.last
         pieces = answer.feed(out.text, final=True)
         text = "".join(p for p in pieces if isinstance(p, str))
-        finish = answer.finish_reason(last.finish_reason)
+        finish = _finish_reason(answer, last.finish_reason)
         if chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             calls = [_tool_call_json(p) for p in pieces if isinstance(p, ToolCall)]
@@ -269,7 +256,7 @@ def openai_routes(core: Core) -> APIRouter:
         tools = _tools(body, fmt)
         messages = [_message_dict(m, i, fmt) for i, m in enumerate(body.messages)]
         g.ids = await core.encode_chat(messages, tools=tools, template_kwargs=_template_kwargs(body))
-        return await respond(request, body, model, g, _Answer(fmt if tools else None, tools), chat=True)
+        return await respond(request, body, model, g, Answer(fmt if tools else None, tools), chat=True)
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -281,7 +268,7 @@ def openai_routes(core: Core) -> APIRouter:
                 raise unsupported("prompt", "one prompt per request (a list of one string or of token ids)")
             prompt = prompt[0]
         g.ids = await core.encode_text(prompt, "prompt") if isinstance(prompt, str) else core.check_ids(prompt, "prompt")
-        return await respond(request, body, model, g, _Answer(None, None), chat=False)
+        return await respond(request, body, model, g, Answer(None, None), chat=False)
 
     return router
 

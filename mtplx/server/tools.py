@@ -142,3 +142,20 @@ def split_text(fmt: ToolFormat, tools: list[dict[str, Any]] | None, text: str) -
     splitter = ToolCallSplitter(fmt, tools)
     pieces = splitter.feed(text) + splitter.finish()
     return "".join(p for p in pieces if isinstance(p, str)), [p for p in pieces if isinstance(p, ToolCall)]
+
+
+class Answer:
+    """The generated text as it should reach the client: as is, or split into plain text and
+    tool calls when the request has tools (``fmt`` given)."""
+
+    def __init__(self, fmt: ToolFormat | None = None, tools: list[dict[str, Any]] | None = None):
+        self.splitter = ToolCallSplitter(fmt, tools) if fmt is not None else None
+
+    def feed(self, text: str, final: bool) -> list[Piece]:
+        if self.splitter is None:
+            return [text] if text else []
+        return self.splitter.feed(text) + (self.splitter.finish() if final else [])
+
+    @property
+    def called(self) -> bool:
+        return self.splitter is not None and self.splitter.calls > 0
