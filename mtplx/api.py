@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 
 from mtplx.artifact.loader import LoadReport
 from mtplx.artifact.loader import load as load_artifact
+from mtplx.engine.logprobs import TokenLogprob
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.engine.stats import DecodeStats
@@ -36,6 +37,8 @@ class GenerationResponse:
     tokens_per_step: float
     finish_reason: str | None = None
     stats: DecodeStats = field(default_factory=DecodeStats, repr=False)
+    # With stream_generate(..., logprobs=k): one entry per token of ``tokens``.
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def token(self) -> int | None:
@@ -126,15 +129,18 @@ def stream_generate(
     seed: int | None = None,
     stop: Sequence[str] | None = None,
     enable_thinking: bool | None = None,
+    logprobs: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``depth=0`` is plain AR; ``None`` takes the tuned depth for this
-    model if `mtplx tune` saved one, else the contract's default."""
+    model if `mtplx tune` saved one, else the contract's default. ``logprobs=k`` attaches to
+    each response the log-probability of each of its tokens and the k likeliest alternatives
+    (log-softmax of the trunk's raw logits; see mtplx.engine.logprobs)."""
     ids = encode_prompt(tokenizer, prompt, enable_thinking)
     params = sampling_from(model, temperature, top_p, top_k, min_p)
     defaults = model.contract.defaults if model.contract else {}
     dt = draft_temperature if draft_temperature is not None else defaults.get("draft_temperature", params.temperature)
     draft = SamplingParams(temperature=dt, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p)
-    engine = Engine(model, default_depth(model) if depth is None else depth, params, draft, seed)
+    engine = Engine(model, default_depth(model) if depth is None else depth, params, draft, seed, logprobs=logprobs)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     detok = tokenizer.detokenizer
     detok.reset()
@@ -157,16 +163,17 @@ def stream_generate(
             detok.finalize()
             tail, stopped = scanner.feed(detok.last_segment, final=True)
             segment += tail
-        yield _response(segment, step.tokens, stats, finish)
+        yield _response(segment, step.tokens, stats, finish, step.logprobs)
         if finish:
             return
     if finish is None:
         detok.finalize()
         tail, _ = scanner.feed(detok.last_segment, final=True)
-        yield _response(tail, [], stats, "length")
+        yield _response(tail, [], stats, "length", [] if logprobs is not None else None)
 
 
-def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | None) -> GenerationResponse:
+def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | None,
+              logprobs: list[TokenLogprob] | None = None) -> GenerationResponse:
     return GenerationResponse(
         text=text,
         tokens=list(tokens),
@@ -178,6 +185,7 @@ def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | No
         tokens_per_step=stats.tokens_per_step,
         finish_reason=finish,
         stats=stats,
+        logprobs=logprobs,
     )
 
 

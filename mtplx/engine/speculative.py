@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 import mlx.core as mx
 
 from mtplx.engine.cache import commit
+from mtplx.engine.logprobs import LogprobReader, TokenLogprob
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample_logits
 from mtplx.engine.stats import DecodeStats
 from mtplx.errors import MtplxError
@@ -38,11 +39,13 @@ PREFILL_CHUNK = 2048
 
 @dataclass
 class Emitted:
-    """Tokens decided by one step (1 + accepted drafts), and the step's shape."""
+    """Tokens decided by one step (1 + accepted drafts), and the step's shape. ``logprobs``
+    (when the engine was asked for them) is aligned with ``tokens``."""
 
     tokens: list[int]
     drafted: int
     accepted: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Engine:
@@ -55,6 +58,7 @@ class Engine:
         params: SamplingParams,
         draft_params: SamplingParams | None = None,
         seed: int | None = None,
+        logprobs: int | None = None,
     ):
         if depth < 0:
             raise MtplxError(f"depth must be >= 0, got {depth}", fix="use 0 for plain AR or 1..8 for MTP")
@@ -67,6 +71,8 @@ class Engine:
         # Greedy targets draft greedily: any q is exact, the argmax maximizes acceptance.
         self.draft_params = SamplingParams(temperature=0.0) if params.greedy else (draft_params or params)
         self.rng = Rng(seed)
+        # logprobs: None = off (no device work), k = the token's log-probability and k alternatives.
+        self.logprobs = LogprobReader(logprobs, model.vocab_size)
         self.stats = DecodeStats(depth=depth)
         # The acceptance rule's device side, swappable so tests can prove they detect a biased one.
         self.acceptance_arrays = acceptance_arrays
@@ -100,7 +106,8 @@ class Engine:
                     break
             emitted += len(tokens)
             self.stats.record_step(step.drafted, min(step.accepted, max(len(tokens) - 1, 0)), len(tokens))
-            yield Emitted(tokens, step.drafted, step.accepted)
+            logprobs = step.logprobs[: len(tokens)] if step.logprobs is not None else None
+            yield Emitted(tokens, step.drafted, step.accepted, logprobs)
             if emitted >= budget or (tokens and tokens[-1] in eos):
                 return
 
@@ -114,13 +121,15 @@ class Engine:
         t0 = time.perf_counter()
         logits = self._prefill_trunk_only(prompt, cache)
         y, _ = sample_logits(logits, self.params, self.rng)
-        mx.async_eval(y)
+        lp = self.logprobs.rows(logits)
+        mx.async_eval(y, *lp.arrays)
         first = True
         while True:
             t1 = time.perf_counter()
             next_logits = trunk.logits(y[None], cache)[:, -1]
             next_y, _ = sample_logits(next_logits, self.params, self.rng)
-            mx.async_eval(next_y)
+            next_lp = self.logprobs.rows(next_logits)
+            mx.async_eval(next_y, *next_lp.arrays)
             token = y.item()
             now = time.perf_counter()
             if first:
@@ -128,8 +137,8 @@ class Engine:
                 first = False
             else:
                 self.stats.seconds["verify"] += now - t1
-            yield Emitted([token], 0, 0)
-            y = next_y
+            yield Emitted([token], 0, 0, lp.take([token]))
+            y, lp = next_y, next_lp
 
     def _prefill_trunk_only(self, prompt: list[int], cache: list) -> mx.array:
         ids = mx.array(prompt)
@@ -164,9 +173,11 @@ class Engine:
         t0 = time.perf_counter()
         logits, h_last = self._prefill(prompt, cache)
         y, _ = sample_logits(logits, self.params, self.rng)
+        lp = self.logprobs.rows(logits)
+        mx.eval(y, *lp.arrays)
         pending = y.item()
         seconds["prefill"] += time.perf_counter() - t0
-        yield Emitted([pending], 0, 0)
+        yield Emitted([pending], 0, 0, lp.take([pending]))
 
         head_h, head_t = h_last, mx.array([[pending]])
         while True:
@@ -192,7 +203,8 @@ class Engine:
             v_logits, v_hidden = model.trunk_forward(block, cache, states)
             p = filtered_probs(v_logits[0], self.params)
             ratio, candidates = self.acceptance_arrays(p, q, draft_tokens, self.rng)
-            mx.eval(ratio, candidates, v_hidden)
+            lp = self.logprobs.rows(v_logits[0])  # row i: the i-th token this step emits
+            mx.eval(ratio, candidates, v_hidden, *lp.arrays)
             t3 = time.perf_counter()
 
             # 3. accept (host side)
@@ -212,4 +224,4 @@ class Engine:
             seconds["verify"] += t3 - t2
             seconds["sample"] += t4 - t3
             seconds["rollback"] += t5 - t4
-            yield Emitted(accepted_tokens + [pending], depth, a)
+            yield Emitted(accepted_tokens + [pending], depth, a, lp.take(accepted_tokens + [pending]))
