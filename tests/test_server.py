@@ -169,6 +169,70 @@ def test_thinking_toggle(server: Server) -> None:
         assert r.usage.prompt_tokens == n, extra
 
 
+# -- logprobs ------------------------------------------------------------------------------------
+
+def _engine_logprobs(s: Server, prompt: Any, k: int) -> list:
+    """The API's logprobs for the request the test sends (without the end-of-sequence token)."""
+    wait_idle(s)
+    eos = set(s.tokenizer.eos_token_ids)
+    return [lp for r in mtplx.stream_generate(s.model, s.tokenizer, prompt, max_tokens=5, temperature=0, logprobs=k)
+            for lp in r.logprobs if lp.token not in eos]
+
+
+def test_chat_logprobs(server: Server) -> None:
+    expected = _engine_logprobs(server, MESSAGES, 2)
+    r = server.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=5, temperature=0,
+                                              logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert [(c.logprob, [(t.logprob) for t in c.top_logprobs]) for c in content] == \
+        [(lp.logprob, [v for _, v in lp.top]) for lp in expected]
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    assert all(bytes(c.bytes).decode() == c.token and c.top_logprobs[0].logprob >= c.logprob for c in content)
+    # Streamed: the same entries, spread over the chunks.
+    chunks = server.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=5, temperature=0,
+                                                   logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    # Without logprobs, none.
+    r = server.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=1, temperature=0)
+    assert r.choices[0].logprobs is None
+
+
+def test_completion_logprobs(server: Server) -> None:
+    expected = _engine_logprobs(server, PROMPT, 1)
+    r = server.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5, "temperature": 0,
+                                                  "logprobs": 1}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert lp["token_logprobs"] == [e.logprob for e in expected]
+    assert "".join(lp["tokens"]) == r["choices"][0]["text"]
+    assert [list(d.values()) for d in lp["top_logprobs"]] == [[v for _, v in e.top] for e in expected]
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+    with server.http.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 5, "temperature": 0,
+                                                             "logprobs": 1, "stream": True}) as s:
+        events = [e for e in sse_events(list(s.iter_lines())) if e != "[DONE]"]
+    streamed = [v for e in events if e["choices"][0]["logprobs"] for v in e["choices"][0]["logprobs"]["token_logprobs"]]
+    assert streamed == lp["token_logprobs"]
+
+
+# -- response_format -----------------------------------------------------------------------------
+
+def test_response_format(server: Server) -> None:
+    from mtplx.server.core import STRUCTURED_OUTPUT
+
+    r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1, "temperature": 0,
+                                                       "response_format": {"type": "text"}})
+    assert r.status_code == 200, r.text
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}):
+        r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2, "temperature": 0,
+                                                           "response_format": fmt})
+        if STRUCTURED_OUTPUT:  # the API decodes it: the request is served
+            assert r.status_code == 200, r.text
+        else:  # refused, never silently dropped
+            err = assert_openai_error(r)
+            assert err["param"] == "response_format" and "not supported" in err["message"]
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 BAD_BODIES = [
@@ -211,6 +275,17 @@ BAD_BODIES = [
     ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"messages": MESSAGES + [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[1].role"),
     ({"messages": MESSAGES, "tool_choice": "auto"}, "tool_choice"),
+    ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": MESSAGES, "logprobs": 2}, "logprobs"),
+    ({"messages": MESSAGES, "response_format": {"type": "xml"}}, "response_format.type"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_object", "json_schema": {"name": "a", "schema": {}}}},
+     "response_format.json_schema"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "a", "schema": {"type": "nonsense"}}}}, "response_format.json_schema.schema"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+     "response_format.json_schema.name"),
 ]
 
 
@@ -230,6 +305,8 @@ BAD_COMPLETIONS = [
     ({"prompt": PROMPT, "best_of": 3}, "best_of", "not supported"),
     ({"prompt": PROMPT, "n": 2}, "n", "not supported"),
     ({"prompt": PROMPT, "logit_bias": {"1": -100}}, "logit_bias", "not supported"),
+    ({"prompt": PROMPT, "logprobs": 21}, "logprobs", "[0, 20]"),
+    ({"prompt": PROMPT, "logprobs": -1}, "logprobs", "[0, 20]"),
 ]
 
 

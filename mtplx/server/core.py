@@ -7,6 +7,7 @@ answer out of :class:`GenerationResponse` objects; everything between is here, o
 from __future__ import annotations
 
 import asyncio
+import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -18,13 +19,20 @@ from pydantic import BaseModel, ConfigDict
 
 from mtplx import knobs
 from mtplx._version import __version__
-from mtplx.api import GenerationResponse, default_depth
+from mtplx.api import GenerationResponse, default_depth, stream_generate
 from mtplx.errors import MtplxError
 from mtplx.knobs import KnobError
 from mtplx.server.metrics import Metrics
 from mtplx.server.queue import Job, QueueFull, Scheduler, ShuttingDown, until_disconnect
 
 RETRY_AFTER_S = 1
+
+# -- response_format: THE switch ----------------------------------------------------------------
+# Structured output (json_object / json_schema) is decoded by the engine and the API
+# (stream_generate(..., response_format=...)), built on another branch. Until the API takes it,
+# a constrained response_format is refused with a 400 (never silently dropped); once it does,
+# it is passed on. This line is the only place that decides.
+STRUCTURED_OUTPUT = "response_format" in inspect.signature(stream_generate).parameters
 FINGERPRINT = f"mtplx-{__version__}"
 
 
@@ -167,6 +175,8 @@ class Generation:
     seed: int | None = None
     depth: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # alternatives per token; None = no logprobs
+    response_format: dict[str, Any] | None = None  # OpenAI's shape, validated; None or "text" = free text
 
 
 @dataclass
@@ -309,7 +319,13 @@ class Core:
         if depth > 0 and not model.has_mtp:
             raise APIError(400, "This server's model has no MTP head; only depth 0 is available.", param="depth")
         kwargs = dict(max_tokens=g.max_tokens or self.max_tokens_default, temperature=g.temperature,
-                      top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, depth=depth, seed=g.seed, stop=g.stop)
+                      top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, depth=depth, seed=g.seed, stop=g.stop,
+                      logprobs=g.logprobs)
+        if g.response_format is not None and g.response_format.get("type") != "text":
+            if not STRUCTURED_OUTPUT:
+                raise unsupported("response_format", f"{g.response_format['type']!r} needs structured output, "
+                                                     "which this build of mtplx does not have yet; use 'text'")
+            kwargs["response_format"] = g.response_format
         job = Job(g.ids, kwargs, asyncio.get_running_loop())
         try:
             self.scheduler.submit(job)

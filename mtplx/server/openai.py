@@ -18,14 +18,18 @@ from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
 from pydantic import Field
 
 from mtplx.server.core import (FINGERPRINT, APIError, Core, Generation, StrictModel, knob, mtplx_stats,
                                unsupported, usage)
 from mtplx.server.queue import Job, JobStream
+from mtplx.server.logprobs import TokenText
 from mtplx.server.tools import Answer, ToolCall, ToolFormat, tool_format
 
 MAX_STOPS = 16
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 # chat_template_kwargs reach the template as variables; these would change what the server
 # itself controls.
 RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tools", "documents", "add_generation_prompt", "tokenize",
@@ -65,6 +69,32 @@ class FunctionDefinition(StrictModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # refused when true: arguments are not constrained to the schema
+
+
+class JsonSchemaFormat(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """OpenAI's shape, checked: a json_schema format carries a valid JSON Schema."""
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise APIError(400, "'response_format.json_schema' goes with type 'json_schema', and only with it.",
+                           param="response_format.json_schema", code="invalid_value")
+        if self.json_schema is not None and self.json_schema.schema_ is not None:
+            try:
+                validator_for(self.json_schema.schema_).check_schema(self.json_schema.schema_)
+            except SchemaError as e:
+                raise APIError(400, f"Invalid value for 'response_format.json_schema.schema': not a valid JSON "
+                                    f"Schema ({e.message}).", param="response_format.json_schema.schema",
+                               code="invalid_value") from None
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class ToolDefinition(StrictModel):
@@ -114,6 +144,9 @@ class ChatCompletionRequest(_Common):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # accepted: every call the model writes is returned
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
     reasoning_effort: str | None = None  # refused: thinking is on or off (enable_thinking)
     store: bool | None = None  # refused when true: nothing is stored
     metadata: dict[str, str] | None = None
@@ -127,6 +160,7 @@ class CompletionRequest(_Common):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
+    logprobs: int | None = None
 
 
 def _refuse_unsupported(body: _Common) -> None:
@@ -160,7 +194,22 @@ def _generation(body: _Common, max_tokens_param: str = "max_tokens") -> Generati
         [], max_tokens=knob("max_tokens", max_tokens, max_tokens_param),
         temperature=knob("temperature", body.temperature), top_p=knob("top_p", body.top_p),
         top_k=knob("top_k", 0 if body.top_k == -1 else body.top_k), min_p=knob("min_p", body.min_p),
-        seed=knob("seed", body.seed), depth=knob("depth", body.depth), stop=stop)
+        seed=knob("seed", body.seed), depth=knob("depth", body.depth), stop=stop, logprobs=_logprobs(body),
+        response_format=body.response_format.as_dict() if getattr(body, "response_format", None) else None)
+
+
+def _logprobs(body: _Common) -> int | None:
+    """How many alternatives per token to report, or None for no logprobs."""
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs", code="invalid_value")
+        k, param = (body.top_logprobs or 0, "top_logprobs") if body.logprobs else (None, "logprobs")
+    else:
+        k, param = getattr(body, "logprobs", None), "logprobs"
+    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"Invalid value for '{param}': must be an integer in [0, {MAX_TOP_LOGPROBS}], got {k}.",
+                       param=param, code="invalid_value")
+    return k
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -181,17 +230,26 @@ def _tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
 def openai_routes(core: Core) -> APIRouter:
     router = APIRouter()
     fmt = tool_format(core.tokenizer)
+    token_text = TokenText(core.tokenizer)
+
+    def logprobs_json(lps: list[Any] | None, chat: bool, k: int | None, offset: int) -> dict[str, Any] | None:
+        if k is None:
+            return None
+        if chat:
+            return {"content": token_text.chat(lps), "refusal": None}
+        return token_text.completion(lps, offset, k)
 
     async def stream(job: Job, answer: Answer, *, chat: bool, model: str, prompt_tokens: int, depth: int,
-                     include_usage: bool) -> AsyncIterator[str]:
+                     include_usage: bool, k: int | None) -> AsyncIterator[str]:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         now = int(time.time())
 
-        def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> dict:
+        def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, logprobs: Any = None,
+                  **extra: Any) -> dict:
             if chat:
-                choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": (delta or {}).get("content", ""), "logprobs": None,
+                choice = {"index": 0, "text": (delta or {}).get("content", ""), "logprobs": logprobs,
                           "finish_reason": finish}
             out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": now,
                    "model": model, "system_fingerprint": FINGERPRINT, "choices": [choice]}
@@ -201,17 +259,24 @@ def openai_routes(core: Core) -> APIRouter:
             return out
 
         last = None
-        calls = 0
+        calls = offset = 0
         try:
             if chat:
                 yield _sse(chunk({"role": "assistant", "content": ""}))
             async for last in core.steps(job):
+                # A step's logprobs ride on its first chunk (or on one of their own).
+                lp = logprobs_json(last.logprobs, chat, k, offset)
+                if lp is not None and not chat:
+                    offset += sum(map(len, lp["tokens"]))
                 for piece in answer.feed(last.text, final=bool(last.finish_reason)):
                     if isinstance(piece, ToolCall):
-                        yield _sse(chunk({"tool_calls": [_tool_call_json(piece, calls)]}))
+                        yield _sse(chunk({"tool_calls": [_tool_call_json(piece, calls)]}, logprobs=lp))
                         calls += 1
                     else:
-                        yield _sse(chunk({"content": piece}))
+                        yield _sse(chunk({"content": piece}, logprobs=lp))
+                    lp = None
+                if lp is not None and (lp.get("content") or lp.get("tokens")):
+                    yield _sse(chunk({}, logprobs=lp))
                 if last.finish_reason:
                     yield _sse(chunk(finish=_finish_reason(answer, last.finish_reason), mtplx=mtplx_stats(last, depth)))
             if include_usage:
@@ -228,20 +293,22 @@ def openai_routes(core: Core) -> APIRouter:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return JobStream(stream(job, answer, chat=chat, model=model, prompt_tokens=len(g.ids), depth=depth,
-                                    include_usage=include_usage), core.scheduler, job)
+                                    include_usage=include_usage, k=g.logprobs), core.scheduler, job)
         out = await core.collect(request, job)
         last = out.last
         pieces = answer.feed(out.text, final=True)
         text = "".join(p for p in pieces if isinstance(p, str))
         finish = _finish_reason(answer, last.finish_reason)
+        all_logprobs = [lp for r in out.steps for lp in r.logprobs or []]
+        logprobs = logprobs_json(all_logprobs, chat, g.logprobs, 0)
         if chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             calls = [_tool_call_json(p) for p in pieces if isinstance(p, ToolCall)]
             if calls:
                 message.update(content=text or None, tool_calls=calls)
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return JSONResponse({
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if chat else "text_completion",
