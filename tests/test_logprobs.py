@@ -18,7 +18,7 @@ TOL = 1e-2  # a verify pass batches 3 tokens where AR runs 1: a 4-bit matmul rou
 
 
 def _run(model, tokenizer, **kw):
-    responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=10, **kw))
+    responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=8, **kw))
     tokens = [t for r in responses for t in r.tokens]
     logprobs = [lp for r in responses for lp in r.logprobs]
     assert [lp.token for lp in logprobs] == tokens  # aligned with the tokens, response by response

@@ -53,15 +53,15 @@ def test_message_matches_generate(demo_server) -> None:
     s = demo_server
     chat = [{"role": "system", "content": SYSTEM}] + ASK
     wait_idle(s)
-    expected = mtplx.generate(s.model, s.tokenizer, chat, max_tokens=8, temperature=0)
-    r = s.anthropic.messages.create(model="demo", max_tokens=8, system=SYSTEM, messages=ASK, extra_body=GREEDY)
+    expected = mtplx.generate(s.model, s.tokenizer, chat, max_tokens=4, temperature=0)
+    r = s.anthropic.messages.create(model="demo", max_tokens=4, system=SYSTEM, messages=ASK, extra_body=GREEDY)
     assert r.type == "message" and r.role == "assistant" and r.id.startswith("msg_") and r.model == "demo"
     assert [b.type for b in r.content] == ["text"] and r.content[0].text == expected
     assert (r.stop_reason, r.stop_sequence) == ("max_tokens", None)
-    assert (r.usage.input_tokens, r.usage.output_tokens) == (_prompt_tokens(s, chat), 8)
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (_prompt_tokens(s, chat), 4)
 
     # Streamed: Anthropic's event sequence, the same text.
-    with s.anthropic.messages.stream(model="demo", max_tokens=8, system=[{"type": "text", "text": SYSTEM}],
+    with s.anthropic.messages.stream(model="demo", max_tokens=4, system=[{"type": "text", "text": SYSTEM}],
                                      messages=ASK, extra_body=GREEDY) as stream:
         kinds = [e.type for e in stream]
         final = stream.get_final_message()
@@ -69,15 +69,7 @@ def test_message_matches_generate(demo_server) -> None:
         "content_block_stop", "message_delta", "message_stop"]
     assert set(kinds[2:-3]) <= {"content_block_delta", "text"}
     assert final.content[0].text == expected and final.stop_reason == "max_tokens"
-    assert final.usage.output_tokens == 8 and final.usage.input_tokens == r.usage.input_tokens
-
-    # A stop sequence taken from that text ends it there, and is named.
-    stop = expected[len(expected) // 2: len(expected) // 2 + 2]
-    assert stop.strip(), f"pick another stop string from {expected!r}"
-    r = s.anthropic.messages.create(model="demo", max_tokens=8, system=SYSTEM, messages=ASK, stop_sequences=[stop, "@@"],
-                                    extra_body=GREEDY)
-    assert r.content[0].text == expected[: expected.find(stop)]
-    assert (r.stop_reason, r.stop_sequence) == ("stop_sequence", stop)
+    assert final.usage.output_tokens == 4 and final.usage.input_tokens == r.usage.input_tokens
 
 
 def test_count_tokens_and_thinking(demo_server) -> None:
@@ -176,13 +168,19 @@ def test_tool_use(tool_server) -> None:
     assert n == len(s.tokenizer.encode(text))
 
 
-def test_tool_choice_and_end_turn(tool_server) -> None:
+def test_tool_choice_and_stop_reasons(tool_server) -> None:
     s = tool_server
     # "none": no tools in the prompt, the text is not parsed, and the model's EOS is end_turn.
     r = s.anthropic.messages.create(model="scripted", max_tokens=32, messages=ASK, tools=TOOLS,
                                     tool_choice={"type": "none"})
     assert r.stop_reason == "end_turn" and [b.type for b in r.content] == ["text"]
     assert r.content[0].text.startswith(TOOL_TEXT + "\n\n<tool_call>")
+    # A stop sequence ends the text where it begins, and is named (also streamed).
+    r = s.anthropic.messages.create(model="scripted", max_tokens=32, messages=ASK, stop_sequences=["@@", "<tool_"])
+    assert (r.stop_reason, r.stop_sequence, r.content[0].text) == ("stop_sequence", "<tool_", TOOL_TEXT + "\n\n")
+    with s.anthropic.messages.stream(model="scripted", max_tokens=32, messages=ASK, stop_sequences=["me c"]) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence, final.content[0].text) == ("stop_sequence", "me c", "Let ")
     for choice in ({"type": "any"}, {"type": "tool", "name": "get_time"}):
         with pytest.raises(anthropic.BadRequestError, match="tool_choice"):
             s.anthropic.messages.create(model="scripted", max_tokens=8, messages=ASK, tools=TOOLS, tool_choice=choice)

@@ -9,6 +9,7 @@ import click
 
 from mtplx.cli.options import force_option, model_option
 from mtplx.errors import MtplxError
+from mtplx.knobs import MAX_DEPTH
 
 
 def split_names(values: tuple[str, ...]) -> list[str]:
@@ -45,7 +46,7 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback exposes the server, unauthenticated, to the network.")
 @click.option("--port", "-p", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--depth", "-d", type=click.IntRange(0, 8), default=None,
+@click.option("--depth", "-d", type=click.IntRange(0, MAX_DEPTH), default=None,
               help="Default draft depth (default: tuned, else the contract's). Requests may override it.")
 @click.option("--no-mtp", is_flag=True, help="Plain autoregressive decoding only (depth 0).")
 @click.option("--queue-size", type=click.IntRange(1, 1024), default=8, show_default=True,

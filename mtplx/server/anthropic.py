@@ -56,7 +56,8 @@ class ToolResultBlock(StrictModel):
 class ThinkingBlock(StrictModel):
     type: Literal["thinking"]
     thinking: str
-    signature: str | None = None
+    signature: str | None = None  # accepted: mtplx signs nothing
+    cache_control: dict[str, Any] | None = None
 
 
 Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock, Field(discriminator="type")]
@@ -85,7 +86,7 @@ class ToolChoice(StrictModel):
 class Thinking(StrictModel):
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = None
-    display: Literal["summarized", "omitted"] | None = None
+    display: Literal["summarized", "omitted"] | None = None  # accepted: the reasoning stays in the text
 
 
 class Metadata(StrictModel):

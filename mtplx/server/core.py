@@ -26,6 +26,7 @@ from mtplx.server.metrics import Metrics
 from mtplx.server.queue import Job, QueueFull, Scheduler, ShuttingDown, until_disconnect
 
 RETRY_AFTER_S = 1
+FINGERPRINT = f"mtplx-{__version__}"
 
 # -- response_format: THE switch ----------------------------------------------------------------
 # Structured output (json_object / json_schema) is decoded by the engine and the API
@@ -33,7 +34,6 @@ RETRY_AFTER_S = 1
 # a constrained response_format is refused with a 400 (never silently dropped); once it does,
 # it is passed on. This line is the only place that decides.
 STRUCTURED_OUTPUT = "response_format" in inspect.signature(stream_generate).parameters
-FINGERPRINT = f"mtplx-{__version__}"
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -56,9 +56,6 @@ class APIError(Exception):
         """Anthropic's shape: {"type": "error", "error": {type, message}}."""
         return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
                                            "message": self.message}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 # Anthropic names errors by status (https://docs.anthropic.com/en/api/errors).
@@ -144,10 +141,6 @@ def engine_error(exc: BaseException) -> APIError:
     if isinstance(exc, (MtplxError, ValueError)):
         return APIError(400, str(exc))
     return APIError(500, f"Generation failed ({type(exc).__name__}); see the server log.", type_="server_error")
-
-
-def cancelled_error() -> APIError:
-    return APIError(503, "The generation was cancelled before it finished.", type_="server_error")
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -351,7 +344,7 @@ class Core:
                 else:
                     raise engine_error(ev.error)
             if not finished:
-                raise cancelled_error()
+                raise APIError(503, "The generation was cancelled before it finished.", type_="server_error")
         finally:
             self.scheduler.cancel(job)  # a no-op once finished; frees the engine otherwise
 

@@ -61,9 +61,10 @@ class RequestGuard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         host = headers.get("host")
         if not self.host_ok(host):
+            names = ", ".join(["localhost", "127.0.0.1", "::1", *sorted(self.allowed or ())])
             await self._refuse(scope, receive, send, APIError(
-                403, f"Host {host!r} is not allowed: this server answers to loopback names only (localhost, "
-                     "127.0.0.1, ::1). Reach it by one of those, or start it with --allowed-hosts NAME.",
+                403, f"Host {host!r} is not allowed: this server answers to {names} only (a check against DNS "
+                     "rebinding). Reach it by one of those, or start it with --allowed-hosts NAME.",
                 type_="permission_error", code="host_not_allowed"))
             return
         limit = self.max_body_bytes
