@@ -8,7 +8,7 @@ import anthropic
 import httpx
 import pytest
 from scripted_model import TOOL_CALLS, TOOL_TEXT, scripted_model
-from server_helpers import TIMEOUT, assert_anthropic_error, running, wait_idle
+from server_helpers import TIMEOUT, assert_anthropic_error, metric, running, wait_idle
 
 import mtplx
 from mtplx.server.app import create_app
@@ -126,6 +126,12 @@ def test_errors_through_the_client(demo_server) -> None:
         s.anthropic.messages.create(model="demo", max_tokens=4, messages=ASK, extra_body={"temperature": "hot"})
     r = httpx.get(f"{s.base}/v1/messages", headers={"host": "evil.example"}, timeout=TIMEOUT)
     assert_anthropic_error(r, 403, "permission_error")
+    # /metrics counts the Anthropic endpoints as endpoints of their own.
+    s.anthropic.messages.count_tokens(model="demo", messages=ASK)
+    text = s.http.get("/metrics").text
+    assert metric(text, "mtplx_requests_total", 'endpoint="/v1/messages",status="404"') >= 1
+    assert metric(text, "mtplx_requests_total", 'endpoint="/v1/messages",status="403"') >= 1
+    assert metric(text, "mtplx_requests_total", 'endpoint="/v1/messages/count_tokens",status="200"') >= 1
 
 
 # -- tool use ----------------------------------------------------------------------------------------
