@@ -17,6 +17,7 @@ from mtplx import knobs
 from mtplx.artifact.loader import LoadReport
 from mtplx.artifact.loader import load as load_artifact
 from mtplx.engine.constraints import Constraint
+from mtplx.engine.logprobs import TokenLogprob
 from mtplx.engine.prompt_cache import PromptCache, common_prefix, make_prompt_cache
 from mtplx.engine.prompt_cache_file import load_prompt_cache, save_prompt_cache
 from mtplx.engine.sampling import SamplingParams
@@ -46,6 +47,8 @@ class GenerationResponse:
     tokens_per_step: float
     finish_reason: str | None = None
     stats: DecodeStats = field(default_factory=DecodeStats, repr=False)
+    # With stream_generate(..., logprobs=k): one entry per token of ``tokens``.
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def token(self) -> int | None:
@@ -199,9 +202,13 @@ def stream_generate(
     enable_thinking: bool | None = None,
     prompt_cache: PromptCache | None = None,
     response_format: dict[str, Any] | None = None,
+    logprobs: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``depth=0`` is plain AR; ``None`` takes the tuned depth for this
     model if `mtplx tune` saved one, else the contract's default.
+
+    ``logprobs=k`` attaches to each response the log-probability of each of its tokens and the k
+    likeliest alternatives (log-softmax of the trunk's raw logits; see mtplx.engine.logprobs).
 
     ``prompt_cache`` (from :func:`make_prompt_cache`) makes a call whose prompt extends the
     cached tokens prefill only the new suffix, and leaves the cache holding prompt + reply;
@@ -239,7 +246,8 @@ def stream_generate(
     defaults = model.contract.defaults if model.contract else {}
     dt = draft_temperature if draft_temperature is not None else defaults.get("draft_temperature", params.temperature)
     draft = SamplingParams(temperature=dt, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p)
-    engine = Engine(model, default_depth(model) if depth is None else depth, params, draft, seed, constraint)
+    engine = Engine(model, default_depth(model) if depth is None else depth, params, draft, seed, constraint,
+                    logprobs=logprobs)
     detok = tokenizer.detokenizer
     detok.reset()
     scanner = _StopScanner(stop)
@@ -261,16 +269,17 @@ def stream_generate(
             detok.finalize()
             tail, stopped = scanner.feed(detok.last_segment, final=True)
             segment += tail
-        yield _response(segment, step.tokens, stats, finish)
+        yield _response(segment, step.tokens, stats, finish, step.logprobs)
         if finish:
             return
     if finish is None:
         detok.finalize()
         tail, _ = scanner.feed(detok.last_segment, final=True)
-        yield _response(tail, [], stats, "length")
+        yield _response(tail, [], stats, "length", [] if logprobs is not None else None)
 
 
-def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | None) -> GenerationResponse:
+def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | None,
+              logprobs: list[TokenLogprob] | None = None) -> GenerationResponse:
     return GenerationResponse(
         text=text,
         tokens=list(tokens),
@@ -283,6 +292,7 @@ def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | No
         tokens_per_step=stats.tokens_per_step,
         finish_reason=finish,
         stats=stats,
+        logprobs=logprobs,
     )
 
 

@@ -18,7 +18,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Endpoints get their own label value; anything else is "other" so that a scanner probing
 # random paths cannot grow the number of series without bound.
-KNOWN_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+KNOWN_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
+                   "/v1/models", "/health", "/metrics")
 
 
 def _escape(value: str) -> str:
@@ -52,7 +53,12 @@ class Metrics:
         self._queue_depth, self._busy = queue_depth, busy
 
     def record_request(self, path: str, status: int) -> None:
-        endpoint = path if path in KNOWN_ENDPOINTS else "other"
+        if path in KNOWN_ENDPOINTS:
+            endpoint = path
+        elif path.startswith("/v1/models/"):
+            endpoint = "/v1/models/{name}"
+        else:
+            endpoint = "other"
         with self._lock:
             self.requests[(endpoint, str(status))] += 1
 
