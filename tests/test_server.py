@@ -214,20 +214,28 @@ def test_completion_logprobs(server: Server) -> None:
 # -- response_format -----------------------------------------------------------------------------
 
 def test_response_format(server: Server) -> None:
-    from mtplx.server.core import STRUCTURED_OUTPUT
+    """Structured output is decoded under the grammar (and the answer parses and validates);
+    a schema the grammar engine cannot take and thinking with a grammar are 400s."""
+    import jsonschema
 
     r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1, "temperature": 0,
                                                        "response_format": {"type": "text"}})
     assert r.status_code == 200, r.text
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}):
-        r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2, "temperature": 0,
-                                                           "response_format": fmt})
-        if STRUCTURED_OUTPUT:  # the API decodes it: the request is served
-            assert r.status_code == 200, r.text
-        else:  # refused, never silently dropped
-            err = assert_openai_error(r)
-            assert err["param"] == "response_format" and "not supported" in err["message"]
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 48, "temperature": 0,
+                                                       "response_format": fmt})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    bad = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "nonsense"}}}
+    r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "response_format": bad})
+    assert assert_openai_error(r)["param"].startswith("response_format")
+    r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "response_format": {"type": "json_object"},
+                                                       "chat_template_kwargs": {"enable_thinking": True}})
+    assert assert_openai_error(r)["param"] == "enable_thinking"
 
 
 # -- errors --------------------------------------------------------------------------------------

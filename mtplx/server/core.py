@@ -7,7 +7,6 @@ answer out of :class:`GenerationResponse` objects; everything between is here, o
 from __future__ import annotations
 
 import asyncio
-import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mtplx import knobs
 from mtplx._version import __version__
-from mtplx.api import GenerationResponse, default_depth, stream_generate
+from mtplx.api import GenerationResponse, default_depth
 from mtplx.errors import MtplxError
 from mtplx.knobs import KnobError
 from mtplx.server.metrics import Metrics
@@ -27,14 +26,6 @@ from mtplx.server.queue import Job, QueueFull, Scheduler, ShuttingDown, until_di
 
 RETRY_AFTER_S = 1
 FINGERPRINT = f"mtplx-{__version__}"
-
-# -- response_format: THE switch ----------------------------------------------------------------
-# Structured output (json_object / json_schema) is decoded by the engine and the API
-# (stream_generate(..., response_format=...)), built on another branch. Until the API takes it,
-# a constrained response_format is refused with a 400 (never silently dropped); once it does,
-# it is passed on. This line is the only place that decides.
-STRUCTURED_OUTPUT = "response_format" in inspect.signature(stream_generate).parameters
-
 
 # -- errors ------------------------------------------------------------------------------------
 
@@ -315,9 +306,6 @@ class Core:
                       top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, depth=depth, seed=g.seed, stop=g.stop,
                       logprobs=g.logprobs)
         if g.response_format is not None and g.response_format.get("type") != "text":
-            if not STRUCTURED_OUTPUT:
-                raise unsupported("response_format", f"{g.response_format['type']!r} needs structured output, "
-                                                     "which this build of mtplx does not have yet; use 'text'")
             kwargs["response_format"] = g.response_format
         job = Job(g.ids, kwargs, asyncio.get_running_loop())
         try:

@@ -22,6 +22,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 from pydantic import Field
 
+from mtplx.engine.constraints import ResponseFormatError, grammar_for
 from mtplx.server.core import (FINGERPRINT, APIError, Core, Generation, StrictModel, knob, mtplx_stats,
                                unsupported, usage)
 from mtplx.server.queue import Job, JobStream
@@ -83,7 +84,8 @@ class ResponseFormat(StrictModel):
     json_schema: JsonSchemaFormat | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """OpenAI's shape, checked: a json_schema format carries a valid JSON Schema."""
+        """OpenAI's shape, checked as the engine will compile it (a schema the grammar engine
+        cannot enforce is a 400 here, not an error after the request is queued)."""
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise APIError(400, "'response_format.json_schema' goes with type 'json_schema', and only with it.",
                            param="response_format.json_schema", code="invalid_value")
@@ -94,7 +96,13 @@ class ResponseFormat(StrictModel):
                 raise APIError(400, f"Invalid value for 'response_format.json_schema.schema': not a valid JSON "
                                     f"Schema ({e.message}).", param="response_format.json_schema.schema",
                                code="invalid_value") from None
-        return self.model_dump(by_alias=True, exclude_none=True)
+        out = self.model_dump(by_alias=True, exclude_none=True)
+        try:
+            grammar_for(out)
+        except ResponseFormatError as e:
+            raise APIError(400, f"Invalid value for 'response_format': {e}", param="response_format",
+                           code="invalid_value") from None
+        return out
 
 
 class ToolDefinition(StrictModel):
@@ -322,7 +330,7 @@ def openai_routes(core: Core) -> APIRouter:
         g = _generation(body, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         tools = _tools(body, fmt)
         messages = [_message_dict(m, i, fmt) for i, m in enumerate(body.messages)]
-        g.ids = await core.encode_chat(messages, tools=tools, template_kwargs=_template_kwargs(body))
+        g.ids = await core.encode_chat(messages, tools=tools, template_kwargs=_template_kwargs(body, g))
         return await respond(request, body, model, g, Answer(fmt if tools else None, tools), chat=True)
 
     @router.post("/v1/completions")
@@ -362,8 +370,10 @@ def _tools(body: ChatCompletionRequest, fmt: ToolFormat | None) -> list[dict[str
     return [t.model_dump(exclude_none=True) for t in body.tools]
 
 
-def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any]:
-    """chat_template_kwargs (passed to the template as variables) and the enable_thinking shortcut."""
+def _template_kwargs(body: ChatCompletionRequest, g: Generation) -> dict[str, Any]:
+    """chat_template_kwargs (passed to the template as variables) and the enable_thinking shortcut.
+    A grammar (response_format) applies from the first generated token, so the model could not
+    think first: thinking is off then, and asking for it is refused (as the Python API does)."""
     kwargs = dict(body.chat_template_kwargs or {})
     for key in kwargs:
         if key in RESERVED_TEMPLATE_KWARGS:
@@ -373,6 +383,11 @@ def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any]:
                        param="chat_template_kwargs.enable_thinking", code="invalid_value")
     if body.enable_thinking is not None:
         kwargs.setdefault("enable_thinking", body.enable_thinking)
+    if g.response_format is not None and g.response_format.get("type") != "text":
+        if kwargs.get("enable_thinking"):
+            raise unsupported("enable_thinking", "thinking cannot be combined with a response_format: the grammar "
+                                                 "applies from the first generated token")
+        kwargs["enable_thinking"] = False
     return kwargs
 
 
