@@ -164,3 +164,27 @@ def test_repo_id_resolves_offline_from_local_cache(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1
     assert "not in the local Hugging Face cache" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def _imports(module_file: Path) -> set[str]:
+    import ast
+
+    tree = ast.parse(module_file.read_text())
+    return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("mtplx.")}
+
+
+def test_artifact_layer_has_no_import_circle_and_model_layer_stays_below_it():
+    package = Path(mtplx.__file__).parent
+    graph = {f"mtplx.artifact.{f.stem}": {m for m in _imports(f) if m.startswith("mtplx.artifact.")}
+             for f in (package / "artifact").glob("*.py")}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(n == target or (n not in seen and not seen.add(n) and reaches(n, target, seen))
+                   for n in graph.get(start, ()))
+
+    for module in graph:
+        assert not reaches(module, module, set()), f"{module} imports itself through a circle"
+    assert not reaches("mtplx.artifact.graft", "mtplx.artifact.loader", set())
+    assert not reaches("mtplx.artifact.loader", "mtplx.artifact.graft", set())
+    for f in (package / "model").glob("*.py"):
+        assert not any(m.startswith("mtplx.artifact") for m in _imports(f)), f"{f.name} imports the artifact layer"

@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 
 from mtplx._version import __version__
 from mtplx.artifact import contract as contract_io
+from mtplx.artifact.sidecar import check_head_shapes, load_head
 from mtplx.artifact.tensors import sha256_file, trunk_dependency_hashes, weight_files
 from mtplx.errors import ArtifactError, UnsupportedModelError
 from mtplx.model.mtp_head import MTPHead, body_linear_predicate
@@ -118,21 +119,6 @@ def _stack_experts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def check_head_shapes(head: nn.Module, weights: dict[str, mx.array], where: Path) -> None:
-    expected = dict(tree_flatten(head.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        what = f"missing mtp.{missing[0]}" if missing else f"unexpected mtp.{unexpected[0]}"
-        raise ArtifactError(f"the MTP tensors do not match a Qwen3.5 MTP head for this config ({what}; "
-                            f"{len(missing)} missing, {len(unexpected)} unexpected)", path=where,
-                            fix="check that config.json belongs to these weights")
-    for name, value in weights.items():
-        if tuple(value.shape) != tuple(expected[name].shape):
-            raise ArtifactError(f"mtp.{name} has shape {tuple(value.shape)}, the config implies {tuple(expected[name].shape)}",
-                                path=where, fix="check that config.json belongs to these weights")
-
-
 def quantize_head(head: MTPHead, bits: int = HEAD_BITS, group_size: int = GROUP_SIZE) -> list[str]:
     """Quantize the body linears in place; returns their module paths."""
     quantized: list[str] = []
@@ -181,15 +167,7 @@ def convert_trunk(source: Path, out: Path, bits: int) -> dict[str, Any]:
                 q_group_size=GROUP_SIZE, dtype="bfloat16")
         for f in target.iterdir():
             shutil.move(str(f), out / f.name)
-    return trunk_quantization(out)
-
-
-def trunk_quantization(trunk_dir: Path) -> dict[str, Any]:
-    config = json.loads((trunk_dir / "config.json").read_text(encoding="utf-8"))
-    q = config.get("quantization")
-    if q:
-        return {"mode": q.get("mode", "affine"), "bits": q["bits"], "group_size": q["group_size"]}
-    return {"mode": "none", "bits": 16, "dtype": "bfloat16"}
+    return contract_io.quantization_of_trunk(out)
 
 
 def copy_trunk(trunk: Path, source: SourceCheckpoint, out: Path) -> dict[str, Any]:
@@ -205,7 +183,7 @@ def copy_trunk(trunk: Path, source: SourceCheckpoint, out: Path) -> dict[str, An
     for f in trunk.iterdir():
         if f.is_file():
             shutil.copy2(f, out / f.name)
-    return trunk_quantization(out)
+    return contract_io.quantization_of_trunk(out)
 
 
 @dataclass
@@ -234,7 +212,6 @@ def graft(
 ) -> GraftReport:
     from mlx_lm import load as mlx_load
 
-    from mtplx.artifact.loader import load_head
     from mtplx.artifact.probe import MAX_PROBE_TOKENS, default_probe_text, measure_acceptance
     from mtplx.model.mtp_model import MTPModel
     from mtplx.model.trunk import Trunk
@@ -285,7 +262,7 @@ def graft(
 
     model, tokenizer = mlx_load(str(out))
     trunk_view = Trunk(model)
-    mtp = MTPModel(trunk_view, load_head(out, contract, trunk_view.args), contract)
+    mtp = MTPModel(trunk_view, load_head(out, contract, trunk_view.args)[0], contract)
     tokens = tokenizer.encode(probe_text or default_probe_text())
     acceptance = measure_acceptance(mtp, tokens)
     chosen = hidden_source or choose_hidden_source(acceptance)

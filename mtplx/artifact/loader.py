@@ -16,14 +16,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
 
 from mtplx.artifact import contract as contract_io
 from mtplx.artifact.contract import RuntimeContract
+from mtplx.artifact.sidecar import load_head, sidecar_file
 from mtplx.artifact.tensors import sha256_file, trunk_dependency_hashes
 from mtplx.errors import ArtifactError, MtplxError, UnsupportedModelError
-from mtplx.model.mtp_head import MTPHead, dequantize_linears
 from mtplx.model.mtp_model import MTPModel
 from mtplx.model.trunk import Trunk
 
@@ -97,14 +95,6 @@ class LoadReport:
     inferred: list[str] = field(default_factory=list)
 
 
-def sidecar_file(path: Path, contract: RuntimeContract) -> Path:
-    file = path / contract.sidecar_path
-    if not file.is_file():
-        raise ArtifactError(f"the sidecar {contract.sidecar_path} named by the contract is missing", path=path,
-                            fix="re-download the artifact or rebuild it with `mtplx graft`")
-    return file
-
-
 def verify_provenance(path: Path, contract: RuntimeContract, report: LoadReport, force: bool) -> None:
     """Compare the sidecar and the trunk tensors the head reads with the contract's hashes."""
     sidecar = sidecar_file(path, contract)
@@ -141,28 +131,6 @@ def check_architecture(trunk: Trunk, contract: RuntimeContract, path: Path) -> N
                                 fix="this contract belongs to another model: rebuild the artifact with `mtplx graft`")
 
 
-def load_head(path: Path, contract: RuntimeContract, args: Any) -> MTPHead:
-    """Build the head for the architecture, quantize as the contract says, load strictly."""
-    arch = contract.data["architecture"]
-    head = MTPHead(args, num_layers=arch["mtp_num_hidden_layers"], concat_order=contract.data["conventions"]["concat_order"])
-    q = contract.sidecar_quantization
-    if q["quantized"]:
-        wanted = {name[len("mtp."):] for name in q["quantized"]}
-        nn.quantize(head, group_size=q["group_size"], bits=q["bits"], class_predicate=lambda p, m: p in wanted)
-    file = sidecar_file(path, contract)
-    weights = {k[len("mtp."):] if k.startswith("mtp.") else k: v for k, v in mx.load(str(file)).items()}
-    for transform in getattr(contract, "sidecar_transforms", []):
-        weights = transform(weights)
-    from mtplx.artifact.graft import check_head_shapes
-
-    check_head_shapes(head, weights, file)
-    head.load_weights(list(weights.items()), strict=True)
-    if q["quantized"] and mx.default_device() == mx.cpu:
-        dequantize_linears(head)
-    mx.eval(head.parameters())
-    return head
-
-
 def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | None = None) -> tuple[MTPModel, Any, LoadReport]:
     """Load an artifact: (model, tokenizer, report). With ``mtp=False`` any Qwen3.5 MLX
     checkpoint loads for plain AR decoding."""
@@ -190,6 +158,6 @@ def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | Non
             report.warnings.append("provenance not verified: the artifact carries no hashes of its own")
         else:
             verify_provenance(path, contract, report, force)
-        head = load_head(path, contract, trunk.args)
+        head, _ = load_head(path, contract, trunk.args)
         report.checks.append("sidecar tensors match the head's shapes")
     return MTPModel(trunk, head, contract, str(path)), tokenizer, report
