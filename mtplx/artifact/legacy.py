@@ -94,7 +94,7 @@ def contract_from_other_runtime(data: dict[str, Any], path: Path) -> RuntimeCont
         },
         "conventions": {"hidden_source": "post_norm", "chain_hidden": "post_norm", "concat_order": "embedding_hidden"},
         "provenance": {
-            "source": {"kind": "local", "path": str(path)},
+            "source": {"kind": "local", "name": path.resolve().name},
             "sidecar_sha256": sha256_file(path / sidecar),
             "trunk_tensors_sha256": trunk_dependency_hashes(path),
         },

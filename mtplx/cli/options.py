@@ -26,6 +26,16 @@ def sampling_options(f: Callable) -> Callable:
     return f
 
 
+def confirm_download(yes: bool) -> Callable[[str], bool]:
+    """For ensure_artifact: show what a first use will download, then ask (unless --yes)."""
+
+    def confirm(plan: str) -> bool:
+        click.echo(plan, err=True)
+        return yes or click.confirm("Download and graft it now?", default=True, err=True)
+
+    return confirm
+
+
 def write_json(data: Any, target: str | None) -> None:
     """--json: '-' prints to stdout, a path writes the file."""
     if target is None:

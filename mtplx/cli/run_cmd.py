@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from mtplx.cli.options import force_option, json_option, model_option, sampling_options, write_json
+from mtplx.cli.options import confirm_download, force_option, json_option, model_option, sampling_options, write_json
 
 
 @click.command("run")
@@ -22,8 +22,9 @@ from mtplx.cli.options import force_option, json_option, model_option, sampling_
 @force_option
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the completion, no statistics.")
+@click.option("--yes", "-y", is_flag=True, help="Graft a model that has no artifact yet without asking.")
 def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temperature, top_p, top_k, min_p,
-        draft_temperature, seed, force, json_out, quiet):
+        draft_temperature, seed, force, json_out, quiet, yes):
     """Complete PROMPT (or standard input when PROMPT is omitted or '-')."""
     import mtplx
 
@@ -31,6 +32,9 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
         if sys.stdin.isatty():
             raise click.UsageError("give a PROMPT or pipe one on standard input")
         prompt = sys.stdin.read()
+    from mtplx.artifact.store import ensure_artifact
+
+    model_ref = ensure_artifact(model_ref, confirm=confirm_download(yes))
     model, tokenizer = mtplx.load(model_ref, mtp=not no_mtp, force=force)
     messages = [{"role": "user", "content": prompt}] if chat else prompt
     text, last = [], None
