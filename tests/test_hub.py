@@ -143,6 +143,13 @@ print("PATH", ensure_artifact({SOURCE!r}, trunk={TRUNK!r}, confirm=lambda plan: 
     run = run_cli(env, "run", "--model", SOURCE, "-n", "4", "-t", "0", "--raw", "def f(", HF_HUB_OFFLINE="1")
     assert run.returncode == 0, run.stderr
     assert hub.requests == []
+    fetch = ("from pathlib import Path; from mtplx.artifact import hub; "
+             f"print(hub.fetch_head_source(hub.RepoRef({SOURCE!r}), Path({str(tmp_path / 'mtplx')!r})).path); "
+             f"print(hub.snapshot(hub.RepoRef({TRUNK!r}), hub.MODEL_FILES))")
+    cached = subprocess.run([sys.executable, "-c", fetch], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True, timeout=120)
+    assert cached.returncode == 0, cached.stderr
+    assert f"sources/qwen-test--tiny-src/{hub.repos[SOURCE].sha}" in cached.stdout
     missing = run_cli(env, "graft", "--quiet", "--source", "qwen-test/elsewhere", "--trunk", TRUNK, HF_HUB_OFFLINE="1")
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
     assert "qwen-test/elsewhere is not in the local Hugging Face cache" in missing.stderr and "HF_HUB_OFFLINE=1" in missing.stderr
@@ -195,3 +202,22 @@ def test_catalog_pairs_each_original_with_an_mlx_trunk():
     assert artifact_name("Qwen/Qwen3.5-4B") == artifact_name("qwen3.5-4b") == "qwen3.5-4b"
     assert artifact_name("org/Other@v2") == "org--Other@v2"
 
+
+
+def test_progress_lines_bars_and_quiet(capsys):
+    import io
+
+    from mtplx.artifact.progress import Progress
+
+    lines = io.StringIO()
+    Progress("auto", stream=lines).phase("Fetching ...")  # a StringIO is not a terminal: lines
+    assert lines.getvalue() == "Fetching ...\n"
+    quiet = io.StringIO()
+    with Progress("quiet", stream=quiet).byte_bar(10, "x") as bar:
+        bar.update(10)
+    Progress("quiet", stream=quiet).phase("nothing")
+    assert quiet.getvalue() == ""
+    drawn = io.StringIO()
+    with Progress("bars", stream=drawn).byte_bar(2048, "mtp.* tensors") as bar:
+        bar.update(2048)
+    assert "mtp.* tensors" in drawn.getvalue() and "100%" in drawn.getvalue()

@@ -111,7 +111,8 @@ def inspect_ref(ref: str) -> Inspection:
     elif any(n.startswith("mtp.") for n in names):
         out.kind = "hf-checkpoint"
         out.mtp_head = True
-        out.verdict = f"original checkpoint with an MTP head: build an artifact with `mtplx graft --source {ref} --out DIR`"
+        out.verdict = (f"original checkpoint with an MTP head: `mtplx run --model {ref}` grafts it on first use, or build "
+                       f"an artifact with `mtplx graft --source {ref} --trunk MLX_CONVERSION` (only the head is fetched)")
     else:
         out.kind = "mlx-trunk" if config.get("quantization") else "checkpoint"
         out.can_run_ar = True

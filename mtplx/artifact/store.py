@@ -41,7 +41,7 @@ class GraftPlan:
     """What building an artifact for a ref will download, and where it will go."""
 
     ref: str
-    source: RepoRef  # pinned to the commit the sizes were read at
+    source: RepoRef
     trunk: RepoRef | None
     out: Path
     small_bytes: int | None = None
@@ -82,16 +82,15 @@ def plan_graft(ref: str, source: RepoRef, trunk: RepoRef | None) -> GraftPlan:
     out = artifacts_dir() / artifact_name(ref)
     if hub.is_offline():
         return GraftPlan(ref, source, trunk, out)
-    revision, files = hub.repo_files(source)
-    source = RepoRef(source.repo_id, revision)
+    # The refs stay as given (not pinned to the commits read here): the Hugging Face cache then
+    # records which commit a branch pointed to, so a later offline use finds the files.
+    _, files = hub.repo_files(source)
     plan = GraftPlan(ref, source, trunk, out, small_bytes=_matching(files, hub.SMALL_FILES))
     if trunk is None:
         plan.whole_bytes = _matching(files, hub.MODEL_FILES)
         return plan
     plan.head_bytes = hub.plan_head(source, hub.small_files(source)).tensor_bytes
-    trunk_revision, trunk_files = hub.repo_files(trunk)
-    plan.trunk = RepoRef(trunk.repo_id, trunk_revision)
-    plan.trunk_bytes = _matching(trunk_files, hub.MODEL_FILES)
+    plan.trunk_bytes = _matching(hub.repo_files(trunk)[1], hub.MODEL_FILES)
     return plan
 
 
