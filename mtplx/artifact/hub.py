@@ -75,7 +75,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub.utils import get_session
 
     module = importlib.import_module(type(get_session()).__module__.split(".")[0])
-    return tuple(getattr(module, n) for n in ("TransportError", "StreamError") if hasattr(module, n)) + (OSError,)
+    return tuple(getattr(module, n) for n in ("TransportError", "StreamError") if hasattr(module, n))
 
 
 def hub_error(ref: RepoRef, error: BaseException, file: str | None = None) -> MtplxError:
@@ -115,9 +115,9 @@ def snapshot(ref: RepoRef, patterns: list[str], progress: Progress | None = None
     try:
         with progress.hub_bars():
             return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
+    except MtplxError:
+        raise
     except Exception as e:  # noqa: BLE001 - every failure becomes one paragraph naming the repo
-        if isinstance(e, (KeyboardInterrupt, MtplxError)):
-            raise
         raise hub_error(ref, e, _missing_file(ref, patterns)) from None
 
 
@@ -148,9 +148,7 @@ def repo_files(ref: RepoRef) -> tuple[str, dict[str, int]]:
 
     try:
         info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
-    except Exception as e:  # noqa: BLE001
-        if isinstance(e, KeyboardInterrupt):
-            raise
+    except Exception as e:  # noqa: BLE001 - every failure becomes one paragraph naming the repo
         raise hub_error(ref, e) from None
     return info.sha, {s.rfilename: int(s.size or 0) for s in info.siblings or []}
 
@@ -220,6 +218,7 @@ def _fetch(ref: RepoRef, revision: str, file: str, start: int, end: int, sink, b
     Fewer than asked means a truncated response; a connection that drops midway keeps what
     arrived in ``sink`` and raises, so a rerun can resume after it."""
     from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     if is_offline():
@@ -242,9 +241,9 @@ def _fetch(ref: RepoRef, revision: str, file: str, start: int, end: int, sink, b
                     bar.update(len(chunk))
     except MtplxError:
         raise
+    except HfHubHTTPError as e:
+        raise hub_error(ref, e, file) from None
     except _transport_errors() as e:
-        if type(e).__module__.startswith("huggingface_hub"):
-            raise hub_error(ref, e, file) from None
         raise MtplxError(f"{ref.repo_id}: {file}: the connection dropped after {got} of {end - start} bytes "
                          f"({type(e).__name__})", fix="rerun the command: the download resumes where it stopped") from None
     return got
@@ -350,22 +349,23 @@ def _fetch_run(plan: HeadPlan, shard: str, run: Run, staging: Path, bar) -> Path
 def _assemble(plan: HeadPlan, pieces: dict[str, list[tuple[Run, Path]]], out: Path) -> None:
     """The fetched tensors as one safetensors file (bytes unchanged, offsets renumbered), the
     small files beside it, and an index naming that file for every mtp.* tensor."""
-    entries, blobs, offset = {}, [], 0
-    for shard, runs in pieces.items():
-        for run, file in runs:
-            data = file.read_bytes()
-            for t in run.tensors:
-                blobs.append(data[t.start - run.start:t.end - run.start])
-                entries[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.end - t.start]}
-                offset += t.end - t.start
+    pieces_in_order = [(run, file) for runs in pieces.values() for run, file in runs]
+    entries, offset = {}, 0
+    for run, _ in pieces_in_order:
+        for t in run.tensors:
+            entries[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.end - t.start]}
+            offset += t.end - t.start
     header = json.dumps({"__metadata__": {"format": "pt", "source": f"{plan.ref.repo_id}@{plan.revision}"}, **entries},
                         separators=(",", ":")).encode("utf-8")
     header += b" " * (-len(header) % 8)
     with open(out / HEAD_FILE, "wb") as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
-        for blob in blobs:
-            f.write(blob)
+        for run, file in pieces_in_order:  # streamed: an MoE head is more than a gigabyte
+            with open(file, "rb") as src:
+                for t in run.tensors:
+                    src.seek(t.start - run.start)
+                    _copy_exactly(src, f, t.end - t.start)
     for src in plan.snapshot.iterdir():
         if src.is_file() and src.name != INDEX_FILE:
             shutil.copyfile(src, out / src.name)
@@ -374,26 +374,35 @@ def _assemble(plan: HeadPlan, pieces: dict[str, list[tuple[Run, Path]]], out: Pa
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
+def _copy_exactly(src, dst, n: int) -> None:
+    while n:
+        chunk = src.read(min(n, 1 << 24))
+        if not chunk:
+            raise MtplxError("a fetched piece of the MTP tensors is shorter than planned", path=src.name,
+                             fix="delete it and rerun the command")
+        dst.write(chunk)
+        n -= len(chunk)
+
+
 def source_provenance(repo_id: str, revision: str, small: Path) -> dict[str, Any]:
     from mtplx.artifact.tensors import checkpoint_digest
 
     return {"kind": "huggingface", "repo_id": repo_id, "revision": revision, "digest": checkpoint_digest(small)}
 
 
-def fetch_head_source(ref: RepoRef, cache: Path, progress: Progress | None = None,
-                      plan: HeadPlan | None = None) -> HeadSource:
+def fetch_head_source(ref: RepoRef, cache: Path, progress: Progress | None = None) -> HeadSource:
     """A local checkpoint holding only the source's MTP tensors (plus its small files),
     kept under ``<cache>/sources/<org>--<name>/<commit>``: a second graft, or one with
     HF_HUB_OFFLINE=1, reads it without touching the network."""
     progress = progress or Progress.silent()
-    small = plan.snapshot if plan else small_files(ref, progress)
+    small = small_files(ref, progress)
     revision = small.name
     final = head_source_dir(cache, ref, revision)
     provenance = source_provenance(ref.repo_id, revision, small)
     if (final / INDEX_FILE).is_file():
         progress.phase(f"The MTP tensors of {ref.repo_id}@{revision[:12]} are cached ({final})")
         return HeadSource(final, provenance)
-    plan = plan or plan_head(ref, small, progress)
+    plan = plan_head(ref, small, progress)
     staging = sources_dir(cache) / ".staging" / f"{ref.folder}--{revision}"
     staging.mkdir(parents=True, exist_ok=True)
     total = plan.tensor_bytes
@@ -408,9 +417,12 @@ def fetch_head_source(ref: RepoRef, cache: Path, progress: Progress | None = Non
     build.chmod(0o755)
     try:
         _assemble(plan, pieces, build)
-        os.replace(build, final)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
+        try:
+            os.replace(build, final)
+        except OSError:
+            if not (final / INDEX_FILE).is_file():  # else another process finished the same fetch first
+                raise
+    finally:
+        shutil.rmtree(build, ignore_errors=True)  # already gone once moved into place
     shutil.rmtree(staging, ignore_errors=True)
     return HeadSource(final, provenance)
