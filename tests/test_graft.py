@@ -73,6 +73,8 @@ def test_demo_artifact_is_reproducible(grafted_4bit):
     demo = contract_io.read(demo_path()).provenance
     assert ours["sidecar_sha256"] == demo["sidecar_sha256"]
     assert ours["trunk_tensors_sha256"] == demo["trunk_tensors_sha256"]
+    # A local source is recorded by its directory name and digest, never the builder's path.
+    assert ours["source"] == demo["source"] == {"kind": "local", "name": "tiny-qwen35-mtp", "digest": demo["source"]["digest"]}
 
 
 def test_int4_head_stays_close_to_bf16_head(grafted_4bit, fixture_checkpoint):

@@ -135,6 +135,7 @@ print("PATH", ensure_artifact({SOURCE!r}, trunk={TRUNK!r}, confirm=lambda plan: 
     first = min(s for s in starts if s >= header)
     assert starts[-1] - first >= 0.7 * tensors
     contract = json.loads((out / "mtplx_runtime.json").read_text())
+    assert "draft_vocab" not in contract["sidecar"]  # --draft-vocab 0: no subset written
     assert contract["provenance"]["sidecar_sha256"] == json.loads(
         (grafted_bf16[0] / "mtplx_runtime.json").read_text())["provenance"]["sidecar_sha256"]
 

@@ -45,10 +45,10 @@ def models_cmd(json_out):
 
     entries = list_models()
     if json_out != "-":
-        click.echo(f"{'ref':<44} {'where':<10} {'size':>10}  description")
+        click.echo(f"{'ref':<44} {'where':<12} {'size':>10}  description")
         for e in entries:
             size = f"{e['size_bytes'] / 2**20:.1f} MiB" if e.get("size_bytes") else "-"
-            click.echo(f"{e['ref']:<44} {e['where']:<10} {size:>10}  {e['title']}")
+            click.echo(f"{e['ref']:<44} {e['where']:<12} {size:>10}  {e['title']}")
     write_json(entries, json_out)
 
 
