@@ -55,20 +55,22 @@ class GenerationResponse:
         return self.tokens[-1] if self.tokens else None
 
 
-def load(ref: str | os.PathLike[str], *, mtp: bool = True, force: bool = False,
-         revision: str | None = None) -> tuple[MTPModel, Any]:
+def load(ref: str | os.PathLike[str], *, mtp: bool = True, force: bool = False, revision: str | None = None,
+         draft_vocab: bool = True) -> tuple[MTPModel, Any]:
     """Load an artifact (``"demo"``, a directory or a Hugging Face repo id).
 
     Returns ``(model, tokenizer)``; ``model.load_report`` says what was checked. With
     ``mtp=False`` any MLX Qwen3.5 checkpoint loads for plain AR decoding. ``force=True``
     loads an artifact whose hashes do not match its contract, with a warning.
+    ``draft_vocab=False`` drafts over the full vocabulary even where the artifact stores a
+    reduced draft vocabulary (to compare the two).
     """
     if isinstance(ref, os.PathLike):
         ref = os.fspath(ref)
     if not isinstance(ref, str) or not ref.strip():
         raise MtplxError(f"the model reference is {ref!r}",
                          fix="pass 'demo', an artifact directory or a Hugging Face repo id (org/name)")
-    model, tokenizer, report = load_artifact(ref, mtp=mtp, force=force, revision=revision)
+    model, tokenizer, report = load_artifact(ref, mtp=mtp, force=force, revision=revision, draft_vocab=draft_vocab)
     model.load_report = report
     return model, tokenizer
 

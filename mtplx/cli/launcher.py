@@ -229,7 +229,11 @@ def ask_thinking(thinking: bool | None, yes: bool) -> bool:
 def plan(*, model_ref: str | None, depth: int | None, no_mtp: bool, thinking: bool | None,
          surface: str | None, yes: bool) -> Plan:
     """Ask what the flags did not say, check the model, and return the plan."""
+    from mtplx.artifact.store import ensure_artifact
+    from mtplx.cli.options import confirm_download
+
     ref = model_ref or ("demo" if yes else ask_model())
+    ref = ensure_artifact(ref, confirm=confirm_download(yes))
     click.echo(f"Checking {ref} ...")
     info = inspect_model(ref)
     report_and_check(info, ar_only=no_mtp or depth == 0, yes=yes)

@@ -57,6 +57,16 @@ def format_status(r: Any, *, prefill: bool = False) -> str:
             f" | {r.tokens_per_step:.2f} tokens/step | {r.finish_reason or '?'}]")
 
 
+def confirm_download(yes: bool) -> Callable[[str], bool]:
+    """For ensure_artifact: show what a first use will download, then ask (unless --yes)."""
+
+    def confirm(plan: str) -> bool:
+        click.echo(plan, err=True)
+        return yes or click.confirm("Download and graft it now?", default=True, err=True)
+
+    return confirm
+
+
 def write_json(data: Any, target: str | None) -> None:
     """--json: '-' prints to stdout, a path writes the file."""
     if target is None:

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from mtplx.cli.options import (force_option, format_status, json_option, knob, model_option, sampling_options,
-                               write_json)
+from mtplx.cli.options import (confirm_download, force_option, format_status, json_option, knob, model_option,
+                               sampling_options, write_json)
 from mtplx.errors import MtplxError
 
 
@@ -54,8 +54,9 @@ def check_argument(prompt: str) -> str:
 @force_option
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the completion, no statistics.")
+@click.option("--yes", "-y", is_flag=True, help="Graft a model that has no artifact yet without asking.")
 def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temperature, top_p, top_k, min_p,
-        draft_temperature, seed, force, json_out, quiet):
+        draft_temperature, seed, force, json_out, quiet, yes):
     """Complete PROMPT (or standard input when PROMPT is omitted or '-')."""
     if no_mtp and depth:
         raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
@@ -67,7 +68,9 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
         prompt = check_argument(prompt)
 
     import mtplx
+    from mtplx.artifact.store import ensure_artifact
 
+    model_ref = ensure_artifact(model_ref, confirm=confirm_download(yes))
     model, tokenizer = mtplx.load(model_ref, mtp=not no_mtp, force=force)
     messages = [{"role": "user", "content": prompt}] if chat else prompt
     text, last = [], None
