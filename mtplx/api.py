@@ -75,10 +75,13 @@ def load(ref: str | os.PathLike[str], *, mtp: bool = True, force: bool = False, 
     return model, tokenizer
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict], enable_thinking: bool | None, generation_prompt: bool) -> list[int]:
+def _chat_ids(tokenizer: Any, messages: list[dict], enable_thinking: bool | None, generation_prompt: bool,
+              **template_kwargs: Any) -> list[int]:
     from jinja2 import TemplateError
 
-    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    kwargs = dict(template_kwargs)
+    if enable_thinking is not None:
+        kwargs["enable_thinking"] = enable_thinking
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
                                             tokenizer_kwargs={"verbose": False}, **kwargs)
@@ -119,7 +122,8 @@ def prompt_ids(model: MTPModel, tokenizer: Any, prompt: Prompt, enable_thinking:
     return ids
 
 
-def reuse_boundaries(tokenizer: Any, prompt: Prompt, ids: list[int], enable_thinking: bool | None = None) -> tuple[int, ...]:
+def reuse_boundaries(tokenizer: Any, prompt: Prompt, ids: list[int], enable_thinking: bool | None = None,
+                     **template_kwargs: Any) -> tuple[int, ...]:
     """Where the next prompt of this conversation may start to differ from ``ids``: a prompt
     cache snapshots its state there.
 
@@ -127,14 +131,15 @@ def reuse_boundaries(tokenizer: Any, prompt: Prompt, ids: list[int], enable_thin
     that preceded the reply (Qwen's drop the ``<think>`` block), so the next turn's tokens leave
     this prompt's before its end. Rendering the conversation with a stand-in reply shows where:
     at the end of the common prefix of that rendering and this prompt. Text and token prompts
-    have no such place (the prompt's own end is always snapshotted)."""
+    have no such place (the prompt's own end is always snapshotted). ``template_kwargs`` (tools,
+    ...) are those the prompt was rendered with."""
     if isinstance(prompt, EncodedPrompt):
         return prompt.boundaries
     if isinstance(prompt, str) or not prompt or not isinstance(prompt[0], dict):
         return ()
     try:
         history = _chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": "x"}], enable_thinking,
-                            generation_prompt=False)
+                            generation_prompt=False, **template_kwargs)
     except Exception:  # noqa: BLE001 - a template that refuses this shape: no boundary, no harm
         return ()
     # One token back: the reply's first characters may merge with the last token before them

@@ -58,7 +58,8 @@ def test_message_matches_generate(demo_server) -> None:
     assert r.type == "message" and r.role == "assistant" and r.id.startswith("msg_") and r.model == "demo"
     assert [b.type for b in r.content] == ["text"] and r.content[0].text == expected
     assert (r.stop_reason, r.stop_sequence) == ("max_tokens", None)
-    assert (r.usage.input_tokens, r.usage.output_tokens) == (_prompt_tokens(s, chat), 4)
+    prompt_tokens = _prompt_tokens(s, chat)
+    assert (r.usage.input_tokens + r.usage.cache_read_input_tokens, r.usage.output_tokens) == (prompt_tokens, 4)
 
     # Streamed: Anthropic's event sequence, the same text.
     with s.anthropic.messages.stream(model="demo", max_tokens=4, system=[{"type": "text", "text": SYSTEM}],
@@ -69,7 +70,9 @@ def test_message_matches_generate(demo_server) -> None:
         "content_block_stop", "message_delta", "message_stop"]
     assert set(kinds[2:-3]) <= {"content_block_delta", "text"}
     assert final.content[0].text == expected and final.stop_reason == "max_tokens"
-    assert final.usage.output_tokens == 4 and final.usage.input_tokens == r.usage.input_tokens
+    assert final.usage.output_tokens == 4
+    # The same prompt again: the prompt cache serves all of it but the last token.
+    assert (final.usage.input_tokens, final.usage.cache_read_input_tokens) == (1, prompt_tokens - 1)
 
 
 def test_count_tokens_and_thinking(demo_server) -> None:

@@ -63,12 +63,17 @@ def _check_port(host: str, port: int) -> None:
                    "bound to another address checks Host only when this is given.")
 @click.option("--max-body-mb", type=click.FloatRange(0.001, 1024), default=8, show_default=True,
               help="Largest request body read, in MiB; larger requests get 413 before they are read.")
+@click.option("--prompt-cache-gb", type=click.FloatRange(0.0, 4096), default=None,
+              help="Memory for the prompt caches of recent conversations (a request that extends one prefills "
+                   "only its new tokens); least recently used go first. Default: a tenth of the machine's memory.")
+@click.option("--no-prompt-cache", is_flag=True, help="Prefill every request in full (no prompt cache).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @force_option
 def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool, queue_size: int,
           max_tokens_default: int, served_model_names: tuple[str, ...], allowed_hosts: tuple[str, ...],
-          max_body_mb: float, log_level: str, force: bool) -> None:
+          max_body_mb: float, prompt_cache_gb: float | None, no_prompt_cache: bool, log_level: str,
+          force: bool) -> None:
     """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and
     Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens), with /health and
     /metrics.
@@ -85,6 +90,9 @@ def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool,
 
     if no_mtp and depth:
         raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
+    if no_prompt_cache and prompt_cache_gb:
+        raise click.UsageError("--no-prompt-cache turns the cache off; drop --prompt-cache-gb or --no-prompt-cache")
+    cache_bytes = 0 if no_prompt_cache else None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
     names = split_names(served_model_names) or default_served_names(model_ref)
     hosts = split_names(allowed_hosts)
     loopback = is_loopback_name(host.strip("[]").lower())
@@ -95,11 +103,14 @@ def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool,
     model, tokenizer = mtplx.load(model_ref, mtp=not no_mtp, force=force)
     app = create_app(model, tokenizer, served_model_names=names, depth=0 if no_mtp else depth,
                      queue_size=queue_size, max_tokens_default=max_tokens_default,
-                     max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=hosts if loopback or hosts else None)
+                     max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=hosts if loopback or hosts else None,
+                     prompt_cache_bytes=cache_bytes)
     shown = f"[{host}]" if ":" in host else host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else shown  # a wildcard is not an address to visit
     base = f"http://{shown}:{port}/v1"
-    click.echo(f"mtplx serving {', '.join(names)} at {base}  (queue {queue_size}, Ctrl-C to stop)")
+    lru = app.state.core.prompt_caches
+    cache = f"prompt cache {lru.max_bytes / 2**30:.1f} GiB" if lru is not None else "no prompt cache"
+    click.echo(f"mtplx serving {', '.join(names)} at {base}  (queue {queue_size}, {cache}, Ctrl-C to stop)")
     click.echo(f"try: curl {base}/chat/completions -H 'Content-Type: application/json' "
                f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
     # A short graceful-shutdown window: open streams are cancelled (which frees the engine)

@@ -216,6 +216,14 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
             "input": call.arguments}
 
 
+def _usage(prompt_tokens: int, last: Any) -> dict[str, int]:
+    """Anthropic's usage: ``input_tokens`` counts the prompt tokens prefilled, and
+    ``cache_read_input_tokens`` those a prompt cache served (their sum is the prompt)."""
+    cached = last.cached_tokens
+    return {"input_tokens": prompt_tokens - cached, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached, "output_tokens": last.generation_tokens}
+
+
 def anthropic_routes(core: Core) -> APIRouter:
     router = APIRouter()
     fmt = tool_format(core.tokenizer)
@@ -242,8 +250,8 @@ def anthropic_routes(core: Core) -> APIRouter:
                        top_p=knob("top_p", body.top_p), top_k=knob("top_k", body.top_k), min_p=knob("min_p", body.min_p),
                        seed=knob("seed", body.seed), depth=knob("depth", body.depth), stop=list(body.stop_sequences or []))
         tools = _tools(body, fmt)
-        g.ids = await core.encode_chat(_template_messages(body, fmt), tools=tools,
-                                       template_kwargs=_thinking(body, body.max_tokens))
+        g.ids, g.boundaries = await core.encode_chat(_template_messages(body, fmt), tools=tools,
+                                                     template_kwargs=_thinking(body, body.max_tokens))
         return model, g, Answer(fmt if tools else None, tools)
 
     async def stream(job: Job, answer: Answer, *, message: dict[str, Any], stops: list[str],
@@ -281,7 +289,7 @@ def anthropic_routes(core: Core) -> APIRouter:
                 yield _event("content_block_stop", {"index": index})
             reason, sequence = stop_reason(answer, steps, text, stops)
             yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                           "usage": {"output_tokens": steps[-1].generation_tokens},
+                                           "usage": _usage(len(job.ids), steps[-1]),
                                            "mtplx": mtplx_stats(steps[-1], depth)})
             yield _event("message_stop", {})
         except APIError as e:
@@ -310,15 +318,15 @@ def anthropic_routes(core: Core) -> APIRouter:
         return JSONResponse({
             "id": mid, "type": "message", "role": "assistant", "model": model,
             "content": content or [{"type": "text", "text": ""}], "stop_reason": reason, "stop_sequence": sequence,
-            "usage": {"input_tokens": len(g.ids), "output_tokens": out.last.generation_tokens},
+            "usage": _usage(len(g.ids), out.last),
             "mtplx": mtplx_stats(out.last, depth),
         })
 
     @router.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
         core.resolve_model(body.model)
-        ids = await core.encode_chat(_template_messages(body, fmt), tools=_tools(body, fmt),
-                                     template_kwargs=_thinking(body, None))
+        ids, _ = await core.encode_chat(_template_messages(body, fmt), tools=_tools(body, fmt),
+                                        template_kwargs=_thinking(body, None))
         return {"input_tokens": len(ids)}
 
     return router

@@ -22,20 +22,33 @@ from mtplx.server.openai import openai_routes
 
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+# Prompt caches may take this share of the machine's memory by default (--prompt-cache-gb).
+PROMPT_CACHE_SHARE = 0.1
+
+
+def default_prompt_cache_bytes() -> int:
+    from mtplx.artifact.inspect import machine_memory_bytes
+
+    return int(machine_memory_bytes() * PROMPT_CACHE_SHARE)
 
 
 def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
                depth: int | None = None, queue_size: int = 8, max_tokens_default: int = 512,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: Iterable[str] | None = ()) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: Iterable[str] | None = (),
+               prompt_cache_bytes: int | None = None) -> FastAPI:
     """An app serving ``model``.
 
     ``served_model_names``: the names requests may ask for (the first is the one reported);
     ``depth``: the default draft depth (None: the tuned or contract default); ``queue_size``:
     how many requests may wait behind the running one; ``max_body_bytes``: the largest request
     body read (413 beyond); ``allowed_hosts``: Host names accepted besides loopback ones, or
-    ``None`` to accept any Host (only for a server bound to a public address)."""
+    ``None`` to accept any Host (only for a server bound to a public address);
+    ``prompt_cache_bytes``: the bound on the prompt caches of recent conversations (None: a
+    tenth of the machine's memory; 0: no prompt cache)."""
+    if prompt_cache_bytes is None:
+        prompt_cache_bytes = default_prompt_cache_bytes()
     core = Core(model, tokenizer, served_model_names=served_model_names, depth=depth, queue_size=queue_size,
-                max_tokens_default=max_tokens_default)
+                max_tokens_default=max_tokens_default, prompt_cache_bytes=prompt_cache_bytes)
     model_id = core.model_id
     scheduler, metrics = core.scheduler, core.metrics
 

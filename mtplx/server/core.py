@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict
 
 from mtplx import knobs
 from mtplx._version import __version__
-from mtplx.api import GenerationResponse, default_depth
+from mtplx.api import GenerationResponse, default_depth, reuse_boundaries
+from mtplx.engine.prompt_cache import PromptCacheLRU
 from mtplx.errors import MtplxError
 from mtplx.knobs import KnobError
 from mtplx.server.metrics import Metrics
@@ -159,6 +160,7 @@ class Generation:
     seed: int | None = None
     depth: int | None = None
     stop: list[str] = field(default_factory=list)
+    boundaries: tuple[int, ...] = ()  # where the next turn may diverge (prompt-cache snapshots)
     logprobs: int | None = None  # alternatives per token; None = no logprobs
     response_format: dict[str, Any] | None = None  # OpenAI's shape, validated; None or "text" = free text
 
@@ -186,9 +188,13 @@ def _chars(value: Any) -> int:
     return 0
 
 
-def usage(prompt_tokens: int, r: GenerationResponse | None) -> dict[str, int]:
+def usage(prompt_tokens: int, r: GenerationResponse | None) -> dict[str, Any]:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens``: prompt tokens a prompt cache
+    served instead of a prefill (OpenAI's field for its own prompt caching)."""
     done = r.generation_tokens if r is not None else 0
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+    cached = r.cached_tokens if r is not None else 0
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def mtplx_stats(r: GenerationResponse, depth: int) -> dict[str, Any]:
@@ -202,7 +208,8 @@ class Core:
     """One model behind a queue: encodes prompts, submits generations and hands back their steps."""
 
     def __init__(self, model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
-                 depth: int | None = None, queue_size: int = 8, max_tokens_default: int = 512):
+                 depth: int | None = None, queue_size: int = 8, max_tokens_default: int = 512,
+                 prompt_cache_bytes: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.served_model_names = list(dict.fromkeys(n for n in served_model_names if n))
         if not self.served_model_names:
@@ -212,7 +219,11 @@ class Core:
         self.max_tokens_default = max_tokens_default
         self.queue_size = queue_size
         self.metrics = Metrics()
-        self.scheduler = Scheduler(model, tokenizer, self.metrics, max_queue=queue_size)
+        # Prompt caches of recent conversations, bounded in bytes; 0 turns them off.
+        self.prompt_caches = PromptCacheLRU(model, prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        self.metrics.prompt_caches = self.prompt_caches
+        self.scheduler = Scheduler(model, tokenizer, self.metrics, max_queue=queue_size,
+                                   prompt_caches=self.prompt_caches)
         self.depth = default_depth(model) if depth is None else depth
         if self.depth > 0 and not model.has_mtp:
             raise MtplxError(f"depth {self.depth} needs an MTP head and this model has none",
@@ -276,15 +287,22 @@ class Core:
         return await self._tokenize(lambda: self.tokenizer.encode(text), param)
 
     async def encode_chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
-                          template_kwargs: dict[str, Any] | None = None, param: str = "messages") -> list[int]:
-        """Messages (and tools) through the model's chat template, with the generation prompt.
+                          template_kwargs: dict[str, Any] | None = None,
+                          param: str = "messages") -> tuple[list[int], tuple[int, ...]]:
+        """Messages (and tools) through the model's chat template, with the generation prompt;
+        returns the ids and, with prompt caches on, where the next turn may diverge from them.
         ``template_kwargs`` reach the template as variables (``enable_thinking``, ...)."""
         self.check_prompt_chars(sum(_chars(m) for m in messages) + _chars(tools), param)
         kwargs = dict(template_kwargs or {})
         if tools:
             kwargs["tools"] = tools
-        return await self._tokenize(lambda: self.tokenizer.apply_chat_template(
+        ids = await self._tokenize(lambda: self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, **kwargs), param)
+        if self.prompt_caches is None:
+            return ids, ()
+        boundaries = await asyncio.get_running_loop().run_in_executor(
+            self._tok_pool, lambda: reuse_boundaries(self.tokenizer, messages, ids, **kwargs))
+        return ids, boundaries
 
     def _too_long(self, n: int) -> APIError:
         return APIError(400, f"The prompt has {n} tokens, at or over the model's context of "
@@ -307,7 +325,7 @@ class Core:
                       logprobs=g.logprobs)
         if g.response_format is not None and g.response_format.get("type") != "text":
             kwargs["response_format"] = g.response_format
-        job = Job(g.ids, kwargs, asyncio.get_running_loop())
+        job = Job(g.ids, kwargs, asyncio.get_running_loop(), boundaries=g.boundaries)
         try:
             self.scheduler.submit(job)
         except QueueFull as e:

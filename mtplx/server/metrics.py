@@ -41,6 +41,7 @@ class Metrics:
         self.requests: dict[tuple[str, str], int] = defaultdict(int)
         self.generations: dict[str, int] = defaultdict(int)
         self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
         self.generated_tokens = 0
         self.decode_seconds = 0.0
         self.last_tps = 0.0
@@ -48,6 +49,9 @@ class Metrics:
         # Summed over every generation, so the acceptance gauge is the server-lifetime rate
         # P(draft k accepted), not the noisy value of the last request.
         self.acceptance = AcceptanceTally()
+
+        # The prompt-cache LRU, read live at each scrape (None: the server runs without one).
+        self.prompt_caches: Any = None
 
     def bind(self, queue_depth: Callable[[], int], busy: Callable[[], bool]) -> None:
         self._queue_depth, self._busy = queue_depth, busy
@@ -70,6 +74,7 @@ class Metrics:
             if stats is None:
                 return
             self.prompt_tokens += stats.prompt_tokens
+            self.cached_prompt_tokens += stats.cached_tokens
             self.generated_tokens += stats.generated
             self.decode_seconds += stats.decode_seconds
             if stats.generated:
@@ -91,7 +96,22 @@ class Metrics:
             family("mtplx_generations_total", "counter",
                    "Generations by outcome (completed, cancelled, dropped, error).",
                    [(f'{{outcome="{o}"}}', n) for o, n in sorted(self.generations.items())])
-            family("mtplx_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens)])
+            family("mtplx_prompt_tokens_total", "counter", "Prompt tokens of all generations (cached ones included).",
+                   [("", self.prompt_tokens)])
+            family("mtplx_cached_prompt_tokens_total", "counter", "Prompt tokens a prompt cache served (not prefilled).",
+                   [("", self.cached_prompt_tokens)])
+            lru = self.prompt_caches
+            if lru is not None:
+                family("mtplx_prompt_cache_hits_total", "counter", "Requests that reused a cached prefix.",
+                       [("", lru.hits)])
+                family("mtplx_prompt_cache_misses_total", "counter", "Requests that found no cached prefix.",
+                       [("", lru.misses)])
+                family("mtplx_prompt_cache_evictions_total", "counter", "Prompt caches dropped to stay in the bound.",
+                       [("", lru.evictions)])
+                family("mtplx_prompt_cache_bytes", "gauge", "Bytes the prompt caches hold.", [("", lru.nbytes)])
+                family("mtplx_prompt_cache_limit_bytes", "gauge", "The bound on those bytes (--prompt-cache-gb).",
+                       [("", lru.max_bytes)])
+                family("mtplx_prompt_cache_entries", "gauge", "Conversations cached.", [("", len(lru))])
             family("mtplx_generated_tokens_total", "counter", "Tokens generated.", [("", self.generated_tokens)])
             family("mtplx_last_tokens_per_second", "gauge", "Decode throughput of the last generation.",
                    [("", self.last_tps)])

@@ -330,7 +330,7 @@ def openai_routes(core: Core) -> APIRouter:
         g = _generation(body, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         tools = _tools(body, fmt)
         messages = [_message_dict(m, i, fmt) for i, m in enumerate(body.messages)]
-        g.ids = await core.encode_chat(messages, tools=tools, template_kwargs=_template_kwargs(body, g))
+        g.ids, g.boundaries = await core.encode_chat(messages, tools=tools, template_kwargs=_template_kwargs(body, g))
         return await respond(request, body, model, g, Answer(fmt if tools else None, tools), chat=True)
 
     @router.post("/v1/completions")
