@@ -260,3 +260,22 @@ def test_ctrl_c_at_a_menu_exits_130(tmp_path, monkeypatch):
         signal.signal(signal.SIGINT, handler)  # the exit path ignores a second Ctrl-C; not in pytest's process
     assert r.exit_code == 130 and r.stderr == "mtplx: interrupted\n", r.output
     assert "Which model?" in r.stdout
+
+
+def test_run_prompt_cache_file(tmp_path):
+    """A second run of the same prompt reuses the saved cache (all but the last prompt token)
+    and answers the same; a file that cannot serve the model is one line and a cold start."""
+    import json
+
+    path = tmp_path / "chat.safetensors"
+    args = ["run", "--model", "demo", "--raw", "-t", "0", "-n", "4", "--prompt-cache", str(path), "--json", "-",
+            "def add(a, b):"]
+    first, second = invoke(*args), invoke(*args)
+    assert first.exit_code == second.exit_code == 0, first.output + second.output
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert a["text"] == b["text"] and a["stats"]["cached_tokens"] == 0
+    assert b["stats"]["cached_tokens"] == b["stats"]["prompt_tokens"] - 1
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    third = invoke(*args)
+    assert third.exit_code == 0 and json.loads(third.stdout)["text"] == a["text"]
+    assert third.stderr.count("\n") == 1 and "cannot be read" in third.stderr and "Starting without it" in third.stderr

@@ -94,6 +94,11 @@ class ChatSession:
     seed: int | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
+    # The conversation's prompt cache (mtplx.make_prompt_cache) and its tokens: each turn
+    # appends the new question to what the model has seen and written (mtplx/conversation.py),
+    # so it prefills only that. None: every turn renders and prefills the whole history.
+    prompt_cache: Any = None
+    conversation: Any = None
 
     @property
     def has_mtp(self) -> bool:
@@ -115,7 +120,7 @@ class ChatSession:
         if name in ("help", "h", "?"):
             return HELP
         if name == "reset":
-            self.messages.clear()
+            self._forget()
             return "History cleared."
         # The knobs' limits and messages are mtplx.knobs', the same as the flags' and the API's.
         if name == "depth":
@@ -159,34 +164,49 @@ class ChatSession:
             with no_echo():
                 return self._stream(generate)
         except ContextOverflowError as e:
-            self.messages.pop()
+            self._drop_turn()
             click.echo()
             return self._overflow(text, e, generate, read)
         except MtplxError as e:  # a mistake in this turn; the conversation itself is fine
-            self.messages.pop()
+            self._drop_turn()
             click.echo()
             click.echo(click.style(f"mtplx: error: {e}", fg="red"))
             return None
         except KeyboardInterrupt:
-            self.messages.pop()  # drop the question too: the turn never completed
+            self._drop_turn()  # drop the question too: the turn never completed
             click.echo()
             click.echo(click.style("[interrupted: reply stopped, this turn dropped from the history]", fg="yellow"))
             return None
 
+    def _drop_turn(self) -> None:
+        self.messages.pop()
+        if self.conversation is not None:
+            self.conversation.drop_turn()
+
     def _stream(self, generate: Callable[..., Iterable[Any]]) -> Any:
         parts: list[str] = []
+        tokens: list[int] = []
         last = None
         started = False
-        for r in generate(self.model, self.tokenizer, self.messages, max_tokens=self.max_tokens,
+        prompt, cache = self.messages, {}
+        if self.prompt_cache is not None:
+            cache = {"prompt_cache": self.prompt_cache}
+            if self.conversation is not None:
+                prompt = self.conversation.prompt(self.messages, self.thinking)
+        for r in generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens,
                           temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, depth=self.depth,
-                          seed=self.seed, enable_thinking=self.thinking):
+                          seed=self.seed, enable_thinking=self.thinking, **cache):
             parts.append(r.text)
+            if self.conversation is not None:
+                tokens += r.tokens
             shown = r.text if started else r.text.lstrip("\n")  # no blank line after the reply prefix
             started = started or bool(shown)
             click.echo(shown, nl=False)
             last = r
         click.echo()
         self.messages.append({"role": "assistant", "content": "".join(parts)})
+        if self.conversation is not None:
+            self.conversation.add_reply(tokens)
         if last is not None:
             self.totals.add(last.stats)
             click.echo(click.style(format_status(last), dim=True))
@@ -211,9 +231,16 @@ class ChatSession:
         if answer not in ("", "y", "yes"):
             click.echo("Kept the conversation; /reset starts a new one.")
             return None
-        self.messages.clear()
+        self._forget()
         click.echo("New conversation.")
         return self.reply(text, generate, read)
+
+    def _forget(self) -> None:
+        self.messages.clear()
+        if self.prompt_cache is not None:
+            self.prompt_cache.reset()
+        if self.conversation is not None:
+            self.conversation.reset()
 
 
 def _number(text: str) -> Any:
@@ -270,6 +297,11 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] = input,
         import mtplx
 
         generate = mtplx.stream_generate
+        if session.prompt_cache is None:
+            from mtplx.conversation import Conversation
+
+            session.prompt_cache = mtplx.make_prompt_cache(session.model)
+            session.conversation = Conversation(session.tokenizer)
     if read is input:
         _readline()
     click.echo(f"Chat: {session.settings()}. Type /help for commands, /quit or Ctrl-D to leave.")

@@ -53,6 +53,9 @@ def format_status(r: Any, *, prefill: bool = False) -> str:
     mode = f"MTP d{depth}" if depth else "AR"
     acc = " ".join(f"{a:.2f}" for a in r.acceptance) if r.acceptance else "-"
     rates = f"{r.generation_tps:.1f} tok/s" + (f" | prefill {r.prompt_tps:.1f} tok/s" if prefill else "")
+    cached = getattr(r, "cached_tokens", 0)
+    if cached:  # a prompt cache served these: the prefill rate is over the rest
+        rates += f" | {cached} of {r.prompt_tokens} prompt tokens cached"
     return (f"[{mode} | {r.generation_tokens} tokens | {rates} | acceptance {acc}"
             f" | {r.tokens_per_step:.2f} tokens/step | {r.finish_reason or '?'}]")
 

@@ -55,8 +55,12 @@ def check_argument(prompt: str) -> str:
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the completion, no statistics.")
 @click.option("--yes", "-y", is_flag=True, help="Graft a model that has no artifact yet without asking.")
+@click.option("--prompt-cache", "prompt_cache_file", type=click.Path(dir_okay=False), default=None,
+              help="Reuse the prompt cache saved in FILE (a run whose prompt extends its tokens prefills only "
+                   "the rest) and save the updated cache there. A file from another model is refused, and the "
+                   "run starts cold.")
 def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temperature, top_p, top_k, min_p,
-        draft_temperature, seed, force, json_out, quiet, yes):
+        draft_temperature, seed, force, json_out, quiet, yes, prompt_cache_file):
     """Complete PROMPT (or standard input when PROMPT is omitted or '-')."""
     if no_mtp and depth:
         raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
@@ -72,12 +76,13 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
 
     model_ref = ensure_artifact(model_ref, confirm=confirm_download(yes))
     model, tokenizer = mtplx.load(model_ref, mtp=not no_mtp, force=force)
+    cache = open_prompt_cache(prompt_cache_file, model) if prompt_cache_file else None
     messages = [{"role": "user", "content": prompt}] if chat else prompt
     text, last = [], None
     for r in mtplx.stream_generate(model, tokenizer, messages, max_tokens=max_tokens, temperature=temperature,
                                    top_p=top_p, top_k=top_k, min_p=min_p, depth=0 if no_mtp else depth,
                                    draft_temperature=draft_temperature, seed=seed, stop=list(stop),
-                                   enable_thinking=thinking):
+                                   enable_thinking=thinking, prompt_cache=cache):
         text.append(r.text)
         if json_out != "-":
             click.echo(r.text, nl=False)
@@ -88,6 +93,25 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
         click.echo(format_status(last, prefill=True), err=True)
     if last is not None:
         write_json({"text": "".join(text), "finish_reason": last.finish_reason, "stats": last.stats.as_dict()}, json_out)
+    if cache is not None:
+        mtplx.save_prompt_cache(prompt_cache_file, cache)
+
+
+def open_prompt_cache(path: str, model):
+    """The prompt cache saved at ``path``; a new one when there is none yet, or (after one line
+    saying why) when the file cannot serve this model: damaged, another model, another version."""
+    import os
+
+    import mtplx
+    from mtplx.errors import MtplxError
+
+    if not os.path.exists(path):
+        return mtplx.make_prompt_cache(model)
+    try:
+        return mtplx.load_prompt_cache(path, model)
+    except MtplxError as e:
+        click.echo(f"mtplx: {e} Starting without it; it will be overwritten.", err=True)
+        return mtplx.make_prompt_cache(model)
 
 
 COMMANDS = [run]
