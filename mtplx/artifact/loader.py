@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -163,9 +163,14 @@ def load_head(path: Path, contract: RuntimeContract, args: Any) -> MTPHead:
     return head
 
 
-def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | None = None) -> tuple[MTPModel, Any, LoadReport]:
+def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | None = None,
+         split: Callable[[nn.Module], bool] | None = None) -> tuple[MTPModel, Any, LoadReport]:
     """Load an artifact: (model, tokenizer, report). With ``mtp=False`` any Qwen3.5 MLX
-    checkpoint loads for plain AR decoding."""
+    checkpoint loads for plain AR decoding.
+
+    ``split`` (a distributed run, mtplx/distributed/) gets the mlx-lm model before any weight
+    is read, keeps only this process's part of it, and says whether this process holds the
+    MTP head; only the weights left are then read."""
     from mlx_lm import load as mlx_load
 
     path = resolve(ref, revision)
@@ -181,7 +186,11 @@ def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | Non
     if model_type not in ("qwen3_5", "qwen3_5_moe"):
         raise UnsupportedModelError(f"unknown architecture model_type={model_type!r}; mtplx runs qwen3_5 and qwen3_5_moe",
                                     path=config_file, fix="use a Qwen3.5 or Qwen3.6 model")
-    model, tokenizer = mlx_load(str(path))
+    model, tokenizer = mlx_load(str(path), lazy=split is not None)
+    keep_head = True
+    if split is not None:
+        keep_head = split(model)
+        mx.eval(model.parameters())
     trunk = Trunk(model)
     head = None
     if contract is not None:
@@ -190,6 +199,7 @@ def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | Non
             report.warnings.append("provenance not verified: the artifact carries no hashes of its own")
         else:
             verify_provenance(path, contract, report, force)
-        head = load_head(path, contract, trunk.args)
-        report.checks.append("sidecar tensors match the head's shapes")
+        if keep_head:
+            head = load_head(path, contract, trunk.args)
+            report.checks.append("sidecar tensors match the head's shapes")
     return MTPModel(trunk, head, contract, str(path)), tokenizer, report
