@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from mtplx.cli.options import force_option, json_option, model_option, sampling_options, write_json
+from mtplx.cli.options import (distributed_options, force_option, json_option, load_model, model_option,
+                               sampling_options, write_json)
 
 
 @click.command("run")
@@ -22,8 +23,9 @@ from mtplx.cli.options import force_option, json_option, model_option, sampling_
 @force_option
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the completion, no statistics.")
+@distributed_options
 def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temperature, top_p, top_k, min_p,
-        draft_temperature, seed, force, json_out, quiet):
+        draft_temperature, seed, force, json_out, quiet, distributed):
     """Complete PROMPT (or standard input when PROMPT is omitted or '-')."""
     import mtplx
 
@@ -31,7 +33,7 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
         if sys.stdin.isatty():
             raise click.UsageError("give a PROMPT or pipe one on standard input")
         prompt = sys.stdin.read()
-    model, tokenizer = mtplx.load(model_ref, mtp=not no_mtp, force=force)
+    model, tokenizer = load_model(model_ref, mtp=not no_mtp, force=force, distributed=distributed)
     messages = [{"role": "user", "content": prompt}] if chat else prompt
     text, last = [], None
     for r in mtplx.stream_generate(model, tokenizer, messages, max_tokens=max_tokens, temperature=temperature,

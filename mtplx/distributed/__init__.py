@@ -29,7 +29,7 @@ by comparing the contract's provenance hashes and config.json (session.py).
 
 from mtplx.distributed.follow import follow
 from mtplx.distributed.link import DEFAULT_TIMEOUT, Link
-from mtplx.distributed.session import MODES, join, load, stop
+from mtplx.distributed.session import MODES, join, load, load_or_follow, stop
 from mtplx.distributed.watchdog import DistributedError
 
-__all__ = ["DEFAULT_TIMEOUT", "DistributedError", "Link", "MODES", "follow", "join", "load", "stop"]
+__all__ = ["DEFAULT_TIMEOUT", "DistributedError", "Link", "MODES", "follow", "join", "load", "load_or_follow", "stop"]

@@ -14,6 +14,7 @@ Every rank runs the same command (``mlx.launch ... -- mtplx run --distributed pi
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from mlx.utils import tree_flatten
 
 from mtplx._version import __version__
 from mtplx.artifact.loader import load as load_artifact
+from mtplx.distributed.follow import follow
 from mtplx.distributed.link import DEFAULT_TIMEOUT, Link
 from mtplx.distributed.split import PipelineSplit
 from mtplx.distributed.stage import FollowerStage, LeaderStage
@@ -128,3 +130,17 @@ def stop(model: MTPModel) -> None:
     stage = model.trunk.stage
     if isinstance(stage, LeaderStage):
         stage.stop()
+
+
+def load_or_follow(ref: str, *, mode: str = "pipeline", mtp: bool = True, force: bool = False,
+                   timeout: float | None = None, layers: Sequence[int] | None = None) -> tuple[MTPModel, Any]:
+    """For a command every rank runs: join, load, and on rank 0 return (model, tokenizer), the
+    other ranks being told to stop when this process exits. Any other rank serves rank 0's
+    passes until then, and exits."""
+    link = join(DEFAULT_TIMEOUT if timeout is None else timeout)
+    model, tokenizer = load(link, ref, mode=mode, mtp=mtp, force=force, layers=layers)
+    if link.rank != 0:
+        follow(model)
+        raise SystemExit(0)
+    atexit.register(stop, model)
+    return model, tokenizer

@@ -11,6 +11,7 @@ deadline passes, and the rank's neighbours then see a closed socket and end too.
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -46,9 +47,11 @@ class Watchdog:
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=(read_end,))
         os.close(read_end)
         sys.stderr.flush()
+        self._stderr = os.dup(2)
         os.dup2(write_end, 2)
         os.close(write_end)
         self._armed = False
+        atexit.register(self._finish)
 
     def arm(self, seconds: float, message: str) -> None:
         line = " ".join(f"mtplx: error: rank {self.rank}: {message}".split())
@@ -74,6 +77,20 @@ class Watchdog:
         """No more deadlines (stderr keeps flowing through the watchdog until exit)."""
         if self._process.stdin is not None and not self._process.stdin.closed:
             self._process.stdin.close()
+
+    def _finish(self) -> None:
+        """At exit: give stderr back and let the watchdog copy what is left before this
+        process ends, so no line of it appears after the shell prompt."""
+        self.close()
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(self._stderr, 2)  # the last writer of the relay pipe: the watchdog sees its end
+        try:
+            self._process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
 
     def _send(self, line: str) -> None:
         assert self._process.stdin is not None
