@@ -118,8 +118,7 @@ def load(link: Link, ref: str, *, mode: str = "pipeline", mtp: bool = True, forc
     if model.head is not None:
         weights += sum(v.nbytes for _, v in tree_flatten(model.head.parameters()))
     kind = LeaderStage if link.rank == 0 else FollowerStage
-    model.trunk.stage = kind(link, split.hidden_size, split.dtype, weights)
-    model.trunk.stage.layer_range = split.layer_range
+    model.trunk.stage = kind(link, split.layer_range, split.hidden_size, split.dtype, weights)
     if link.rank == 0:
         model.trunk.stage.start_heartbeat()
     return model, tokenizer

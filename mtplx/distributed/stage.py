@@ -54,13 +54,14 @@ class Counters:
 
 
 # One row per rank in a STATS reply (float32).
-ROW = ("rank", "step_passes", "step_compute_s", "step_wait_s", "prefill_passes", "prefill_compute_s",
-       "prefill_wait_s", "weights_mib", "active_mib", "peak_mib")
+ROW = ("rank", "first_layer", "end_layer", "step_passes", "step_compute_s", "step_wait_s", "prefill_passes",
+       "prefill_compute_s", "prefill_wait_s", "weights_mib", "active_mib", "peak_mib")
 
 
 @dataclass
 class RankStats:
     rank: int
+    layers: tuple[int, int]  # [first, end) of the trunk's layers this rank holds
     counters: Counters
     weights_mib: float
     active_mib: float
@@ -68,7 +69,7 @@ class RankStats:
 
     def row(self) -> list[float]:
         c = self.counters
-        return [self.rank, c.passes["step"], c.compute["step"], c.wait["step"], c.passes["prefill"],
+        return [self.rank, *self.layers, c.passes["step"], c.compute["step"], c.wait["step"], c.passes["prefill"],
                 c.compute["prefill"], c.wait["prefill"], self.weights_mib, self.active_mib, self.peak_mib]
 
     @classmethod
@@ -77,19 +78,21 @@ class RankStats:
         c = Counters(passes={"step": int(r["step_passes"]), "prefill": int(r["prefill_passes"])},
                      compute={"step": r["step_compute_s"], "prefill": r["prefill_compute_s"]},
                      wait={"step": r["step_wait_s"], "prefill": r["prefill_wait_s"]})
-        return cls(int(r["rank"]), c, r["weights_mib"], r["active_mib"], r["peak_mib"])
+        return cls(int(r["rank"]), (int(r["first_layer"]), int(r["end_layer"])), c, r["weights_mib"], r["active_mib"],
+                   r["peak_mib"])
 
 
 class _Stage:
-    def __init__(self, link: Link, hidden_size: int, dtype: mx.Dtype, weights_bytes: int):
+    def __init__(self, link: Link, layers: tuple[int, int], hidden_size: int, dtype: mx.Dtype, weights_bytes: int):
         self.link = link
+        self.layers = layers
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.weights_bytes = weights_bytes
         self.counters = Counters()
 
     def stats(self) -> RankStats:
-        return RankStats(self.link.rank, self.counters, self.weights_bytes / MIB, mx.get_active_memory() / MIB,
+        return RankStats(self.link.rank, self.layers, self.counters, self.weights_bytes / MIB, mx.get_active_memory() / MIB,
                          mx.get_peak_memory() / MIB)
 
     def _recv_hidden(self, length: int) -> tuple[mx.array, float]:
@@ -100,8 +103,8 @@ class LeaderStage(_Stage):
     """Rank 0. The engine's passes, heartbeats and stats requests share one lock, so a message
     and its answer are never interleaved with another's."""
 
-    def __init__(self, link: Link, hidden_size: int, dtype: mx.Dtype, weights_bytes: int):
-        super().__init__(link, hidden_size, dtype, weights_bytes)
+    def __init__(self, link: Link, layers: tuple[int, int], hidden_size: int, dtype: mx.Dtype, weights_bytes: int):
+        super().__init__(link, layers, hidden_size, dtype, weights_bytes)
         self.lock = threading.Lock()
         self._reset = True
         self._record: Any = None
