@@ -67,7 +67,7 @@ def start_rank(rank: int, hosts: Path, command: list[str], **extra_env: str) -> 
     (Not through mlx.launch itself: its output relay polls without sleeping, and a test must
     be able to stop or kill one rank.)"""
     return subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, cwd=ROOT,
+                            stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,  # a group: a "host"
                             env=env(MLX_RANK=str(rank), MLX_HOSTFILE=str(hosts), **extra_env))
 
 

@@ -7,7 +7,7 @@ import socket
 
 import click
 
-from mtplx.cli.options import force_option, model_option
+from mtplx.cli.options import DistributedOptions, distributed_options, force_option, load_model, model_option
 from mtplx.errors import MtplxError
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -52,8 +52,9 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @force_option
+@distributed_options
 def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool, queue_size: int,
-          max_tokens_default: int, model_id: str | None, log_level: str, force: bool) -> None:
+          max_tokens_default: int, model_id: str | None, log_level: str, force: bool, distributed: DistributedOptions | None) -> None:
     """Serve MODEL over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
     /v1/models, /health, /metrics).
 
@@ -62,7 +63,6 @@ def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool,
     """
     import uvicorn
 
-    import mtplx
     from mtplx.server.app import create_app
 
     if no_mtp and depth:
@@ -70,8 +70,8 @@ def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool,
     if not is_loopback(host):
         click.echo(f"warning: binding to {host}: anyone who can reach this machine on port {port} can use the "
                    "model; the server has no authentication.", err=True)
-    _check_port(host, port)
-    model, tokenizer = mtplx.load(model_ref, mtp=not no_mtp, force=force)
+    _check_port(host, port)  # with --distributed only rank 0 listens, but every rank checks: they run alike
+    model, tokenizer = load_model(model_ref, mtp=not no_mtp, force=force, distributed=distributed)
     app = create_app(model, tokenizer, model_id=model_id or model_ref, depth=0 if no_mtp else depth,
                      queue_size=queue_size, max_tokens_default=max_tokens_default)
     shown = f"[{host}]" if ":" in host else host

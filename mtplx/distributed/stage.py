@@ -17,6 +17,7 @@ Both count time per pass in two buckets, "step" (verify blocks and single-token 
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import threading
@@ -92,7 +93,7 @@ class _Stage:
         self.counters = Counters()
 
     def stats(self) -> RankStats:
-        return RankStats(self.link.rank, self.layers, self.counters, self.weights_bytes / MIB, mx.get_active_memory() / MIB,
+        return RankStats(self.link.rank, self.layers, copy.deepcopy(self.counters), self.weights_bytes / MIB, mx.get_active_memory() / MIB,
                          mx.get_peak_memory() / MIB)
 
     def _recv_hidden(self, length: int) -> tuple[mx.array, float]:
