@@ -9,6 +9,7 @@ rank 0. Every rank therefore receives from ``upstream`` (r+1) and sends to ``dow
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Sequence
 
@@ -18,6 +19,12 @@ from mtplx.distributed.watchdog import DistributedError, Watchdog, connection_lo
 
 # Seconds a rank waits for another before the run is ended (mtplx --distributed-timeout).
 DEFAULT_TIMEOUT = 120.0
+
+
+def is_backend_error(e: RuntimeError) -> bool:
+    """An error of the distributed backend itself (its messages start with its tag), as opposed
+    to one of the computation a transfer was evaluated with (an allocation failure, say)."""
+    return re.match(r"\[(ring|jaccl|mpi|nccl)\]", str(e)) is not None
 
 
 class Link:
@@ -54,6 +61,8 @@ class Link:
             try:
                 mx.eval(arrays)
             except RuntimeError as e:
+                if not is_backend_error(e):
+                    raise
                 raise connection_lost(self.rank, peer, what) from e
 
     def gather(self, row: mx.array, what: str, timeout: float | None = None) -> mx.array:
@@ -65,6 +74,8 @@ class Link:
             try:
                 mx.eval(out)
             except RuntimeError as e:
+                if not is_backend_error(e):
+                    raise
                 raise DistributedError(f"rank {self.rank} lost a connection while {what}: another rank stopped "
                                        "or its host became unreachable, so the run ends on every rank") from e
         return out

@@ -58,7 +58,7 @@ def _check_hostfile() -> None:
 def join(timeout: float = DEFAULT_TIMEOUT) -> Link:
     """This process's rank in the group mlx.launch started (at least two ranks)."""
     _check_hostfile()
-    watchdog = Watchdog(rank=int(os.environ.get("MLX_RANK", "-1")))
+    watchdog = Watchdog(rank=int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or -1))
     message = (f"the other ranks did not all join within {timeout:g} s: a host is down or unreachable, or its rank "
                f"was never started; {LAUNCH_HINT}")
     with watchdog.waiting(timeout, message):

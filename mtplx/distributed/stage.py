@@ -112,6 +112,7 @@ class LeaderStage(_Stage):
         self._last_activity = time.monotonic()
         self._stopped = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self.broken: DistributedError | None = None
 
     # -- the trunk's hooks --------------------------------------------------------------------
 
@@ -132,10 +133,14 @@ class LeaderStage(_Stage):
         control = Control(Op.VERIFY if record is not None else Op.FORWARD, self._reset, keep, ids)
         self._reset = False
         with self.lock:
-            self._send_control(control)
-            if not control.inline:
-                self.link.send(mx.array(ids, dtype=mx.int32), "the block's tokens", stream=mx.cpu)
-            hidden, waited = self._recv_hidden(len(ids))
+            try:
+                self._send_control(control)
+                if not control.inline:
+                    self.link.send(mx.array(ids, dtype=mx.int32), "the block's tokens", stream=mx.cpu)
+                hidden, waited = self._recv_hidden(len(ids))
+            except DistributedError as e:
+                self.broken = e  # a server answers this request with the error; the heartbeat ends the run
+                raise
             self._last_activity = time.monotonic()
         self.counters.add(bucket(control.op, len(ids)), 0.0, waited)
         return hidden
@@ -173,7 +178,9 @@ class LeaderStage(_Stage):
 
     def _beat(self) -> None:
         interval = self.link.timeout / 4
-        while not self._stopped.wait(interval / 4):
+        while not self._stopped.wait(min(interval / 4, 1.0)):
+            if self.broken is not None:
+                self._end(self.broken)
             if time.monotonic() - self._last_activity < interval or not self.lock.acquire(blocking=False):
                 continue
             try:
@@ -183,10 +190,15 @@ class LeaderStage(_Stage):
                 self.link.recv((1,), mx.int32, "the answer to a heartbeat", stream=mx.cpu)
                 self._last_activity = time.monotonic()
             except DistributedError as e:
-                print(f"mtplx: error: {e}", file=sys.stderr, flush=True)
-                os._exit(1)
+                self._end(e)
             finally:
                 self.lock.release()
+
+    @staticmethod
+    def _end(error: DistributedError) -> None:
+        """A rank is gone: end this process too, whatever else it is doing (a server)."""
+        print(f"mtplx: error: {error}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 class FollowerStage(_Stage):

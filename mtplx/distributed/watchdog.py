@@ -54,7 +54,8 @@ class Watchdog:
         atexit.register(self._finish)
 
     def arm(self, seconds: float, message: str) -> None:
-        line = " ".join(f"mtplx: error: rank {self.rank}: {message}".split())
+        who = f"rank {self.rank}" if self.rank >= 0 else "this rank"
+        line = " ".join(f"mtplx: error: {who}: {message}".split())
         self._send(f"arm {seconds:.3f} {line}\n")
         self._armed = True
 
