@@ -21,7 +21,7 @@ from distributed_ranks import hostfile, lines, ring_available, start_rank
 
 from mtplx.artifact.loader import demo_path
 
-TIMEOUT = 5  # --distributed-timeout of the frozen scenario: the longest a rank waits for another
+TIMEOUT = 3  # --distributed-timeout of the frozen scenario: the longest a rank waits for another
 RUN = ["-m", "mtplx", "run", "--distributed", "pipeline", "--raw", "-t", "0"]
 
 
@@ -54,7 +54,7 @@ def scenarios(tmp_path_factory):
     (other / "config.json").write_text(json.dumps(config))
 
     long_run = [*RUN, "--model", "demo", "-n", "4000", "def fibonacci(n):"]
-    lonely = start_rank(0, hostfile(tmp, 2), [*RUN, "--distributed-timeout", "2", "--model", "demo", "x"])
+    lonely = start_rank(0, hostfile(tmp, 2), [*RUN, "--distributed-timeout", "1", "--model", "demo", "x"])
     hosts = hostfile(tmp, 2)
     mismatch = [start_rank(0, hosts, [*RUN, "--model", "demo", "x"]),
                 start_rank(1, hosts, [*RUN, "--model", str(other), "x"])]
@@ -92,7 +92,7 @@ def one_error_line(stderr: list[str], *phrases: str) -> str:
 def test_a_rank_that_never_joins_ends_the_run(scenarios):
     code, _, stderr = scenarios["lonely"]
     assert code not in (None, 0)
-    one_error_line(stderr, "rank 0", "did not all join within 2 s", "mlx.launch")
+    one_error_line(stderr, "rank 0", "did not all join within 1 s", "mlx.launch")
 
 
 def test_a_rank_that_dies_ends_the_run_on_the_others(scenarios):
