@@ -33,6 +33,8 @@ from mtplx.distributed.watchdog import DistributedError
 from mtplx.model.trunk import cache_arrays
 
 MIB = 1 << 20
+# Seconds a process whose pipeline broke may take to report it and exit by itself.
+BROKEN_GRACE = 5.0
 
 
 def bucket(op: Op, length: int) -> str:
@@ -93,8 +95,8 @@ class _Stage:
         self.counters = Counters()
 
     def stats(self) -> RankStats:
-        return RankStats(self.link.rank, self.layers, copy.deepcopy(self.counters), self.weights_bytes / MIB, mx.get_active_memory() / MIB,
-                         mx.get_peak_memory() / MIB)
+        return RankStats(self.link.rank, self.layers, copy.deepcopy(self.counters), self.weights_bytes / MIB,
+                         mx.get_active_memory() / MIB, mx.get_peak_memory() / MIB)
 
     def _recv_hidden(self, length: int) -> tuple[mx.array, float]:
         return self.link.recv((1, length, self.hidden_size), self.dtype, "the hidden state of the block")
@@ -113,6 +115,7 @@ class LeaderStage(_Stage):
         self._stopped = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self.broken: DistributedError | None = None
+        self._broken_at = 0.0
 
     # -- the trunk's hooks --------------------------------------------------------------------
 
@@ -139,7 +142,9 @@ class LeaderStage(_Stage):
                     self.link.send(mx.array(ids, dtype=mx.int32), "the block's tokens", stream=mx.cpu)
                 hidden, waited = self._recv_hidden(len(ids))
             except DistributedError as e:
-                self.broken = e  # a server answers this request with the error; the heartbeat ends the run
+                # A command ends with this error; a server would answer the request with it and
+                # go on, so the heartbeat ends the process if it is still there a little later.
+                self.broken, self._broken_at = e, time.monotonic()
                 raise
             self._last_activity = time.monotonic()
         self.counters.add(bucket(control.op, len(ids)), 0.0, waited)
@@ -179,7 +184,7 @@ class LeaderStage(_Stage):
     def _beat(self) -> None:
         interval = self.link.timeout / 4
         while not self._stopped.wait(min(interval / 4, 1.0)):
-            if self.broken is not None:
+            if self.broken is not None and time.monotonic() - self._broken_at > BROKEN_GRACE:
                 self._end(self.broken)
             if time.monotonic() - self._last_activity < interval or not self.lock.acquire(blocking=False):
                 continue
