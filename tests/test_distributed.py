@@ -14,7 +14,6 @@ computed here meanwhile.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from distributed_ranks import hostfile, lines, ring_available, start_rank
