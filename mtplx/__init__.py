@@ -1,8 +1,30 @@
-"""mtplx: exact speculative decoding for Qwen3.5/3.6 on MLX with the model's own MTP head."""
+"""mtplx: exact speculative decoding for Qwen3.5/3.6 on MLX with the model's own MTP head.
+
+``import mtplx`` stays light: the API (and with it MLX, mlx-lm and transformers, about a second
+to import) loads on first use of ``mtplx.load`` and friends (PEP 562). The command line relies
+on this: its entry point must be running, with its Ctrl-C guard in place, before anything
+heavy is imported.
+"""
+
+from __future__ import annotations
 
 from mtplx._version import __version__
-from mtplx.api import (GenerationResponse, PromptCache, generate, load, load_prompt_cache, make_prompt_cache,
-                       save_prompt_cache, stream_generate)
 
-__all__ = ["GenerationResponse", "PromptCache", "__version__", "generate", "load", "load_prompt_cache",
-           "make_prompt_cache", "save_prompt_cache", "stream_generate"]
+_API = ("EncodedPrompt", "GenerationResponse", "PromptCache", "generate", "load", "load_prompt_cache",
+        "make_prompt_cache", "save_prompt_cache", "stream_generate")
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        from mtplx import api
+
+        value = getattr(api, name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'mtplx' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

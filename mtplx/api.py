@@ -9,21 +9,27 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence, Union
 
+from mtplx import knobs
 from mtplx.artifact.loader import LoadReport
 from mtplx.artifact.loader import load as load_artifact
 from mtplx.engine.constraints import Constraint
+from mtplx.engine.logprobs import TokenLogprob
 from mtplx.engine.prompt_cache import PromptCache, common_prefix, make_prompt_cache
 from mtplx.engine.prompt_cache_file import load_prompt_cache, save_prompt_cache
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.engine.stats import DecodeStats
-from mtplx.errors import MtplxError
+from mtplx.errors import ContextOverflowError, MtplxError
 from mtplx.model.mtp_model import MTPModel
+from mtplx.prompts import EncodedPrompt, check_prompt, check_stop
 
 Prompt = Union[str, Sequence[int], Sequence[dict[str, Any]], "EncodedPrompt"]
+
+DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass
@@ -41,71 +47,104 @@ class GenerationResponse:
     tokens_per_step: float
     finish_reason: str | None = None
     stats: DecodeStats = field(default_factory=DecodeStats, repr=False)
+    # With stream_generate(..., logprobs=k): one entry per token of ``tokens``.
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def token(self) -> int | None:
         return self.tokens[-1] if self.tokens else None
 
 
-def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | None = None) -> tuple[MTPModel, Any]:
+def load(ref: str | os.PathLike[str], *, mtp: bool = True, force: bool = False, revision: str | None = None,
+         draft_vocab: bool = True) -> tuple[MTPModel, Any]:
     """Load an artifact (``"demo"``, a directory or a Hugging Face repo id).
 
     Returns ``(model, tokenizer)``; ``model.load_report`` says what was checked. With
     ``mtp=False`` any MLX Qwen3.5 checkpoint loads for plain AR decoding. ``force=True``
     loads an artifact whose hashes do not match its contract, with a warning.
+    ``draft_vocab=False`` drafts over the full vocabulary even where the artifact stores a
+    reduced draft vocabulary (to compare the two).
     """
-    model, tokenizer, report = load_artifact(ref, mtp=mtp, force=force, revision=revision)
+    if isinstance(ref, os.PathLike):
+        ref = os.fspath(ref)
+    if not isinstance(ref, str) or not ref.strip():
+        raise MtplxError(f"the model reference is {ref!r}",
+                         fix="pass 'demo', an artifact directory or a Hugging Face repo id (org/name)")
+    model, tokenizer, report = load_artifact(ref, mtp=mtp, force=force, revision=revision, draft_vocab=draft_vocab)
     model.load_report = report
     return model, tokenizer
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict], enable_thinking: bool | None, generation_prompt: bool) -> list[int]:
-    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True, **kwargs)
+def _chat_ids(tokenizer: Any, messages: list[dict], enable_thinking: bool | None, generation_prompt: bool,
+              **template_kwargs: Any) -> list[int]:
+    from jinja2 import TemplateError
+
+    kwargs = dict(template_kwargs)
+    if enable_thinking is not None:
+        kwargs["enable_thinking"] = enable_thinking
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                            tokenizer_kwargs={"verbose": False}, **kwargs)
+    except TemplateError as e:
+        raise MtplxError(f"the model's chat template refused these messages: {e}",
+                         fix="check the roles and the order of the messages") from None
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
 def encode_prompt(tokenizer: Any, prompt: Prompt, enable_thinking: bool | None = None) -> list[int]:
     """Text is tokenized as is; a list of chat messages goes through the chat template."""
-    if isinstance(prompt, EncodedPrompt):
-        return list(prompt.ids)
+    prompt = check_prompt(prompt)
+    # verbose=False: transformers would print a warning of its own for a text longer than the
+    # tokenizer's model_max_length; the context is checked right after, with one clear error.
     if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt))
-    prompt = list(prompt)
+        return list(tokenizer.encode(prompt, verbose=False))
     if prompt and isinstance(prompt[0], dict):
         return _chat_ids(tokenizer, prompt, enable_thinking, generation_prompt=True)
-    return [int(t) for t in prompt]
+    return prompt
 
 
-@dataclass(frozen=True)
-class EncodedPrompt:
-    """A prompt's token ids, and the positions where the next prompt of the same conversation
-    may start to differ from them: a prompt cache snapshots its state there."""
+def prompt_ids(model: MTPModel, tokenizer: Any, prompt: Prompt, enable_thinking: bool | None = None) -> list[int]:
+    """The prompt as token ids that are safe to feed the model: each id inside the embedding
+    table (an id past it reads memory beyond the table: a crash on some backends, garbage on
+    others) and the whole leaving room for one new token in the context."""
+    prompt = check_prompt(prompt)
+    tokenized = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
+    ids = encode_prompt(tokenizer, prompt, enable_thinking)
+    try:
+        ids = knobs.check_token_ids(ids, model.vocab_size)
+    except knobs.KnobError as e:
+        if not tokenized:
+            raise
+        raise MtplxError(f"the tokenizer produced a token id outside the model's vocabulary ({e})",
+                         fix="load the model and its tokenizer from the same artifact") from None
+    if len(ids) >= model.max_context:
+        raise ContextOverflowError(len(ids), model.max_context)
+    return ids
 
-    ids: list[int]
-    boundaries: tuple[int, ...] = ()
 
-
-def encode_for_cache(tokenizer: Any, prompt: Prompt, enable_thinking: bool | None = None) -> EncodedPrompt:
-    """:func:`encode_prompt`, plus, for chat messages, where the next turn will re-render this one.
+def reuse_boundaries(tokenizer: Any, prompt: Prompt, ids: list[int], enable_thinking: bool | None = None,
+                     **template_kwargs: Any) -> tuple[int, ...]:
+    """Where the next prompt of this conversation may start to differ from ``ids``: a prompt
+    cache snapshots its state there.
 
     Chat templates often render a past assistant turn differently from the generation prompt
     that preceded the reply (Qwen's drop the ``<think>`` block), so the next turn's tokens leave
     this prompt's before its end. Rendering the conversation with a stand-in reply shows where:
-    at the end of the common prefix of that rendering and this prompt."""
+    at the end of the common prefix of that rendering and this prompt. Text and token prompts
+    have no such place (the prompt's own end is always snapshotted). ``template_kwargs`` (tools,
+    ...) are those the prompt was rendered with."""
     if isinstance(prompt, EncodedPrompt):
-        return prompt
-    ids = encode_prompt(tokenizer, prompt, enable_thinking)
+        return prompt.boundaries
     if isinstance(prompt, str) or not prompt or not isinstance(prompt[0], dict):
-        return EncodedPrompt(ids)
+        return ()
     try:
         history = _chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": "x"}], enable_thinking,
-                            generation_prompt=False)
+                            generation_prompt=False, **template_kwargs)
     except Exception:  # noqa: BLE001 - a template that refuses this shape: no boundary, no harm
-        return EncodedPrompt(ids)
+        return ()
     # One token back: the reply's first characters may merge with the last token before them
     # (a reply opening with "\n" turns "assistant\n" + "\n" into one "\n\n" token).
-    return EncodedPrompt(ids, (max(common_prefix(history, ids) - 1, 0),))
+    return (max(common_prefix(history, ids) - 1, 0),)
 
 
 def sampling_from(model: MTPModel, temperature: float | None, top_p: float | None, top_k: int | None,
@@ -158,7 +197,7 @@ def stream_generate(
     tokenizer: Any,
     prompt: Prompt,
     *,
-    max_tokens: int = 256,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -170,9 +209,13 @@ def stream_generate(
     enable_thinking: bool | None = None,
     prompt_cache: PromptCache | None = None,
     response_format: dict[str, Any] | None = None,
+    logprobs: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``depth=0`` is plain AR; ``None`` takes the tuned depth for this
     model if `mtplx tune` saved one, else the contract's default.
+
+    ``logprobs=k`` attaches to each response the log-probability of each of its tokens and the k
+    likeliest alternatives (log-softmax of the trunk's raw logits; see mtplx.engine.logprobs).
 
     ``prompt_cache`` (from :func:`make_prompt_cache`) makes a call whose prompt extends the
     cached tokens prefill only the new suffix, and leaves the cache holding prompt + reply;
@@ -185,7 +228,17 @@ def stream_generate(
     complete only end-of-sequence can follow. A completion cut by ``max_tokens`` (finish_reason
     "length") or a stop string need not parse. The grammar applies from the first generated
     token, so a chat prompt is rendered with thinking off, and ``enable_thinking=True`` with a
-    response_format is refused. A malformed format or schema raises :class:`MtplxError`."""
+    response_format is refused. A malformed format or schema raises :class:`MtplxError`.
+
+    Every argument is checked before the model runs (a bad one raises :class:`MtplxError`, a
+    knob out of range :class:`~mtplx.knobs.KnobError`, a prompt over the context
+    :class:`~mtplx.errors.ContextOverflowError`), when the first response is asked for."""
+    k = knobs.check_all(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                        depth=depth, draft_temperature=draft_temperature, seed=seed)
+    max_tokens = DEFAULT_MAX_TOKENS if k["max_tokens"] is None else k["max_tokens"]
+    temperature, top_p, top_k, min_p = k["temperature"], k["top_p"], k["top_k"], k["min_p"]
+    depth, draft_temperature, seed = k["depth"], k["draft_temperature"], k["seed"]
+    stop = check_stop(stop)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     constraint = Constraint.from_response_format(response_format, tokenizer, model.vocab_size, eos)
     if constraint is not None:
@@ -194,19 +247,19 @@ def stream_generate(
                              "from the first generated token, so the model could not think first",
                              fix="drop enable_thinking or response_format")
         enable_thinking = False
-    encoded = encode_for_cache(tokenizer, prompt, enable_thinking) if prompt_cache is not None else None
-    ids = encoded.ids if encoded is not None else encode_prompt(tokenizer, prompt, enable_thinking)
+    ids = prompt_ids(model, tokenizer, prompt, enable_thinking)
+    boundaries = reuse_boundaries(tokenizer, prompt, ids, enable_thinking) if prompt_cache is not None else ()
     params = sampling_from(model, temperature, top_p, top_k, min_p)
     defaults = model.contract.defaults if model.contract else {}
     dt = draft_temperature if draft_temperature is not None else defaults.get("draft_temperature", params.temperature)
     draft = SamplingParams(temperature=dt, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p)
-    engine = Engine(model, default_depth(model) if depth is None else depth, params, draft, seed, constraint)
+    engine = Engine(model, default_depth(model) if depth is None else depth, params, draft, seed, constraint,
+                    logprobs=logprobs)
     detok = tokenizer.detokenizer
     detok.reset()
-    scanner = _StopScanner(stop or [])
+    scanner = _StopScanner(stop)
     stats = engine.stats
     finish = None
-    boundaries = encoded.boundaries if encoded is not None else ()
     for step in engine.generate(ids, max_tokens, eos, prompt_cache=prompt_cache, snapshot_at=boundaries):
         stats = engine.stats
         text_tokens = [t for t in step.tokens if t not in eos]
@@ -223,16 +276,17 @@ def stream_generate(
             detok.finalize()
             tail, stopped = scanner.feed(detok.last_segment, final=True)
             segment += tail
-        yield _response(segment, step.tokens, stats, finish)
+        yield _response(segment, step.tokens, stats, finish, step.logprobs)
         if finish:
             return
     if finish is None:
         detok.finalize()
         tail, _ = scanner.feed(detok.last_segment, final=True)
-        yield _response(tail, [], stats, "length")
+        yield _response(tail, [], stats, "length", [] if logprobs is not None else None)
 
 
-def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | None) -> GenerationResponse:
+def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | None,
+              logprobs: list[TokenLogprob] | None = None) -> GenerationResponse:
     return GenerationResponse(
         text=text,
         tokens=list(tokens),
@@ -245,6 +299,7 @@ def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | No
         tokens_per_step=stats.tokens_per_step,
         finish_reason=finish,
         stats=stats,
+        logprobs=logprobs,
     )
 
 
@@ -263,5 +318,6 @@ def generate(model: MTPModel, tokenizer: Any, prompt: Prompt, *, verbose: bool =
     return "".join(text)
 
 
-__all__ = ["EncodedPrompt", "GenerationResponse", "LoadReport", "PromptCache", "encode_for_cache", "default_depth", "encode_prompt", "generate", "load",
-           "load_prompt_cache", "make_prompt_cache", "save_prompt_cache", "stream_generate"]
+__all__ = ["EncodedPrompt", "GenerationResponse", "LoadReport", "PromptCache", "default_depth", "encode_prompt",
+           "generate", "load", "load_prompt_cache", "make_prompt_cache", "prompt_ids", "reuse_boundaries",
+           "save_prompt_cache", "stream_generate"]

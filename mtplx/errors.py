@@ -36,3 +36,14 @@ class ArtifactError(MtplxError):
 
 class UnsupportedModelError(MtplxError):
     """The checkpoint is not a Qwen3.5/3.6 model with an MTP head."""
+
+
+class ContextOverflowError(MtplxError):
+    """The prompt (with the chat history) does not leave room for one new token in the model's
+    context. The chat catches this one to offer a new conversation instead of failing."""
+
+    def __init__(self, prompt_tokens: int, context: int):
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+        super().__init__(f"the prompt has {prompt_tokens} tokens, at or over the model's context of {context}",
+                         fix="shorten the prompt or the chat history")

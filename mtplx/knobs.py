@@ -49,26 +49,25 @@ class Knob:
         what = "an integer" if self.kind is int else "a number"
         return f"{what} in {left}{self.low:g}, {right}"
 
-    def check(self, value: Any) -> Any:
-        """The value as the knob's type, or :class:`KnobError`."""
+    def check(self, value: Any, label: str | None = None) -> Any:
+        """The value as the knob's type, or :class:`KnobError`. ``label`` is what the user typed
+        to set it (``--top-p``, ``/temp``), used in the message instead of the knob's name."""
+        who = label or self.name
+        fix = f"pass {self.describe()}{self.meaning}"
         if self.kind is int:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise KnobError(self.name, f"{self.name} must be an integer, got {value!r}",
-                                fix=f"pass {self.describe()}{self.meaning}")
+                raise KnobError(self.name, f"{who} must be an integer, got {value!r}", fix=fix)
             value = int(value)
         else:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise KnobError(self.name, f"{self.name} must be a number, got {value!r}",
-                                fix=f"pass {self.describe()}{self.meaning}")
+                raise KnobError(self.name, f"{who} must be a number, got {value!r}", fix=fix)
             value = float(value)
             if not math.isfinite(value):
-                raise KnobError(self.name, f"{self.name} must be a finite number, got {value}",
-                                fix=f"pass {self.describe()}{self.meaning}")
+                raise KnobError(self.name, f"{who} must be a finite number, got {value}", fix=fix)
         too_low = value <= self.low if self.low_open else value < self.low
         too_high = self.high is not None and value > self.high
         if too_low or too_high:
-            raise KnobError(self.name, f"{self.name} must be {self.describe()}, got {value!r}",
-                            fix=f"pass {self.describe()}{self.meaning}")
+            raise KnobError(self.name, f"{who} must be {self.describe()}, got {value!r}", fix=fix)
         return value
 
 
@@ -84,9 +83,10 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
 )}
 
 
-def check(name: str, value: Any) -> Any:
-    """Validate one knob; ``None`` (meaning "the default") passes through."""
-    return None if value is None else KNOBS[name].check(value)
+def check(name: str, value: Any, label: str | None = None) -> Any:
+    """Validate one knob; ``None`` (meaning "the default") passes through. ``label`` names the
+    setting as the user wrote it (a flag, a slash command) in the message."""
+    return None if value is None else KNOBS[name].check(value, label)
 
 
 def check_all(**values: Any) -> dict[str, Any]:

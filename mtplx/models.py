@@ -1,4 +1,5 @@
-"""What models are at hand: the catalog, the bundled demo, and the local Hugging Face cache."""
+"""What models are at hand: the catalog, the bundled demo, the artifacts grafted into the mtplx
+cache (``MTPLX_CACHE``), and the local Hugging Face cache."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def _cached_repos() -> list[dict[str, Any]]:
 
 def list_models() -> list[dict[str, Any]]:
     from mtplx.artifact.loader import demo_path
+    from mtplx.artifact.store import list_artifacts
 
     entries = []
     for m in catalog():
@@ -35,6 +37,6 @@ def list_models() -> list[dict[str, Any]]:
             entries.append({"ref": m["ref"], "where": "bundled", "size_bytes": size, "title": m["title"]})
         else:
             entries.append({"ref": m["ref"], "where": "catalog", "size_bytes": None,
-                            "title": f"{m['title']} — graft with `mtplx graft --source {m['source']} --out DIR`",
+                            "title": f"{m['title']} — `mtplx run --model {m['id']}` grafts it on first use",
                             "memory_gb": m.get("memory_gb")})
-    return entries + _cached_repos()
+    return entries + list_artifacts() + _cached_repos()

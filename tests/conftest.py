@@ -47,3 +47,13 @@ def demo():
     import mtplx
 
     return mtplx.load("demo")
+
+
+@pytest.fixture(scope="session")
+def grafted_reduced(fixture_checkpoint, grafted_bf16, tmp_path_factory):
+    """The fixture grafted onto the bf16 trunk with a reduced draft vocabulary of 1024 ids."""
+    from mtplx.artifact.graft import graft
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-bf16-vocab1024"
+    report = graft(fixture_checkpoint, out, trunk=grafted_bf16[0], draft_vocab=1024)
+    return out, report

@@ -67,9 +67,12 @@ def test_chat_template_thinking_switch(demo):
 
 
 def test_prompt_over_context_is_refused(demo):
+    from mtplx.errors import ContextOverflowError
+
     model, tok = demo
-    with pytest.raises(MtplxError, match="context"):
+    with pytest.raises(ContextOverflowError, match="context") as e:
         mtplx.generate(model, tok, [5] * (model.max_context + 1), max_tokens=4)
+    assert (e.value.prompt_tokens, e.value.context) == (model.max_context + 1, model.max_context)
 
 
 def test_stop_scanner_holds_back_partial_stops():
@@ -79,3 +82,97 @@ def test_stop_scanner_holds_back_partial_stops():
     assert s.feed("Pxyz") == ("", True)
     s = _StopScanner([])
     assert s.feed("abc") == ("abc", False)
+
+
+# ---------------------------------------------------------------- bad input: one MtplxError, before the model runs
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"depth": 2.5}, "depth must be an integer, got 2.5"),
+    ({"depth": 99}, r"depth must be an integer in \[0, 8\], got 99"),
+    ({"depth": -1}, "depth must be"),
+    ({"max_tokens": 0}, "max_tokens must be"),
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+    ({"top_p": 0}, "top_p must be"),
+    ({"top_k": -5}, "top_k must be"),
+    ({"min_p": 2}, "min_p must be"),
+    ({"seed": -5}, "seed must be"),
+    ({"draft_temperature": -1}, "draft_temperature must be"),
+    ({"stop": [1]}, "stop must be a string or a list of strings"),
+])
+def test_bad_knobs_are_mtplx_errors(demo, kwargs, needle):
+    model, tok = demo
+    with pytest.raises(MtplxError, match=needle):
+        mtplx.generate(model, tok, "x", **kwargs)
+
+
+@pytest.mark.parametrize("prompt,needle", [
+    ([999999, 5], "id 999999, outside this model's vocabulary"),  # segfaulted the process before
+    ([-1, 5], "id -1, outside"),
+    ([5, 1.5], "token 1 of the prompt is 1.5, not an integer"),
+    (None, "the prompt is None"),
+    (b"def f(", "of type bytes"),
+    ([{"role": "user"}], r"message 0 \(user\) has no content"),
+    ([{"role": "user", "content": None}], "has no content"),
+    ([{"role": "user", "content": 5}], "content of type int"),
+    ([{"role": "wizard", "content": "hi"}], "message 0 has role 'wizard'"),
+    ([{"content": "hi"}], "has role None"),
+    ([{"role": "user", "content": "hi"}, 5], "prompt item 1 is a int among chat messages"),
+    ("abc\udcff", "not valid Unicode text"),
+    ([{"role": "user", "content": "\udcff"}], "message 0's content is not valid Unicode"),
+])
+def test_bad_prompts_are_mtplx_errors(demo, prompt, needle):
+    model, tok = demo
+    with pytest.raises(MtplxError, match=needle):
+        mtplx.generate(model, tok, prompt, max_tokens=2)
+
+
+def test_prompt_forms_that_work(demo):
+    import mlx.core as mx
+    import numpy as np
+
+    from mtplx.api import prompt_ids
+    from mtplx.prompts import check_stop
+
+    model, tok = demo
+    ids = encode_prompt(tok, "def f(x):")
+    expected = mtplx.generate(model, tok, ids, max_tokens=2, temperature=0, depth=0)
+    assert expected and mtplx.generate(model, tok, mx.array(ids), max_tokens=2, temperature=0, depth=0) == expected
+    assert prompt_ids(model, tok, np.array(ids)) == ids
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "ok"}, {"role": "tool", "content": "42"}]
+    assert prompt_ids(model, tok, chat) == encode_prompt(tok, chat)
+    assert check_stop("\n\n") == ["\n\n"] and check_stop(None) == [] and check_stop(("a", "b")) == ["a", "b"]
+
+
+@pytest.mark.parametrize("ref", [None, 5, "", "  "])
+def test_load_refuses_what_is_not_a_model_reference(ref):
+    with pytest.raises(MtplxError, match="the model reference is"):
+        mtplx.load(ref)
+
+
+def test_load_takes_a_path(tmp_path):
+    with pytest.raises(MtplxError, match="mtplx_runtime.json"):  # a Path reaches the loader, as a str would
+        mtplx.load(tmp_path)
+
+
+def test_stream_generate_checks_before_the_first_response(demo):
+    model, tok = demo
+    gen = mtplx.stream_generate(model, tok, None)  # lazy, as a generator: the server relies on it
+    with pytest.raises(MtplxError, match="the prompt is None"):
+        next(gen)
+
+
+def test_package_import_is_light():
+    import subprocess
+    import sys
+
+    import mtplx.api
+
+    # The CLI's Ctrl-C guard and `mtplx --help` rely on this: MLX loads on first use of the API.
+    code = "import sys, mtplx; print([m for m in ('mlx.core', 'mlx_lm', 'transformers', 'mtplx.api') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"`import mtplx` imported {out}"
+    assert mtplx.load is mtplx.api.load and mtplx.stream_generate is mtplx.api.stream_generate  # PEP 562
+    assert {"load", "generate", "stream_generate", "GenerationResponse"} <= set(dir(mtplx))
+    with pytest.raises(AttributeError):
+        mtplx.no_such_thing

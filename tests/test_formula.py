@@ -186,14 +186,37 @@ def test_sdist_contains_the_data_files(sdist):
         assert f"{top}/{required}" in names, f"{required} is missing from the sdist"
 
 
+def venv_seeing_these_packages(venv: Path) -> Path:
+    """A fresh virtualenv that also sees every package this interpreter sees; returns its python.
+
+    So the test does not download and build a gigabyte of dependencies, the venv borrows the
+    MLX, transformers, ... installed here. `python -m venv --system-site-packages` cannot do
+    that from inside a virtualenv: the new venv is built on the *base* interpreter and sees its
+    site-packages, not this venv's, where pip put mtplx's dependencies (the README's test
+    command then failed inside a venv). Instead: a plain venv, and a .pth file listing this
+    interpreter's own site directories. Plain path lines in a .pth do not run those
+    directories' own .pth files, so an editable install of mtplx there stays invisible, and the
+    venv's own site-packages comes first on sys.path.
+    """
+    import site
+    import sysconfig
+
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    ours = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    ours += [sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    dirs = list(dict.fromkeys(d for d in ours if os.path.isdir(d) and Path(d).resolve() != Path(purelib).resolve()))
+    Path(purelib, "_mtplx_test_borrowed_site.pth").write_text("".join(f"{d}\n" for d in dirs), encoding="utf-8")
+    return py
+
+
 @needs_build
 def test_sdist_installs_and_runs_in_a_fresh_venv(sdist, tmp_path):
     venv = tmp_path / "venv"
-    # --system-site-packages: the venv sees the MLX, transformers, ... already installed here, so
-    # the test does not download and build a gigabyte of dependencies; mtplx itself is installed
-    # from the sdist into the venv (--force-reinstall --no-deps), which shadows any copy outside.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    py = venv / "bin" / "python"
+    # mtplx itself is installed from the sdist into the venv (--force-reinstall --no-deps).
+    py = venv_seeing_these_packages(venv)
     subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
                     "--force-reinstall", str(sdist)], check=True, cwd=tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -73,6 +73,8 @@ def test_demo_artifact_is_reproducible(grafted_4bit):
     demo = contract_io.read(demo_path()).provenance
     assert ours["sidecar_sha256"] == demo["sidecar_sha256"]
     assert ours["trunk_tensors_sha256"] == demo["trunk_tensors_sha256"]
+    # A local source is recorded by its directory name and digest, never the builder's path.
+    assert ours["source"] == demo["source"] == {"kind": "local", "name": "tiny-qwen35-mtp", "digest": demo["source"]["digest"]}
 
 
 def test_int4_head_stays_close_to_bf16_head(grafted_4bit, fixture_checkpoint):
@@ -173,3 +175,53 @@ def test_refuses_non_empty_output(fixture_checkpoint, tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(ArtifactError, match="not empty"):
         graft(fixture_checkpoint, tmp_path / "out")
+
+
+def test_reduced_draft_vocab_is_stored_loaded_and_reported(grafted_reduced, grafted_bf16, grafted_4bit):
+    import mtplx
+    from mtplx.artifact.sidecar import DRAFT_VOCAB_TENSOR
+    from mtplx.artifact.vocab import special_token_ids
+
+    out, report = grafted_reduced
+    vocab = contract_io.read(out).data["sidecar"]["draft_vocab"]
+    assert {k: vocab[k] for k in ("size", "tensor", "chosen_by")} == {"size": 1024, "tensor": DRAFT_VOCAB_TENSOR,
+                                                                      "chosen_by": "merge_order"}
+    ids = mx.load(str(out / "mtp/weights.safetensors"))[DRAFT_VOCAB_TENSOR]
+    assert ids.dtype == mx.int32 and ids.size == 1024 and mx.all(ids[1:] > ids[:-1]).item()
+
+    model, tok = mtplx.load(str(out))
+    specials = special_token_ids(tok)
+    assert len(specials) == vocab["special_tokens"] >= 5  # <|endoftext|>, <|im_start|>, <|im_end|>, <think>, </think>
+    assert set(specials) <= set(ids.tolist())
+    assert model.draft_vocab is not None and model.draft_vocab.ids.tolist() == ids.tolist()
+    full, _ = mtplx.load(str(out), draft_vocab=False)
+    assert full.draft_vocab is None
+
+    accepted = vocab["acceptance"]
+    print(accepted)
+    for figure in ("expected_acceptance", "greedy_agreement"):
+        assert 0 < accepted["reduced"][figure] <= accepted["full"][figure]
+    assert accepted["full"] == report.contract["measured"]["acceptance"][accepted["hidden_source"]]
+
+    # The default for a vocabulary of 4096 (<= 32768) is the full head: no subset is written.
+    for plain in (grafted_bf16[0], grafted_4bit[0]):
+        assert "draft_vocab" not in contract_io.read(plain).data["sidecar"]
+        assert DRAFT_VOCAB_TENSOR not in mx.load(str(plain / "mtp/weights.safetensors"))
+
+
+def test_draft_vocab_sizes_and_text_ranking(demo):
+    from mtplx.artifact.vocab import choose_draft_vocab, subset_size
+    from mtplx.errors import MtplxError
+
+    assert subset_size(None, 4096) is None and subset_size(0, 248320) is None and subset_size(4096, 4096) is None
+    assert subset_size(None, 248320) == 32768 and subset_size(1024, 4096) == 1024
+    with pytest.raises(MtplxError, match="negative"):
+        subset_size(-1, 4096)
+    _, tok = demo
+    text = "import os\nimport sys\n" * 50 + "def main():\n    pass\n"
+    choice = choose_draft_vocab(tok, 4096, 16, text)
+    assert choice.chosen_by == "text_frequency" and len(choice.ids) == 16 and choice.ids == sorted(set(choice.ids))
+    frequent = sorted(set(tok.encode("import os\nimport sys\n")))
+    assert set(frequent) <= set(choice.ids) and {0, 1, 2, 3, 4} <= set(choice.ids)
+    with pytest.raises(MtplxError, match="smaller than the tokenizer's 5 special tokens"):
+        choose_draft_vocab(tok, 4096, 3)

@@ -17,7 +17,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from mtplx.cli.chat import GOODBYE, INTERRUPT_HINT, ChatSession, Quit, Totals, format_status, parse_command, run_chat
+from mtplx.cli.chat import (GOODBYE, INTERRUPT_HINT, NEW_CONVERSATION, ChatSession, Quit, Totals, format_status, no_echo,
+                            parse_command, run_chat)
 from mtplx.cli.launcher import CUSTOM_REPO, LOCAL_PATH, model_choices, report_and_check
 from mtplx.engine.stats import DecodeStats
 from mtplx.errors import MtplxError
@@ -79,9 +80,17 @@ def test_slash_commands():
     assert s.command("reset", "") == "History cleared." and s.messages == []
     assert "plain AR (depth 0)" in s.command("depth", "0") and s.depth == 0
     assert "MTP depth 3" in s.command("depth", "3") and s.depth == 3
-    assert s.command("depth", "x").startswith("Usage") and s.command("depth", "99").startswith("Usage")
+    # out-of-range and malformed values: mtplx.knobs' sentence, naming the command; nothing changes
+    assert s.command("depth", "x") == ("/depth must be an integer, got 'x'. Fix: pass an integer in [0, 8] "
+                                       "(0 = plain autoregressive decoding).")
+    assert s.command("depth", "99").startswith("/depth must be an integer in [0, 8], got 99.")
+    assert s.command("depth", "2.5").startswith("/depth must be an integer, got 2.5.") and s.depth == 3
     assert "temperature 0.2" in s.command("temp", "0.2") and s.temperature == 0.2
-    assert s.command("temp", "hot").startswith("Usage")
+    assert "temperature 7" in s.command("temp", "7") and s.temperature == 7.0  # knobs set no upper bound
+    assert s.command("temp", "hot").startswith("/temp must be a number, got 'hot'.")
+    assert s.command("temp", "-1").startswith("/temp must be a number in [0, inf), got -1.0.")
+    assert s.command("temp", "nan").startswith("/temp must be a finite number") and s.temperature == 7.0
+    assert s.command("max", "0").startswith("/max must be an integer in [1, inf), got 0.") and s.max_tokens == 24
     assert "thinking on" in s.command("thinking", "on") and s.thinking
     assert s.command("thinking", "maybe").startswith("Usage")
     assert "max 100 tokens" in s.command("max", "100") and s.max_tokens == 100
@@ -142,6 +151,105 @@ def test_ctrl_c_during_reply_drops_the_turn(capsys):
     assert s.totals.replies == 0  # an interrupted reply is not counted in /stats
 
 
+def test_a_mistake_in_a_turn_is_one_line_and_the_chat_goes_on(capsys):
+    def refusing(model, tokenizer, messages, **kw):
+        raise MtplxError("the prompt is empty", fix="pass at least one token")
+        yield  # a generator, as stream_generate is
+
+    s = _session()
+    s.messages += [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    run_chat(s, read=_reader(["q2", "/depth 1", EOFError]), generate=refusing)
+    out = capsys.readouterr().out
+    assert "mtplx> \nmtplx: error: the prompt is empty. Fix: pass at least one token.\n" in out
+    assert "Now: MTP depth 1" in out and out.rstrip().endswith(GOODBYE)
+    assert s.messages == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+
+
+def test_turn_over_the_context_offers_a_new_conversation(demo, monkeypatch, capsys):
+    from mtplx.api import encode_prompt
+
+    model, tok = demo
+    second = "y = 1"  # short: a 4-bit prefill on the CPU costs about one decode step per token
+    alone = len(encode_prompt(tok, [{"role": "user", "content": second}], enable_thinking=False))
+    # The real demo with a context that holds the second question alone and its reply, but not
+    # after the first turn.
+    monkeypatch.setattr(model.trunk.args, "max_position_embeddings", alone + 2)
+    s = ChatSession(model, tok, depth=0, thinking=False, max_tokens=2, temperature=0.0)
+    s.messages += [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x = 1"}]
+    asked = []
+
+    def read(prompt: str) -> str:
+        asked.append(prompt)
+        return script.pop(0)
+
+    script = [second, "n", second, "", "/quit"]  # "" takes the offer's default: yes
+    run_chat(s, read=read)
+    out = capsys.readouterr().out
+    assert out.count("This turn does not fit: the conversation would be") == 2
+    assert asked.count(NEW_CONVERSATION) == 2
+    assert "Kept the conversation; /reset starts a new one." in out and "New conversation." in out
+    assert out.count("[AR | 2 tokens") == 1 and out.rstrip().endswith(GOODBYE)  # never left the chat
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] and s.messages[0]["content"] == second
+
+    monkeypatch.setattr(model.trunk.args, "max_position_embeddings", alone)  # now not even alone
+    s.messages.clear()
+    assert s.reply(second, generate=__import__("mtplx").stream_generate, read=read) is None
+    assert f"This message alone is {alone} tokens" in capsys.readouterr().out and s.messages == []
+
+
+def _echoed(master: int, wait: float) -> bytes:
+    """What the terminal echoed back to its keyboard side within ``wait`` seconds."""
+    import select
+
+    out = b""
+    while select.select([master], [], [], wait)[0]:
+        out += os.read(master, 1024)
+        wait = 0.05
+    return out
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_keys_typed_while_a_reply_streams_are_not_echoed(monkeypatch, capsys, interrupt):
+    import pty
+    import select
+    import termios
+
+    master, slave = pty.openpty()
+    tty = os.fdopen(slave, "r")
+    monkeypatch.setattr(sys, "stdin", tty)  # a real terminal on standard input
+    seen = {}
+
+    def generate(model, tokenizer, messages, **kw):
+        seen["echo_flag"] = bool(termios.tcgetattr(slave)[3] & termios.ECHO)
+        os.write(master, b"typed meanwhile\n")  # keys pressed, Enter included, while the reply streams
+        seen["echoed"] = _echoed(master, 0.3)
+        if interrupt:
+            raise KeyboardInterrupt
+        stats = _stats(2, 1, 1, [1, 1], [1, 0], 1.0)
+        yield _response(stats, finish="stop", text="the reply")
+
+    try:
+        os.write(master, b"x\n")  # control: outside a reply the terminal echoes
+        assert _echoed(master, 2.0).startswith(b"x")
+        assert os.read(slave, 64) == b"x\n"
+        _session().reply("q", generate)
+        assert seen == {"echo_flag": False, "echoed": b""}
+        assert termios.tcgetattr(slave)[3] & termios.ECHO  # restored, after Ctrl-C too
+        assert not select.select([slave], [], [], 0.05)[0]  # what was typed blind was dropped, not sent
+    finally:
+        tty.close()
+        os.close(master)
+    out = capsys.readouterr().out
+    assert "typed meanwhile" not in out and ("[interrupted" in out) == interrupt
+
+
+def test_no_echo_leaves_a_non_terminal_alone():
+    import io
+
+    with no_echo(io.StringIO()):
+        pass
+
+
 def test_model_menu_order_and_dedupe():
     entries = [
         {"ref": "org/cached", "where": "hf-cache", "size_bytes": 2**30, "title": "checkpoint"},
@@ -179,7 +287,7 @@ def test_check_refuses_unrunnable_and_too_big():
 
 
 def _cli_start(args: list[str], stdin: str, tmp_path: Path):
-    from mtplx.cli.main import cli
+    from mtplx.cli.app import cli
 
     env = {"MTPLX_CONFIG": str(tmp_path / "config.json"), "HF_HUB_OFFLINE": "1"}
     return CliRunner().invoke(cli, ["start", *args], input=stdin, env=env)
@@ -315,10 +423,12 @@ def test_start_in_a_real_terminal(tmp_path):
             t.send(f"write a long program {attempt}")
             t.wait(lambda s: s.count("mtplx> ") > replies_before and len(s.rsplit("mtplx> ", 1)[-1].strip()) > 20,
                    "the long reply to stream")
+            t.send("zzqq", enter=False)  # typed while the reply streams: must not show up in it
             t.key("C-c")
             text = t.wait(lambda s: (s.count("[interrupted") > interrupted_before or s.count("[MTP d2 | ") > done_before)
                           and _at_prompt(s), "the interrupted reply")
             if text.count("[interrupted") > interrupted_before:
+                assert "zzqq" not in text.rsplit("mtplx> ", 1)[-1], "keystrokes were echoed into the reply"
                 break
         else:
             pytest.fail("three long replies all ended before Ctrl-C arrived")

@@ -164,3 +164,102 @@ def test_repo_id_resolves_offline_from_local_cache(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1
     assert "not in the local Hugging Face cache" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def _imports(module_file: Path) -> set[str]:
+    import ast
+
+    tree = ast.parse(module_file.read_text())
+    return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("mtplx.")}
+
+
+def test_artifact_layer_has_no_import_circle_and_model_layer_stays_below_it():
+    package = Path(mtplx.__file__).parent
+    graph = {f"mtplx.artifact.{f.stem}": {m for m in _imports(f) if m.startswith("mtplx.artifact.")}
+             for f in (package / "artifact").glob("*.py")}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(n == target or (n not in seen and not seen.add(n) and reaches(n, target, seen))
+                   for n in graph.get(start, ()))
+
+    for module in graph:
+        assert not reaches(module, module, set()), f"{module} imports itself through a circle"
+    assert not reaches("mtplx.artifact.graft", "mtplx.artifact.loader", set())
+    assert not reaches("mtplx.artifact.loader", "mtplx.artifact.graft", set())
+    for f in (package / "model").glob("*.py"):
+        assert not any(m.startswith("mtplx.artifact") for m in _imports(f)), f"{f.name} imports the artifact layer"
+
+
+def _rehash_sidecar(artifact: Path) -> None:
+    """Recompute the contract's sidecar hash, as someone who edits a sidecar by hand would."""
+    from mtplx.artifact.tensors import sha256_file
+
+    _edit_contract(artifact, lambda d: d["provenance"].update(
+        sidecar_sha256=sha256_file(artifact / "mtp" / "weights.safetensors")))
+
+
+def test_head_with_nan_is_refused_even_with_matching_hashes(artifact):
+    side = artifact / "mtp" / "weights.safetensors"
+    weights = mx.load(str(side))
+    weights["mtp.fc.weight"] = mx.where(mx.arange(weights["mtp.fc.weight"].size).reshape(weights["mtp.fc.weight"].shape) == 7,
+                                        mx.array(float("nan"), dtype=mx.bfloat16), weights["mtp.fc.weight"])
+    mx.save_safetensors(str(side), weights)
+    _rehash_sidecar(artifact)
+    with pytest.raises(ArtifactError, match=r"mtp\.fc\.weight holds NaN or Inf") as e:
+        mtplx.load(str(artifact))
+    assert str(side) in str(e.value) and "mtplx graft" in str(e.value)
+
+
+def test_graft_refuses_a_source_head_with_inf(fixture_checkpoint, grafted_bf16, tmp_path):
+    from mtplx.artifact.graft import graft
+
+    src = tmp_path / "inf-source"
+    shutil.copytree(fixture_checkpoint, src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"]["mtp.norm.weight"]
+    shard.chmod(0o644)
+    tensors = mx.load(str(shard))
+    tensors["mtp.norm.weight"] = tensors["mtp.norm.weight"] + mx.array(float("inf"), dtype=mx.bfloat16)
+    mx.save_safetensors(str(shard), tensors)
+    with pytest.raises(ArtifactError, match=r"mtp\.norm\.weight holds NaN or Inf") as e:
+        graft(src, tmp_path / "out", trunk=grafted_bf16[0])
+    assert str(shard) in str(e.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_truncated_sidecar_with_matching_hash_names_the_file_and_the_fix(artifact):
+    side = artifact / "mtp" / "weights.safetensors"
+    side.write_bytes(side.read_bytes()[:-1000])
+    _rehash_sidecar(artifact)
+    with pytest.raises(ArtifactError, match="cannot be read: it is truncated or damaged") as e:
+        mtplx.load(str(artifact))
+    assert str(side) in str(e.value) and "rebuild the artifact with `mtplx graft" in str(e.value)
+
+
+def test_missing_or_unreadable_tokenizer_is_named(artifact):
+    tokenizer = artifact / "tokenizer.json"
+    good = tokenizer.read_bytes()
+    tokenizer.unlink()
+    with pytest.raises(UnsupportedModelError, match="the tokenizer is missing") as e:
+        mtplx.load(str(artifact))
+    assert str(tokenizer) in str(e.value)
+    tokenizer.write_text("{not json")
+    with pytest.raises(ArtifactError, match="the tokenizer cannot be read") as e:
+        mtplx.load(str(artifact))
+    assert str(tokenizer) in str(e.value)
+    tokenizer.write_bytes(good)
+    assert mtplx.load(str(artifact))[0].has_mtp
+
+
+def test_draft_vocab_ids_are_checked(grafted_reduced, tmp_path):
+    from mtplx.artifact.sidecar import DRAFT_VOCAB_TENSOR
+
+    copy = tmp_path / "reduced"
+    shutil.copytree(grafted_reduced[0], copy)
+    side = copy / "mtp" / "weights.safetensors"
+    weights = mx.load(str(side))
+    weights[DRAFT_VOCAB_TENSOR] = weights[DRAFT_VOCAB_TENSOR][::-1]
+    mx.save_safetensors(str(side), weights)
+    _rehash_sidecar(copy)
+    with pytest.raises(ArtifactError, match="draft_vocab_ids is not sorted and unique"):
+        mtplx.load(str(copy))

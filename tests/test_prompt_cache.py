@@ -188,3 +188,24 @@ def test_lru_shares_prefixes_and_stays_in_its_bound(model):
     tiny.checkin(a)
     tiny.checkin(b)
     assert len(tiny) == 1 and tiny.evictions == 1 and tiny.nbytes <= tiny.max_bytes
+
+
+def test_conversation_appends_each_turn_to_what_the_model_saw(demo):
+    """The terminal chat's tokens only grow: turn 2's prompt is turn 1's prompt, the reply as
+    generated (its <think> block kept, which the template would drop), the template's closing of
+    the turn, and the new question; a reply cut short gets the end-of-turn token added."""
+    from mtplx.conversation import Conversation
+
+    _, tok = demo
+    conv = Conversation(tok)
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    first = conv.prompt(messages, enable_thinking=False)
+    reply = tok.encode("    return a + b", add_special_tokens=False)  # cut short: no <|im_end|>
+    conv.add_reply(reply)
+    messages += [{"role": "assistant", "content": "    return a + b"}, {"role": "user", "content": "class Stack:"}]
+    second = conv.prompt(messages, enable_thinking=False)
+    assert second[: len(first) + len(reply)] == first + reply
+    assert tok.decode(second[len(first) + len(reply):]) == (
+        "<|im_end|>\n<|im_start|>user\nclass Stack:<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    conv.drop_turn()
+    assert conv.ids == first + reply

@@ -10,74 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
+from server_helpers import (TIMEOUT, Server, assert_openai_error, metric, running, sse_events,
+                            wait_idle)
 
 import mtplx
 from mtplx.api import encode_prompt
 from mtplx.server.app import create_app
 
-TIMEOUT = 60.0
 MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers."}]
 PROMPT = "def fib(n):"
-
-
-@dataclass
-class Server:
-    base: str
-    model: Any
-    tokenizer: Any
-    client: openai.OpenAI
-    http: httpx.Client
-    refs: dict[str, tuple[str, Any]]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MAX_BODY = 2**20
 
 
 @pytest.fixture(scope="module")
-def server() -> Server:
-    model, tokenizer = mtplx.load("demo")
-    app = create_app(model, tokenizer, model_id="demo", queue_size=8, max_tokens_default=16)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                        timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=srv.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
-    with httpx.Client(base_url=base, timeout=TIMEOUT) as http:
-        yield Server(base, model, tokenizer, client, http, {})
-    client.close()
-    srv.should_exit = True
-    thread.join(timeout=20)
-    assert not thread.is_alive(), "uvicorn did not shut down"
-
-
-def wait_idle(s: Server, seconds: float = 60) -> dict:
-    """Block until no generation runs or waits, so the test thread may use the model."""
-    deadline = time.monotonic() + seconds
-    while True:
-        h = s.http.get("/health").json()
-        if not h["busy"] and h["queue_depth"] == 0:
-            return h
-        assert time.monotonic() < deadline, f"server still busy: {h}"
-        time.sleep(0.05)
+def server(demo) -> Server:
+    model, tokenizer = demo
+    app = create_app(model, tokenizer, served_model_names=["demo", "mtplx"], queue_size=8, max_tokens_default=16,
+                     max_body_bytes=MAX_BODY)
+    with running(app, model, tokenizer) as s:
+        yield s
 
 
 def reference(s: Server, prompt: Any, **kw: Any) -> tuple[str, Any]:
@@ -96,44 +53,33 @@ def reference(s: Server, prompt: Any, **kw: Any) -> tuple[str, Any]:
     return s.refs[key]
 
 
-def metric(text: str, name: str, labels: str = "") -> float | None:
-    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix):])
-    return None
-
-
-def assert_openai_error(r: httpx.Response, status: int = 400, type_: str = "invalid_request_error") -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["type"] == type_ and body["error"]["message"]
-    assert "Traceback" not in r.text
-    return body["error"]
-
-
-def sse_events(lines: list[str]) -> list[Any]:
-    """`data: {...}` payloads in order; the literal [DONE] stays a string."""
-    out = []
-    for line in lines:
-        if line.startswith("data: "):
-            payload = line[len("data: "):]
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
-
-
 # -- discovery -----------------------------------------------------------------------------------
 
 def test_models_health(server: Server) -> None:
     models = server.client.models.list()
-    assert [m.id for m in models.data] == ["demo"]
+    assert [m.id for m in models.data] == ["demo", "mtplx"]
     raw = server.http.get("/v1/models").json()
     assert raw["object"] == "list" and raw["data"][0]["object"] == "model"
+    assert server.http.get("/v1/models/mtplx").json()["id"] == "mtplx"
     h = server.http.get("/health")
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["model"] == "demo"
-    assert_openai_error(server.http.get("/v1/models/not-this-one"), 404)
+    err = assert_openai_error(server.http.get("/v1/models/not-this-one"), 404)
+    assert err["code"] == "model_not_found"
     assert_openai_error(server.http.post("/v1/nowhere", json={}), 404)
+
+
+def test_unknown_model_is_404(server: Server) -> None:
+    # As OpenAI answers: 404 model_not_found, naming the models this server does serve.
+    for path, body in [("/v1/chat/completions", {"model": "gpt-4o", "messages": MESSAGES}),
+                       ("/v1/completions", {"model": "gpt-4o", "prompt": PROMPT})]:
+        err = assert_openai_error(server.http.post(path, json=body), 404)
+        assert err["code"] == "model_not_found" and err["param"] == "model"
+        assert "'demo'" in err["message"] and "--served-model-name" in err["message"]
+    with pytest.raises(openai.NotFoundError):
+        server.client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=1)
+    # Every served name is answered, and the first one is reported.
+    r = server.client.chat.completions.create(model="mtplx", messages=MESSAGES, max_tokens=1, temperature=0)
+    assert r.model == "demo" and r.choices[0].finish_reason == "length"
 
 
 # -- equality with mtplx.generate ----------------------------------------------------------------
@@ -144,7 +90,7 @@ def test_chat_matches_generate(server: Server, temperature: float, seed: int | N
     r = server.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=12,
                                               temperature=temperature, seed=seed)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "demo"
-    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.role == "assistant" and r.choices[0].logprobs is None
     assert r.choices[0].message.content == expected
     assert r.choices[0].finish_reason == last.finish_reason
     n_prompt = len(encode_prompt(server.tokenizer, MESSAGES))
@@ -223,6 +169,75 @@ def test_thinking_toggle(server: Server) -> None:
         assert r.usage.prompt_tokens == n, extra
 
 
+# -- logprobs ------------------------------------------------------------------------------------
+
+def _engine_logprobs(s: Server, prompt: Any, k: int) -> list:
+    """The API's logprobs for the request the test sends (without the end-of-sequence token)."""
+    wait_idle(s)
+    eos = set(s.tokenizer.eos_token_ids)
+    return [lp for r in mtplx.stream_generate(s.model, s.tokenizer, prompt, max_tokens=3, temperature=0, logprobs=k)
+            for lp in r.logprobs if lp.token not in eos]
+
+
+def test_chat_logprobs(server: Server) -> None:
+    expected = _engine_logprobs(server, MESSAGES, 2)
+    r = server.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=3, temperature=0,
+                                              logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert [(c.logprob, [(t.logprob) for t in c.top_logprobs]) for c in content] == \
+        [(lp.logprob, [v for _, v in lp.top]) for lp in expected]
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    assert all(bytes(c.bytes).decode() == c.token and c.top_logprobs[0].logprob >= c.logprob for c in content)
+    # Streamed: the same entries, spread over the chunks.
+    chunks = server.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=3, temperature=0,
+                                                   logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+
+
+def test_completion_logprobs(server: Server) -> None:
+    expected = _engine_logprobs(server, PROMPT, 1)
+    r = server.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0,
+                                                  "logprobs": 1}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert lp["token_logprobs"] == [e.logprob for e in expected]
+    assert "".join(lp["tokens"]) == r["choices"][0]["text"]
+    assert [list(d.values()) for d in lp["top_logprobs"]] == [[v for _, v in e.top] for e in expected]
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+    with server.http.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0,
+                                                             "logprobs": 1, "stream": True}) as s:
+        events = [e for e in sse_events(list(s.iter_lines())) if e != "[DONE]"]
+    streamed = [v for e in events if e["choices"][0]["logprobs"] for v in e["choices"][0]["logprobs"]["token_logprobs"]]
+    assert streamed == lp["token_logprobs"]
+
+
+# -- response_format -----------------------------------------------------------------------------
+
+def test_response_format(server: Server) -> None:
+    """Structured output is decoded under the grammar (and the answer parses and validates);
+    a schema the grammar engine cannot take and thinking with a grammar are 400s."""
+    import jsonschema
+
+    r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1, "temperature": 0,
+                                                       "response_format": {"type": "text"}})
+    assert r.status_code == 200, r.text
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 48, "temperature": 0,
+                                                       "response_format": fmt})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    bad = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "nonsense"}}}
+    r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "response_format": bad})
+    assert assert_openai_error(r)["param"].startswith("response_format")
+    r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "response_format": {"type": "json_object"},
+                                                       "chat_template_kwargs": {"enable_thinking": True}})
+    assert assert_openai_error(r)["param"] == "enable_thinking"
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 BAD_BODIES = [
@@ -244,6 +259,38 @@ BAD_BODIES = [
     ({"messages": MESSAGES, "stop": 5}, "stop"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
     ({"messages": MESSAGES, "seed": -1}, "seed"),
+    ({"messages": MESSAGES, "seed": 2**64}, "seed"),
+    ({"messages": MESSAGES, "depth": 2.5}, "depth"),
+    ({"messages": MESSAGES, "depth": -1}, "depth"),
+    ({"messages": MESSAGES, "top_k": -5}, "top_k"),
+    ({"messages": MESSAGES, "min_p": 2}, "min_p"),
+    ({"messages": MESSAGES, "max_tokens": -1}, "max_tokens"),
+    ({"messages": MESSAGES, "messages_": 1}, "messages_"),
+    # Fields mtplx cannot honour are refused, never silently dropped.
+    ({"messages": MESSAGES, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": MESSAGES, "presence_penalty": -1}, "presence_penalty"),
+    ({"messages": MESSAGES, "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"messages": MESSAGES, "reasoning_effort": "low"}, "reasoning_effort"),
+    ({"messages": MESSAGES, "store": True}, "store"),
+    ({"messages": MESSAGES, "audio": {"voice": "alloy"}}, "audio"),
+    ({"messages": MESSAGES, "functions": [{"name": "f"}]}, "functions"),
+    ({"messages": MESSAGES, "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools"),
+    ({"messages": [{"role": "user", "content": "x", "audio": {}}]}, "messages[0].audio"),
+    # The demo's chat template renders no tools: refused, not silently dropped.
+    ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": MESSAGES + [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[1].role"),
+    ({"messages": MESSAGES, "tool_choice": "auto"}, "tool_choice"),
+    ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": MESSAGES, "logprobs": 2}, "logprobs"),
+    ({"messages": MESSAGES, "response_format": {"type": "xml"}}, "response_format.type"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_object", "json_schema": {"name": "a", "schema": {}}}},
+     "response_format.json_schema"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "a", "schema": {"type": "nonsense"}}}}, "response_format.json_schema.schema"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+     "response_format.json_schema.name"),
 ]
 
 
@@ -251,6 +298,96 @@ BAD_BODIES = [
 def test_bad_chat_requests(server: Server, body: dict, param: str) -> None:
     err = assert_openai_error(server.http.post("/v1/chat/completions", json=body))
     assert err["param"] == param
+
+
+BAD_COMPLETIONS = [
+    ({"prompt": [999999, 5]}, "prompt", "999999"),  # once a segmentation fault of the whole server
+    ({"prompt": [5, -1]}, "prompt", "-1"),
+    ({"prompt": [5, 4096]}, "prompt", "4096"),  # the demo's vocabulary is [0, 4096)
+    ({"prompt": ["a", "b"]}, "prompt", "one prompt"),
+    ({"prompt": PROMPT, "echo": True}, "echo", "not supported"),
+    ({"prompt": PROMPT, "suffix": "x"}, "suffix", "not supported"),
+    ({"prompt": PROMPT, "best_of": 3}, "best_of", "not supported"),
+    ({"prompt": PROMPT, "n": 2}, "n", "not supported"),
+    ({"prompt": PROMPT, "logit_bias": {"1": -100}}, "logit_bias", "not supported"),
+    ({"prompt": PROMPT, "logprobs": 21}, "logprobs", "[0, 20]"),
+    ({"prompt": PROMPT, "logprobs": -1}, "logprobs", "[0, 20]"),
+]
+
+
+@pytest.mark.parametrize("body,param,says", BAD_COMPLETIONS)
+def test_bad_completion_requests(server: Server, body: dict, param: str, says: str) -> None:
+    err = assert_openai_error(server.http.post("/v1/completions", json=body))
+    assert err["param"] == param and says in err["message"], err
+
+
+def test_non_finite_numbers(server: Server) -> None:
+    # Python's JSON parser reads NaN and Infinity; the knob check refuses them.
+    for raw in (b'{"prompt": "x", "temperature": NaN}', b'{"prompt": "x", "top_p": Infinity}',
+                b'{"prompt": "x", "min_p": 1e400}'):
+        err = assert_openai_error(server.http.post("/v1/completions", content=raw,
+                                                   headers={"content-type": "application/json"}))
+        assert "finite" in err["message"]
+
+
+def test_harmless_fields_accepted(server: Server) -> None:
+    extra = {"user": "u1", "metadata": {"k": "v"}, "service_tier": "auto", "store": False, "frequency_penalty": 0,
+             "presence_penalty": 0.0, "logit_bias": {}, "n": 1, "top_k": -1, "prompt_cache_key": "p",
+             "safety_identifier": "s", "messages": [{"role": "user", "content": "hi", "name": "ann"}]}
+    r = server.http.post("/v1/chat/completions", json={**extra, "max_tokens": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    r = server.http.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 1, "temperature": 0,
+                                                  "user": "u1", "best_of": 1, "echo": False})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3, r.text
+
+
+# -- limits: body size, prompt length, Host header ------------------------------------------------
+
+def test_body_limit(server: Server) -> None:
+    big = json.dumps({"prompt": "x" * MAX_BODY}).encode()
+    err = assert_openai_error(server.http.post("/v1/completions", content=big,
+                                               headers={"content-type": "application/json"}), 413)
+    assert err["code"] == "request_too_large" and str(MAX_BODY) in err["message"]
+
+    # Chunked, with no Content-Length to refuse it by: the limit holds while reading.
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(MAX_BODY // 2**16 + 1):
+            yield b"x" * 2**16
+        yield b'"}'
+
+    r = server.http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert_openai_error(r, 413)
+    assert server.http.get("/health").json()["status"] == "ok"
+
+
+def test_prompt_length_bounds(server: Server) -> None:
+    # Far past what the context can hold: refused from its length alone, before tokenizing.
+    n = server.model.max_context * 45 * 4 + 1  # 45: the demo's longest token, in characters
+    assert len(json.dumps({"prompt": "x" * n})) < MAX_BODY
+    err = assert_openai_error(server.http.post("/v1/completions", json={"prompt": "x" * n}))
+    assert err["code"] == "context_length_exceeded" and "characters" in err["message"]
+    err = assert_openai_error(server.http.post("/v1/chat/completions",
+                                               json={"messages": [{"role": "user", "content": "x" * n}]}))
+    assert err["code"] == "context_length_exceeded"
+    # Short enough to tokenize, too many tokens for the context.
+    err = assert_openai_error(server.http.post("/v1/completions", json={"prompt": "a b " * 3000}))
+    assert err["code"] == "context_length_exceeded" and "tokens" in err["message"]
+    err = assert_openai_error(server.http.post("/v1/completions", json={"prompt": [5] * 5000}))
+    assert err["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("host,ok", [("127.0.0.1", True), ("localhost", True), ("LOCALHOST.", True), ("[::1]", True),
+                                     ("127.0.0.2", True), ("evil.example", False), ("localhost.evil.example", False),
+                                     ("10.0.0.1", False), ("", False)])
+def test_host_header(server: Server, host: str, ok: bool) -> None:
+    port = server.base.rsplit(":", 1)[1]
+    r = server.http.get("/v1/models", headers={"host": f"{host}:{port}" if host else ""})
+    if ok:
+        assert r.status_code == 200, r.text
+    else:
+        err = assert_openai_error(r, 403, "permission_error")
+        assert err["code"] == "host_not_allowed" and "--allowed-hosts" in err["message"]
 
 
 def test_bad_bodies_and_content_types(server: Server) -> None:
@@ -274,7 +411,17 @@ def test_bad_bodies_and_content_types(server: Server) -> None:
 # -- metrics -------------------------------------------------------------------------------------
 
 def test_metrics(server: Server) -> None:
+    def count(text: str, endpoint: str, status: int) -> float:
+        return metric(text, "mtplx_requests_total", f'endpoint="{endpoint}",status="{status}"') or 0
+
+    before = server.http.get("/metrics").text
     server.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4, temperature=0)
+    server.http.post("/v1/completions", json={"prompt": [999999]})
+    server.http.post("/v1/completions", json={"prompt": [999999]})
+    server.http.get("/v1/models")
+    server.http.get("/v1/models/nope")
+    server.http.get("/v1/models", headers={"host": "evil.example"})
+    server.http.get("/no/such/path")
     wait_idle(server)
     r = server.http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
@@ -283,8 +430,10 @@ def test_metrics(server: Server) -> None:
                    "mtplx_last_tokens_per_second", "mtplx_average_tokens_per_second", "mtplx_acceptance",
                    "mtplx_queue_depth", "mtplx_busy"):
         assert f"# TYPE {family} " in text, family
-    assert metric(text, "mtplx_requests_total", 'endpoint="/v1/chat/completions",status="200"') >= 1
-    assert metric(text, "mtplx_requests_total", 'endpoint="/v1/chat/completions",status="400"') >= 1
+    # Requests are counted per endpoint and status.
+    for endpoint, status, n in [("/v1/chat/completions", 200, 1), ("/v1/completions", 400, 2), ("/v1/models", 200, 1),
+                                ("/v1/models", 403, 1), ("/v1/models/{name}", 404, 1), ("other", 404, 1)]:
+        assert count(text, endpoint, status) - count(before, endpoint, status) == n, (endpoint, status)
     assert metric(text, "mtplx_generated_tokens_total") >= 4
     assert metric(text, "mtplx_prompt_tokens_total") > 0
     assert metric(text, "mtplx_last_tokens_per_second") > 0
@@ -382,3 +531,20 @@ def test_non_streaming_disconnect_frees_engine(server: Server) -> None:
     wait_idle(server, seconds=10)  # 600 tokens would take about a minute if it kept running
     after = metric(server.http.get("/metrics").text, "mtplx_generations_total", 'outcome="cancelled"')
     assert after == before + 1
+
+
+def test_allowed_hosts_and_served_names(tmp_path) -> None:
+    from mtplx.cli.serve_cmd import default_served_names, split_names
+    from mtplx.server.guards import RequestGuard
+
+    guard = RequestGuard(None, max_body_bytes=1, allowed_hosts=split_names(("box.lan, Api.Example.com", "10.0.0.5")))
+    assert [guard.host_ok(h) for h in ("box.lan:8000", "api.example.com", "10.0.0.5:1", "[::1]:80", "evil.lan", None)] \
+        == [True, True, True, True, False, False]
+    assert RequestGuard(None, max_body_bytes=1, allowed_hosts=["*"]).host_ok("anything")
+    assert RequestGuard(None, max_body_bytes=1, allowed_hosts=None).host_ok(None)
+    assert split_names(("a,b", " c ", ",")) == ["a", "b", "c"]
+    assert default_served_names("demo") == ["demo"]
+    assert default_served_names("Qwen/Qwen3.5-4B") == ["Qwen/Qwen3.5-4B"]
+    art = tmp_path / "my-artifact"
+    art.mkdir()
+    assert default_served_names(str(art)) == ["my-artifact", str(art)]

@@ -70,6 +70,15 @@ class RuntimeContract:
         return self.data["sidecar"]["quantization"]
 
 
+def quantization_of_trunk(trunk_dir: str | Path) -> dict[str, Any]:
+    """The contract's ``trunk.quantization`` section, read from an MLX trunk's config.json."""
+    config = json.loads((Path(trunk_dir) / "config.json").read_text(encoding="utf-8"))
+    q = config.get("quantization")
+    if q:
+        return {"mode": q.get("mode", "affine"), "bits": q["bits"], "group_size": q["group_size"]}
+    return {"mode": "none", "bits": 16, "dtype": "bfloat16"}
+
+
 def text_config_digest(text_config: dict[str, Any]) -> str:
     """sha256 of the text config's canonical JSON: the architecture fingerprint."""
     canonical = json.dumps(text_config, sort_keys=True, separators=(",", ":"))

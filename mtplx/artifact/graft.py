@@ -10,6 +10,7 @@ source (HF layout, bf16, zero-centered norms, ``mtp.*`` tensors)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -23,8 +24,14 @@ from mlx.utils import tree_flatten
 
 from mtplx._version import __version__
 from mtplx.artifact import contract as contract_io
-from mtplx.artifact.tensors import sha256_file, trunk_dependency_hashes, weight_files
-from mtplx.errors import ArtifactError, UnsupportedModelError
+from mtplx.artifact.sidecar import DRAFT_VOCAB_TENSOR, check_finite, check_head_shapes, load_head
+from mtplx.artifact import hub
+from mtplx.artifact.hub import RepoRef
+from mtplx.artifact.paths import cache_root
+from mtplx.artifact.progress import Progress
+from mtplx.artifact.tensors import checkpoint_digest, sha256_file, trunk_dependency_hashes, weight_files
+from mtplx.artifact.vocab import choose_draft_vocab, subset_size
+from mtplx.errors import ArtifactError, MtplxError, UnsupportedModelError
 from mtplx.model.mtp_head import MTPHead, body_linear_predicate
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe")
@@ -118,21 +125,6 @@ def _stack_experts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def check_head_shapes(head: nn.Module, weights: dict[str, mx.array], where: Path) -> None:
-    expected = dict(tree_flatten(head.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        what = f"missing mtp.{missing[0]}" if missing else f"unexpected mtp.{unexpected[0]}"
-        raise ArtifactError(f"the MTP tensors do not match a Qwen3.5 MTP head for this config ({what}; "
-                            f"{len(missing)} missing, {len(unexpected)} unexpected)", path=where,
-                            fix="check that config.json belongs to these weights")
-    for name, value in weights.items():
-        if tuple(value.shape) != tuple(expected[name].shape):
-            raise ArtifactError(f"mtp.{name} has shape {tuple(value.shape)}, the config implies {tuple(expected[name].shape)}",
-                                path=where, fix="check that config.json belongs to these weights")
-
-
 def quantize_head(head: MTPHead, bits: int = HEAD_BITS, group_size: int = GROUP_SIZE) -> list[str]:
     """Quantize the body linears in place; returns their module paths."""
     quantized: list[str] = []
@@ -147,16 +139,23 @@ def quantize_head(head: MTPHead, bits: int = HEAD_BITS, group_size: int = GROUP_
     return sorted(quantized)
 
 
-def build_sidecar(source: SourceCheckpoint, out_file: Path, quantize: bool = True) -> dict[str, Any]:
-    """Write the sidecar; returns the contract's ``sidecar.quantization`` section."""
+def build_sidecar(source: SourceCheckpoint, out_file: Path, quantize: bool = True,
+                  draft_vocab_ids: list[int] | None = None) -> dict[str, Any]:
+    """Write the sidecar; returns the contract's ``sidecar.quantization`` section. A reduced
+    draft vocabulary is stored beside the weights (int32, so sidecar_sha256 covers it)."""
     args = text_args(source.text_config)
     head = MTPHead(args, num_layers=int(source.text_config.get("mtp_num_hidden_layers", 1)))
     weights = extract_mtp_weights(source)
     check_head_shapes(head, weights, source.path)
+    check_finite(weights, next(iter(source.mtp_files.values())),
+                 fix="the checkpoint's MTP head is damaged: download the original checkpoint again")
     head.load_weights(list(weights.items()), strict=True)
     quantized = quantize_head(head) if quantize else []
     flat = {f"mtp.{k}": v for k, v in tree_flatten(head.parameters())}
     quantized_tensors = {f"mtp.{m}.{s}" for m in quantized for s in ("weight", "scales", "biases")}
+    unquantized = sorted(n for n in flat if n not in quantized_tensors)
+    if draft_vocab_ids is not None:
+        flat[DRAFT_VOCAB_TENSOR] = mx.array(draft_vocab_ids, dtype=mx.int32)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out_file), flat, metadata={"format": "mlx", "producer": f"mtplx {__version__}"})
     return {
@@ -165,7 +164,7 @@ def build_sidecar(source: SourceCheckpoint, out_file: Path, quantize: bool = Tru
         "bits": HEAD_BITS if quantize else 16,
         "group_size": GROUP_SIZE,
         "quantized": [f"mtp.{m}" for m in quantized],
-        "unquantized": sorted(n for n in flat if n not in quantized_tensors),
+        "unquantized": unquantized,
     }
 
 
@@ -181,15 +180,7 @@ def convert_trunk(source: Path, out: Path, bits: int) -> dict[str, Any]:
                 q_group_size=GROUP_SIZE, dtype="bfloat16")
         for f in target.iterdir():
             shutil.move(str(f), out / f.name)
-    return trunk_quantization(out)
-
-
-def trunk_quantization(trunk_dir: Path) -> dict[str, Any]:
-    config = json.loads((trunk_dir / "config.json").read_text(encoding="utf-8"))
-    q = config.get("quantization")
-    if q:
-        return {"mode": q.get("mode", "affine"), "bits": q["bits"], "group_size": q["group_size"]}
-    return {"mode": "none", "bits": 16, "dtype": "bfloat16"}
+    return contract_io.quantization_of_trunk(out)
 
 
 def copy_trunk(trunk: Path, source: SourceCheckpoint, out: Path) -> dict[str, Any]:
@@ -205,7 +196,7 @@ def copy_trunk(trunk: Path, source: SourceCheckpoint, out: Path) -> dict[str, An
     for f in trunk.iterdir():
         if f.is_file():
             shutil.copy2(f, out / f.name)
-    return trunk_quantization(out)
+    return contract_io.quantization_of_trunk(out)
 
 
 @dataclass
@@ -221,6 +212,38 @@ class GraftReport:
                 "tensors": self.tensors, "contract": self.contract}
 
 
+def open_source(source: str | Path, *, whole: bool, cache: Path, progress: Progress) -> tuple[SourceCheckpoint, dict]:
+    """A local checkpoint, or a repo id: only its MTP tensors by byte range, or the whole
+    checkpoint when ``whole`` (the trunk is converted from it)."""
+    path = Path(source).expanduser()
+    ref = None if path.exists() else RepoRef.parse(str(source))
+    if ref is None:
+        if not path.exists():
+            raise MtplxError(f"'{source}' is neither an existing directory nor a Hugging Face repo id (org/name[@revision])",
+                             fix="check the path, or pass the original checkpoint's repo id (e.g. Qwen/Qwen3.5-4B)")
+        return read_source(path), _source_provenance(path)
+    if whole:
+        progress.phase(f"Downloading the whole of {ref} (the trunk is converted from it; pass --trunk to fetch only "
+                       "the MTP head) ...")
+        snapshot = hub.snapshot(ref, hub.MODEL_FILES, progress)
+        return read_source(snapshot), _source_provenance(snapshot)
+    head = hub.fetch_head_source(ref, cache, progress)
+    return read_source(head.path), head.provenance
+
+
+def open_trunk(trunk: str | Path, progress: Progress) -> tuple[Path, dict[str, Any]]:
+    path = Path(trunk).expanduser()
+    ref = None if path.exists() else RepoRef.parse(str(trunk))
+    if ref is None:
+        if not path.is_dir():
+            raise MtplxError(f"'{trunk}' is neither an existing directory nor a Hugging Face repo id (org/name[@revision])",
+                             fix="pass an MLX conversion of the same checkpoint (e.g. mlx-community/Qwen3.5-4B-4bit)")
+        return path, {"kind": "local", "name": path.resolve().name}
+    progress.phase(f"Downloading the MLX trunk {ref} (Hugging Face cache, shared with mlx-lm) ...")
+    snapshot = hub.snapshot(ref, hub.MODEL_FILES, progress)
+    return snapshot, {"kind": "huggingface", "repo_id": ref.repo_id, "revision": snapshot.name}
+
+
 def graft(
     source: str | Path,
     out: str | Path,
@@ -231,38 +254,88 @@ def graft(
     depth: int = 2,
     name: str | None = None,
     overwrite: bool = False,
+    draft_vocab: int | None = None,
+    vocab_text: str | None = None,
+    progress: Progress | None = None,
+    cache: Path | None = None,
 ) -> GraftReport:
+    """Build an artifact in a temporary directory beside ``out`` and move it into place whole,
+    so a failure (a dropped download, Ctrl-C) never leaves a half-built artifact behind.
+
+    ``source`` and ``trunk`` are directories or Hugging Face repo ids (``org/name[@revision]``).
+    ``draft_vocab``: K ids for a reduced draft head (``None``: 32768 where the vocabulary is
+    larger, else the full head; 0: the full head), ranked by frequency on ``vocab_text`` if given.
+    """
+    progress = progress or Progress.silent()
+    started = time.perf_counter()
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ArtifactError("the output directory is not empty", path=out, fix="choose a new --out or pass --overwrite")
+    src, source_provenance = open_source(source, whole=trunk is None, cache=cache or cache_root(), progress=progress)
+    trunk_dir, trunk_provenance = open_trunk(trunk, progress) if trunk is not None else (None, None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    build.chmod(0o755)  # mkdtemp's 0700 would stay on the finished artifact
+    try:
+        data = _build(src, build, trunk_dir, trunk_bits, progress, probe_text, hidden_source, depth, draft_vocab, vocab_text)
+        data["name"] = name or out.name
+        data["provenance"]["source"] = source_provenance
+        if trunk_provenance:
+            data["provenance"]["trunk"] = trunk_provenance
+        contract_io.write(data, build)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(build, out)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    progress.phase(f"Artifact written to {out}")
+    report = GraftReport(artifact=out, contract=data, seconds=time.perf_counter() - started)
+    sidecar = out / contract_io.SIDECAR_DEFAULT_PATH
+    report.tensors = [{"name": n, "shape": list(v.shape), "dtype": str(v.dtype).replace("mlx.core.", "")}
+                      for n, v in sorted(mx.load(str(sidecar)).items())]
+    report.sizes = {"sidecar": sidecar.stat().st_size, "trunk": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+    return report
+
+
+def _build(src: SourceCheckpoint, out: Path, trunk: Path | None, trunk_bits: int, progress: Progress,
+           probe_text: str | None, hidden_source: str | None, depth: int, draft_vocab: int | None,
+           vocab_text: str | None) -> dict[str, Any]:
+    """Trunk, sidecar and contract (validated, not yet written) in ``out``."""
     from mlx_lm import load as mlx_load
 
-    from mtplx.artifact.loader import load_head
-    from mtplx.artifact.probe import MAX_PROBE_TOKENS, default_probe_text, measure_acceptance
+    from mtplx.artifact.probe import MAX_PROBE_TOKENS, default_probe_text, head_figures, trunk_pass
     from mtplx.model.mtp_model import MTPModel
     from mtplx.model.trunk import Trunk
 
-    started = time.perf_counter()
-    src = read_source(source)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ArtifactError("the output directory is not empty", path=out, fix="choose a new --out or pass --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    trunk_q = copy_trunk(Path(trunk), src, out) if trunk else convert_trunk(src.path, out, trunk_bits)
-    sidecar_rel = contract_io.SIDECAR_DEFAULT_PATH
-    sidecar_q = build_sidecar(src, out / sidecar_rel)
-
+    if trunk is not None:
+        progress.phase(f"Copying the trunk from {trunk} ...")
+        trunk_q = copy_trunk(trunk, src, out)
+    else:
+        progress.phase(f"Converting the trunk with mlx-lm ({trunk_bits}-bit) ...")
+        trunk_q = convert_trunk(src.path, out, trunk_bits)
+    model, tokenizer = mlx_load(str(out))
     trunk_config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     text_config = trunk_config.get("text_config", trunk_config)
+    vocab_size = int(text_config["vocab_size"])
+    k = subset_size(draft_vocab, vocab_size)
+    choice = choose_draft_vocab(tokenizer, vocab_size, k, vocab_text) if k is not None else None
+
+    progress.phase("Building the sidecar: mtp.* tensors, norms shifted once, body int4 ...")
+    sidecar_rel = contract_io.SIDECAR_DEFAULT_PATH
+    sidecar_q = build_sidecar(src, out / sidecar_rel, draft_vocab_ids=choice.ids if choice else None)
+    sidecar: dict[str, Any] = {"path": sidecar_rel, "quantization": sidecar_q, "norms": "absolute"}
+    if choice:
+        sidecar["draft_vocab"] = {**choice.describe(), "tensor": DRAFT_VOCAB_TENSOR}
     data: dict[str, Any] = {
         "format": contract_io.FORMAT,
         "format_version": contract_io.FORMAT_VERSION,
         "mtplx_version": __version__,
-        "name": name or out.name,
+        "name": out.name,
         "architecture": {
             "model_type": src.model_type,
             "hidden_size": int(text_config["hidden_size"]),
-            "vocab_size": int(text_config["vocab_size"]),
+            "vocab_size": vocab_size,
             "num_hidden_layers": int(text_config["num_hidden_layers"]),
             "mtp_num_hidden_layers": int(text_config.get("mtp_num_hidden_layers", 1)),
             "num_experts": int(text_config.get("num_experts", 0)),
@@ -270,10 +343,10 @@ def graft(
             "text_config_sha256": contract_io.text_config_digest(text_config),
         },
         "trunk": {"quantization": trunk_q},
-        "sidecar": {"path": sidecar_rel, "quantization": sidecar_q, "norms": "absolute"},
+        "sidecar": sidecar,
         "conventions": {"hidden_source": "post_norm", "chain_hidden": "post_norm", "concat_order": "embedding_hidden"},
         "provenance": {
-            "source": _source_provenance(src.path),
+            "source": {"kind": "local"},
             "sidecar_sha256": sha256_file(out / sidecar_rel),
             "trunk_tensors_sha256": trunk_dependency_hashes(out),
             "built_with": f"mtplx {__version__}",
@@ -283,11 +356,13 @@ def graft(
     }
     contract = contract_io.RuntimeContract(data=data)
 
-    model, tokenizer = mlx_load(str(out))
+    progress.phase("Measuring acceptance on the probe text (both hidden-source conventions) ...")
     trunk_view = Trunk(model)
-    mtp = MTPModel(trunk_view, load_head(out, contract, trunk_view.args), contract)
+    head, ids = load_head(out, contract, trunk_view.args)
+    mtp = MTPModel(trunk_view, head, contract)
     tokens = tokenizer.encode(probe_text or default_probe_text())
-    acceptance = measure_acceptance(mtp, tokens)
+    tp = trunk_pass(mtp, tokens)
+    acceptance = {convention: head_figures(mtp, tp, convention) for convention in ("post_norm", "pre_norm")}
     chosen = hidden_source or choose_hidden_source(acceptance)
     data["conventions"]["hidden_source"] = chosen
     data["measured"] = {
@@ -297,15 +372,11 @@ def graft(
         "acceptance": acceptance,
         "sampler": {"temperature": 0.6, "top_p": 0.95, "top_k": 20},
     }
-    contract_io.write(data, out)
-
-    report = GraftReport(artifact=out, contract=data, seconds=time.perf_counter() - started)
-    side = mx.load(str(out / sidecar_rel))
-    report.tensors = [{"name": n, "shape": list(v.shape), "dtype": str(v.dtype).replace("mlx.core.", "")}
-                      for n, v in sorted(side.items())]
-    report.sizes = {"sidecar": (out / sidecar_rel).stat().st_size,
-                    "trunk": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
-    return report
+    if ids is not None:
+        mtp.set_draft_vocab(ids)
+        sidecar["draft_vocab"]["acceptance"] = {"full": acceptance[chosen], "reduced": head_figures(mtp, tp, chosen),
+                                                "hidden_source": chosen}
+    return data
 
 
 # On a probe of a few hundred tokens, acceptance differences below a point are noise; the
@@ -320,16 +391,12 @@ def choose_hidden_source(acceptance: dict[str, dict[str, float]]) -> str:
 
 def _source_provenance(path: Path) -> dict[str, Any]:
     """HF snapshot paths (…/models--org--name/snapshots/<rev>) record repo id and revision;
-    other local directories record a digest of their config and weight index."""
+    other local directories their name and a digest of their config and weight index, never
+    the builder's absolute path."""
     parts = path.resolve().parts
+    digest = checkpoint_digest(path)
     for i, part in enumerate(parts[:-2]):
         if part.startswith("models--") and parts[i + 1] == "snapshots":
-            return {"kind": "huggingface", "repo_id": part[len("models--"):].replace("--", "/"), "revision": parts[i + 2]}
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors.index.json"):
-        f = path / name
-        if f.is_file():
-            h.update(f.read_bytes())
-    return {"kind": "local", "path": str(path.resolve()), "digest": h.hexdigest()}
+            return {"kind": "huggingface", "repo_id": part[len("models--"):].replace("--", "/"), "revision": parts[i + 2],
+                    "digest": digest}
+    return {"kind": "local", "name": path.resolve().name, "digest": digest}

@@ -44,23 +44,17 @@ class Inspection:
 
 
 def _local_or_metadata(ref: str) -> Path:
-    from mtplx.artifact.loader import DEMO_REF, _REPO_ID, resolve
+    from mtplx.artifact import hub
+    from mtplx.artifact.loader import DEMO_REF, resolve
+    from mtplx.artifact.paths import find_artifact
 
-    if ref == DEMO_REF or Path(ref).expanduser().exists():
+    if ref == DEMO_REF or Path(ref).expanduser().exists() or find_artifact(ref):
         return resolve(ref)
-    if not _REPO_ID.match(ref):
+    repo = hub.RepoRef.parse(ref)
+    if repo is None:
         raise MtplxError(f"'{ref}' is neither an existing directory nor a Hugging Face repo id (org/name)",
                          fix="check the path or the repo id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(ref, allow_patterns=["*.json", "mtp/*.json"]))
-    except LocalEntryNotFoundError:
-        raise MtplxError(f"'{ref}' is not in the local Hugging Face cache and cannot be fetched now",
-                         fix="connect once, or pass a local path") from None
-    except RepositoryNotFoundError:
-        raise MtplxError(f"no Hugging Face repository '{ref}'", fix="check the repo id") from None
+    return hub.snapshot(repo, ["*.json", "mtp/*.json"])
 
 
 def inspect_ref(ref: str) -> Inspection:
@@ -117,7 +111,8 @@ def inspect_ref(ref: str) -> Inspection:
     elif any(n.startswith("mtp.") for n in names):
         out.kind = "hf-checkpoint"
         out.mtp_head = True
-        out.verdict = f"original checkpoint with an MTP head: build an artifact with `mtplx graft --source {ref} --out DIR`"
+        out.verdict = (f"original checkpoint with an MTP head: `mtplx run --model {ref}` grafts it on first use, or build "
+                       f"an artifact with `mtplx graft --source {ref} --trunk MLX_CONVERSION` (only the head is fetched)")
     else:
         out.kind = "mlx-trunk" if config.get("quantization") else "checkpoint"
         out.can_run_ar = True

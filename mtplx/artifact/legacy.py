@@ -18,7 +18,6 @@ import mlx.core as mx
 
 from mtplx.artifact import contract as contract_io
 from mtplx.artifact.contract import RuntimeContract
-from mtplx.artifact.graft import trunk_quantization
 from mtplx.artifact.tensors import read_header, sha256_file, trunk_dependency_hashes
 from mtplx.errors import ArtifactError
 
@@ -80,7 +79,7 @@ def contract_from_other_runtime(data: dict[str, Any], path: Path) -> RuntimeCont
             "num_experts": int(tc.get("num_experts", 0)),
             "text_config_sha256": contract_io.text_config_digest(tc),
         },
-        "trunk": {"quantization": trunk_quantization(path)},
+        "trunk": {"quantization": contract_io.quantization_of_trunk(path)},
         "sidecar": {
             "path": sidecar,
             "norms": "absolute",
@@ -95,7 +94,7 @@ def contract_from_other_runtime(data: dict[str, Any], path: Path) -> RuntimeCont
         },
         "conventions": {"hidden_source": "post_norm", "chain_hidden": "post_norm", "concat_order": "embedding_hidden"},
         "provenance": {
-            "source": {"kind": "local", "path": str(path)},
+            "source": {"kind": "local", "name": path.resolve().name},
             "sidecar_sha256": sha256_file(path / sidecar),
             "trunk_tensors_sha256": trunk_dependency_hashes(path),
         },

@@ -9,27 +9,26 @@ lm_head) are hashed and compared with the contract, and every head tensor's shap
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-import mlx.core as mx
-import mlx.nn as nn
 
 from mtplx.artifact import contract as contract_io
+from mtplx.artifact import hub
 from mtplx.artifact.contract import RuntimeContract
+from mtplx.artifact.hub import RepoRef
+from mtplx.artifact.paths import catalog_entry, find_artifact
+from mtplx.artifact.sidecar import load_head, sidecar_file
 from mtplx.artifact.tensors import sha256_file, trunk_dependency_hashes
 from mtplx.errors import ArtifactError, MtplxError, UnsupportedModelError
-from mtplx.model.mtp_head import MTPHead, dequantize_linears
 from mtplx.model.mtp_model import MTPModel
 from mtplx.model.trunk import Trunk
 
 DEMO_REF = "demo"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*", "mtp/*"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def demo_path() -> Path:
@@ -37,7 +36,9 @@ def demo_path() -> Path:
 
 
 def resolve(ref: str, revision: str | None = None) -> Path:
-    """A local directory for ``ref``, downloading from Hugging Face if needed."""
+    """A local directory for ``ref``: ``demo``, a directory, an artifact grafted into the
+    mtplx cache (by catalog id or repo id), or a Hugging Face repo id (``org/name[@revision]``,
+    downloaded through the Hugging Face cache)."""
     if ref == DEMO_REF:
         return demo_path()
     path = Path(ref).expanduser()
@@ -46,29 +47,18 @@ def resolve(ref: str, revision: str | None = None) -> Path:
             raise MtplxError("a model reference must be a directory, not a file", path=path,
                              fix="pass the artifact directory (the one holding mtplx_runtime.json)")
         return path
-    if not _REPO_ID.match(ref):
+    cached = find_artifact(ref if revision is None else f"{ref}@{revision}")
+    if cached is not None:
+        return cached
+    repo = RepoRef.parse(ref)
+    if repo is None:
+        entry = catalog_entry(ref)
+        if entry is not None:
+            raise MtplxError(f"'{ref}' is a catalog model that has not been grafted yet",
+                             fix=f"run `mtplx run --model {ref}` or `mtplx start --model {ref}` (they offer to graft it)")
         raise MtplxError(f"'{ref}' is neither an existing directory nor a Hugging Face repo id (org/name)",
                          fix="check the path, or use `mtplx models` to list what is available")
-    return _download(ref, revision)
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS))
-    except LocalEntryNotFoundError:
-        raise MtplxError(f"'{repo_id}' is not in the local Hugging Face cache and cannot be downloaded now "
-                         "(offline, or HF_HUB_OFFLINE=1)", fix="connect to the network once, or pass a local path") from None
-    except GatedRepoError:
-        raise MtplxError(f"'{repo_id}' is gated on Hugging Face",
-                         fix="accept its licence on huggingface.co and log in with `hf auth login`") from None
-    except RepositoryNotFoundError:
-        raise MtplxError(f"no Hugging Face repository '{repo_id}'", fix="check the repo id's spelling") from None
-    except RevisionNotFoundError:
-        raise MtplxError(f"'{repo_id}' has no revision '{revision}'", fix="pass an existing branch, tag or commit") from None
+    return hub.snapshot(RepoRef(repo.repo_id, revision or repo.revision), hub.ARTIFACT_FILES)
 
 
 def read_contract(path: Path) -> RuntimeContract:
@@ -95,14 +85,6 @@ class LoadReport:
     checks: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     inferred: list[str] = field(default_factory=list)
-
-
-def sidecar_file(path: Path, contract: RuntimeContract) -> Path:
-    file = path / contract.sidecar_path
-    if not file.is_file():
-        raise ArtifactError(f"the sidecar {contract.sidecar_path} named by the contract is missing", path=path,
-                            fix="re-download the artifact or rebuild it with `mtplx graft`")
-    return file
 
 
 def verify_provenance(path: Path, contract: RuntimeContract, report: LoadReport, force: bool) -> None:
@@ -141,37 +123,35 @@ def check_architecture(trunk: Trunk, contract: RuntimeContract, path: Path) -> N
                                 fix="this contract belongs to another model: rebuild the artifact with `mtplx graft`")
 
 
-def load_head(path: Path, contract: RuntimeContract, args: Any) -> MTPHead:
-    """Build the head for the architecture, quantize as the contract says, load strictly."""
-    arch = contract.data["architecture"]
-    head = MTPHead(args, num_layers=arch["mtp_num_hidden_layers"], concat_order=contract.data["conventions"]["concat_order"])
-    q = contract.sidecar_quantization
-    if q["quantized"]:
-        wanted = {name[len("mtp."):] for name in q["quantized"]}
-        nn.quantize(head, group_size=q["group_size"], bits=q["bits"], class_predicate=lambda p, m: p in wanted)
-    file = sidecar_file(path, contract)
-    weights = {k[len("mtp."):] if k.startswith("mtp.") else k: v for k, v in mx.load(str(file)).items()}
-    for transform in getattr(contract, "sidecar_transforms", []):
-        weights = transform(weights)
-    from mtplx.artifact.graft import check_head_shapes
+def load_tokenizer(path: Path, eos_token_ids: Any = None) -> Any:
+    """mlx-lm's tokenizer for ``path``, or one clear error naming the file that is missing or
+    unreadable (without it every prompt would encode to nothing)."""
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-    check_head_shapes(head, weights, file)
-    head.load_weights(list(weights.items()), strict=True)
-    if q["quantized"] and mx.default_device() == mx.cpu:
-        dequantize_linears(head)
-    mx.eval(head.parameters())
-    return head
+    present = [f for f in TOKENIZER_FILES if (path / f).is_file()]
+    if not present:
+        raise UnsupportedModelError("the tokenizer is missing (no tokenizer.json)", path=path / "tokenizer.json",
+                                    fix="copy tokenizer.json and tokenizer_config.json from the checkpoint the trunk "
+                                        "was converted from, or rebuild the artifact with `mtplx graft`")
+    try:
+        return mlx_load_tokenizer(path, eos_token_ids=eos_token_ids)
+    except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many types for a bad file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"the tokenizer cannot be read ({reason})", path=path / present[0],
+                            fix="copy an intact tokenizer.json from the original checkpoint, or rebuild the artifact "
+                                "with `mtplx graft`") from None
 
 
 def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | None = None,
-         split: Callable[[nn.Module], bool] | None = None) -> tuple[MTPModel, Any, LoadReport]:
+         draft_vocab: bool = True, split: Callable[[Any], bool] | None = None) -> tuple[MTPModel, Any, LoadReport]:
     """Load an artifact: (model, tokenizer, report). With ``mtp=False`` any Qwen3.5 MLX
-    checkpoint loads for plain AR decoding.
+    checkpoint loads for plain AR decoding. An artifact with a reduced draft vocabulary drafts
+    from it; ``draft_vocab=False`` loads the full head instead (to compare the two).
 
     ``split`` (a distributed run, mtplx/distributed/) gets the mlx-lm model before any weight
     is read, keeps only this process's part of it, and says whether this process holds the
     MTP head; only the weights left are then read."""
-    from mlx_lm import load as mlx_load
+    from mlx_lm.utils import load_model
 
     path = resolve(ref, revision)
     report = LoadReport(path=path)
@@ -186,13 +166,16 @@ def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | Non
     if model_type not in ("qwen3_5", "qwen3_5_moe"):
         raise UnsupportedModelError(f"unknown architecture model_type={model_type!r}; mtplx runs qwen3_5 and qwen3_5_moe",
                                     path=config_file, fix="use a Qwen3.5 or Qwen3.6 model")
-    model, tokenizer = mlx_load(str(path), lazy=split is not None)
+    model, config = load_model(path, lazy=split is not None)
     keep_head = True
     if split is not None:
+        import mlx.core as mx
+
         keep_head = split(model)
         mx.eval(model.parameters())
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     trunk = Trunk(model)
-    head = None
+    head = vocab_ids = None
     if contract is not None:
         check_architecture(trunk, contract, path)
         if contract.inferred:
@@ -200,6 +183,10 @@ def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | Non
         else:
             verify_provenance(path, contract, report, force)
         if keep_head:
-            head = load_head(path, contract, trunk.args)
-            report.checks.append("sidecar tensors match the head's shapes")
-    return MTPModel(trunk, head, contract, str(path)), tokenizer, report
+            head, vocab_ids = load_head(path, contract, trunk.args)
+            report.checks.append("sidecar tensors match the head's shapes and hold no NaN or Inf")
+    mtp_model = MTPModel(trunk, head, contract, str(path))
+    if vocab_ids is not None and draft_vocab:
+        mtp_model.set_draft_vocab(vocab_ids)
+        report.checks.append(f"drafting from a reduced vocabulary of {vocab_ids.size} token ids")
+    return mtp_model, tokenizer, report

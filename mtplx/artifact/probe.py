@@ -8,6 +8,7 @@ from trunk hiddens), so the figures are the depth-1 acceptance the engine will g
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 
 import mlx.core as mx
@@ -26,32 +27,57 @@ def default_probe_text() -> str:
     return resources.files("mtplx").joinpath("data/probe.txt").read_text(encoding="utf-8")
 
 
-def measure_acceptance(model: MTPModel, tokens: list[int], params: SamplingParams = DEFAULT_SAMPLER,
-                       max_tokens: int = MAX_PROBE_TOKENS) -> dict[str, dict[str, float]]:
-    """For each ``hidden_source`` convention: greedy agreement (argmax head == argmax trunk),
-    the same restricted to positions on the trunk's argmax path, and expected acceptance
-    sum(min(p, q)) under ``params``, averaged over the probe."""
+@dataclass
+class TrunkPass:
+    """One trunk pass over the probe: what every head measurement compares against."""
+
+    ids: mx.array  # [1, N]
+    target: mx.array  # trunk logits predicting token i+2, [N-2, V]
+    p: mx.array  # the filtered target law
+    hidden: dict[str, mx.array]  # per hidden_source convention, [1, N, H]
+    on_argmax_path: mx.array  # positions whose input token is the trunk's own argmax
+
+
+def trunk_pass(model: MTPModel, tokens: list[int], params: SamplingParams = DEFAULT_SAMPLER,
+               max_tokens: int = MAX_PROBE_TOKENS) -> TrunkPass:
     tokens = tokens[:max_tokens]
     if len(tokens) < 3:
         raise ValueError("the probe needs at least 3 tokens")
     ids = mx.array(tokens)[None]
     logits, pre, post = model.trunk.forward_all(ids, model.trunk.make_cache())
     target = logits[0, 1:-1]
-    p = filtered_probs(target, params)
     # Positions whose input token is the trunk's own argmax: the context greedy decoding sees.
     # Teacher-forced text elsewhere puts the head on tokens the trunk would not have chosen.
     on_argmax_path = (mx.argmax(logits[0, :-2], axis=-1) == ids[0, 1:-1]).astype(mx.float32)
-    results = {}
-    for convention, hidden in zip(CONVENTIONS, (post, pre)):
-        draft_logits, _ = model.draft(hidden[:, :-2], ids[:, 1:-1], model.make_cache())
-        draft = draft_logits[0]
-        agree = (mx.argmax(target, axis=-1) == mx.argmax(draft, axis=-1)).astype(mx.float32)
-        expected = mx.minimum(p, filtered_probs(draft, params)).sum(axis=-1).mean()
-        mx.eval(agree, expected, on_argmax_path)
-        on_path = on_argmax_path.sum().item()
-        results[convention] = {
-            "greedy_agreement": round(agree.mean().item(), 4),
-            "greedy_agreement_argmax_context": round((agree * on_argmax_path).sum().item() / on_path, 4) if on_path else 0.0,
-            "expected_acceptance": round(expected.item(), 4),
-        }
-    return results
+    return TrunkPass(ids, target, filtered_probs(target, params), {"post_norm": post, "pre_norm": pre}, on_argmax_path)
+
+
+def head_figures(model: MTPModel, tp: TrunkPass, convention: str,
+                 params: SamplingParams = DEFAULT_SAMPLER) -> dict[str, float]:
+    """Greedy agreement (argmax head == argmax trunk), the same on the trunk's argmax path, and
+    expected acceptance sum(min(p, q)). With a reduced draft vocabulary set on ``model`` the
+    head's argmax over its K columns is mapped through the ids, and q is scattered to V."""
+    draft_logits, _ = model.draft(tp.hidden[convention][:, :-2], tp.ids[:, 1:-1], model.make_cache())
+    draft = draft_logits[0]
+    q = filtered_probs(draft, params)
+    choice = mx.argmax(draft, axis=-1)
+    vocab = model.draft_vocab
+    if vocab is not None:
+        q = vocab.scatter(q, tp.p.shape[-1])
+        choice = vocab.token_ids(choice)
+    agree = (mx.argmax(tp.target, axis=-1) == choice).astype(mx.float32)
+    expected = mx.minimum(tp.p, q).sum(axis=-1).mean()
+    mx.eval(agree, expected, tp.on_argmax_path)
+    on_path = tp.on_argmax_path.sum().item()
+    return {
+        "greedy_agreement": round(agree.mean().item(), 4),
+        "greedy_agreement_argmax_context": round((agree * tp.on_argmax_path).sum().item() / on_path, 4) if on_path else 0.0,
+        "expected_acceptance": round(expected.item(), 4),
+    }
+
+
+def measure_acceptance(model: MTPModel, tokens: list[int], params: SamplingParams = DEFAULT_SAMPLER,
+                       max_tokens: int = MAX_PROBE_TOKENS) -> dict[str, dict[str, float]]:
+    """:func:`head_figures` for each ``hidden_source`` convention, averaged over the probe."""
+    tp = trunk_pass(model, tokens, params, max_tokens)
+    return {convention: head_figures(model, tp, convention, params) for convention in CONVENTIONS}

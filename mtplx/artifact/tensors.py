@@ -86,3 +86,14 @@ def head_dependencies(files: dict[str, Path]) -> list[str]:
 def trunk_dependency_hashes(model_dir: Path) -> dict[str, str]:
     files = weight_files(model_dir)
     return {name: sha256_tensor(files[name], name) for name in head_dependencies(files)}
+
+
+def checkpoint_digest(model_dir: Path) -> str:
+    """sha256 over a checkpoint's config.json and weight index: what identifies a local source
+    (the same files on the Hub give the same digest)."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        f = Path(model_dir) / name
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from mtplx.cli.options import distributed_options, force_option, json_option, load_model, model_option, write_json
+from mtplx import knobs
+from mtplx.cli.options import distributed_options, force_option, json_option, knob, load_model, model_option, write_json
 
 
 def _depths(value: str) -> list[int]:
@@ -12,23 +13,40 @@ def _depths(value: str) -> list[int]:
         depths = sorted({int(x) for x in value.split(",") if x.strip()})
     except ValueError:
         raise click.BadParameter("depths are integers separated by commas, e.g. 0,1,2,3") from None
-    if not depths or min(depths) < 0 or max(depths) > 8:
-        raise click.BadParameter("depths must lie in 0..8")
-    return depths
+    if not depths:
+        raise click.BadParameter("give at least one depth, e.g. 0,1,2,3")
+    return [knobs.check("depth", d, label="--depths") for d in depths]
+
+
+def _max_depth(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    value = knobs.check("depth", value, label="--max-depth")
+    if value < 1:  # tune compares AR with depths 1..N: it needs at least one
+        raise knobs.KnobError("depth", f"--max-depth must be at least 1, got {value}",
+                              fix=f"pass an integer in [1, {knobs.MAX_DEPTH}]")
+    return value
+
+
+def _gain(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    import math
+
+    if not math.isfinite(value) or value <= 0:
+        raise click.BadParameter(f"must be a positive factor such as 1.02, got {value}")
+    return value
 
 
 @click.command("bench")
 @model_option
 @click.option("--depths", default="0,1,2,3", show_default=True, help="Depths to compare; 0 is AR.")
-@click.option("--max-tokens", "-n", type=int, default=256, show_default=True)
+@click.option("--max-tokens", "-n", type=int, default=256, show_default=True, callback=knob("max_tokens"))
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="One prompt per line (or .jsonl with {\"prompt\": ...}); default: a bundled set.")
-@click.option("--rounds", type=int, default=1, show_default=True, help="Passes over all prompts and depths.")
-@click.option("--temperature", "-t", type=float, default=0.6, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--top-k", type=int, default=20, show_default=True)
-@click.option("--draft-temperature", type=float, default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Passes over all prompts and depths.")
+@click.option("--temperature", "-t", type=float, default=0.6, show_default=True, callback=knob("temperature"))
+@click.option("--top-p", type=float, default=0.95, show_default=True, callback=knob("top_p"))
+@click.option("--top-k", type=int, default=20, show_default=True, callback=knob("top_k"))
+@click.option("--draft-temperature", type=float, default=None, callback=knob("draft_temperature"))
+@click.option("--seed", type=int, default=0, show_default=True, callback=knob("seed"))
 @click.option("--no-reference", is_flag=True, help="Skip timing mlx_lm.generate on the same trunk.")
 @force_option
 @json_option
@@ -71,10 +89,10 @@ def bench(model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_
 
 @click.command("tune")
 @model_option
-@click.option("--max-depth", type=int, default=3, show_default=True)
-@click.option("--max-tokens", "-n", type=int, default=128, show_default=True)
-@click.option("--rounds", type=int, default=1, show_default=True)
-@click.option("--min-gain", type=float, default=1.02, show_default=True,
+@click.option("--max-depth", type=int, default=3, show_default=True, callback=_max_depth)
+@click.option("--max-tokens", "-n", type=int, default=128, show_default=True, callback=knob("max_tokens"))
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--min-gain", type=float, default=1.02, show_default=True, callback=_gain,
               help="A depth is saved only if it beats AR by at least this factor.")
 @force_option
 @json_option

@@ -2,23 +2,35 @@
 
 Ctrl-C while a reply streams stops that reply and drops the whole turn (the question and the
 partial answer) from the history, so the next question is not asked of a half-finished answer;
-Ctrl-C at the prompt only prints a hint. Ctrl-D or /quit leaves.
+Ctrl-C at the prompt only prints a hint. Ctrl-D or /quit leaves. A turn that no longer fits the
+model's context, or any other mistake, is said in one line and the chat goes on: a turn over
+the context offers to start a new conversation with that message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import click
 
-from mtplx.cli.launcher import MAX_DEPTH
+from mtplx import knobs
+from mtplx.cli.options import format_status
 from mtplx.engine.stats import AcceptanceTally
+from mtplx.errors import ContextOverflowError, MtplxError
+
+try:
+    import termios
+except ImportError:  # not a POSIX terminal (Windows): keystrokes are echoed as the console does
+    termios = None  # type: ignore[assignment]
 
 PROMPT = "you> "
 REPLY = "mtplx> "
 GOODBYE = "Bye."
 INTERRUPT_HINT = "(Ctrl-C stops a reply while it streams; type /quit or press Ctrl-D to leave)"
+NEW_CONVERSATION = "Start a new conversation with this message? [Y/n] "
 
 HELP = """\
 Commands:
@@ -44,15 +56,6 @@ def parse_command(line: str) -> tuple[str, str] | None:
         return None
     name, _, arg = line[1:].partition(" ")
     return name.lower(), arg.strip()
-
-
-def format_status(r: Any) -> str:
-    """One line after each reply, from the last GenerationResponse of that reply."""
-    depth = getattr(getattr(r, "stats", None), "depth", None)
-    mode = "AR" if not r.acceptance else f"MTP d{depth if depth else len(r.acceptance)}"
-    acc = " ".join(f"{a:.2f}" for a in r.acceptance) if r.acceptance else "-"
-    return (f"[{mode} | {r.generation_tokens} tokens | {r.generation_tps:.1f} tok/s | acceptance {acc}"
-            f" | {r.tokens_per_step:.2f} tokens/step | {r.finish_reason or '?'}]")
 
 
 @dataclass
@@ -91,6 +94,11 @@ class ChatSession:
     seed: int | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
+    # The conversation's prompt cache (mtplx.make_prompt_cache) and its tokens: each turn
+    # appends the new question to what the model has seen and written (mtplx/conversation.py),
+    # so it prefills only that. None: every turn renders and prefills the whole history.
+    prompt_cache: Any = None
+    conversation: Any = None
 
     @property
     def has_mtp(self) -> bool:
@@ -112,30 +120,29 @@ class ChatSession:
         if name in ("help", "h", "?"):
             return HELP
         if name == "reset":
-            self.messages.clear()
+            self._forget()
             return "History cleared."
+        # The knobs' limits and messages are mtplx.knobs', the same as the flags' and the API's.
         if name == "depth":
-            n = _int(arg)
-            if n is None or not 0 <= n <= MAX_DEPTH:
-                return f"Usage: /depth N with N from 0 (plain AR) to {MAX_DEPTH}."
+            try:
+                n = knobs.check("depth", _number(arg), label="/depth")
+            except knobs.KnobError as e:
+                return str(e)
             if n > 0 and not self.has_mtp:
                 return "This model has no MTP head loaded: only /depth 0 (plain AR) is possible."
             self.depth = n
             return f"Now: {self.settings()}."
         if name in ("temp", "temperature"):
             try:
-                t = float(arg)
-            except ValueError:
-                t = -1.0
-            if not 0 <= t <= 5:
-                return "Usage: /temp X with X from 0 (greedy) to 5."
-            self.temperature = t
+                self.temperature = knobs.check("temperature", _number(arg), label="/temp")
+            except knobs.KnobError as e:
+                return str(e)
             return f"Now: {self.settings()}."
         if name in ("max", "max-tokens"):
-            n = _int(arg)
-            if n is None or n < 1:
-                return "Usage: /max N with N >= 1."
-            self.max_tokens = n
+            try:
+                self.max_tokens = knobs.check("max_tokens", _number(arg), label="/max")
+            except knobs.KnobError as e:
+                return str(e)
             return f"Now: {self.settings()}."
         if name == "thinking":
             if arg.lower() not in ("on", "off"):
@@ -146,40 +153,133 @@ class ChatSession:
             return self.totals.format()
         return f"Unknown command /{name}. Type /help for the list."
 
-    def reply(self, text: str, generate: Callable[..., Iterable[Any]]) -> Any:
-        """Stream one answer to ``text``; returns its last response, or None if interrupted."""
+    def reply(self, text: str, generate: Callable[..., Iterable[Any]],
+              read: Callable[[str], str] | None = None) -> Any:
+        """Stream one answer to ``text``; returns its last response, or None if the turn did not
+        complete (interrupted, over the context, refused). ``read`` asks the user whether to start
+        a new conversation when the turn does not fit; without it, none is offered."""
         self.messages.append({"role": "user", "content": text})
         click.echo(click.style(REPLY, fg="cyan"), nl=False)
-        parts: list[str] = []
-        last = None
-        started = False
         try:
-            for r in generate(self.model, self.tokenizer, self.messages, max_tokens=self.max_tokens,
-                              temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, depth=self.depth,
-                              seed=self.seed, enable_thinking=self.thinking):
-                parts.append(r.text)
-                shown = r.text if started else r.text.lstrip("\n")  # no blank line after the reply prefix
-                started = started or bool(shown)
-                click.echo(shown, nl=False)
-                last = r
+            with no_echo():
+                return self._stream(generate)
+        except ContextOverflowError as e:
+            self._drop_turn()
+            click.echo()
+            return self._overflow(text, e, generate, read)
+        except MtplxError as e:  # a mistake in this turn; the conversation itself is fine
+            self._drop_turn()
+            click.echo()
+            click.echo(click.style(f"mtplx: error: {e}", fg="red"))
+            return None
         except KeyboardInterrupt:
-            self.messages.pop()  # drop the question too: the turn never completed
+            self._drop_turn()  # drop the question too: the turn never completed
             click.echo()
             click.echo(click.style("[interrupted: reply stopped, this turn dropped from the history]", fg="yellow"))
             return None
+
+    def _drop_turn(self) -> None:
+        self.messages.pop()
+        if self.conversation is not None:
+            self.conversation.drop_turn()
+
+    def _stream(self, generate: Callable[..., Iterable[Any]]) -> Any:
+        parts: list[str] = []
+        tokens: list[int] = []
+        last = None
+        started = False
+        prompt, cache = self.messages, {}
+        if self.prompt_cache is not None:
+            cache = {"prompt_cache": self.prompt_cache}
+            if self.conversation is not None:
+                prompt = self.conversation.prompt(self.messages, self.thinking)
+        for r in generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens,
+                          temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, depth=self.depth,
+                          seed=self.seed, enable_thinking=self.thinking, **cache):
+            parts.append(r.text)
+            if self.conversation is not None:
+                tokens += r.tokens
+            shown = r.text if started else r.text.lstrip("\n")  # no blank line after the reply prefix
+            started = started or bool(shown)
+            click.echo(shown, nl=False)
+            last = r
         click.echo()
         self.messages.append({"role": "assistant", "content": "".join(parts)})
+        if self.conversation is not None:
+            self.conversation.add_reply(tokens)
         if last is not None:
             self.totals.add(last.stats)
             click.echo(click.style(format_status(last), dim=True))
         return last
 
+    def _overflow(self, text: str, e: ContextOverflowError, generate: Callable[..., Iterable[Any]],
+                  read: Callable[[str], str] | None) -> Any:
+        if not self.messages:
+            click.echo(click.style(f"This message alone is {e.prompt_tokens} tokens with the chat template, and the "
+                                   f"model's context holds {e.context}: shorten it.", fg="yellow"))
+            return None
+        click.echo(click.style(f"This turn does not fit: the conversation would be {e.prompt_tokens} tokens and the "
+                               f"model's context holds {e.context}. The conversation so far is kept.", fg="yellow"))
+        if read is None:
+            click.echo("Type /reset to start a new conversation.")
+            return None
+        try:
+            answer = read(NEW_CONVERSATION).strip().lower()
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            answer = "n"
+        if answer not in ("", "y", "yes"):
+            click.echo("Kept the conversation; /reset starts a new one.")
+            return None
+        self._forget()
+        click.echo("New conversation.")
+        return self.reply(text, generate, read)
 
-def _int(text: str) -> int | None:
+    def _forget(self) -> None:
+        self.messages.clear()
+        if self.prompt_cache is not None:
+            self.prompt_cache.reset()
+        if self.conversation is not None:
+            self.conversation.reset()
+
+
+def _number(text: str) -> Any:
+    """A slash command's argument as an int, else a float, else the text itself, so the knob's
+    own check says what is wrong with it (not an integer, not a number, out of range)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@contextlib.contextmanager
+def no_echo(stream: TextIO | None = None) -> Iterator[None]:
+    """Terminal echo off while a reply streams, so keys pressed meanwhile do not land in the
+    middle of the reply; restored afterwards, on Ctrl-C too. Does nothing unless ``stream``
+    (standard input by default) is a terminal.
+
+    What was typed meanwhile is discarded when echo comes back: it was typed blind, and sending
+    it, or leaving it half-typed at the next prompt, would surprise more than losing it."""
+    stream = sys.stdin if stream is None else stream
     try:
-        return int(text)
-    except ValueError:
-        return None
+        fd = stream.fileno()
+        is_tty = termios is not None and stream.isatty()
+    except (AttributeError, OSError, ValueError):
+        is_tty = False
+    if not is_tty:
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # lflag; ICANON and ISIG stay, so Ctrl-C still interrupts
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcflush(fd, termios.TCIFLUSH)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def _readline() -> None:
@@ -197,6 +297,11 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] = input,
         import mtplx
 
         generate = mtplx.stream_generate
+        if session.prompt_cache is None:
+            from mtplx.conversation import Conversation
+
+            session.prompt_cache = mtplx.make_prompt_cache(session.model)
+            session.conversation = Conversation(session.tokenizer)
     if read is input:
         _readline()
     click.echo(f"Chat: {session.settings()}. Type /help for commands, /quit or Ctrl-D to leave.")
@@ -215,7 +320,7 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] = input,
             if parsed is not None:
                 click.echo(session.command(*parsed))
             elif line.strip():
-                session.reply(line.strip(), generate)
+                session.reply(line.strip(), generate, read)
         except Quit:
             break
         except KeyboardInterrupt:  # landed between two replies' bookkeeping: just carry on

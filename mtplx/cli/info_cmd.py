@@ -39,16 +39,30 @@ def inspect_cmd(ref, json_out):
 @click.command("models")
 @json_option
 def models_cmd(json_out):
-    """List the catalog, the bundled demo and models in the local Hugging Face cache."""
+    """List the bundled demo, the catalog, the artifacts grafted into the mtplx cache (MTPLX_CACHE,
+    default ~/.cache/mtplx) and models in the local Hugging Face cache."""
     from mtplx.models import list_models
 
     entries = list_models()
     if json_out != "-":
-        click.echo(f"{'ref':<44} {'where':<10} {'size':>10}  description")
+        click.echo(f"{'ref':<44} {'where':<12} {'size':>10}  description")
         for e in entries:
             size = f"{e['size_bytes'] / 2**20:.1f} MiB" if e.get("size_bytes") else "-"
-            click.echo(f"{e['ref']:<44} {e['where']:<10} {size:>10}  {e['title']}")
+            click.echo(f"{e['ref']:<44} {e['where']:<12} {size:>10}  {e['title']}")
     write_json(entries, json_out)
+
+
+@click.command("rm")
+@click.argument("ref")
+@json_option
+def rm_cmd(ref, json_out):
+    """Remove an artifact from the mtplx cache (REF: a name `mtplx models` lists, a catalog id or a repo id)."""
+    from mtplx.artifact.store import remove_artifact
+
+    path, size = remove_artifact(ref)
+    if json_out != "-":
+        click.echo(f"Removed {path} ({size / 2**20:.1f} MiB freed)")
+    write_json({"removed": str(path), "size_bytes": size}, json_out)
 
 
 @click.command("doctor")
@@ -62,6 +76,7 @@ def doctor_cmd(json_out):
 
     from mtplx._version import __version__
     from mtplx.artifact.inspect import machine_memory_bytes
+    from mtplx.artifact.paths import cache_root
     from mtplx.config import config_path
     from mtplx.kernels import backend
 
@@ -93,6 +108,7 @@ def doctor_cmd(json_out):
         "kernel_backend": backend(),
         "memory_gib": round(machine_memory_bytes() / 2**30, 1),
         "hf_home": os.environ.get("HF_HOME", "~/.cache/huggingface"),
+        "mtplx_cache": str(cache_root()),
         "hf_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
         "config": str(config_path()),
         **checks,
@@ -110,4 +126,4 @@ def doctor_cmd(json_out):
         sys.exit(1)
 
 
-COMMANDS = [inspect_cmd, models_cmd, doctor_cmd]
+COMMANDS = [inspect_cmd, models_cmd, rm_cmd, doctor_cmd]

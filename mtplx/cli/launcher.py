@@ -15,12 +15,12 @@ from typing import Any, Sequence
 
 import click
 
+from mtplx import knobs
 from mtplx.errors import MtplxError
 
 # Sentinels for the two menu entries that ask a follow-up question instead of naming a model.
 LOCAL_PATH = "\0local-path"
 CUSTOM_REPO = "\0custom-repo"
-MAX_DEPTH = 8  # as `mtplx serve --depth`; deeper drafts are accepted too rarely to pay off
 
 # Weights plus KV cache, activations and the head: the same margin `mtplx inspect` warns with.
 MEMORY_MARGIN = 1.2
@@ -186,8 +186,7 @@ def ask_depth(info: Any, *, depth: int | None, no_mtp: bool, yes: bool) -> int |
     if no_mtp:
         return 0
     if depth is not None:
-        if not 0 <= depth <= MAX_DEPTH:
-            raise click.BadParameter(f"--depth must be between 0 and {MAX_DEPTH}", param_hint="--depth")
+        depth = knobs.check("depth", depth, label="--depth")
         if depth > 0 and not info.can_run_mtp:
             raise MtplxError(f"--depth {depth} needs an MTP head and {info.ref} has no usable one",
                              fix="drop --depth, or pass --no-mtp for plain AR decoding")
@@ -204,7 +203,7 @@ def ask_depth(info: Any, *, depth: int | None, no_mtp: bool, yes: bool) -> int |
     if value == "ar":
         return 0
     if value == "custom":
-        return click.prompt("Draft depth", type=click.IntRange(1, MAX_DEPTH), default=start[0] if start else 2)
+        return click.prompt("Draft depth", type=click.IntRange(1, knobs.MAX_DEPTH), default=start[0] if start else 2)
     return None
 
 
@@ -230,7 +229,11 @@ def ask_thinking(thinking: bool | None, yes: bool) -> bool:
 def plan(*, model_ref: str | None, depth: int | None, no_mtp: bool, thinking: bool | None,
          surface: str | None, yes: bool) -> Plan:
     """Ask what the flags did not say, check the model, and return the plan."""
+    from mtplx.artifact.store import ensure_artifact
+    from mtplx.cli.options import confirm_download
+
     ref = model_ref or ("demo" if yes else ask_model())
+    ref = ensure_artifact(ref, confirm=confirm_download(yes))
     click.echo(f"Checking {ref} ...")
     info = inspect_model(ref)
     report_and_check(info, ar_only=no_mtp or depth == 0, yes=yes)

@@ -1,67 +1,57 @@
-"""The `mtplx` command line (click). Every command has --help; reporting commands take --json.
+"""The console entry point (`mtplx = mtplx.cli.main:main`; ``python -m mtplx`` comes here too).
 
-Errors a user can cause are printed as one paragraph with a non-zero exit code; an unexpected
-exception is reported the same way (set MTPLX_DEBUG=1 to see its traceback).
+Ctrl-C at any moment ends the process with one line and exit 130, importing included. Until
+:func:`main` runs, SIGINT goes to a handler that exits at once: a KeyboardInterrupt raised
+while this module finishes importing, or as ``main()`` is called, would land outside any
+``try`` and print a traceback. ``main`` then hands Ctrl-C back to Python as KeyboardInterrupt
+(the chat stops a reply with it) and turns whatever reaches it into the same line and exit.
+Only the interpreter's own start-up comes before this; it takes milliseconds.
+
+Import this module only to run the CLI (it sets that handler); the click group lives in
+:mod:`mtplx.cli.app`. Nothing here imports more than the standard library until ``main`` runs.
 """
 
 from __future__ import annotations
 
-import os
+import signal
 import sys
 
-import click
+from mtplx.cli.ctrl_c import from_ctrl_c, interrupted
 
-from mtplx._version import __version__
-from mtplx.errors import MtplxError
-
-
-class MtplxGroup(click.Group):
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except MtplxError as e:
-            click.echo(f"mtplx: error: {e}", err=True)
-            sys.exit(1)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
-            if os.environ.get("MTPLX_DEBUG"):
-                raise
-            click.echo(f"mtplx: error: unexpected {type(e).__name__}: {e}. This is a bug in mtplx; "
-                       "rerun with MTPLX_DEBUG=1 to see the traceback and report it.", err=True)
-            sys.exit(2)
+try:
+    _PREVIOUS = signal.signal(signal.SIGINT, interrupted)
+except ValueError:  # imported outside the main thread: signals are not ours to set
+    _PREVIOUS = None
 
 
-@click.group(cls=MtplxGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="mtplx")
-def cli() -> None:
-    """mtplx: faster local Qwen3.5/3.6 decoding on MLX with the model's own MTP head.
-
-    Speculative decoding with exact rejection sampling: the output law is the model's own.
-    Start with `mtplx start` (interactive) or `mtplx run --model demo "def fib(n):"`.
-    """
-
-
-def _register() -> None:
-    from mtplx.cli import bench_cmd, graft_cmd, info_cmd, run_cmd
-
-    for module in (run_cmd, bench_cmd, graft_cmd, info_cmd):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-    for optional in ("mtplx.cli.start_cmd", "mtplx.cli.serve_cmd"):
-        try:
-            module = __import__(optional, fromlist=["COMMANDS"])
-        except ImportError:
-            continue
-        for command in module.COMMANDS:
-            cli.add_command(command)
+def main(argv: list[str] | None = None) -> None:
+    try:
+        if _PREVIOUS is not None:
+            signal.signal(signal.SIGINT, _PREVIOUS)
+        sys.exit(_run(argv))
+    except KeyboardInterrupt:
+        interrupted()
 
 
-_register()
+def _run(argv: list[str] | None) -> int:
+    import click
 
+    from mtplx.cli.app import cli
 
-def main() -> None:
-    cli(prog_name="mtplx")
+    # standalone_mode=False: click would print "Aborted!" and exit 1 for a Ctrl-C that lands
+    # while it parses the command line; here every exit code is decided in one place.
+    try:
+        rv = cli.main(args=argv, prog_name="mtplx", standalone_mode=False)
+    except click.exceptions.Abort as e:
+        if from_ctrl_c(e):
+            interrupted()
+        click.echo("Aborted!", err=True)
+        return 1
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    # --help and --version come back as their exit code; a command returns None.
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

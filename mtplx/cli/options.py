@@ -10,22 +10,66 @@ from typing import Any, Callable
 
 import click
 
+from mtplx import knobs
+
 model_option = click.option("--model", "-m", "model_ref", default="demo", show_default=True,
                             help="Artifact: 'demo', a directory, or a Hugging Face repo id.")
 force_option = click.option("--force", is_flag=True, help="Load even if the sidecar's hashes do not match (loudly).")
 
 
+def knob(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback validating an option through :mod:`mtplx.knobs`, the one definition of
+    every decoding knob's limits. A refused value raises :class:`~mtplx.knobs.KnobError` (an
+    MtplxError), which the group prints as one line naming the flag, before anything loads."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        flag = max(param.opts, key=len) if param.opts else name
+        if isinstance(value, tuple):  # multiple=True
+            return tuple(knobs.check(name, v, label=flag) for v in value)
+        return knobs.check(name, value, label=flag)
+
+    return callback
+
+
 def sampling_options(f: Callable) -> Callable:
     for opt in reversed([
-        click.option("--temperature", "-t", type=float, default=None, help="Target temperature (contract default 0.6; 0 = greedy)."),
-        click.option("--top-p", type=float, default=None, help="Nucleus filter (default 0.95)."),
-        click.option("--top-k", type=int, default=None, help="Top-k filter (default 20; 0 disables)."),
-        click.option("--min-p", type=float, default=None, help="Min-p filter (default off)."),
-        click.option("--draft-temperature", type=float, default=None, help="Temperature the head drafts at (exactness holds for any)."),
-        click.option("--seed", type=int, default=None, help="Seed for every random draw."),
+        click.option("--temperature", "-t", type=float, default=None, callback=knob("temperature"),
+                     help="Target temperature (contract default 0.6; 0 = greedy)."),
+        click.option("--top-p", type=float, default=None, callback=knob("top_p"), help="Nucleus filter (default 0.95)."),
+        click.option("--top-k", type=int, default=None, callback=knob("top_k"), help="Top-k filter (default 20; 0 disables)."),
+        click.option("--min-p", type=float, default=None, callback=knob("min_p"), help="Min-p filter (default off)."),
+        click.option("--draft-temperature", type=float, default=None, callback=knob("draft_temperature"),
+                     help="Temperature the head drafts at (exactness holds for any)."),
+        click.option("--seed", type=int, default=None, callback=knob("seed"), help="Seed for every random draw."),
     ]):
         f = opt(f)
     return f
+
+
+def format_status(r: Any, *, prefill: bool = False) -> str:
+    """The one-line summary after a completion (`mtplx run`, each chat reply), from the last
+    GenerationResponse: the mode and depth first (``MTP d2``, ``AR``), then the rates."""
+    depth = getattr(getattr(r, "stats", None), "depth", None)
+    if depth is None:  # a response without stats: infer from the per-position acceptance
+        depth = len(r.acceptance)
+    mode = f"MTP d{depth}" if depth else "AR"
+    acc = " ".join(f"{a:.2f}" for a in r.acceptance) if r.acceptance else "-"
+    rates = f"{r.generation_tps:.1f} tok/s" + (f" | prefill {r.prompt_tps:.1f} tok/s" if prefill else "")
+    cached = getattr(r, "cached_tokens", 0)
+    if cached:  # a prompt cache served these: the prefill rate is over the rest
+        rates += f" | {cached} of {r.prompt_tokens} prompt tokens cached"
+    return (f"[{mode} | {r.generation_tokens} tokens | {rates} | acceptance {acc}"
+            f" | {r.tokens_per_step:.2f} tokens/step | {r.finish_reason or '?'}]")
+
+
+def confirm_download(yes: bool) -> Callable[[str], bool]:
+    """For ensure_artifact: show what a first use will download, then ask (unless --yes)."""
+
+    def confirm(plan: str) -> bool:
+        click.echo(plan, err=True)
+        return yes or click.confirm("Download and graft it now?", default=True, err=True)
+
+    return confirm
 
 
 def write_json(data: Any, target: str | None) -> None:

@@ -1,25 +1,30 @@
-"""`mtplx serve`: an OpenAI-compatible HTTP API on one model (FastAPI + uvicorn)."""
+"""`mtplx serve`: OpenAI- and Anthropic-compatible HTTP APIs on one model (FastAPI + uvicorn)."""
 
 from __future__ import annotations
 
-import ipaddress
 import socket
+from pathlib import Path
 
 import click
 
 from mtplx.cli.options import DistributedOptions, distributed_options, force_option, load_model, model_option
 from mtplx.errors import MtplxError
+from mtplx.knobs import MAX_DEPTH
 
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+def split_names(values: tuple[str, ...]) -> list[str]:
+    """Repeatable options that also take comma-separated lists: ('a,b', 'c') -> [a, b, c]."""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def default_served_names(model_ref: str) -> list[str]:
+    """The names a server answers to by default: the --model value as typed, and for a local
+    directory also its last component (what people call the model)."""
+    names = [model_ref]
+    path = Path(model_ref).expanduser()
+    if path.is_dir() and path.resolve().name not in names:
+        names.insert(0, path.resolve().name)
+    return names
 
 
 def _check_port(host: str, port: int) -> None:
@@ -41,43 +46,75 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback exposes the server, unauthenticated, to the network.")
 @click.option("--port", "-p", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--depth", "-d", type=click.IntRange(0, 8), default=None,
+@click.option("--depth", "-d", type=click.IntRange(0, MAX_DEPTH), default=None,
               help="Default draft depth (default: tuned, else the contract's). Requests may override it.")
 @click.option("--no-mtp", is_flag=True, help="Plain autoregressive decoding only (depth 0).")
 @click.option("--queue-size", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Requests that may wait behind the running one; beyond that the server answers 429.")
 @click.option("--max-tokens-default", type=click.IntRange(1), default=512, show_default=True,
               help="max_tokens for requests that do not set it.")
-@click.option("--model-id", default=None, help="Name reported by /v1/models and in responses (default: --model).")
+@click.option("--served-model-name", "served_model_names", multiple=True, metavar="NAME[,NAME...]",
+              help="Model names requests may ask for (repeatable or comma-separated; the first is reported in "
+                   "responses). Other names get 404 model_not_found. Default: --model as given (and a "
+                   "directory's name).")
+@click.option("--allowed-hosts", multiple=True, metavar="NAME[,NAME...]",
+              help="Host header names accepted besides localhost/127.0.0.1/::1 (repeatable or comma-separated; "
+                   "'*' accepts any). A loopback server refuses other names with 403 (DNS rebinding); a server "
+                   "bound to another address checks Host only when this is given.")
+@click.option("--max-body-mb", type=click.FloatRange(0.001, 1024), default=8, show_default=True,
+              help="Largest request body read, in MiB; larger requests get 413 before they are read.")
+@click.option("--prompt-cache-gb", type=click.FloatRange(0.0, 4096), default=None,
+              help="Memory for the prompt caches of recent conversations (a request that extends one prefills "
+                   "only its new tokens); least recently used go first. Default: a tenth of the machine's memory.")
+@click.option("--no-prompt-cache", is_flag=True, help="Prefill every request in full (no prompt cache).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @force_option
 @distributed_options
 def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool, queue_size: int,
-          max_tokens_default: int, model_id: str | None, log_level: str, force: bool, distributed: DistributedOptions | None) -> None:
-    """Serve MODEL over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
-    /v1/models, /health, /metrics).
+          max_tokens_default: int, served_model_names: tuple[str, ...], allowed_hosts: tuple[str, ...],
+          max_body_mb: float, prompt_cache_gb: float | None, no_prompt_cache: bool, log_level: str,
+          force: bool, distributed: DistributedOptions | None) -> None:
+    """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and
+    Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens), with /health and
+    /metrics.
 
     One generation runs at a time; up to --queue-size more wait their turn. Point any OpenAI
-    client at http://HOST:PORT/v1 (the API key is not checked).
+    client at http://HOST:PORT/v1, or an Anthropic client at http://HOST:PORT (the API key is
+    not checked).
     """
     import uvicorn
 
     from mtplx.server.app import create_app
+    from mtplx.server.guards import is_loopback_name
 
     if no_mtp and depth:
         raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
-    if not is_loopback(host):
+    if no_prompt_cache and prompt_cache_gb:
+        raise click.UsageError("--no-prompt-cache turns the cache off; drop --prompt-cache-gb or --no-prompt-cache")
+    if distributed is not None and prompt_cache_gb:
+        raise click.UsageError("--prompt-cache-gb is not supported with --distributed (prompt caches stay off)")
+    cache_bytes = 0 if no_prompt_cache else None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
+    if distributed is not None:  # a prompt cache's forks and snapshots would have to reach every rank
+        cache_bytes = 0
+    names = split_names(served_model_names) or default_served_names(model_ref)
+    hosts = split_names(allowed_hosts)
+    loopback = is_loopback_name(host.strip("[]").lower())
+    if not loopback:
         click.echo(f"warning: binding to {host}: anyone who can reach this machine on port {port} can use the "
                    "model; the server has no authentication.", err=True)
-    _check_port(host, port)  # with --distributed only rank 0 listens, but every rank checks: they run alike
+    _check_port(host, port)
     model, tokenizer = load_model(model_ref, mtp=not no_mtp, force=force, distributed=distributed)
-    app = create_app(model, tokenizer, model_id=model_id or model_ref, depth=0 if no_mtp else depth,
-                     queue_size=queue_size, max_tokens_default=max_tokens_default)
+    app = create_app(model, tokenizer, served_model_names=names, depth=0 if no_mtp else depth,
+                     queue_size=queue_size, max_tokens_default=max_tokens_default,
+                     max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=hosts if loopback or hosts else None,
+                     prompt_cache_bytes=cache_bytes)
     shown = f"[{host}]" if ":" in host else host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else shown  # a wildcard is not an address to visit
     base = f"http://{shown}:{port}/v1"
-    click.echo(f"mtplx serving {model_id or model_ref} at {base}  (queue {queue_size}, Ctrl-C to stop)")
+    lru = app.state.core.prompt_caches
+    cache = f"prompt cache {lru.max_bytes / 2**30:.1f} GiB" if lru is not None else "no prompt cache"
+    click.echo(f"mtplx serving {', '.join(names)} at {base}  (queue {queue_size}, {cache}, Ctrl-C to stop)")
     click.echo(f"try: curl {base}/chat/completions -H 'Content-Type: application/json' "
                f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
     # A short graceful-shutdown window: open streams are cancelled (which frees the engine)

@@ -10,21 +10,26 @@ import time
 
 import click
 
+from mtplx.cli.options import knob
+
 
 @click.command("start")
 @click.option("--model", "-m", "model_ref", default=None,
               help="Skip the model question: 'demo', a directory, or a Hugging Face repo id.")
-@click.option("--depth", "-d", type=int, default=None, help="Skip the mode question: draft depth (0 = plain AR).")
+@click.option("--depth", "-d", type=int, default=None, callback=knob("depth"),
+              help="Skip the mode question: draft depth (0 = plain AR).")
 @click.option("--no-mtp", is_flag=True, help="Skip the mode question: plain autoregressive decoding.")
 @click.option("--thinking/--no-thinking", default=None, help="Skip the thinking question.")
 @click.option("--surface", type=click.Choice(["chat", "serve"]), default=None,
               help="Skip the surface question: chat in this terminal, or run the API server.")
-@click.option("--temperature", "-t", type=float, default=None, help="Sampling temperature (default: the contract's).")
-@click.option("--top-p", type=float, default=None, help="Nucleus filter (default: the contract's).")
-@click.option("--top-k", type=int, default=None, help="Top-k filter (default: the contract's).")
-@click.option("--max-tokens", "-n", type=click.IntRange(1), default=512, show_default=True,
+@click.option("--temperature", "-t", type=float, default=None, callback=knob("temperature"),
+              help="Sampling temperature (default: the contract's).")
+@click.option("--top-p", type=float, default=None, callback=knob("top_p"), help="Nucleus filter (default: the contract's).")
+@click.option("--top-k", type=int, default=None, callback=knob("top_k"), help="Top-k filter (default: the contract's).")
+@click.option("--max-tokens", "-n", type=int, default=512, show_default=True, callback=knob("max_tokens"),
               help="Max tokens per reply (change it in the chat with /max N).")
-@click.option("--seed", type=int, default=None, help="Seed for every random draw (each reply reuses it).")
+@click.option("--seed", type=int, default=None, callback=knob("seed"),
+              help="Seed for every random draw (each reply reuses it).")
 @click.option("--yes", "-y", is_flag=True, help="Accept every default without asking (demo, MTP, chat, thinking off).")
 @click.pass_context
 def start(ctx: click.Context, model_ref: str | None, depth: int | None, no_mtp: bool, thinking: bool | None,

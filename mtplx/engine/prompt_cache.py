@@ -166,7 +166,7 @@ class PromptCache:
     def snapshot_stops(self, prompt_len: int, reused: int, extra: Iterable[int] = ()) -> tuple[list[int], Callable[[int], None]]:
         """Where a prefill of ``prompt[reused:]`` stops for snapshots (relative positions) and
         the callback it calls there; ``extra`` adds positions (where a caller knows the next
-        prompt may diverge: see mtplx.api.encode_for_cache)."""
+        prompt may diverge: see mtplx.api.reuse_boundaries)."""
         wanted = {prompt_len - 1, *(p for p in extra if 0 < p < prompt_len)}
         wanted |= set(range(self.snapshot_interval, prompt_len, self.snapshot_interval))
         if reused == prompt_len - 1 and reused > 0 and reused not in self.snapshots:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mtplx import knobs
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,14 +27,10 @@ class SamplingParams:
     min_p: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        # The limits live in mtplx.knobs (KnobError is a ValueError); values come back as plain
+        # float/int, so a numpy scalar or a bool cannot slip into the filters.
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            object.__setattr__(self, name, knobs.KNOBS[name].check(getattr(self, name)))
 
     @property
     def greedy(self) -> bool:

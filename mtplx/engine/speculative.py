@@ -31,10 +31,11 @@ import mlx.core as mx
 
 from mtplx.engine import steps
 from mtplx.engine.constraints import Constraint
+from mtplx.engine.logprobs import LogprobReader, TokenLogprob
 from mtplx.engine.prompt_cache import PromptCache
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample_logits
 from mtplx.engine.stats import DecodeStats
-from mtplx.errors import MtplxError
+from mtplx.errors import ContextOverflowError, MtplxError
 from mtplx.model.mtp_model import ModelCache, MTPModel
 
 # Kept for callers that chunk prompts themselves; the engine's own value lives in steps.py.
@@ -43,11 +44,13 @@ PREFILL_CHUNK = steps.PREFILL_CHUNK
 
 @dataclass
 class Emitted:
-    """Tokens decided by one step (1 + accepted drafts), and the step's shape."""
+    """Tokens decided by one step (1 + accepted drafts), and the step's shape. ``logprobs``
+    (when the engine was asked for them) is aligned with ``tokens``."""
 
     tokens: list[int]
     drafted: int
     accepted: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 class _Budget:
@@ -81,6 +84,7 @@ class Engine:
         draft_params: SamplingParams | None = None,
         seed: int | None = None,
         constraint: Constraint | None = None,
+        logprobs: int | None = None,
     ):
         if depth < 0:
             raise MtplxError(f"depth must be >= 0, got {depth}", fix="use 0 for plain AR or 1..8 for MTP")
@@ -93,6 +97,8 @@ class Engine:
         # Greedy targets draft greedily: any q is exact, the argmax maximizes acceptance.
         self.draft_params = SamplingParams(temperature=0.0) if params.greedy else (draft_params or params)
         self.rng = Rng(seed)
+        # logprobs: None = off (no device work), k = the token's log-probability and k alternatives.
+        self.logprobs = LogprobReader(logprobs, model.vocab_size)
         self.stats = DecodeStats(depth=depth)
         # The acceptance rule's device side, swappable so tests can prove they detect a biased one.
         self.acceptance_arrays = acceptance_arrays
@@ -104,10 +110,8 @@ class Engine:
     def _check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
             raise MtplxError("the prompt is empty", fix="pass at least one token")
-        limit = self.model.max_context
-        if len(prompt) >= limit:
-            raise MtplxError(f"the prompt has {len(prompt)} tokens, at or over the model's context of {limit}",
-                             fix="shorten the prompt or the chat history")
+        if len(prompt) >= self.model.max_context:
+            raise ContextOverflowError(len(prompt), self.model.max_context)
 
     def generate(self, prompt: list[int], max_tokens: int, eos: Iterable[int] = (),
                  prompt_cache: PromptCache | None = None, snapshot_at: Iterable[int] = ()) -> Iterator[Emitted]:
@@ -149,9 +153,11 @@ class Engine:
         t0 = time.perf_counter()
         logits, hidden = steps.prefill(self.model, prompt[reused:], self.cache, head=head, stops=stops,
                                        at_stop=at_stop)
-        if self.constraint is not None:  # constraint: mask p for the first token
-            logits = self.constraint.mask(logits)
         return logits, hidden, t0
+
+    def _mask(self, logits: mx.array) -> mx.array:
+        """The target logits with the grammar's mask applied, if a constraint is set."""
+        return logits if self.constraint is None else self.constraint.mask(logits)  # constraint: mask p
 
     # -- AR ---------------------------------------------------------------------------------
 
@@ -164,8 +170,9 @@ class Engine:
         model, cache, constraint = self.model, self.cache, self.constraint
         keep_head = prompt_cache is not None and model.has_mtp
         logits, _, t0 = self._prefill(prompt, reused, prompt_cache, head=keep_head)
-        y, _ = sample_logits(logits, self.params, self.rng)
-        mx.async_eval(y)
+        lp = self.logprobs.rows(logits)  # raw logits: logprobs are the model's, not the grammar's
+        y, _ = sample_logits(self._mask(logits), self.params, self.rng)
+        mx.async_eval(y, *lp.arrays)
         first = True
         while True:
             t1 = time.perf_counter()
@@ -175,14 +182,14 @@ class Engine:
                 next_logits = model.trunk.lm_head(post)[:, -1]
             else:
                 next_logits = steps.ar_step(model, cache, y)
+            next_lp = self.logprobs.rows(next_logits)
             if constraint is not None:
                 # constraint: the next mask needs this token on the host, so sampling waits for
                 # it; the forward is queued first and runs while the matcher advances.
                 mx.async_eval(next_logits)
                 constraint.advance(y.item())
-                next_logits = constraint.mask(next_logits)
-            next_y, _ = sample_logits(next_logits, self.params, self.rng)
-            mx.async_eval(next_y)
+            next_y, _ = sample_logits(self._mask(next_logits), self.params, self.rng)
+            mx.async_eval(next_y, *next_lp.arrays)
             token = y.item()
             if keep_head:
                 cache.backlog_tokens.append(token)
@@ -194,10 +201,10 @@ class Engine:
                 self.stats.seconds["verify"] += now - t1
             kept = budget.take([token])
             self._record(0, 0, kept)
-            yield Emitted(kept, 0, 0), [token]
+            yield Emitted(kept, 0, 0, lp.take(kept)), [token]
             if budget.done:
                 return
-            y = next_y
+            y, lp = next_y, next_lp
 
     # -- MTP --------------------------------------------------------------------------------
 
@@ -205,14 +212,16 @@ class Engine:
         model, cache, seconds, constraint = self.model, self.cache, self.stats.seconds, self.constraint
         vocab, subset = model.vocab_size, model.draft_vocab
         logits, _, t0 = self._prefill(prompt, reused, prompt_cache, head=True)
-        y, _ = sample_logits(logits, self.params, self.rng)
+        lp = self.logprobs.rows(logits)
+        y, _ = sample_logits(self._mask(logits), self.params, self.rng)
+        mx.eval(y, *lp.arrays)
         pending = y.item()
         if constraint is not None:
             constraint.advance(pending)
         seconds["prefill"] += time.perf_counter() - t0
         kept = budget.take([pending])
         self._record(0, 0, kept)
-        yield Emitted(kept, 0, 0), []
+        yield Emitted(kept, 0, 0, lp.take(kept)), []
         if budget.done:
             return
 
@@ -244,11 +253,12 @@ class Engine:
             # 2. verify, and the acceptance test's device work in the same evaluation
             block = mx.concatenate([mx.array([pending]), draft_tokens])[None]
             v_logits, v_hidden, record = steps.verify(model, cache, block)
+            lp = self.logprobs.rows(v_logits[0])  # row i: the i-th token this step emits (raw logits)
             if constraint is not None:  # constraint: mask p at each position with the draft's state
                 v_logits = constraint.mask_verify(v_logits[0])[None]
             p = filtered_probs(v_logits[0], self.params)
             ratio, candidates = self.acceptance_arrays(p, q, draft_tokens, self.rng)
-            mx.eval(ratio, candidates, v_hidden)
+            mx.eval(ratio, candidates, v_hidden, *lp.arrays)
             t3 = time.perf_counter()
 
             # 3. accept (host side)
@@ -274,7 +284,7 @@ class Engine:
             seconds["sample"] += t4 - t3
             seconds["rollback"] += t5 - t4
             self._record(depth, a, kept)
-            yield Emitted(kept, depth, a), fed
+            yield Emitted(kept, depth, a, lp.take(kept)), fed
             if budget.done:
                 return
 

@@ -8,7 +8,6 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from mtplx.artifact.contract import RuntimeContract
 from mtplx.model.draft_vocab import DraftVocab
 from mtplx.model.mtp_head import MTPHead
 from mtplx.model.gated_delta_cache import GatedDeltaCache
@@ -70,7 +69,7 @@ class ModelCache:
 class MTPModel:
     """A loaded artifact: trunk + head + the conventions of its contract."""
 
-    def __init__(self, trunk: Trunk, head: MTPHead | None, contract: RuntimeContract | None, path: str | None = None):
+    def __init__(self, trunk: Trunk, head: MTPHead | None, contract: Any | None, path: str | None = None):
         self.trunk = trunk
         self.head = head
         self.contract = contract

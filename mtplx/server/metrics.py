@@ -18,7 +18,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Endpoints get their own label value; anything else is "other" so that a scanner probing
 # random paths cannot grow the number of series without bound.
-KNOWN_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+KNOWN_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
+                   "/v1/models", "/health", "/metrics")
 
 
 def _escape(value: str) -> str:
@@ -40,6 +41,7 @@ class Metrics:
         self.requests: dict[tuple[str, str], int] = defaultdict(int)
         self.generations: dict[str, int] = defaultdict(int)
         self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
         self.generated_tokens = 0
         self.decode_seconds = 0.0
         self.last_tps = 0.0
@@ -48,11 +50,19 @@ class Metrics:
         # P(draft k accepted), not the noisy value of the last request.
         self.acceptance = AcceptanceTally()
 
+        # The prompt-cache LRU, read live at each scrape (None: the server runs without one).
+        self.prompt_caches: Any = None
+
     def bind(self, queue_depth: Callable[[], int], busy: Callable[[], bool]) -> None:
         self._queue_depth, self._busy = queue_depth, busy
 
     def record_request(self, path: str, status: int) -> None:
-        endpoint = path if path in KNOWN_ENDPOINTS else "other"
+        if path in KNOWN_ENDPOINTS:
+            endpoint = path
+        elif path.startswith("/v1/models/"):
+            endpoint = "/v1/models/{name}"
+        else:
+            endpoint = "other"
         with self._lock:
             self.requests[(endpoint, str(status))] += 1
 
@@ -64,6 +74,7 @@ class Metrics:
             if stats is None:
                 return
             self.prompt_tokens += stats.prompt_tokens
+            self.cached_prompt_tokens += stats.cached_tokens
             self.generated_tokens += stats.generated
             self.decode_seconds += stats.decode_seconds
             if stats.generated:
@@ -85,7 +96,22 @@ class Metrics:
             family("mtplx_generations_total", "counter",
                    "Generations by outcome (completed, cancelled, dropped, error).",
                    [(f'{{outcome="{o}"}}', n) for o, n in sorted(self.generations.items())])
-            family("mtplx_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens)])
+            family("mtplx_prompt_tokens_total", "counter", "Prompt tokens of all generations (cached ones included).",
+                   [("", self.prompt_tokens)])
+            family("mtplx_cached_prompt_tokens_total", "counter", "Prompt tokens a prompt cache served (not prefilled).",
+                   [("", self.cached_prompt_tokens)])
+            lru = self.prompt_caches
+            if lru is not None:
+                family("mtplx_prompt_cache_hits_total", "counter", "Requests that reused a cached prefix.",
+                       [("", lru.hits)])
+                family("mtplx_prompt_cache_misses_total", "counter", "Requests that found no cached prefix.",
+                       [("", lru.misses)])
+                family("mtplx_prompt_cache_evictions_total", "counter", "Prompt caches dropped to stay in the bound.",
+                       [("", lru.evictions)])
+                family("mtplx_prompt_cache_bytes", "gauge", "Bytes the prompt caches hold.", [("", lru.nbytes)])
+                family("mtplx_prompt_cache_limit_bytes", "gauge", "The bound on those bytes (--prompt-cache-gb).",
+                       [("", lru.max_bytes)])
+                family("mtplx_prompt_cache_entries", "gauge", "Conversations cached.", [("", len(lru))])
             family("mtplx_generated_tokens_total", "counter", "Tokens generated.", [("", self.generated_tokens)])
             family("mtplx_last_tokens_per_second", "gauge", "Decode throughput of the last generation.",
                    [("", self.last_tps)])

@@ -25,7 +25,8 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from mtplx.api import GenerationResponse, stream_generate
+from mtplx.api import EncodedPrompt, GenerationResponse, stream_generate
+from mtplx.engine.prompt_cache import PromptCache, PromptCacheLRU
 from mtplx.server.metrics import Metrics
 
 log = logging.getLogger("mtplx.server")
@@ -54,9 +55,11 @@ class Job:
     """One request's generation: the token ids, the stream_generate keyword arguments, and the
     channel back to the event loop that created it."""
 
-    def __init__(self, ids: list[int], kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop):
+    def __init__(self, ids: list[int], kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop,
+                 boundaries: tuple[int, ...] = ()):
         self.ids = ids
         self.kwargs = kwargs
+        self.boundaries = boundaries  # where a later prompt may diverge (prompt-cache snapshots)
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.finished = threading.Event()
@@ -80,12 +83,16 @@ class Scheduler:
     can be in the server at once and the tenth gets a 429.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, metrics: Metrics, max_queue: int = 8):
+    def __init__(self, model: Any, tokenizer: Any, metrics: Metrics, max_queue: int = 8,
+                 prompt_caches: PromptCacheLRU | None = None):
         if max_queue < 1:
             raise ValueError(f"the queue size must be >= 1, got {max_queue}")
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics
+        # Only the worker thread runs generations, so a cache it checks out is never read by
+        # another request while it is written.
+        self.prompt_caches = prompt_caches
         self.max_queue = max_queue
         self._pending: deque[Job] = deque()
         self._running: Job | None = None
@@ -184,7 +191,16 @@ class Scheduler:
                     self._running = None
 
     def _execute(self, job: Job) -> None:
-        gen = stream_generate(self.model, self.tokenizer, job.ids, **job.kwargs)
+        cache = self.prompt_caches.checkout(job.ids) if self.prompt_caches is not None else None
+        try:
+            self._run(job, cache)
+        finally:
+            if cache is not None:
+                self.prompt_caches.checkin(cache)
+
+    def _run(self, job: Job, cache: PromptCache | None) -> None:
+        gen = stream_generate(self.model, self.tokenizer, EncodedPrompt(job.ids, job.boundaries), prompt_cache=cache,
+                              **job.kwargs)
         last: GenerationResponse | None = None
         outcome, error = "completed", None
         try:

@@ -1,0 +1,74 @@
+"""A chat whose tokens only grow, so a prompt cache serves every earlier turn.
+
+Chat templates render past assistant turns differently from how they were generated: Qwen3.5's
+drops the ``<think>`` block of every turn before the last question. Re-rendering the whole
+history each turn therefore changes the tokens right before each earlier reply, and everything
+after that point has to be prefilled again. The terminal chat instead keeps the tokens the
+model actually saw and wrote, and appends only the new turn, rendered by the template (as
+``mlx_lm.chat`` does): each turn prefills only the new message. The model sees its past replies
+exactly as it produced them.
+
+The new turn's tokens come from the template itself: the rendering of the conversation with the
+new message, past the rendering without it, plus the template's closing of an assistant turn
+(``<|im_end|>\\n``), less the end-of-turn token the reply already ended with. Where a template
+does not extend that way (the rendering with the new message does not start with the one
+without), the turn falls back to the full rendering, which the prompt cache still serves up to
+the first difference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_SENTINEL = "\x00mtplx-reply\x00"
+
+
+class Conversation:
+    """The token ids a chat has fed the model and the model has generated, turn after turn."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._undo: list[int] = []
+        self._closing: list[int] | None = None
+
+    def prompt(self, messages: list[dict[str, Any]], enable_thinking: bool | None = None) -> list[int]:
+        """The ids to answer ``messages`` (whose last one is the new question) from: the tokens so
+        far and the new turn. Then :meth:`add_reply` with the reply's tokens, or :meth:`drop_turn`
+        if the turn did not complete."""
+        from mtplx.api import _chat_ids
+
+        self._undo = self.ids
+        full = _chat_ids(self.tokenizer, messages, enable_thinking, generation_prompt=True)
+        first = not self.ids or len(messages) < 2
+        closed = [] if first else _chat_ids(self.tokenizer, messages[:-1], enable_thinking, generation_prompt=False)
+        closing = None if first else self._assistant_closing(messages)
+        if first or closing is None or full[: len(closed)] != closed:
+            self.ids = full  # a first turn, or a template that does not extend: the full rendering
+            return list(full)
+        if closing and self.ids[-1] == closing[0]:
+            closing = closing[1:]  # the reply already ended with the template's end-of-turn token
+        self.ids = self.ids + closing + full[len(closed):]
+        return list(self.ids)
+
+    def add_reply(self, tokens: list[int]) -> None:
+        """The reply's tokens as generated (its end-of-turn token included, if it has one)."""
+        self.ids = self.ids + list(tokens)
+
+    def drop_turn(self) -> None:
+        """Back to before the last :meth:`prompt` (its turn did not complete)."""
+        self.ids = self._undo
+
+    def reset(self) -> None:
+        self.ids = self._undo = []
+
+    def _assistant_closing(self, messages: list[dict[str, Any]]) -> list[int] | None:
+        """The tokens the template puts after an assistant turn's text (e.g. ``<|im_end|>\n``)."""
+        if self._closing is None:
+            question = next((m for m in messages if m["role"] == "user"), {"role": "user", "content": "x"})
+            text = self.tokenizer.apply_chat_template([question, {"role": "assistant", "content": _SENTINEL}],
+                                                      add_generation_prompt=False, tokenize=False)
+            if _SENTINEL not in text:
+                return None
+            self._closing = list(self.tokenizer.encode(text.split(_SENTINEL, 1)[1], add_special_tokens=False))
+        return self._closing

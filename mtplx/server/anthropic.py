@@ -1,0 +1,332 @@
+"""Anthropic's Messages API: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``,
+mapped onto the same request core, chat template and tool machinery as the OpenAI routes.
+
+A Messages request becomes the messages a chat template reads: ``system`` first, text blocks
+joined, ``tool_use`` blocks as the assistant's ``tool_calls``, ``tool_result`` blocks as ``tool``
+messages; ``thinking`` turns the template's ``enable_thinking`` on or off. The answer's tool
+calls (parsed as for OpenAI) come back as ``tool_use`` blocks. Streaming follows Anthropic's
+event sequence: message_start, then per block content_block_start / _delta / _stop, then
+message_delta (stop_reason, usage) and message_stop. Errors have Anthropic's shape
+(``{"type": "error", "error": {"type", "message"}}``; see :func:`mtplx.server.core.error_response`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated, Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field
+
+from mtplx.server.core import APIError, Core, Generation, StrictModel, knob, mtplx_stats, unsupported
+from mtplx.server.queue import Job, JobStream
+from mtplx.server.tools import Answer, ToolCall, ToolFormat, tool_format
+
+MAX_STOPS = 16
+MIN_THINKING_BUDGET = 1024  # Anthropic's own floor for budget_tokens
+
+
+# -- request bodies ----------------------------------------------------------------------------
+
+class TextBlock(StrictModel):
+    type: Literal["text"]
+    text: str
+    cache_control: dict[str, Any] | None = None  # accepted: a caching hint, no effect
+    citations: list[dict[str, Any]] | None = None  # accepted only empty (checked below)
+
+
+class ToolUseBlock(StrictModel):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+    cache_control: dict[str, Any] | None = None
+
+
+class ToolResultBlock(StrictModel):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlock] | None = None
+    is_error: bool | None = None
+    cache_control: dict[str, Any] | None = None
+
+
+class ThinkingBlock(StrictModel):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None  # accepted: mtplx signs nothing
+    cache_control: dict[str, Any] | None = None
+
+
+Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock, Field(discriminator="type")]
+
+
+class Message(StrictModel):
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class Tool(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    description: str | None = None
+    input_schema: dict[str, Any]
+    type: Literal["custom"] | None = None
+    cache_control: dict[str, Any] | None = None
+    strict: bool | None = None  # refused when true: the input is not constrained to the schema
+
+
+class ToolChoice(StrictModel):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class Thinking(StrictModel):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
+    display: Literal["summarized", "omitted"] | None = None  # accepted: the reasoning stays in the text
+
+
+class Metadata(StrictModel):
+    user_id: str | None = None
+
+
+class _Prompt(StrictModel):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None
+
+
+class CountTokensRequest(_Prompt):
+    pass
+
+
+class MessagesRequest(_Prompt):
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop_sequences: Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    stream: bool = False
+    metadata: Metadata | None = None  # accepted: a label, no effect
+    service_tier: str | None = None  # accepted: one model, one tier
+    # mtplx extensions, as on the OpenAI routes
+    min_p: float | None = None
+    seed: int | None = None
+    depth: int | None = None
+
+
+# -- request -> template -----------------------------------------------------------------------
+
+def _text(blocks: str | list[TextBlock] | None, param: str) -> str:
+    if blocks is None or isinstance(blocks, str):
+        return blocks or ""
+    for i, b in enumerate(blocks):
+        if b.citations:
+            raise unsupported(f"{param}[{i}].citations", "mtplx does not cite documents")
+    return "\n".join(b.text for b in blocks)
+
+
+def _template_messages(body: _Prompt, fmt: ToolFormat | None) -> list[dict[str, Any]]:
+    """Anthropic's messages -> the chat template's (OpenAI-like) messages."""
+    out: list[dict[str, Any]] = []
+    system = _text(body.system, "system")
+    if system:
+        out.append({"role": "system", "content": system})
+    for i, m in enumerate(body.messages):
+        param = f"messages[{i}].content"
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        texts, calls, reasoning = [], [], []
+        for j, b in enumerate(m.content):
+            where = f"{param}[{j}]"
+            if isinstance(b, TextBlock):
+                texts.append(_text([b], param))
+            elif isinstance(b, ThinkingBlock):
+                if m.role != "assistant":
+                    raise APIError(400, f"'{where}': thinking blocks belong to assistant messages.", param=where)
+                reasoning.append(b.thinking)
+            elif fmt is None:
+                raise unsupported(where, "this model's chat template does not render tool use or tool results")
+            elif isinstance(b, ToolUseBlock):
+                if m.role != "assistant":
+                    raise APIError(400, f"'{where}': tool_use blocks belong to assistant messages.", param=where)
+                calls.append({"id": b.id, "type": "function", "function": {"name": b.name, "arguments": b.input}})
+            else:  # a tool result answers the previous assistant turn: a message of its own
+                if m.role != "user":
+                    raise APIError(400, f"'{where}': tool_result blocks belong to user messages.", param=where)
+                result = _text(b.content, f"{where}.content")
+                out.append({"role": "tool", "tool_call_id": b.tool_use_id,
+                            "content": f"Error: {result}" if b.is_error else result})
+        message: dict[str, Any] = {"role": m.role, "content": "\n".join(texts)}
+        if calls:
+            message["tool_calls"] = calls
+        if reasoning:
+            message["reasoning_content"] = "\n".join(reasoning)
+        if texts or calls or reasoning:
+            out.append(message)
+    return out
+
+
+def _tools(body: _Prompt, fmt: ToolFormat | None) -> list[dict[str, Any]] | None:
+    """The tools in the form chat templates and tool parsers read (OpenAI's)."""
+    choice = body.tool_choice.type if body.tool_choice else "auto"
+    if not body.tools or choice == "none":
+        return None
+    if choice in ("any", "tool"):
+        raise unsupported("tool_choice", "mtplx cannot force a tool call (that needs constrained decoding of the "
+                                         "call); use 'auto' or 'none'")
+    for i, t in enumerate(body.tools):
+        if t.strict:
+            raise unsupported(f"tools[{i}].strict", "the input the model writes is not constrained to the schema")
+    if fmt is None:
+        raise unsupported("tools", "this model's chat template does not render tools (mlx-lm recognises no "
+                                   "tool-call format in it)")
+    return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                              "parameters": t.input_schema}} for t in body.tools]
+
+
+def _thinking(body: _Prompt, max_tokens: int | None) -> dict[str, Any]:
+    t = body.thinking
+    if t is None:
+        return {}  # the template's default
+    if t.type == "enabled":
+        if t.budget_tokens is None:
+            raise APIError(400, "Missing required parameter: 'thinking.budget_tokens'.", param="thinking.budget_tokens")
+        if t.budget_tokens < MIN_THINKING_BUDGET or (max_tokens is not None and t.budget_tokens >= max_tokens):
+            raise APIError(400, f"'thinking.budget_tokens' must be at least {MIN_THINKING_BUDGET} and less than "
+                                "max_tokens.", param="thinking.budget_tokens")
+    return {"enable_thinking": t.type != "disabled"}
+
+
+# -- the routes --------------------------------------------------------------------------------
+
+def _event(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _tool_use(call: ToolCall) -> dict[str, Any]:
+    return {"type": "tool_use", "id": f"toolu_{call.id.removeprefix('call_')}", "name": call.name,
+            "input": call.arguments}
+
+
+def _usage(prompt_tokens: int, last: Any) -> dict[str, int]:
+    """Anthropic's usage: ``input_tokens`` counts the prompt tokens prefilled, and
+    ``cache_read_input_tokens`` those a prompt cache served (their sum is the prompt)."""
+    cached = last.cached_tokens
+    return {"input_tokens": prompt_tokens - cached, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached, "output_tokens": last.generation_tokens}
+
+
+def anthropic_routes(core: Core) -> APIRouter:
+    router = APIRouter()
+    fmt = tool_format(core.tokenizer)
+    eos = set(getattr(core.tokenizer, "eos_token_ids", None) or [])
+
+    def stop_reason(answer: Answer, steps: list[Any], text: str, stops: list[str]) -> tuple[str, str | None]:
+        """(stop_reason, stop_sequence) of a finished generation."""
+        last = steps[-1]
+        if last.finish_reason == "length":
+            return "max_tokens", None
+        if answer.called:
+            return "tool_use", None
+        if last.tokens and last.tokens[-1] in eos:
+            return "end_turn", None
+        # A stop string ended it: find which one, where the returned text stops.
+        raw = core.tokenizer.decode([t for r in steps for t in r.tokens if t not in eos])
+        starts = {s: raw.find(s, max(0, len(text) - len(s))) for s in stops}
+        found = [s for s, at in starts.items() if at != -1]
+        return "stop_sequence", min(found, key=lambda s: starts[s]) if found else None
+
+    async def prepare(body: MessagesRequest) -> tuple[str, Generation, Answer]:
+        model = core.resolve_model(body.model)
+        g = Generation([], max_tokens=knob("max_tokens", body.max_tokens), temperature=knob("temperature", body.temperature),
+                       top_p=knob("top_p", body.top_p), top_k=knob("top_k", body.top_k), min_p=knob("min_p", body.min_p),
+                       seed=knob("seed", body.seed), depth=knob("depth", body.depth), stop=list(body.stop_sequences or []))
+        tools = _tools(body, fmt)
+        g.ids, g.boundaries = await core.encode_chat(_template_messages(body, fmt), tools=tools,
+                                                     template_kwargs=_thinking(body, body.max_tokens))
+        return model, g, Answer(fmt if tools else None, tools)
+
+    async def stream(job: Job, answer: Answer, *, message: dict[str, Any], stops: list[str],
+                     depth: int) -> AsyncIterator[str]:
+        yield _event("message_start", {"message": message})
+        index, open_text = 0, False
+        steps: list[Any] = []
+        text = ""
+        try:
+            async for r in core.steps(job):
+                steps.append(r)
+                text += r.text
+                for piece in answer.feed(r.text, final=bool(r.finish_reason)):
+                    if isinstance(piece, str):
+                        if not open_text:
+                            yield _event("content_block_start", {"index": index,
+                                                                 "content_block": {"type": "text", "text": ""}})
+                            open_text = True
+                        yield _event("content_block_delta", {"index": index,
+                                                             "delta": {"type": "text_delta", "text": piece}})
+                        continue
+                    if open_text:
+                        yield _event("content_block_stop", {"index": index})
+                        index, open_text = index + 1, False
+                    block = _tool_use(piece)
+                    yield _event("content_block_start", {"index": index, "content_block": {**block, "input": {}}})
+                    yield _event("content_block_delta", {"index": index, "delta": {
+                        "type": "input_json_delta", "partial_json": piece.arguments_json}})
+                    yield _event("content_block_stop", {"index": index})
+                    index += 1
+            if not open_text and index == 0:  # nothing at all: one empty text block
+                yield _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+                open_text = True
+            if open_text:
+                yield _event("content_block_stop", {"index": index})
+            reason, sequence = stop_reason(answer, steps, text, stops)
+            yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
+                                           "usage": _usage(len(job.ids), steps[-1]),
+                                           "mtplx": mtplx_stats(steps[-1], depth)})
+            yield _event("message_stop", {})
+        except APIError as e:
+            yield f"event: error\ndata: {json.dumps(e.anthropic_body())}\n\n"
+
+    @router.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        model, g, answer = await prepare(body)
+        job, depth = core.submit(g)
+        mid = f"msg_{uuid.uuid4().hex}"
+        if body.stream:
+            start = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
+                     "stop_reason": None, "stop_sequence": None,
+                     "usage": {"input_tokens": len(g.ids), "output_tokens": 0}}
+            return JobStream(stream(job, answer, message=start, stops=g.stop, depth=depth), core.scheduler, job)
+        out = await core.collect(request, job)
+        content: list[dict[str, Any]] = []
+        for piece in answer.feed(out.text, final=True):
+            if isinstance(piece, ToolCall):
+                content.append(_tool_use(piece))
+            elif content and content[-1]["type"] == "text":
+                content[-1]["text"] += piece
+            else:
+                content.append({"type": "text", "text": piece})
+        reason, sequence = stop_reason(answer, out.steps, out.text, g.stop)
+        return JSONResponse({
+            "id": mid, "type": "message", "role": "assistant", "model": model,
+            "content": content or [{"type": "text", "text": ""}], "stop_reason": reason, "stop_sequence": sequence,
+            "usage": _usage(len(g.ids), out.last),
+            "mtplx": mtplx_stats(out.last, depth),
+        })
+
+    @router.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
+        core.resolve_model(body.model)
+        ids, _ = await core.encode_chat(_template_messages(body, fmt), tools=_tools(body, fmt),
+                                        template_kwargs=_thinking(body, None))
+        return {"input_tokens": len(ids)}
+
+    return router
