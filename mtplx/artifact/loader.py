@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 from mtplx.artifact import contract as contract_io
@@ -143,10 +143,14 @@ def load_tokenizer(path: Path, eos_token_ids: Any = None) -> Any:
 
 
 def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | None = None,
-         draft_vocab: bool = True) -> tuple[MTPModel, Any, LoadReport]:
+         draft_vocab: bool = True, split: Callable[[Any], bool] | None = None) -> tuple[MTPModel, Any, LoadReport]:
     """Load an artifact: (model, tokenizer, report). With ``mtp=False`` any Qwen3.5 MLX
     checkpoint loads for plain AR decoding. An artifact with a reduced draft vocabulary drafts
-    from it; ``draft_vocab=False`` loads the full head instead (to compare the two)."""
+    from it; ``draft_vocab=False`` loads the full head instead (to compare the two).
+
+    ``split`` (a distributed run, mtplx/distributed/) gets the mlx-lm model before any weight
+    is read, keeps only this process's part of it, and says whether this process holds the
+    MTP head; only the weights left are then read."""
     from mlx_lm.utils import load_model
 
     path = resolve(ref, revision)
@@ -162,7 +166,13 @@ def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | Non
     if model_type not in ("qwen3_5", "qwen3_5_moe"):
         raise UnsupportedModelError(f"unknown architecture model_type={model_type!r}; mtplx runs qwen3_5 and qwen3_5_moe",
                                     path=config_file, fix="use a Qwen3.5 or Qwen3.6 model")
-    model, config = load_model(path)
+    model, config = load_model(path, lazy=split is not None)
+    keep_head = True
+    if split is not None:
+        import mlx.core as mx
+
+        keep_head = split(model)
+        mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     trunk = Trunk(model)
     head = vocab_ids = None
@@ -172,8 +182,9 @@ def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | Non
             report.warnings.append("provenance not verified: the artifact carries no hashes of its own")
         else:
             verify_provenance(path, contract, report, force)
-        head, vocab_ids = load_head(path, contract, trunk.args)
-        report.checks.append("sidecar tensors match the head's shapes and hold no NaN or Inf")
+        if keep_head:
+            head, vocab_ids = load_head(path, contract, trunk.args)
+            report.checks.append("sidecar tensors match the head's shapes and hold no NaN or Inf")
     mtp_model = MTPModel(trunk, head, contract, str(path))
     if vocab_ids is not None and draft_vocab:
         mtp_model.set_draft_vocab(vocab_ids)

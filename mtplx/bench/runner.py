@@ -11,8 +11,9 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import mlx.core as mx
 
@@ -187,7 +188,10 @@ def run_bench(
     reference: bool = True,
     progress: Callable[[str], None] | None = None,
     model_name: str = "",
+    around_run: Callable[[int], ContextManager[Any]] | None = None,
 ) -> BenchReport:
+    """``around_run(depth)``, if given, wraps every measured generation (a distributed bench
+    reads the ranks' counters around each)."""
     from mtplx.api import encode_prompt
 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
@@ -201,8 +205,9 @@ def run_bench(
         for i, ids in enumerate(encoded):
             for d in order:
                 engine = Engine(model, d, params, draft_params, seed + 1000 * r + i)
-                for _ in engine.generate(ids, max_tokens):
-                    pass
+                with around_run(d) if around_run is not None else nullcontext():
+                    for _ in engine.generate(ids, max_tokens):
+                        pass
                 results[d].runs.append(engine.stats)
                 if progress:
                     progress(f"round {r + 1}/{rounds} prompt {i + 1}/{len(encoded)} depth {d}: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mtplx import knobs
-from mtplx.cli.options import force_option, json_option, knob, model_option, write_json
+from mtplx.cli.options import distributed_options, force_option, json_option, knob, load_model, model_option, write_json
 
 
 def _depths(value: str) -> list[int]:
@@ -50,27 +50,41 @@ def _gain(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--no-reference", is_flag=True, help="Skip timing mlx_lm.generate on the same trunk.")
 @force_option
 @json_option
+@distributed_options
 def bench(model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
-          no_reference, force, json_out):
-    """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model."""
-    import mtplx
+          no_reference, force, json_out, distributed):
+    """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
+
+    With --distributed (under mlx.launch), each rank holds part of the trunk; the report adds
+    each rank's memory and splits the time per step into each rank's compute and communication."""
     from mtplx.bench.prompts import DEFAULT_PROMPTS, read_prompts
     from mtplx.bench.runner import run_bench
     from mtplx.engine.sampling import SamplingParams
 
     depth_list = _depths(depths)
-    model, tokenizer = mtplx.load(model_ref, mtp=max(depth_list) > 0, force=force)
+    model, tokenizer = load_model(model_ref, mtp=max(depth_list) > 0, force=force, distributed=distributed)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     draft = SamplingParams(temperature=draft_temperature, top_p=top_p, top_k=top_k) if draft_temperature is not None else None
     prompts = read_prompts(prompts_file) if prompts_file else DEFAULT_PROMPTS
+    timer = None
+    if distributed is not None:  # the cost model and mlx_lm's generate would need every rank
+        from mtplx.distributed.bench import PipelineTimer
+
+        timer = PipelineTimer(model)
     report = run_bench(model, tokenizer, prompts, depth_list, max_tokens, params, draft, rounds=rounds, seed=seed,
-                       reference=not no_reference, progress=lambda s: click.echo(s, err=True), model_name=model_ref)
+                       cost_model=timer is None, reference=not no_reference and timer is None,
+                       progress=lambda s: click.echo(s, err=True), model_name=model_ref, around_run=timer)
     click.echo(f"mtplx bench: {model_ref} on {report.device}; {len(prompts)} prompts x {rounds} round(s), "
                f"{max_tokens} tokens, temperature {temperature}, top_p {top_p}, top_k {top_k}")
     click.echo(report.table())
     for line in report.verdicts():
         click.echo(line)
-    write_json(report.as_dict(), json_out)
+    data = report.as_dict()
+    if timer is not None:
+        click.echo(f"\n{len(timer.ranks)} ranks, pipeline split (rank 0: last layers, lm_head, MTP head)")
+        click.echo(timer.table(report))
+        data["distributed"] = timer.as_dict(report)
+    write_json(data, json_out)
 
 
 @click.command("tune")

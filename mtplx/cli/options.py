@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,3 +85,60 @@ def write_json(data: Any, target: str | None) -> None:
 
 json_option = click.option("--json", "json_out", default=None, metavar="PATH|-",
                            help="Write the report as JSON to PATH ('-' for stdout).")
+
+
+@dataclass(frozen=True)
+class DistributedOptions:
+    mode: str
+    timeout: float | None
+    layers: tuple[int, ...] | None
+
+
+def _layers(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter("give layer counts separated by commas, rank 0 first, e.g. 10,22",
+                                 param_hint="--distributed-layers") from None
+
+
+def distributed_options(f: Callable) -> Callable:
+    """--distributed and its two settings, handed to the command as one ``distributed``
+    argument (None in a single process)."""
+
+    @functools.wraps(f)
+    def command(*args: Any, distributed: str | None, distributed_timeout: float | None,
+                distributed_layers: str | None, **kwargs: Any) -> Any:
+        if distributed is None and (distributed_timeout is not None or distributed_layers is not None):
+            raise click.UsageError("--distributed-timeout and --distributed-layers apply only with --distributed")
+        options = None
+        if distributed is not None:
+            options = DistributedOptions(distributed, distributed_timeout, _layers(distributed_layers))
+        return f(*args, distributed=options, **kwargs)
+
+    for opt in reversed([
+        click.option("--distributed", type=click.Choice(["pipeline"]), default=None,
+                     help="Split the trunk's layers across the ranks mlx.launch started; rank 0 decodes: "
+                          "`mlx.launch --backend ring --hosts IP0,IP1 -- mtplx ... --distributed pipeline`."),
+        click.option("--distributed-timeout", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+                     help="How long a rank waits for another before the run ends on every rank (default 120)."),
+        click.option("--distributed-layers", default=None, metavar="N0,N1,..",
+                     help="Layers per rank, rank 0 (the last layers, lm_head and MTP head) first; default even."),
+    ]):
+        command = opt(command)
+    return command
+
+
+def load_model(model_ref: str, *, mtp: bool, force: bool, distributed: DistributedOptions | None) -> tuple[Any, Any]:
+    """mtplx.load, or with --distributed this rank's part of the model: on rank 0 the model to
+    decode with; any other rank serves rank 0 until the run ends and exits here."""
+    if distributed is None:
+        import mtplx
+
+        return mtplx.load(model_ref, mtp=mtp, force=force)
+    from mtplx.distributed import load_or_follow
+
+    return load_or_follow(model_ref, mode=distributed.mode, mtp=mtp, force=force, timeout=distributed.timeout,
+                          layers=distributed.layers)

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from mtplx.cli.options import (confirm_download, force_option, format_status, json_option, knob, model_option,
-                               sampling_options, write_json)
+from mtplx.cli.options import (confirm_download, distributed_options, force_option, format_status, json_option, knob,
+                               load_model, model_option, sampling_options, write_json)
 from mtplx.errors import MtplxError
 
 
@@ -59,11 +59,14 @@ def check_argument(prompt: str) -> str:
               help="Reuse the prompt cache saved in FILE (a run whose prompt extends its tokens prefills only "
                    "the rest) and save the updated cache there. A file from another model is refused, and the "
                    "run starts cold.")
+@distributed_options
 def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temperature, top_p, top_k, min_p,
-        draft_temperature, seed, force, json_out, quiet, yes, prompt_cache_file):
+        draft_temperature, seed, force, json_out, quiet, yes, prompt_cache_file, distributed):
     """Complete PROMPT (or standard input when PROMPT is omitted or '-')."""
     if no_mtp and depth:
         raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
+    if prompt_cache_file and distributed:
+        raise click.UsageError("--prompt-cache is not supported with --distributed")
     if prompt in (None, "-"):
         if sys.stdin.isatty():
             raise click.UsageError("give a PROMPT or pipe one on standard input")
@@ -75,7 +78,7 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
     from mtplx.artifact.store import ensure_artifact
 
     model_ref = ensure_artifact(model_ref, confirm=confirm_download(yes))
-    model, tokenizer = mtplx.load(model_ref, mtp=not no_mtp, force=force)
+    model, tokenizer = load_model(model_ref, mtp=not no_mtp, force=force, distributed=distributed)
     cache = open_prompt_cache(prompt_cache_file, model) if prompt_cache_file else None
     messages = [{"role": "user", "content": prompt}] if chat else prompt
     text, last = [], None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mtplx.cli.options import force_option, model_option
+from mtplx.cli.options import DistributedOptions, distributed_options, force_option, load_model, model_option
 from mtplx.errors import MtplxError
 from mtplx.knobs import MAX_DEPTH
 
@@ -70,10 +70,11 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @force_option
+@distributed_options
 def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool, queue_size: int,
           max_tokens_default: int, served_model_names: tuple[str, ...], allowed_hosts: tuple[str, ...],
           max_body_mb: float, prompt_cache_gb: float | None, no_prompt_cache: bool, log_level: str,
-          force: bool) -> None:
+          force: bool, distributed: DistributedOptions | None) -> None:
     """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and
     Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens), with /health and
     /metrics.
@@ -84,7 +85,6 @@ def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool,
     """
     import uvicorn
 
-    import mtplx
     from mtplx.server.app import create_app
     from mtplx.server.guards import is_loopback_name
 
@@ -92,7 +92,11 @@ def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool,
         raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
     if no_prompt_cache and prompt_cache_gb:
         raise click.UsageError("--no-prompt-cache turns the cache off; drop --prompt-cache-gb or --no-prompt-cache")
+    if distributed is not None and prompt_cache_gb:
+        raise click.UsageError("--prompt-cache-gb is not supported with --distributed (prompt caches stay off)")
     cache_bytes = 0 if no_prompt_cache else None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
+    if distributed is not None:  # a prompt cache's forks and snapshots would have to reach every rank
+        cache_bytes = 0
     names = split_names(served_model_names) or default_served_names(model_ref)
     hosts = split_names(allowed_hosts)
     loopback = is_loopback_name(host.strip("[]").lower())
@@ -100,7 +104,7 @@ def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool,
         click.echo(f"warning: binding to {host}: anyone who can reach this machine on port {port} can use the "
                    "model; the server has no authentication.", err=True)
     _check_port(host, port)
-    model, tokenizer = mtplx.load(model_ref, mtp=not no_mtp, force=force)
+    model, tokenizer = load_model(model_ref, mtp=not no_mtp, force=force, distributed=distributed)
     app = create_app(model, tokenizer, served_model_names=names, depth=0 if no_mtp else depth,
                      queue_size=queue_size, max_tokens_default=max_tokens_default,
                      max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=hosts if loopback or hosts else None,

@@ -109,6 +109,9 @@ class PromptCache:
     # -- reuse ------------------------------------------------------------------------------
 
     def check_model(self, model: MTPModel) -> None:
+        if model.trunk.stage is not None:  # forks, snapshots and trims would have to reach every rank
+            raise MtplxError("prompt caches are not supported in a distributed run (--distributed)",
+                             fix="generate without a prompt cache")
         if model_identity(model) != self.identity:
             raise MtplxError("this prompt cache was built with another model (or another head setting)",
                              fix="make a new one with mtplx.make_prompt_cache(model)")

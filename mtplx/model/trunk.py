@@ -6,6 +6,10 @@ the hidden state at every position (after the final norm or before it, per the c
 but only the last prompt position in a prefill); and, in the verify pass, what a rollback of
 the Gated-DeltaNet layers needs (mtplx/model/gated_delta_cache.py). So this module walks
 mlx-lm's own layers (same weights, same modules) with those changes.
+
+In a distributed run (mtplx/distributed/) the trunk is one stage of a pipeline: it holds only
+its own layer range (mlx-lm's ``pipeline``), and its ``stage`` says where a pass's input comes
+from (token ids, or the previous rank's hidden state) and where its output goes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ class VerifyRecord:
 
     tokens: int = 0
     layers: dict[int, GatedDeltaRecord] = field(default_factory=dict)
+    # What the commit kept (set by engine/cache.py): a pipeline's leader tells the other ranks.
+    accepted: int | None = None
 
 
 def materialize(cache: list[Any]) -> None:
@@ -56,13 +62,20 @@ class Trunk:
         self.text = model.language_model
         self.body = self.text.model
         self.args = self.text.args
+        # A pipeline stage (mtplx/distributed/stage.py) when this process holds only some of
+        # the layers: ``enter`` gives a pass its input, ``leave`` passes its output on.
+        self.stage: Any = None
 
     @property
     def layers(self) -> list[nn.Module]:
-        return self.body.layers
+        """The layers this process runs: all of them, or its range of a pipeline split."""
+        return self.body.pipeline_layers
 
     def make_cache(self) -> list[Any]:
-        """mlx-lm's caches, with each Gated-DeltaNet one able to hold a pending prefix."""
+        """mlx-lm's caches (of this process's layers), with each Gated-DeltaNet one able to
+        hold a pending prefix."""
+        if self.stage is not None:
+            self.stage.new_sequence()
         return [GatedDeltaCache() if isinstance(c, ArraysCache) else c for c in self.model.make_cache()]
 
     def embed(self, tokens: mx.array) -> mx.array:
@@ -74,7 +87,11 @@ class Trunk:
         return self.text.lm_head(hidden)
 
     def logits(self, tokens: mx.array, cache: list[Any]) -> mx.array:
-        """mlx-lm's own forward: the AR path, with nothing extra computed."""
+        """mlx-lm's own forward: the AR path, with nothing extra computed. (mlx-lm's pipelined
+        forward assumes every rank knows the tokens; a stage's ranks do not, so a stage walks
+        the same layers through :meth:`hidden`.)"""
+        if self.stage is not None:
+            return self.lm_head(self.hidden(tokens, cache)[1])
         materialize(cache)
         return self.model(tokens, cache=cache)
 
@@ -88,8 +105,9 @@ class Trunk:
             materialize(cache)
         else:
             record.tokens = tokens.shape[1]
-        h = self.embed(tokens)
-        fa_mask = create_attention_mask(h, cache[self.body.fa_idx])
+        h = self.embed(tokens) if self.stage is None else self.stage.enter(self, tokens, record)
+        fa = self.body.fa_idx  # None on a stage without full-attention layers
+        fa_mask = create_attention_mask(h, cache[fa]) if fa is not None else None
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             if layer.is_linear and record is not None:
                 r, record.layers[i] = verify_block(layer.linear_attn, layer.input_layernorm(h), c)
@@ -97,6 +115,8 @@ class Trunk:
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             else:
                 h = layer(h, mask=None if layer.is_linear else fa_mask, cache=c)
+        if self.stage is not None:
+            h = self.stage.leave(h)
         return h, self.body.norm(h)
 
     def forward_all(
