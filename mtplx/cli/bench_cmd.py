@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mtplx.cli.options import force_option, json_option, model_option, write_json
+from mtplx.knobs import MAX_DEPTH
 
 
 def _depths(value: str) -> list[int]:
@@ -15,6 +16,57 @@ def _depths(value: str) -> list[int]:
     if not depths or min(depths) < 0 or max(depths) > 8:
         raise click.BadParameter("depths must lie in 0..8")
     return depths
+
+
+def _shape_options(f):
+    """`mtplx bench --shape NAME`: a catalog model's real shape with random weights."""
+    for opt in reversed([
+        click.option("--shape", default=None, metavar="NAME|FILE",
+                     help="Measure a catalog model's real shape (e.g. qwen3.5-4b) with random weights instead of --model."),
+        click.option("--trunk-bits", type=click.Choice(["4", "8", "16"]), default="4", show_default=True,
+                     help="--shape: trunk stored as a 4/8-bit affine g64 artifact, or bf16 (16)."),
+        click.option("--layers", type=int, default=None,
+                     help="--shape: measure N layers (both kinds) and compose to the full depth."),
+        click.option("--prompt-tokens", type=int, default=512, show_default=True, help="--shape: prefill and context length."),
+        click.option("--acceptance", default=None, metavar="A1,A2,..",
+                     help="--shape: P(draft k accepted) per position; default: the demo head's measured acceptance."),
+        click.option("--max-depth", type=int, default=None, help="--shape: deepest depth projected (default: one per --acceptance value)."),
+        click.option("--draft-vocab", type=int, default=None,
+                     help="--shape: draft vocabulary K measured (default 32768 where the vocabulary is larger; 0 = full)."),
+        click.option("--bandwidth-gbs", type=float, default=400.0, show_default=True,
+                     help="--shape: memory bandwidth of the memory-bound projection."),
+        click.option("--repeats", type=int, default=3, show_default=True, help="--shape: timed calls per component (median)."),
+        click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False),
+                     help="--shape: also write the random model as an artifact in DIR and run it end to end."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs, repeats,
+               save_dir, seed, json_out) -> None:
+    from mtplx.bench.shape_bench import parse_acceptance, run_shape_bench
+
+    if repeats < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--repeats")
+    if bandwidth_gbs <= 0:
+        raise click.BadParameter("must be positive", param_hint="--bandwidth-gbs")
+    if max_depth is not None and not 1 <= max_depth <= MAX_DEPTH:
+        raise click.BadParameter(f"must lie in 1..{MAX_DEPTH}", param_hint="--max-depth")
+    report = run_shape_bench(shape, trunk_bits=int(trunk_bits), layers=layers, prompt_tokens=prompt_tokens,
+                             acceptance=parse_acceptance(acceptance) if acceptance else None, max_depth=max_depth,
+                             draft_vocab=draft_vocab, bandwidth_gbs=bandwidth_gbs, repeats=repeats, seed=seed,
+                             save=save_dir, progress=lambda s: click.echo(s, err=True))
+    data = report.as_dict()
+    click.echo(f"mtplx bench --shape {report.shape.name}: {data['trunk_bits']}-bit trunk, random weights, "
+               f"{data['layers_measured']} of {data['layers_full']} layers measured on {report.device}")
+    click.echo(report.table())
+    if report.end_to_end:
+        e = report.end_to_end
+        click.echo(f"end to end at depth 2 ({e['artifact']}): {e['step_ms']:.1f} ms per step against "
+                   f"{e['components_ms']:.1f} ms from the components ({e['ratio']:.3f}x, "
+                   f"{'within' if e['within_10_percent'] else 'NOT within'} 10%)")
+    write_json(data, json_out)
 
 
 @click.command("bench")
@@ -30,11 +82,24 @@ def _depths(value: str) -> list[int]:
 @click.option("--draft-temperature", type=float, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-reference", is_flag=True, help="Skip timing mlx_lm.generate on the same trunk.")
+@_shape_options
 @force_option
 @json_option
-def bench(model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
-          no_reference, force, json_out):
-    """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model."""
+@click.pass_context
+def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
+          no_reference, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
+          repeats, save_dir, force, json_out):
+    """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
+
+    With --shape, measure a real model shape instead: random weights at the catalog model's text
+    config, every component of a step timed through the engine, composed to the full depth, and
+    the speedup projected per depth for this machine and for a memory-bound device."""
+    if shape is not None:
+        if ctx.get_parameter_source("model_ref") == click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError("pass either --model or --shape, not both")
+        _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
+                   repeats, save_dir, seed, json_out)
+        return
     import mtplx
     from mtplx.bench.prompts import DEFAULT_PROMPTS, read_prompts
     from mtplx.bench.runner import run_bench
