@@ -10,16 +10,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 from mtplx.artifact.loader import LoadReport
 from mtplx.artifact.loader import load as load_artifact
+from mtplx.engine.prompt_cache import PromptCache, common_prefix, make_prompt_cache
+from mtplx.engine.prompt_cache_file import load_prompt_cache, save_prompt_cache
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.engine.stats import DecodeStats
 from mtplx.model.mtp_model import MTPModel
 
-Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+Prompt = Union[str, Sequence[int], Sequence[dict[str, Any]], "EncodedPrompt"]
 
 
 @dataclass
@@ -29,6 +31,7 @@ class GenerationResponse:
     text: str
     tokens: list[int]
     prompt_tokens: int
+    cached_tokens: int
     generation_tokens: int
     generation_tps: float
     prompt_tps: float
@@ -54,16 +57,53 @@ def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | Non
     return model, tokenizer
 
 
+def _chat_ids(tokenizer: Any, messages: list[dict], enable_thinking: bool | None, generation_prompt: bool) -> list[int]:
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True, **kwargs)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
 def encode_prompt(tokenizer: Any, prompt: Prompt, enable_thinking: bool | None = None) -> list[int]:
     """Text is tokenized as is; a list of chat messages goes through the chat template."""
+    if isinstance(prompt, EncodedPrompt):
+        return list(prompt.ids)
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt))
     prompt = list(prompt)
     if prompt and isinstance(prompt[0], dict):
-        kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, **kwargs)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return _chat_ids(tokenizer, prompt, enable_thinking, generation_prompt=True)
     return [int(t) for t in prompt]
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt's token ids, and the positions where the next prompt of the same conversation
+    may start to differ from them: a prompt cache snapshots its state there."""
+
+    ids: list[int]
+    boundaries: tuple[int, ...] = ()
+
+
+def encode_for_cache(tokenizer: Any, prompt: Prompt, enable_thinking: bool | None = None) -> EncodedPrompt:
+    """:func:`encode_prompt`, plus, for chat messages, where the next turn will re-render this one.
+
+    Chat templates often render a past assistant turn differently from the generation prompt
+    that preceded the reply (Qwen's drop the ``<think>`` block), so the next turn's tokens leave
+    this prompt's before its end. Rendering the conversation with a stand-in reply shows where:
+    at the end of the common prefix of that rendering and this prompt."""
+    if isinstance(prompt, EncodedPrompt):
+        return prompt
+    ids = encode_prompt(tokenizer, prompt, enable_thinking)
+    if isinstance(prompt, str) or not prompt or not isinstance(prompt[0], dict):
+        return EncodedPrompt(ids)
+    try:
+        history = _chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": "x"}], enable_thinking,
+                            generation_prompt=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this shape: no boundary, no harm
+        return EncodedPrompt(ids)
+    # One token back: the reply's first characters may merge with the last token before them
+    # (a reply opening with "\n" turns "assistant\n" + "\n" into one "\n\n" token).
+    return EncodedPrompt(ids, (max(common_prefix(history, ids) - 1, 0),))
 
 
 def sampling_from(model: MTPModel, temperature: float | None, top_p: float | None, top_k: int | None,
@@ -126,10 +166,16 @@ def stream_generate(
     seed: int | None = None,
     stop: Sequence[str] | None = None,
     enable_thinking: bool | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``depth=0`` is plain AR; ``None`` takes the tuned depth for this
-    model if `mtplx tune` saved one, else the contract's default."""
-    ids = encode_prompt(tokenizer, prompt, enable_thinking)
+    model if `mtplx tune` saved one, else the contract's default.
+
+    ``prompt_cache`` (from :func:`make_prompt_cache`) makes a call whose prompt extends the
+    cached tokens prefill only the new suffix, and leaves the cache holding prompt + reply;
+    ``response.cached_tokens`` says how many prompt tokens it served."""
+    encoded = encode_for_cache(tokenizer, prompt, enable_thinking) if prompt_cache is not None else None
+    ids = encoded.ids if encoded is not None else encode_prompt(tokenizer, prompt, enable_thinking)
     params = sampling_from(model, temperature, top_p, top_k, min_p)
     defaults = model.contract.defaults if model.contract else {}
     dt = draft_temperature if draft_temperature is not None else defaults.get("draft_temperature", params.temperature)
@@ -141,7 +187,8 @@ def stream_generate(
     scanner = _StopScanner(stop or [])
     stats = engine.stats
     finish = None
-    for step in engine.generate(ids, max_tokens, eos):
+    boundaries = encoded.boundaries if encoded is not None else ()
+    for step in engine.generate(ids, max_tokens, eos, prompt_cache=prompt_cache, snapshot_at=boundaries):
         stats = engine.stats
         text_tokens = [t for t in step.tokens if t not in eos]
         for t in text_tokens:
@@ -171,6 +218,7 @@ def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | No
         text=text,
         tokens=list(tokens),
         prompt_tokens=stats.prompt_tokens,
+        cached_tokens=stats.cached_tokens,
         generation_tokens=stats.generated,
         generation_tps=stats.tokens_per_second,
         prompt_tps=stats.prefill_tokens_per_second,
@@ -196,4 +244,5 @@ def generate(model: MTPModel, tokenizer: Any, prompt: Prompt, *, verbose: bool =
     return "".join(text)
 
 
-__all__ = ["GenerationResponse", "LoadReport", "default_depth", "encode_prompt", "generate", "load", "stream_generate"]
+__all__ = ["EncodedPrompt", "GenerationResponse", "LoadReport", "PromptCache", "encode_for_cache", "default_depth", "encode_prompt", "generate", "load",
+           "load_prompt_cache", "make_prompt_cache", "save_prompt_cache", "stream_generate"]

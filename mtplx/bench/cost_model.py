@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from mtplx.engine.sampling import Rng, SamplingParams, sample_logits
 from mtplx.model.mtp_model import MTPModel
-from mtplx.model.trunk import BlockStates
+from mtplx.engine import steps
 
 
 @dataclass
@@ -79,40 +79,25 @@ def measure(model: MTPModel, prompt: list[int], max_tokens: int, repeats: int = 
     and one draft step, each on a cache prefilled with ``prompt`` and rolled back after every
     timed call."""
     cache = model.make_cache()
-    ids = mx.array(prompt)[None]
-    logits, hidden = model.trunk_forward(ids, cache)
-    if model.has_mtp and len(prompt) > 1:
-        model.draft(hidden[:, :-1], ids[:, 1:], cache)
-    mx.eval(logits, hidden, [c.state for c in cache.trunk + cache.head])
+    _, hidden = steps.prefill(model, prompt, cache, head=model.has_mtp)
+    mx.eval(hidden, cache.arrays())
     params = SamplingParams()
     rng = Rng(0)
     token = mx.array([[prompt[-1]]])
-    saved = [list(c.cache) for c in cache.trunk if not hasattr(c, "trim")]
-
-    def rewind(tokens: int) -> None:
-        """Back to the prefilled state: trim the KV caches, put the recurrent states back."""
-        it = iter(saved)
-        for c in cache.trunk:
-            if hasattr(c, "trim"):
-                c.trim(tokens)
-            else:
-                c.cache = list(next(it))
 
     def verify(t: int):
         block = mx.array([[prompt[-1]] * t])
 
         def run():
-            v_logits, v_hidden = model.trunk_forward(block, cache, BlockStates())
+            v_logits, v_hidden, _ = steps.verify(model, cache.fork(), block)
             mx.eval(v_logits, v_hidden)
-            rewind(t)
         return run
 
     def plain(t: int):
         block = mx.array([[prompt[-1]] * t])
 
         def run():
-            mx.eval(model.trunk.logits(block, cache.trunk))
-            rewind(t)
+            mx.eval(model.trunk.logits(block, cache.fork().trunk))
         return run
 
     ar_ms = _pipelined_ar_ms(model, prompt)
@@ -123,11 +108,9 @@ def measure(model: MTPModel, prompt: list[int], max_tokens: int, repeats: int = 
         h = hidden[:, -1:]
 
         def draft_step():
-            d_logits, _ = model.draft(h, token, cache)
+            d_logits, _ = steps.draft(model, cache.fork(), h, token)
             y, _ = sample_logits(d_logits[0, -1:], params, rng)
             mx.eval(y)
-            for c in cache.head:
-                c.trim(1)
 
         draft_ms = _median_ms(draft_step, repeats)
     return CostModel(ar_step_ms=ar_ms, verify_ms=verify_ms, draft_ms=draft_ms, plain_ms=plain_ms)

@@ -4,8 +4,9 @@ After verifying ``[y, d_1 .. d_D]`` with ``a`` drafts accepted, the trunk must h
 tokens up to ``d_a``:
 - attention KV caches: trim the ``D - a`` rejected positions;
 - Gated-DeltaNet conv and recurrent states: these are not positional, they are overwritten by
-  every token, so they are restored to the state recorded right after position ``a`` during
-  the verify pass (see :class:`mtplx.model.trunk.BlockStates`);
+  every token; the verify pass kept the state before the block and the block's recurrence
+  inputs, and the rollback goes back to that state with the accepted positions pending
+  (mtplx/model/gated_delta_cache.py explains why no per-position state is stored);
 - the MTP head's KV cache: rows for draft steps 2..D were built from the head's own hidden
   (speculative), so they are trimmed; the accepted positions are re-run from the trunk's
   verify hiddens at the next draft.
@@ -17,24 +18,29 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from mtplx.model.mtp_model import ModelCache
-from mtplx.model.trunk import BlockStates
+from mtplx.model.trunk import VerifyRecord, materialize
 
 
-def commit(cache: ModelCache, states: BlockStates, drafted: int, accepted: int, head_rows_drafted: int) -> None:
-    """Keep the verify block up to position ``accepted``; drop ``head_rows_drafted - 1`` head rows."""
+def commit(cache: ModelCache, record: VerifyRecord, accepted: int) -> None:
+    """Keep the verified block up to position ``accepted`` (the first ``accepted`` drafts
+    after the pending token) and drop the head rows the drafts after the first one added."""
+    drafted = record.tokens - 1
     rejected = drafted - accepted
     if rejected:
         for c in cache.trunk:
             if isinstance(c, KVCache):
                 c.trim(rejected)
-        states.restore(cache.trunk, accepted)
-    if head_rows_drafted > 1:
+        for i, layer_record in record.layers.items():
+            layer_record.rollback(cache.trunk[i], keep=accepted + 1)
+    if drafted > 1:
         for c in cache.head:
-            c.trim(head_rows_drafted - 1)
+            c.trim(drafted - 1)
 
 
 def snapshot(cache: ModelCache) -> dict[str, mx.array]:
-    """Every committed cache tensor by name, for comparing two caches (tests, debugging)."""
+    """Every committed cache tensor by name, for comparing two caches (tests, debugging).
+    Pending Gated-DeltaNet prefixes are applied first, so the states are the committed ones."""
+    materialize(cache.trunk)
     out: dict[str, mx.array] = {}
     for name, caches in (("trunk", cache.trunk), ("head", cache.head)):
         for i, c in enumerate(caches):

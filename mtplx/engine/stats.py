@@ -11,6 +11,7 @@ PHASES = ("prefill", "draft", "verify", "sample", "rollback")
 class DecodeStats:
     depth: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens a prompt cache already held (not prefilled)
     generated: int = 0
     steps: int = 0
     drafted: list[int] = field(default_factory=list)
@@ -49,13 +50,15 @@ class DecodeStats:
 
     @property
     def prefill_tokens_per_second(self) -> float:
+        """Prompt tokens actually prefilled (not those a prompt cache held) per second."""
         s = self.seconds["prefill"]
-        return self.prompt_tokens / s if s > 0 else 0.0
+        return (self.prompt_tokens - self.cached_tokens) / s if s > 0 else 0.0
 
     def as_dict(self) -> dict:
         return {
             "depth": self.depth,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "generated": self.generated,
             "steps": self.steps,
             "tokens_per_second": round(self.tokens_per_second, 3),

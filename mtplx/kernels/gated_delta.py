@@ -1,10 +1,20 @@
-"""Gated-DeltaNet recurrence over a short block that returns the state after every position.
+"""The Gated-DeltaNet recurrence over a block of positions: outputs and the final state.
 
-The verify pass feeds D+1 tokens through every Gated-DeltaNet layer. If the drafts are
-rejected after position ``a``, the layer's recurrent state must be the one after position
-``a``, not after the block. Returning every intermediate state lets the engine roll back by
-indexing, where the alternative (checkpoint the state, then replay the accepted tokens
-through the trunk) costs a second trunk pass over up to D tokens on every rejection.
+The verify pass runs this over [pending, block]: the accepted-but-not-yet-applied positions
+of earlier verify passes followed by the new block (see mtplx/model/gated_delta_cache.py), so a
+rollback never needs the state after each position, only the state before the block, which
+the cache already holds. That is what lets a GPU run one fused pass that keeps the state in
+registers and writes it once, instead of writing a full state (2 MB per layer at Qwen3.5-4B)
+for every verified position.
+
+Bodies, chosen by backend:
+- reference: mlx-lm's ops recurrence (a compiled step per position): the exact computation
+  mlx-lm's own decode step runs on the CPU, so the verify pass and the AR path agree bit for bit
+  there. Measured here (CPU, MLX 0.32.4) it was also the fastest body: 0.37 ms for 3 positions at
+  the demo's shape against 0.40 ms for a whole-block compiled loop, 4.3 vs 5.8 ms at 4B's.
+- metal: mlx-lm's own Metal kernel (the one its decode step uses): state in registers, one
+  read and one write of the state per call, whatever the number of positions.
+No CUDA body: on CUDA mlx-lm runs the ops recurrence too, and none has been measured to win.
 
 State layout follows mlx-lm: ``state[b, h, dv, dk]``, float32.
 """
@@ -12,49 +22,34 @@ State layout follows mlx-lm: ``state[b, h, dv, dk]``, float32.
 from __future__ import annotations
 
 import mlx.core as mx
+from mlx_lm.models.gated_delta import gated_delta_kernel, gated_delta_ops
 
 from mtplx.kernels import backend
 
 
-def gated_delta_states_reference(
+def gated_delta_reference(
     q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array
 ) -> tuple[mx.array, mx.array]:
     """Pure-mx recurrence.
 
-    Shapes: q, k ``[B, T, Hk, Dk]`` (q already scaled), v ``[B, T, Hv, Dv]``,
+    Shapes: q, k ``[B, T, Hk, Dk]`` (normalized, q already scaled), v ``[B, T, Hv, Dv]``,
     g ``[B, T, Hv]`` (scalar decay per head), beta ``[B, T, Hv]``, state ``[B, Hv, Dv, Dk]``.
-    Returns y ``[B, T, Hv, Dv]`` in q's dtype and states ``[B, T, Hv, Dv, Dk]`` (float32),
-    ``states[:, t]`` being the state after position t.
+    Returns y ``[B, T, Hv, Dv]`` in q's dtype and the state after the last position.
     """
-    Hk, Hv = q.shape[2], v.shape[2]
-    if Hv != Hk:
-        q = mx.repeat(q, Hv // Hk, axis=2)
-        k = mx.repeat(k, Hv // Hk, axis=2)
-    ys, states = [], []
-    for t in range(q.shape[1]):
-        kt = k[:, t].astype(mx.float32)
-        state = state * g[:, t, :, None, None]
-        recalled = (state * kt[:, :, None, :]).sum(axis=-1)
-        delta = (v[:, t].astype(mx.float32) - recalled) * beta[:, t, :, None]
-        state = state + delta[..., None] * kt[:, :, None, :]
-        ys.append((state * q[:, t, :, None, :].astype(mx.float32)).sum(axis=-1))
-        states.append(state)
-    return mx.stack(ys, axis=1).astype(q.dtype), mx.stack(states, axis=1)
+    return gated_delta_ops(q, k, v, g, beta, state)
 
 
-# mx.compile fuses the recurrence's elementwise ops: on MLX's CPU backend, where a decode step
-# is dominated by per-op dispatch, it cut one layer's 3-token recurrence from 0.52 to 0.32 ms
-# with bit-identical results. One trace per block length (depth + 1), cached by MLX.
-_compiled = mx.compile(gated_delta_states_reference)
+def fused(key_dim: int) -> bool:
+    """Whether the dispatch runs a fused body (state read and written once per call) for this
+    key head dim; the reference instead materializes state-sized temporaries per position."""
+    # The Metal kernel splits Dk over a SIMD group of 32 lanes.
+    return backend() == "metal" and key_dim >= 32 and key_dim % 32 == 0
 
 
-def gated_delta_states(
+def gated_delta(
     q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array
 ) -> tuple[mx.array, mx.array]:
-    """Dispatch: the compiled reference, or the plain one with ``MTPLX_KERNELS=reference``.
-
-    No Metal or CUDA body exists yet: none has been measured against the compiled reference
-    on a GPU (see README, Kernels)."""
-    if backend() == "reference":
-        return gated_delta_states_reference(q, k, v, g, beta, state)
-    return _compiled(q, k, v, g, beta, state)
+    """Dispatch by backend (``MTPLX_KERNELS=reference`` forces the reference)."""
+    if fused(k.shape[-1]):
+        return gated_delta_kernel(q, k, v, g, beta, state)
+    return gated_delta_reference(q, k, v, g, beta, state)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -11,20 +11,60 @@ from mlx_lm.models.cache import KVCache
 from mtplx.artifact.contract import RuntimeContract
 from mtplx.model.draft_vocab import DraftVocab
 from mtplx.model.mtp_head import MTPHead
-from mtplx.model.trunk import BlockStates, Trunk
+from mtplx.model.gated_delta_cache import GatedDeltaCache
+from mtplx.model.trunk import Trunk, VerifyRecord, cache_arrays
+
+
+def kv_nbytes(c: KVCache) -> int:
+    """Bytes of the rows a KV cache holds (its buffers are allocated ahead, in steps)."""
+    if c.keys is None:
+        return 0
+    return (c.keys.nbytes + c.values.nbytes) * c.offset // c.keys.shape[2]
+
+
+def _fork_kv(c: KVCache) -> KVCache:
+    other = KVCache()
+    other.keys, other.values, other.offset = c.keys, c.values, c.offset
+    return other
 
 
 @dataclass
 class ModelCache:
-    """Every cache of one sequence: the trunk's (KV + Gated-DeltaNet) and the head's KV."""
+    """Every cache of one sequence: the trunk's (KV + Gated-DeltaNet) and the head's KV.
+
+    Head row i pairs the trunk hidden at position i with token i+1, so the hiddens of the last
+    positions wait in ``backlog [1, r, H]`` until their rows enter the head's cache;
+    ``backlog_tokens`` are the r-1 already-consumed tokens that follow all but the last of them
+    (the last one's successor is the next token fed). The head's rows plus the backlog always
+    cover every position the trunk has consumed."""
 
     trunk: list[Any]
     head: list[KVCache]
+    backlog: mx.array | None = None
+    backlog_tokens: list[int] = field(default_factory=list)
 
     @property
     def offset(self) -> int:
         """Tokens the trunk has consumed (read from a full-attention layer's KV cache)."""
         return next(c.offset for c in self.trunk if isinstance(c, KVCache))
+
+    def arrays(self) -> list[mx.array]:
+        """Every array held, for one mx.eval."""
+        return cache_arrays(self.trunk) + cache_arrays(self.head) + ([self.backlog] if self.backlog is not None else [])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds for its tokens (KV rows up to the offset, states, pending)."""
+        total = self.backlog.nbytes if self.backlog is not None else 0
+        return total + sum(c.nbytes if isinstance(c, GatedDeltaCache) else kv_nbytes(c) for c in self.trunk + self.head)
+
+    def fork(self) -> "ModelCache":
+        """A copy that can be advanced (and rolled back) independently of this one, sharing
+        arrays until then. KV buffers are written in place past their offset, so this cache
+        must not be advanced while the fork is in use."""
+        return ModelCache(trunk=[c.fork() if isinstance(c, GatedDeltaCache) else _fork_kv(c) for c in self.trunk],
+                          head=[_fork_kv(c) for c in self.head], backlog=self.backlog,
+                          backlog_tokens=list(self.backlog_tokens))
 
 
 class MTPModel:
@@ -70,8 +110,18 @@ class MTPModel:
         head_layers = len(self.head.layers) if self.head is not None else 0
         return ModelCache(trunk=self.trunk.make_cache(), head=[KVCache() for _ in range(head_layers)])
 
-    def trunk_forward(self, tokens: mx.array, cache: ModelCache, states: BlockStates | None = None) -> tuple[mx.array, mx.array]:
-        return self.trunk.forward(tokens, cache.trunk, self.hidden_source, states)
+    def trunk_forward(self, tokens: mx.array, cache: ModelCache, record: VerifyRecord | None = None) -> tuple[mx.array, mx.array]:
+        """Logits at every position and the hidden the head reads (see Trunk.forward)."""
+        return self.trunk.forward(tokens, cache.trunk, self.hidden_source, record)
+
+    def trunk_hidden(self, tokens: mx.array, cache: ModelCache, record: VerifyRecord | None = None) -> tuple[mx.array, mx.array]:
+        """(hidden the head reads, hidden after the final norm: the lm_head's input), no logits."""
+        pre, post = self.trunk.hidden(tokens, cache.trunk, record)
+        return (post if self.hidden_source == "post_norm" else pre), post
+
+    def fill_head(self, hidden: mx.array, tokens: mx.array, cache: ModelCache) -> None:
+        """Head rows (trunk hidden at t, token t+1) into the head's KV cache, outputs skipped."""
+        self.head.fill_cache(self.trunk.embed(tokens), hidden, cache.head)
 
     def draft(self, hidden: mx.array, tokens: mx.array, cache: ModelCache, last_only: bool = False) -> tuple[mx.array, mx.array]:
         """Head rows (trunk-or-chain hidden at t, token t+1) -> (draft logits, hidden to chain).
@@ -79,10 +129,11 @@ class MTPModel:
         The logits are over the draft vocabulary: all V tokens, or the K of :attr:`draft_vocab`
         (column j is token ``draft_vocab.ids[j]``). ``last_only`` projects only the last row:
         the engine feeds the rows committed by the last verify together with the new one and
-        drafts from the new one."""
+        drafts from the new one (the earlier rows then only fill the head's KV cache)."""
+        if last_only and tokens.shape[1] > 1:
+            self.fill_head(hidden[:, :-1], tokens[:, :-1], cache)
+            hidden, tokens = hidden[:, -1:], tokens[:, -1:]
         normed, pre = self.head(self.trunk.embed(tokens), hidden, cache.head)
         chain = normed if self.chain_hidden == "post_norm" else pre
-        if last_only:
-            normed, chain = normed[:, -1:], chain[:, -1:]
         project = self.draft_vocab if self.draft_vocab is not None else self.trunk.lm_head
         return project(normed), chain

@@ -1,9 +1,11 @@
 """The trunk: mlx-lm's Qwen3.5 model, run so that it also returns hidden states.
 
-mlx-lm's forward returns logits only. The MTP head needs the hidden state at every position
-(after the final norm or before it, per the contract's ``hidden_source``) and the verify pass
-needs every Gated-DeltaNet layer's state after each position, so this module walks mlx-lm's own
-layers (same weights, same modules) with those two additions.
+mlx-lm's forward returns logits for every position. The engine needs more and less than that:
+the hidden state at every position (after the final norm or before it, per the contract's
+``hidden_source``) for the MTP head; logits only where it samples (every verified position,
+but only the last prompt position in a prefill); and, in the verify pass, what a rollback of
+the Gated-DeltaNet layers needs (mtplx/model/gated_delta_cache.py). So this module walks
+mlx-lm's own layers (same weights, same modules) with those changes.
 """
 
 from __future__ import annotations
@@ -15,65 +17,35 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import ArraysCache
-from mlx_lm.models.gated_delta import compute_g, normalize_qk
 
-from mtplx.kernels.gated_delta import gated_delta_states
+from mtplx.model.gated_delta_cache import GatedDeltaCache, GatedDeltaRecord, verify_block
 
 
 @dataclass
-class BlockStates:
-    """Per-position Gated-DeltaNet states of one block forward, for rollback.
+class VerifyRecord:
+    """What one verify pass over a block of ``tokens`` positions keeps for the rollback:
+    a record per Gated-DeltaNet layer, by layer index."""
 
-    ``conv_inputs[i]`` is layer i's conv window over [previous state, block]; the conv state
-    after block position j is rows j+1 .. j+K-1 of it. ``recurrent[i][:, j]`` is the
-    recurrent state after position j.
-    """
-
-    conv_inputs: dict[int, mx.array] = field(default_factory=dict)
-    recurrent: dict[int, mx.array] = field(default_factory=dict)
-    kernel_size: int = 4
-
-    def restore(self, cache: list[Any], position: int) -> None:
-        """Set every Gated-DeltaNet cache to its state right after block ``position``."""
-        keep = self.kernel_size - 1
-        for i, conv_input in self.conv_inputs.items():
-            cache[i][0] = conv_input[:, position + 1 : position + 1 + keep]
-            cache[i][1] = self.recurrent[i][:, position]
+    tokens: int = 0
+    layers: dict[int, GatedDeltaRecord] = field(default_factory=dict)
 
 
-def _gated_delta_block(layer: nn.Module, x: mx.array, cache: ArraysCache, states: BlockStates, index: int) -> mx.array:
-    """mlx-lm's GatedDeltaNet forward for one unpadded sequence, recording per-position states."""
-    B, S, _ = x.shape
-    qkv = layer.in_proj_qkv(x)
-    z = layer.in_proj_z(x).reshape(B, S, layer.num_v_heads, layer.head_v_dim)
-    b = layer.in_proj_b(x)
-    a = layer.in_proj_a(x)
+def materialize(cache: list[Any]) -> None:
+    """Apply every pending Gated-DeltaNet prefix, so mlx-lm's own layers can read the cache."""
+    for c in cache:
+        if isinstance(c, GatedDeltaCache):
+            c.materialize()
 
-    conv_state = cache[0]
-    if conv_state is None:
-        conv_state = mx.zeros((B, layer.conv_kernel_size - 1, layer.conv_dim), dtype=x.dtype)
-    conv_input = mx.concatenate([conv_state, qkv], axis=1)
-    conv_out = nn.silu(layer.conv1d(conv_input))
-    q, k, v = mx.split(conv_out, [layer.key_dim, 2 * layer.key_dim], axis=-1)
-    q = q.reshape(B, S, layer.num_k_heads, layer.head_k_dim)
-    k = k.reshape(B, S, layer.num_k_heads, layer.head_k_dim)
-    v = v.reshape(B, S, layer.num_v_heads, layer.head_v_dim)
-    q, k = normalize_qk(q, k, inv_scale=layer.head_k_dim**-0.5, eps=1e-6)
 
-    recurrent = cache[1]
-    if recurrent is None:
-        recurrent = mx.zeros((B, layer.num_v_heads, layer.head_v_dim, layer.head_k_dim), dtype=mx.float32)
-    g = compute_g(layer.A_log, a, layer.dt_bias)
-    y, all_states = gated_delta_states(q, k, v, g, mx.sigmoid(b), recurrent)
-
-    states.conv_inputs[index] = conv_input
-    states.recurrent[index] = all_states
-    states.kernel_size = layer.conv_kernel_size
-    cache[0] = conv_input[:, -(layer.conv_kernel_size - 1) :]
-    cache[1] = all_states[:, -1]
-
-    out = layer.norm(y, z)
-    return layer.out_proj(out.reshape(B, S, -1))
+def cache_arrays(cache: list[Any]) -> list[mx.array]:
+    """Every array of a trunk or head cache, for one mx.eval."""
+    out = []
+    for c in cache:
+        if isinstance(c, GatedDeltaCache):
+            out += c.arrays()
+        elif getattr(c, "keys", None) is not None:
+            out += [c.keys, c.values]
+    return out
 
 
 class Trunk:
@@ -90,7 +62,8 @@ class Trunk:
         return self.body.layers
 
     def make_cache(self) -> list[Any]:
-        return self.model.make_cache()
+        """mlx-lm's caches, with each Gated-DeltaNet one able to hold a pending prefix."""
+        return [GatedDeltaCache() if isinstance(c, ArraysCache) else c for c in self.model.make_cache()]
 
     def embed(self, tokens: mx.array) -> mx.array:
         return self.body.embed_tokens(tokens)
@@ -102,36 +75,40 @@ class Trunk:
 
     def logits(self, tokens: mx.array, cache: list[Any]) -> mx.array:
         """mlx-lm's own forward: the AR path, with nothing extra computed."""
+        materialize(cache)
         return self.model(tokens, cache=cache)
 
-    def forward(
-        self,
-        tokens: mx.array,
-        cache: list[Any],
-        hidden_source: str = "post_norm",
-        states: BlockStates | None = None,
+    def hidden(
+        self, tokens: mx.array, cache: list[Any], record: VerifyRecord | None = None
     ) -> tuple[mx.array, mx.array]:
-        """Logits and the hidden state the MTP head reads, for a block ``tokens [1, T]``.
-
-        With ``states``, the Gated-DeltaNet layers record their state after every position.
-        """
-        logits, pre, post = self.forward_all(tokens, cache, states)
-        return logits, (post if hidden_source == "post_norm" else pre)
-
-    def forward_all(
-        self, tokens: mx.array, cache: list[Any], states: BlockStates | None = None
-    ) -> tuple[mx.array, mx.array, mx.array]:
-        """(logits, hidden before the final norm, hidden after it)."""
+        """(hidden before the final norm, hidden after it) for a block ``tokens [1, T]``, no
+        logits. With ``record``, the Gated-DeltaNet layers run the verify-block forward and
+        leave in it what a rollback needs; without, they run mlx-lm's own forward."""
+        if record is None:
+            materialize(cache)
+        else:
+            record.tokens = tokens.shape[1]
         h = self.embed(tokens)
         fa_mask = create_attention_mask(h, cache[self.body.fa_idx])
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            if layer.is_linear:
-                if states is None:
-                    h = layer(h, mask=None, cache=c)
-                    continue
-                h = h + _gated_delta_block(layer.linear_attn, layer.input_layernorm(h), c, states, i)
+            if layer.is_linear and record is not None:
+                r, record.layers[i] = verify_block(layer.linear_attn, layer.input_layernorm(h), c)
+                h = h + r
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             else:
-                h = layer(h, mask=fa_mask, cache=c)
-        post = self.body.norm(h)
-        return self.lm_head(post), h, post
+                h = layer(h, mask=None if layer.is_linear else fa_mask, cache=c)
+        return h, self.body.norm(h)
+
+    def forward_all(
+        self, tokens: mx.array, cache: list[Any], record: VerifyRecord | None = None
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """(logits at every position, hidden before the final norm, hidden after it)."""
+        pre, post = self.hidden(tokens, cache, record)
+        return self.lm_head(post), pre, post
+
+    def forward(
+        self, tokens: mx.array, cache: list[Any], hidden_source: str = "post_norm", record: VerifyRecord | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """Logits at every position and the hidden state the MTP head reads."""
+        logits, pre, post = self.forward_all(tokens, cache, record)
+        return logits, (post if hidden_source == "post_norm" else pre)

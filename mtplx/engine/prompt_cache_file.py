@@ -1,0 +1,133 @@
+"""Prompt caches on disk: one safetensors file, loaded only into the model that wrote it.
+
+mlx-lm's ``save_prompt_cache`` stores a list of per-layer caches; an mtplx cache also holds the
+MTP head's KV cache, the head backlog and the Gated-DeltaNet snapshots, so the file has its own
+documented layout (format version 1):
+
+- arrays: ``trunk.{i}.keys`` / ``trunk.{i}.values`` (attention KV rows up to the offset),
+  ``trunk.{i}.conv`` / ``trunk.{i}.state`` (Gated-DeltaNet), ``head.{i}.keys`` /
+  ``head.{i}.values``, ``backlog``, and per snapshot ``snap.{pos}.{i}.conv`` /
+  ``snap.{pos}.{i}.state`` / ``snap.{pos}.backlog``;
+- metadata: ``format`` = mtplx-prompt-cache, ``format_version``, ``mtplx_version``, ``model``
+  (the model identity hash of mtplx.engine.prompt_cache.model_identity), and ``layout``: JSON
+  with the cached tokens, the backlog tokens and each snapshot's head offset and backlog tokens.
+
+A file that is damaged, written for another model (or head setting) or by another mtplx version
+is refused with an :class:`MtplxError`; callers start cold then (never a wrong answer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from mtplx._version import __version__
+from mtplx.engine.prompt_cache import PromptCache, Snapshot, model_identity
+from mtplx.errors import MtplxError
+from mtplx.model.gated_delta_cache import GatedDeltaCache
+from mtplx.model.mtp_model import MTPModel
+
+FORMAT = "mtplx-prompt-cache"
+FORMAT_VERSION = "1"
+_REBUILD = "delete it: the next run starts cold and writes a new one"
+
+
+def _kv_arrays(prefix: str, c: KVCache, out: dict[str, mx.array]) -> None:
+    if c.keys is not None and c.offset:
+        out[f"{prefix}.keys"] = c.keys[..., : c.offset, :]
+        out[f"{prefix}.values"] = c.values[..., : c.offset, :]
+
+
+def save_prompt_cache(path: str | Path, prompt_cache: PromptCache) -> Path:
+    """Write ``prompt_cache`` to ``path`` (atomically: a crash leaves the old file or none)."""
+    path = Path(path)
+    c = prompt_cache.cache
+    arrays: dict[str, mx.array] = {}
+    for i, layer in enumerate(c.trunk):
+        if isinstance(layer, GatedDeltaCache):
+            layer.materialize()
+            if layer[0] is not None:
+                arrays[f"trunk.{i}.conv"], arrays[f"trunk.{i}.state"] = layer[0], layer[1]
+        else:
+            _kv_arrays(f"trunk.{i}", layer, arrays)
+    for i, layer in enumerate(c.head):
+        _kv_arrays(f"head.{i}", layer, arrays)
+    if c.backlog is not None:
+        arrays["backlog"] = c.backlog
+    snapshots = {}
+    for pos, snap in prompt_cache.snapshots.items():
+        for i, (conv, state) in snap.gated_delta.items():
+            arrays[f"snap.{pos}.{i}.conv"], arrays[f"snap.{pos}.{i}.state"] = conv, state
+        if snap.backlog is not None:
+            arrays[f"snap.{pos}.backlog"] = snap.backlog
+        snapshots[str(pos)] = {"head_offset": snap.head_offset, "backlog_tokens": snap.backlog_tokens}
+    layout = {"tokens": prompt_cache.tokens, "backlog_tokens": c.backlog_tokens, "snapshots": snapshots}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "mtplx_version": __version__,
+                "model": prompt_cache.identity, "layout": json.dumps(layout)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    if not path.is_file():
+        raise MtplxError("no prompt cache file here", path=path, fix="run once without it to create it")
+    try:
+        return mx.load(str(path), return_metadata=True)
+    except Exception as e:  # noqa: BLE001 - MLX raises several types for a damaged file
+        raise MtplxError(f"the prompt cache file cannot be read ({e})", path=path, fix=_REBUILD) from None
+
+
+def load_prompt_cache(path: str | Path, model: MTPModel) -> PromptCache:
+    """The prompt cache saved at ``path``, for ``model``; refuses a file that does not belong."""
+    path = Path(path)
+    arrays, meta = _read(path)
+    if meta.get("format") != FORMAT:
+        raise MtplxError("not an mtplx prompt cache file", path=path, fix=_REBUILD)
+    if meta.get("format_version") != FORMAT_VERSION or meta.get("mtplx_version") != __version__:
+        raise MtplxError(f"the prompt cache was written by mtplx {meta.get('mtplx_version')} (format "
+                         f"{meta.get('format_version')}), this is mtplx {__version__}", path=path, fix=_REBUILD)
+    if meta.get("model") != model_identity(model):
+        raise MtplxError("the prompt cache was written for another model (its hash does not match this one's)",
+                         path=path, fix=_REBUILD)
+    try:
+        return _rebuild(arrays, json.loads(meta["layout"]), model)
+    except (KeyError, ValueError, TypeError) as e:
+        raise MtplxError(f"the prompt cache file is damaged ({type(e).__name__}: {e})", path=path, fix=_REBUILD) from None
+
+
+def _kv(arrays: dict[str, mx.array], prefix: str) -> KVCache:
+    c = KVCache()
+    if f"{prefix}.keys" in arrays:
+        c.keys, c.values = arrays[f"{prefix}.keys"], arrays[f"{prefix}.values"]
+        c.offset = c.keys.shape[2]
+    return c
+
+
+def _rebuild(arrays: dict[str, mx.array], layout: dict, model: MTPModel) -> PromptCache:
+    out = PromptCache(model)
+    c = out.cache
+    for i, layer in enumerate(c.trunk):
+        if isinstance(layer, GatedDeltaCache):
+            if f"trunk.{i}.state" in arrays:
+                layer.cache = [arrays[f"trunk.{i}.conv"], arrays[f"trunk.{i}.state"]]
+        else:
+            c.trunk[i] = _kv(arrays, f"trunk.{i}")
+    c.head = [_kv(arrays, f"head.{i}") for i in range(len(c.head))]
+    c.backlog, c.backlog_tokens = arrays.get("backlog"), [int(t) for t in layout["backlog_tokens"]]
+    out.tokens = [int(t) for t in layout["tokens"]]
+    for pos, info in layout["snapshots"].items():
+        gated = {i: [arrays[f"snap.{pos}.{i}.conv"], arrays[f"snap.{pos}.{i}.state"]]
+                 for i, layer in enumerate(c.trunk) if isinstance(layer, GatedDeltaCache)}
+        out.snapshots[int(pos)] = Snapshot(gated_delta=gated, head_offset=int(info["head_offset"]),
+                                           backlog=arrays.get(f"snap.{pos}.backlog"),
+                                           backlog_tokens=[int(t) for t in info["backlog_tokens"]])
+    if out.tokens and not out.consistent():
+        raise ValueError("its caches do not hold the number of tokens it records")
+    return out

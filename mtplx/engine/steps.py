@@ -1,0 +1,88 @@
+"""The engine's step primitives: prefill, verify, draft, commit, AR step.
+
+The decode loop (speculative.py) is built from these, and so are `mtplx bench`'s component
+timings, so a benchmark times exactly the code a generation runs. Everything here is lazy:
+callers evaluate what they need.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import mlx.core as mx
+
+from mtplx.engine.cache import commit
+from mtplx.model.mtp_model import ModelCache, MTPModel
+from mtplx.model.trunk import VerifyRecord
+
+# Prompt tokens per trunk pass: bounds the activations of a long prefill.
+PREFILL_CHUNK = 2048
+
+__all__ = ["PREFILL_CHUNK", "ar_step", "commit", "draft", "prefill", "verify"]
+
+
+def _chunks(n: int, stops: Iterable[int]) -> list[tuple[int, int]]:
+    """[start, end) pieces of range(n) no longer than PREFILL_CHUNK, also cut at ``stops``."""
+    cuts = sorted({s for s in stops if 0 < s < n} | set(range(PREFILL_CHUNK, n, PREFILL_CHUNK)) | {n})
+    return list(zip([0] + cuts[:-1], cuts))
+
+
+def prefill(
+    model: MTPModel,
+    tokens: list[int],
+    cache: ModelCache,
+    *,
+    head: bool = True,
+    stops: Iterable[int] = (),
+    at_stop: Callable[[int], None] | None = None,
+) -> tuple[mx.array, mx.array]:
+    """Feed ``tokens`` to the trunk (and, with ``head``, the head's KV cache) after whatever the
+    cache already holds; returns (logits at the last token [1, V], head-input hidden of the
+    last token [1, 1, H]).
+
+    Only the last position is projected onto the vocabulary, and the head only fills its KV
+    cache over the rows (no MLP, no lm_head): nothing else of a prompt is ever read. Head rows
+    pair the hidden at position i with token i+1, so each chunk's last hidden waits in
+    ``cache.backlog`` for the token after it (the next chunk's first, or the sampled one).
+    ``at_stop(k)`` runs, with the caches evaluated, after the first ``k`` tokens for every k in
+    ``stops`` (prompt-cache snapshots)."""
+    if not tokens:
+        raise ValueError("prefill needs at least one token")
+    stops = set(stops)
+    ids = mx.array(tokens)[None]
+    post = None
+    for start, end in _chunks(len(tokens), stops):
+        hidden, post = model.trunk_hidden(ids[:, start:end], cache)
+        if head:
+            if cache.backlog is None:  # nothing consumed yet: the first row is this chunk's first
+                rows, successors = hidden, tokens[start + 1 : end]
+            else:
+                rows = mx.concatenate([cache.backlog, hidden], axis=1)
+                successors = cache.backlog_tokens + tokens[start:end]
+            if successors:
+                model.fill_head(rows[:, :-1], mx.array(successors)[None], cache)
+            cache.backlog, cache.backlog_tokens = rows[:, -1:], []
+        mx.eval(cache.arrays(), post[:, -1:], cache.backlog if head else [])
+        if end in stops and at_stop is not None:
+            at_stop(end)
+    logits = model.trunk.lm_head(post[:, -1:])[:, -1]
+    return logits, (cache.backlog if head else hidden[:, -1:])
+
+
+def verify(model: MTPModel, cache: ModelCache, block: mx.array) -> tuple[mx.array, mx.array, VerifyRecord]:
+    """One trunk pass over ``block [1, T]`` (the pending token and the drafts): logits and
+    head-input hiddens at every position, and the record a :func:`commit` rolls back with."""
+    record = VerifyRecord()
+    logits, hidden = model.trunk_forward(block, cache, record)
+    return logits, hidden, record
+
+
+def draft(model: MTPModel, cache: ModelCache, hidden: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
+    """One draft step: head rows (hidden [1, r, H], tokens [1, r]) -> logits of the last row over
+    the draft vocabulary [1, 1, K] and the hidden the next step chains from [1, 1, H]."""
+    return model.draft(hidden, tokens, cache, last_only=True)
+
+
+def ar_step(model: MTPModel, cache: ModelCache, token: mx.array) -> mx.array:
+    """One plain autoregressive step on ``token [1]`` (mlx-lm's own forward): logits [1, V]."""
+    return model.trunk.logits(token[None], cache.trunk)[:, -1]

@@ -1,0 +1,190 @@
+"""Prompt caches: a cache hit changes nothing about the output, and the caches after a cached
+turn equal those of a cold prefill of the same tokens.
+
+- greedy: with the cache, every turn's output equals the cache-less output, at depths 0-3 and
+  with the depth changing between turns (an AR turn, then MTP turns, on the same cache);
+- law: on a cache hit, the law of the first three tokens equals the exact AR law (chi-square,
+  same power as tests/test_engine_law.py), at depth 0 and depth 2;
+- caches: after each cached turn they equal an AR pass over the tokens the cache records;
+- divergence: an edited last message reuses the snapshot before it, a regenerated reply the one
+  before the prompt's last token, and a chat template that re-renders the previous reply
+  (Qwen's drops the <think> block) reuses everything before that reply;
+- files: a saved cache continues exactly like the live one; a truncated file, one from another
+  model and one from another mtplx version are refused with one clear error.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+import mtplx
+from cache_compare import compare
+from mtplx.engine.prompt_cache import PromptCache
+from mtplx.engine.sampling import SamplingParams
+from mtplx.engine.speculative import Engine
+from mtplx.errors import MtplxError
+from test_engine_law import ALPHA, DRAFT, PARAMS, VOCAB, exact_ar_law, gof_pvalue
+from tiny_models import tiny_model
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(vocab=32, embed_scale=0.12, seed=1)
+
+
+def run(model, prompt, depth, n, cache=None, params=GREEDY, seed=0):
+    engine = Engine(model, depth, params, seed=seed)
+    tokens = [t for step in engine.generate(prompt, n, prompt_cache=cache) for t in step.tokens]
+    return tokens, engine
+
+
+def test_cached_turns_equal_cold_and_the_caches_match(model):
+    cache = mtplx.make_prompt_cache(model)
+    history = [3, 1, 4, 1, 5, 9, 2, 6]
+    for turn, depth in enumerate([0, 2, 3, 1, 2]):
+        cold, _ = run(model, history, depth, 12)
+        hot, engine = run(model, history, depth, 12, cache)
+        assert hot == cold, f"turn {turn} (depth {depth}) differs with the cache"
+        if turn:
+            assert engine.stats.cached_tokens >= len(history) - 8, "the cache served too little"
+        assert cache.tokens == (history + hot)[: cache.cache.offset]
+        compare(model, cache.cache, cache.tokens)
+        history = history + hot + [7, 7, turn % 5]
+
+
+def test_cache_reuse_counts_and_divergence(model):
+    """Extension reuses everything cached; an edit inside the last message falls back to the
+    snapshot before it; a regenerate reuses all but the prompt's last token."""
+    cache = PromptCache(model, snapshot_interval=8)
+    first = list(range(1, 21))  # snapshots at 8, 16 and 19
+    out, _ = run(model, first, 2, 6, cache)
+    assert sorted(cache.snapshots) == [8, 16, 19]
+    assert cache.reusable(first + out + [5]) == len(cache.tokens)
+    edited = first[:12] + [30] + first[13:]
+    assert cache.reusable(edited) == 8
+    assert cache.reusable(first) == 19
+    again, engine = run(model, first, 2, 6, cache)
+    assert again == out and engine.stats.cached_tokens == 19
+    cold, _ = run(model, edited, 2, 6)
+    hot, engine = run(model, edited, 2, 6, cache)
+    assert hot == cold and engine.stats.cached_tokens == 8
+    compare(model, cache.cache, cache.tokens)
+    assert all(s <= 8 or s >= 12 for s in cache.snapshots)
+
+
+def test_snapshots_are_bounded(model):
+    cache = PromptCache(model, snapshot_interval=2, max_snapshots=3)
+    run(model, list(range(1, 20)), 1, 2, cache)
+    assert len(cache.snapshots) == 3
+
+
+def test_interrupted_update_starts_cold(model):
+    """A cache advanced without its tokens recorded (a generation killed mid-step) is not
+    trusted: the next call starts cold and still answers right."""
+    cache = mtplx.make_prompt_cache(model)
+    prompt = [2, 7, 1, 8, 2, 8]
+    run(model, prompt, 2, 5, cache)
+    from mtplx.engine import steps
+
+    steps.verify(model, cache.cache, mx.array([[1, 2, 3]]))  # advanced, never committed
+    assert not cache.consistent()
+    follow = cache.tokens + [4, 4]
+    hot, engine = run(model, follow, 2, 8, cache)
+    assert engine.stats.cached_tokens == 0 and hot == run(model, follow, 2, 8)[0]
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_law_on_a_cache_hit(depth):
+    """The law of the first three tokens after a cached prefix equals the exact AR law."""
+    law_model = tiny_model(vocab=VOCAB, embed_scale=0.12)
+    prefix, prompt = [1, 4], [1, 4, 2]
+    base = mtplx.make_prompt_cache(law_model)
+    run(law_model, prefix, 2, 1, base)  # MTP leaves its first token pending: holds the prefix alone
+    law = exact_ar_law(law_model, prompt, 3)
+    samples, served = [], set()
+    for i in range(1500):
+        cache = base.copy_prefix(base.reusable(prompt))
+        tokens, engine = run(law_model, prompt, depth, 3, cache, params=PARAMS, seed=depth * 7919 + i)
+        served.add(engine.stats.cached_tokens)
+        samples.append(tuple(tokens))
+    assert served == {2}, "the cache was not hit"
+    assert gof_pvalue(samples, law) > ALPHA
+
+
+def test_chat_turns_reuse_the_history(demo):
+    """Through the API with chat messages: the template drops the <think> block of the previous
+    reply, and the cache still reuses everything before that reply."""
+    model, tok = demo
+    cache = mtplx.make_prompt_cache(model)
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    for turn in range(2):
+        kw = dict(max_tokens=10, temperature=0.0, depth=2, enable_thinking=False)
+        hot = list(mtplx.stream_generate(model, tok, messages, prompt_cache=cache, **kw))
+        cold = "".join(r.text for r in mtplx.stream_generate(model, tok, messages, **kw))
+        assert "".join(r.text for r in hot) == cold
+        if turn:
+            first_prompt = hot[-1].prompt_tokens
+            assert hot[-1].cached_tokens >= 14, hot[-1].cached_tokens  # the whole first user turn
+        messages += [{"role": "assistant", "content": cold}, {"role": "user", "content": "class Stack:"}]
+    assert first_prompt > hot[-1].cached_tokens
+
+
+def test_saved_cache_continues_like_the_live_one(model, tmp_path):
+    cache = mtplx.make_prompt_cache(model)
+    prompt = [5, 3, 5, 8, 9, 7, 9, 3]
+    out, _ = run(model, prompt, 2, 6, cache)
+    path = mtplx.save_prompt_cache(tmp_path / "chat.safetensors", cache)
+    loaded = mtplx.load_prompt_cache(path, model)
+    assert loaded.tokens == cache.tokens and sorted(loaded.snapshots) == sorted(cache.snapshots)
+    follow = prompt + out + [2, 3]
+    live, e1 = run(model, follow, 3, 8, cache)
+    again, e2 = run(model, follow, 3, 8, loaded)
+    assert live == again and e1.stats.cached_tokens == e2.stats.cached_tokens > 0
+
+
+def test_bad_cache_files_are_refused(model, tmp_path):
+    cache = mtplx.make_prompt_cache(model)
+    run(model, [1, 2, 3, 4], 1, 3, cache)
+    path = mtplx.save_prompt_cache(tmp_path / "c.safetensors", cache)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(MtplxError, match="cannot be read|damaged"):
+        mtplx.load_prompt_cache(truncated, model)
+    with pytest.raises(MtplxError, match="another model"):
+        mtplx.load_prompt_cache(path, tiny_model(vocab=16, seed=3))
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    mx.save_safetensors(str(tmp_path / "old.safetensors"), arrays, metadata={**meta, "mtplx_version": "0.0.1"})
+    with pytest.raises(MtplxError, match="written by mtplx 0.0.1"):
+        mtplx.load_prompt_cache(tmp_path / "old.safetensors", model)
+    with pytest.raises(MtplxError, match="another model"):
+        run(tiny_model(vocab=16, seed=3), [1, 2], 0, 1, cache)
+
+
+def test_lru_shares_prefixes_and_stays_in_its_bound(model):
+    from mtplx.engine.prompt_cache import PromptCacheLRU
+
+    lru = PromptCacheLRU(model, max_bytes=1 << 30)
+    system = [9, 8, 7, 6, 5, 4, 3, 2]
+    a = lru.checkout(system + [1])
+    run(model, system + [1], 2, 4, a)
+    assert lru.misses == 1
+    lru.checkin(a)
+    b = lru.checkout(system + [2])  # diverges inside a's tokens: a copy of the shared prefix
+    assert b is not a and len(lru) == 1 and b.reusable(system + [2]) == len(system)
+    taken = lru.checkout(a.tokens + [3])  # extends a: a itself, taken out of the LRU
+    assert taken is a and len(lru) == 0
+    again = lru.checkout(a.tokens + [3])  # a is checked out: never handed to two requests
+    assert again is not a and not again.tokens
+    out, engine = run(model, system + [2], 1, 4, b)
+    assert engine.stats.cached_tokens == len(system) and out == run(model, system + [2], 1, 4)[0]
+    lru.checkin(b)
+    lru.checkin(a)
+    assert len(lru) == 2 and lru.hits == 2
+
+    tiny = PromptCacheLRU(model, max_bytes=a.nbytes + b.nbytes - 1)
+    tiny.checkin(a)
+    tiny.checkin(b)
+    assert len(tiny) == 1 and tiny.evictions == 1 and tiny.nbytes <= tiny.max_bytes
