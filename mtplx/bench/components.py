@@ -24,7 +24,6 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import ArraysCache, KVCache
 
 from mtplx.bench import entry_points as steps
 from mtplx.bench.shapes import FULL, LINEAR
@@ -125,7 +124,7 @@ def measure(model: MTPModel, prompt: list[int], max_depth: int, repeats: int = 3
 
         def run_verify(fork) -> None:
             logits, hidden, record = steps.verify(model, fork, block)
-            mx.eval(logits, hidden, record.arrays(), steps.cache_arrays(fork))
+            mx.eval(logits, hidden, steps.record_arrays(record), steps.cache_arrays(fork))
             logits_at[t] = logits
 
         verify_ms[str(t)] = median_ms(run_verify, repeats, lambda: steps.fork(base))
@@ -169,7 +168,7 @@ def measure(model: MTPModel, prompt: list[int], max_depth: int, repeats: int = 3
     def verified():
         fork = steps.fork(base)
         logits, hidden, record = steps.verify(model, fork, block)
-        mx.eval(logits, hidden, record.arrays(), steps.cache_arrays(fork))
+        mx.eval(logits, hidden, steps.record_arrays(record), steps.cache_arrays(fork))
         return fork, record
 
     def run_commit(accepted: int) -> Callable[[tuple], None]:
@@ -230,10 +229,8 @@ def _per_layer_ms(model: MTPModel, base, prompt_len: int, max_depth: int, repeat
             x = (mx.random.normal((1, t, hidden)) * 0.1).astype(mx.bfloat16)
             mx.eval(x)
 
-            def setup(label=label, i=i, kind=kind):
-                if label != PREFILL:
-                    return steps.fork(base).trunk[i]
-                return ArraysCache(2) if kind == LINEAR else KVCache()
+            def setup(label=label, i=i):
+                return steps.fork(base).trunk[i] if label != PREFILL else model.make_cache().trunk[i]
 
             def run(cache, x=x, kind=kind) -> None:
                 mask = create_attention_mask(x, cache) if kind == FULL else None
