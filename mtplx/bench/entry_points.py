@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mtplx.engine import steps
-from mtplx.model.gated_delta_cache import FUSED_PENDING_CAP
+from mtplx.model.gated_delta_cache import FUSED_PENDING_CAP, pending_cap
 from mtplx.model.mtp_model import ModelCache, MTPModel
 from mtplx.model.trunk import VerifyRecord
 
@@ -56,3 +56,8 @@ def cache_arrays(cache: ModelCache) -> list[mx.array]:
 def record_arrays(record: VerifyRecord) -> list[mx.array]:
     """What a verify pass keeps for its rollback, to evaluate with it."""
     return [a for r in record.layers.values() for a in (r.before, *r.inputs, r.conv_input)]
+
+
+def backend_pending_cap(key_head_dim: int) -> int:
+    """The pending cap the engine uses on this machine's backend."""
+    return pending_cap(key_head_dim)

@@ -183,6 +183,7 @@ class ShapeReport:
             lines.append(f"depth {d}: {tokens_per_step(self.acceptance, int(d)):.2f} tokens/step; bound {proj[d]:.2f}x on this "
                          f"machine, {proj_mb[d]:.2f}x memory-bound ({mb['projection_old_rollback'][d]:.2f}x with per-position "
                          f"state capture)")
+        lines += [f"note: {n}" for n in self.notes]
         lines.append(f"rollback at T=3: {cm['rollback_bytes'] / 1e6:.2f} MB of state traffic (per-position capture: "
                      f"{cm['rollback_bytes_old'] / 1e6:.1f} MB); prefill MTP/AR {cm['prefill_ratio']:.3f}; "
                      f"trunk weights {self.weight_bytes() / 1e9:.2f} GB")
@@ -301,6 +302,14 @@ def run_shape_bench(shape_ref: str, *, trunk_bits: int = 4, layers: int | None =
                          acceptance_source=source, max_depth=max_depth, bandwidth_gbs=bandwidth_gbs,
                          pending_cap=entry_points.PENDING_CAP, repeats=repeats, device=device_name(),
                          timings=timings, weights=weights, measured_config=mods.text_config, saved=saved)
+    if kind_counts(mods.text_config)[LINEAR] * kind_counts(tc)[FULL] != kind_counts(mods.text_config)[FULL] * kind_counts(tc)[LINEAR]:
+        report.notes.append("the measured layers do not have the full model's mix of layer kinds: their time was "
+                            "apportioned between the kinds by one layer of each, timed alone (a multiple of the "
+                            "full-attention interval avoids this)")
+    cap_here = entry_points.backend_pending_cap(int(tc["linear_key_head_dim"]))
+    if cap_here != entry_points.PENDING_CAP:
+        report.notes.append(f"on this backend the engine applies an accepted prefix at commit (pending cap {cap_here}); "
+                            f"the bytes model describes a fused recurrence kernel (cap {entry_points.PENDING_CAP})")
     if save and max_depth >= 2:
         del model, mods
         report.end_to_end = end_to_end(str(save), prompt, timings, e2e_tokens, params, say)
