@@ -53,6 +53,7 @@ REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "full_attention_interval", 
 MOE_KEYS = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
 # The artifact a saved shape model is meant for is small; a larger one is refused before it is built.
 SAVE_LIMIT_BYTES = 4 * 2**30
+SAVE_PROBE_TEXT = "def add(a, b):\n    return a + b\n\nThe cache keeps the most recent entries."
 
 
 @dataclass
@@ -347,5 +348,7 @@ def save_artifact(mods: RandomModules, out: str | Path, trunk_bits: int, overwri
             if (demo_path() / f).is_file():
                 shutil.copy2(demo_path() / f, source / f)
         layers = mods.text_config["num_hidden_layers"]
-        return graft(source, out, trunk_bits=trunk_bits, overwrite=overwrite,
+        # Random weights make graft's acceptance probe meaningless, and at real widths on the CPU
+        # its full-vocabulary passes over the default probe take most of a save: a few words do.
+        return graft(source, out, trunk_bits=trunk_bits, overwrite=overwrite, probe_text=SAVE_PROBE_TEXT,
                      name=f"random {mods.shape.name} ({layers} layers, {trunk_bits}-bit trunk)")
