@@ -197,3 +197,19 @@ def test_save_round_trip_loads_the_same_model(tmp_path):
     ar = [t for e in Engine(loaded, 0, greedy).generate([1, 2, 3], 12) for t in e.tokens]
     mtp = [t for e in Engine(loaded, 2, greedy).generate([1, 2, 3], 12) for t in e.tokens]
     assert ar == mtp
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--shape", "qwen9-nope"], "neither a catalog model"),
+    (["--model", "demo", "--shape", "qwen3.5-4b"], "either --model or --shape"),
+    (["--shape", "qwen3.5-4b", "--acceptance", "0.5,0.9"], "acceptance"),
+    (["--shape", "qwen3.5-4b", "--layers", "1"], "--layers"),
+    (["--shape", "qwen3.5-4b", "--acceptance", "0.8", "--max-depth", "2"], "--max-depth 2"),
+])
+def test_bad_shape_options_are_one_clear_error(args, needle):
+    from click.testing import CliRunner
+
+    from mtplx.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["bench", *args])
+    assert result.exit_code != 0 and needle in result.output and "Traceback" not in result.output
