@@ -209,3 +209,38 @@ def test_conversation_appends_each_turn_to_what_the_model_saw(demo):
         "<|im_end|>\n<|im_start|>user\nclass Stack:<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
     conv.drop_turn()
     assert conv.ids == first + reply
+
+
+def test_bench_chat_turns_reports_both_columns(tmp_path):
+    """`mtplx bench --chat-turns`: each turn after the first is served mostly from the cache, and
+    the cold column times the same prompt."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mtplx.cli.app import cli
+
+    out = tmp_path / "turns.json"
+    result = CliRunner().invoke(cli, ["bench", "--model", "demo", "--chat-turns", "3", "--depths", "0,2",
+                                      "--max-tokens", "4", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "with the prompt cache" in result.output and "TTFT cold" in result.output
+    turns = json.loads(out.read_text())["chat_turns"]["turns"]
+    assert [t["turn"] for t in turns] == [1, 2, 3]
+    assert turns[0]["cached_tokens"] == 0
+    for before, t in zip(turns, turns[1:]):
+        assert t["prompt_tokens"] > before["prompt_tokens"]
+        assert before["prompt_tokens"] <= t["cached_tokens"] < t["prompt_tokens"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--shape", "qwen3.5-4b", "--chat-turns", "2"], "--chat-turns or --shape"),
+    (["--chat-turns", "0"], "--chat-turns"),
+])
+def test_bench_chat_turns_bad_options(args, needle):
+    from click.testing import CliRunner
+
+    from mtplx.cli.app import cli
+
+    result = CliRunner().invoke(cli, ["bench", *args])
+    assert result.exit_code != 0 and needle in result.output and "Traceback" not in result.output

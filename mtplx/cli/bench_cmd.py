@@ -34,6 +34,70 @@ def _gain(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return value
 
 
+def _shape_options(f):
+    """`mtplx bench --shape NAME`: a catalog model's real shape with random weights."""
+    for opt in reversed([
+        click.option("--shape", default=None, metavar="NAME|FILE",
+                     help="Measure a catalog model's real shape (e.g. qwen3.5-4b) with random weights instead of --model."),
+        click.option("--trunk-bits", type=click.Choice(["4", "8", "16"]), default="4", show_default=True,
+                     help="--shape: trunk stored as a 4/8-bit affine g64 artifact, or bf16 (16)."),
+        click.option("--layers", type=int, default=None,
+                     help="--shape: measure N layers (both kinds) and compose to the full depth."),
+        click.option("--prompt-tokens", type=int, default=512, show_default=True, help="--shape: prefill and context length."),
+        click.option("--acceptance", default=None, metavar="A1,A2,..",
+                     help="--shape: P(draft k accepted) per position; default: the demo head's measured acceptance."),
+        click.option("--max-depth", type=int, default=None, help="--shape: deepest depth projected (default: one per --acceptance value)."),
+        click.option("--draft-vocab", type=int, default=None,
+                     help="--shape: draft vocabulary K measured (default 32768 where the vocabulary is larger; 0 = full)."),
+        click.option("--bandwidth-gbs", type=float, default=400.0, show_default=True,
+                     help="--shape: memory bandwidth of the memory-bound projection."),
+        click.option("--repeats", type=int, default=3, show_default=True, help="--shape: timed calls per component (median)."),
+        click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False),
+                     help="--shape: also write the random model as an artifact in DIR and run it end to end."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs, repeats,
+               save_dir, seed, json_out) -> None:
+    from mtplx.bench.shape_bench import parse_acceptance, run_shape_bench
+
+    if repeats < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--repeats")
+    if bandwidth_gbs <= 0:
+        raise click.BadParameter("must be positive", param_hint="--bandwidth-gbs")
+    if max_depth is not None and not 1 <= max_depth <= knobs.MAX_DEPTH:
+        raise click.BadParameter(f"must lie in 1..{knobs.MAX_DEPTH}", param_hint="--max-depth")
+    report = run_shape_bench(shape, trunk_bits=int(trunk_bits), layers=layers, prompt_tokens=prompt_tokens,
+                             acceptance=parse_acceptance(acceptance) if acceptance else None, max_depth=max_depth,
+                             draft_vocab=draft_vocab, bandwidth_gbs=bandwidth_gbs, repeats=repeats, seed=seed,
+                             save=save_dir, progress=lambda s: click.echo(s, err=True))
+    data = report.as_dict()
+    click.echo(f"mtplx bench --shape {report.shape.name}: {data['trunk_bits']}-bit trunk, random weights, "
+               f"{data['layers_measured']} of {data['layers_full']} layers measured on {report.device}")
+    click.echo(report.table())
+    if report.end_to_end:
+        e = report.end_to_end
+        click.echo(f"end to end at depth 2 ({e['artifact']}): {e['step_ms']:.1f} ms per step against "
+                   f"{e['components_ms']:.1f} ms from the components ({e['ratio']:.3f}x, "
+                   f"{'within' if e['within_10_percent'] else 'NOT within'} 10%)")
+    write_json(data, json_out)
+
+
+def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) -> None:
+    from mtplx.bench.chat_turns import run_chat_turns
+
+    model, tokenizer = load_model(model_ref, mtp=depth > 0, force=force, distributed=None)
+    report = run_chat_turns(model, tokenizer, turns, depth=depth, max_tokens=max_tokens, seed=seed,
+                            progress=lambda s: click.echo(s, err=True))
+    click.echo(f"mtplx bench --chat-turns {turns}: {model_ref}, depth {depth}, greedy, {max_tokens}-token replies; "
+               f"time to first token with the prompt cache against a cold prefill of the same prompt")
+    click.echo(report.table())
+    click.echo(report.verdict())
+    write_json({"model": model_ref, "chat_turns": report.as_dict()}, json_out)
+
+
 @click.command("bench")
 @model_option
 @click.option("--depths", default="0,1,2,3", show_default=True, help="Depths to compare; 0 is AR.")
@@ -48,15 +112,42 @@ def _gain(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option("--draft-temperature", type=float, default=None, callback=knob("draft_temperature"))
 @click.option("--seed", type=int, default=0, show_default=True, callback=knob("seed"))
 @click.option("--no-reference", is_flag=True, help="Skip timing mlx_lm.generate on the same trunk.")
+@_shape_options
 @force_option
 @json_option
 @distributed_options
-def bench(model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
-          no_reference, force, json_out, distributed):
+@click.option("--chat-turns", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Replay an N-turn chat: time to first token and cached tokens per turn, with and without "
+                   "the prompt cache (depth: the largest of --depths).")
+@click.pass_context
+def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
+          no_reference, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
+          repeats, save_dir, force, json_out, distributed, chat_turns):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
+
+    With --shape, measure a real model shape instead: random weights at the catalog model's text
+    config, every component of a step timed through the engine, composed to the full depth, and
+    the speedup projected per depth for this machine and for a memory-bound device.
+
+    With --chat-turns N, replay an N-turn conversation and compare time to first token per turn
+    with and without the prompt cache.
 
     With --distributed (under mlx.launch), each rank holds part of the trunk; the report adds
     each rank's memory and splits the time per step into each rank's compute and communication."""
+    given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE  # noqa: E731
+    if shape is not None:
+        for name, flag in (("model_ref", "--model"), ("chat_turns", "--chat-turns"), ("distributed", "--distributed")):
+            if given(name):
+                raise click.UsageError(f"pass either {flag} or --shape, not both")
+        _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
+                   repeats, save_dir, seed, json_out)
+        return
+    if chat_turns is not None:
+        if distributed is not None:
+            raise click.UsageError("--chat-turns measures the prompt cache, which --distributed turns off")
+        _run_chat_turns(model_ref, chat_turns, max(_depths(depths)), max_tokens if given("max_tokens") else 48,
+                        seed, force, json_out)
+        return
     from mtplx.bench.prompts import DEFAULT_PROMPTS, read_prompts
     from mtplx.bench.runner import run_bench
     from mtplx.engine.sampling import SamplingParams
