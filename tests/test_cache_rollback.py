@@ -12,7 +12,6 @@ time, so they agree to rounding (cache_compare.ATOL), not bit for bit.
 
 from __future__ import annotations
 
-import mlx.core as mx
 import pytest
 
 from cache_compare import compare

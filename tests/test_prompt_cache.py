@@ -24,7 +24,7 @@ from mtplx.engine.prompt_cache import PromptCache
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.errors import MtplxError
-from test_engine_law import ALPHA, DRAFT, PARAMS, VOCAB, exact_ar_law, gof_pvalue
+from test_engine_law import ALPHA, PARAMS, VOCAB, exact_ar_law, gof_pvalue
 from tiny_models import tiny_model
 
 GREEDY = SamplingParams(temperature=0.0)
