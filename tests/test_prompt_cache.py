@@ -221,12 +221,12 @@ def test_bench_chat_turns_reports_both_columns(tmp_path):
     from mtplx.cli.app import cli
 
     out = tmp_path / "turns.json"
-    result = CliRunner().invoke(cli, ["bench", "--model", "demo", "--chat-turns", "3", "--depths", "0,2",
+    result = CliRunner().invoke(cli, ["bench", "--model", "demo", "--chat-turns", "2", "--depths", "0,2",
                                       "--max-tokens", "4", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "with the prompt cache" in result.output and "TTFT cold" in result.output
     turns = json.loads(out.read_text())["chat_turns"]["turns"]
-    assert [t["turn"] for t in turns] == [1, 2, 3]
+    assert [t["turn"] for t in turns] == [1, 2]
     assert turns[0]["cached_tokens"] == 0
     for before, t in zip(turns, turns[1:]):
         assert t["prompt_tokens"] > before["prompt_tokens"]
