@@ -27,8 +27,9 @@ class CostModel:
     ar_step_ms: float
     verify_ms: dict[int, float]
     draft_ms: float
-    # A plain trunk pass over T tokens (no state capture): what a checkpoint + replay rollback
-    # would pay again on every rejected step, and the baseline of the capture's overhead.
+    # A plain trunk pass over T tokens (nothing kept for a rollback): what a checkpoint + replay
+    # rollback would pay again on every rejected step, and the baseline of the verify pass's
+    # rollback bookkeeping.
     plain_ms: dict[int, float] = field(default_factory=dict)
 
     def verify_ratio(self, tokens: int) -> float:

@@ -86,7 +86,8 @@ class BenchReport:
                          f"one draft step: {self.cost.draft_ratio:.2f}x.")
             top = max(self.cost.verify_ms)
             if self.cost.plain_ms.get(top):
-                lines.append(f"Rollback by per-position state capture costs {self.cost.verify_ms[top] / self.cost.plain_ms[top] - 1:+.1%} "
+                lines.append(f"Rollback's bookkeeping (the verify pass keeps its block's recurrence inputs) costs "
+                             f"{self.cost.verify_ms[top] / self.cost.plain_ms[top] - 1:+.1%} "
                              f"on a {top}-token verify; a checkpoint + replay rollback would instead re-run up to "
                              f"{top - 1} tokens ({self.cost.plain_ms.get(top - 1, 0):.1f} ms) on every rejected step.")
             for d in sorted(self.results):
