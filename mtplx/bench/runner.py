@@ -82,10 +82,10 @@ class BenchReport:
         lines = []
         if self.cost is not None:
             ratios = ", ".join(f"T={t}: {self.cost.verify_ratio(t):.2f}x" for t in sorted(self.cost.verify_ms))
-            lines.append(f"Verify cost relative to one AR step ({self.cost.ar_step_ms:.1f} ms): {ratios}; "
-                         f"one draft step: {self.cost.draft_ratio:.2f}x.")
+            draft = f"; one draft step: {self.cost.draft_ratio:.2f}x" if self.cost.draft_ms else ""
+            lines.append(f"Verify cost relative to one AR step ({self.cost.ar_step_ms:.1f} ms): {ratios}{draft}.")
             top = max(self.cost.verify_ms)
-            if self.cost.plain_ms.get(top):
+            if top > 1 and self.cost.plain_ms.get(top):  # a 1-token verify has nothing to roll back
                 lines.append(f"Rollback's bookkeeping (the verify pass keeps its block's recurrence inputs) costs "
                              f"{self.cost.verify_ms[top] / self.cost.plain_ms[top] - 1:+.1%} "
                              f"on a {top}-token verify; a checkpoint + replay rollback would instead re-run up to "
