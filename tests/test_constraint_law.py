@@ -30,14 +30,12 @@ from mtplx.engine.constraints import Constraint
 from mtplx.engine.sampling import SamplingParams, filtered_probs
 from mtplx.engine.speculative import Engine
 from tiny_grammar import PIECES, grammar, grammar_tokenizer, reference_allowed, text
+from test_engine_law import ALPHA, DRAFT, PARAMS  # the same sampler settings and level as the unconstrained law
 from tiny_models import tiny_model
 
 PROMPT = [1, 2, 1]
 LENGTH = 3
 N = 600
-ALPHA = 1e-3
-PARAMS = SamplingParams(temperature=0.8, top_p=0.95, top_k=5)
-DRAFT = SamplingParams(temperature=1.2, top_p=1.0, top_k=0)  # q deliberately unlike p
 
 
 @pytest.fixture(scope="module")
