@@ -72,7 +72,7 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("field,value,named", REFUSALS, ids=[f"{r[0]}={r[1]!r}"[:40] for r in REFUSALS])
+@pytest.mark.parametrize("field,value,named", REFUSALS, ids=[(f"{r[0]} deleted" if r[1] is _DELETE else f"{r[0]}={r[1]!r}")[:40] for r in REFUSALS])
 def test_refusals_name_field_and_fix(valid, tmp_path, field, value, named):
     message = _refusal(_mutate(valid, field, value), tmp_path)
     assert f"'{named}'" in message
