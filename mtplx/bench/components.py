@@ -16,8 +16,6 @@ measurement on N layers to the full depth:
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,11 +23,12 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
-from mtplx.bench import entry_points as steps
+from mtplx.bench.cost_model import median_ms, pipelined_ar_ms
 from mtplx.bench.shapes import FULL, LINEAR
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample_logits
-from mtplx.engine.speculative import Engine
+from mtplx.engine import steps
 from mtplx.model.mtp_model import MTPModel
+from mtplx.model.trunk import VerifyRecord
 
 PREFILL = "prefill"
 
@@ -59,30 +58,13 @@ class Timings:
                 "per_layer": {k: {t: r(v) for t, v in d.items()} for k, d in self.per_layer.items()}}
 
 
-def median_ms(run: Callable[[], None], repeats: int, setup: Callable[[], object] | None = None,
-              warmup: bool = True) -> float:
-    """Median wall time of ``run(setup())`` (or ``run()``), after one untimed warm-up call; the
-    setup (a fork, an untimed verify) is never timed."""
-    times = []
-    for i in range(repeats + int(warmup)):
-        arg = setup() if setup else None
-        t = time.perf_counter()
-        run(arg) if setup else run()
-        if i or not warmup:
-            times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
-
-
 def random_prompt(vocab: int, length: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, size=length).tolist()
 
 
-def pipelined_ar_ms(model: MTPModel, prompt: list[int], tokens: int, params: SamplingParams) -> float:
-    """One AR step as the AR engine runs it (pipelined), over ``tokens`` steps after the first."""
-    engine = Engine(model, 0, params, seed=0)
-    for _ in engine.generate(prompt, tokens + 1):
-        pass
-    return 1000 * engine.stats.decode_seconds / max(engine.stats.generated - 1, 1)
+def record_arrays(record: VerifyRecord) -> list[mx.array]:
+    """What a verify pass keeps for its rollback, to evaluate with it."""
+    return [a for r in record.layers.values() for a in (r.before, *r.inputs, r.conv_input)]
 
 
 def measure(model: MTPModel, prompt: list[int], max_depth: int, repeats: int = 3,
@@ -99,13 +81,13 @@ def measure(model: MTPModel, prompt: list[int], max_depth: int, repeats: int = 3
     # A short warm-up instead of a full one: a prefill is the longest call of the bench.
     for head in (False, True):
         warm = model.make_cache()
-        mx.eval(*steps.prefill(model, prompt[:16], warm, head=head), steps.cache_arrays(warm))
+        mx.eval(*steps.prefill(model, prompt[:16], warm, head=head), warm.arrays())
     holder = {}
 
     def prefill_run(head: bool) -> Callable[[object], None]:
         def run(cache) -> None:
             logits, hidden = steps.prefill(model, prompt, cache, head=head)
-            mx.eval(logits, hidden, steps.cache_arrays(cache))
+            mx.eval(logits, hidden, cache.arrays())
             holder["last"] = (cache, logits, hidden)
         return run
 
@@ -115,7 +97,7 @@ def measure(model: MTPModel, prompt: list[int], max_depth: int, repeats: int = 3
     h_last = base_hidden[:, -1:]
 
     say("AR step")
-    ar = pipelined_ar_ms(model, prompt, ar_tokens, params)
+    ar = pipelined_ar_ms(model, prompt, ar_tokens + 1, params)
 
     verify_ms, sample_ms, logits_at = {}, {}, {}
     for t in range(1, max_depth + 2):
@@ -124,10 +106,10 @@ def measure(model: MTPModel, prompt: list[int], max_depth: int, repeats: int = 3
 
         def run_verify(fork) -> None:
             logits, hidden, record = steps.verify(model, fork, block)
-            mx.eval(logits, hidden, steps.record_arrays(record), steps.cache_arrays(fork))
+            mx.eval(logits, hidden, record_arrays(record), fork.arrays())
             logits_at[t] = logits
 
-        verify_ms[str(t)] = median_ms(run_verify, repeats, lambda: steps.fork(base))
+        verify_ms[str(t)] = median_ms(run_verify, repeats, lambda: base.fork())
         if t == 1:
             continue  # no draft to accept: the AR step's own sampling is in its time
         p_logits = logits_at[t][0]
@@ -150,15 +132,15 @@ def measure(model: MTPModel, prompt: list[int], max_depth: int, repeats: int = 3
         y, probs = sample_logits(d_logits[0, -1:], params, rng)
         if model.draft_vocab is not None:  # q over the whole vocabulary, the token id of the column
             probs, y = model.draft_vocab.scatter(probs, vocab), model.draft_vocab.token_ids(y)
-        mx.eval(y, probs, chain, steps.cache_arrays(fork))
+        mx.eval(y, probs, chain, fork.arrays())
 
-    draft = median_ms(run_draft, repeats, lambda: steps.fork(base))
+    draft = median_ms(run_draft, repeats, lambda: base.fork())
     draft_full = None
     if model.draft_vocab is not None:
         reduced = model.draft_vocab
         model.draft_vocab = None
         try:
-            draft_full = median_ms(run_draft, repeats, lambda: steps.fork(base))
+            draft_full = median_ms(run_draft, repeats, lambda: base.fork())
         finally:
             model.draft_vocab = reduced
 
@@ -166,16 +148,16 @@ def measure(model: MTPModel, prompt: list[int], max_depth: int, repeats: int = 3
     block = tokens(max_depth + 1)
 
     def verified():
-        fork = steps.fork(base)
+        fork = base.fork()
         logits, hidden, record = steps.verify(model, fork, block)
-        mx.eval(logits, hidden, steps.record_arrays(record), steps.cache_arrays(fork))
+        mx.eval(logits, hidden, record_arrays(record), fork.arrays())
         return fork, record
 
     def run_commit(accepted: int) -> Callable[[tuple], None]:
         def run(arg) -> None:
             fork, record = arg
             steps.commit(fork, record, accepted)
-            mx.eval(steps.cache_arrays(fork))
+            mx.eval(fork.arrays())
         return run
 
     commit = {"rollback": median_ms(run_commit(0), repeats, verified),
@@ -230,7 +212,7 @@ def _per_layer_ms(model: MTPModel, base, prompt_len: int, max_depth: int, repeat
             mx.eval(x)
 
             def setup(label=label, i=i):
-                return steps.fork(base).trunk[i] if label != PREFILL else model.make_cache().trunk[i]
+                return base.fork().trunk[i] if label != PREFILL else model.make_cache().trunk[i]
 
             def run(cache, x=x, kind=kind) -> None:
                 mask = create_attention_mask(x, cache) if kind == FULL else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import mlx.core as mx
 
@@ -53,23 +54,29 @@ class CostModel:
                 "draft_ms": round(self.draft_ms, 3), "draft_ratio": round(self.draft_ratio, 3)}
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: first calls compile kernels and allocate
+def median_ms(run: Callable[..., None], repeats: int, setup: Callable[[], object] | None = None,
+              warmup: bool = True) -> float:
+    """Median wall time of ``run(setup())`` (or ``run()``) over ``repeats`` calls, after one
+    untimed warm-up call (first calls compile kernels and allocate); the setup (a fork, an
+    untimed verify) is never timed."""
     times = []
-    for _ in range(repeats):
+    for i in range(repeats + int(warmup)):
+        arg = setup() if setup else None
         t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
+        run(arg) if setup else run()
+        if i or not warmup:
+            times.append((time.perf_counter() - t) * 1000)
     return statistics.median(times)
 
 
-def _pipelined_ar_ms(model: MTPModel, prompt: list[int], tokens: int = 24) -> float:
+def pipelined_ar_ms(model: MTPModel, prompt: list[int], tokens: int = 24,
+                    params: SamplingParams | None = None) -> float:
     """One AR step as the AR engine runs it: pipelined (the next forward is queued before the
     current token is read), so graph building overlaps compute. Timing a lone synchronous
     step instead would inflate the unit and overstate every ratio's bound."""
     from mtplx.engine.speculative import Engine
 
-    engine = Engine(model, 0, SamplingParams(), seed=0)
+    engine = Engine(model, 0, params or SamplingParams(), seed=0)
     for _ in engine.generate(prompt, tokens):
         pass
     return 1000 * engine.stats.decode_seconds / max(engine.stats.generated - 1, 1)
@@ -101,9 +108,9 @@ def measure(model: MTPModel, prompt: list[int], max_tokens: int, repeats: int = 
             mx.eval(model.trunk.logits(block, cache.fork().trunk))
         return run
 
-    ar_ms = _pipelined_ar_ms(model, prompt)
-    verify_ms = {t: _median_ms(verify(t), repeats) for t in range(1, max_tokens + 1)}
-    plain_ms = {t: _median_ms(plain(t), repeats) for t in range(1, max_tokens + 1)}
+    ar_ms = pipelined_ar_ms(model, prompt)
+    verify_ms = {t: median_ms(verify(t), repeats) for t in range(1, max_tokens + 1)}
+    plain_ms = {t: median_ms(plain(t), repeats) for t in range(1, max_tokens + 1)}
     draft_ms = 0.0
     if model.has_mtp:
         h = hidden[:, -1:]
@@ -113,5 +120,5 @@ def measure(model: MTPModel, prompt: list[int], max_tokens: int, repeats: int = 
             y, _ = sample_logits(d_logits[0, -1:], params, rng)
             mx.eval(y)
 
-        draft_ms = _median_ms(draft_step, repeats)
+        draft_ms = median_ms(draft_step, repeats)
     return CostModel(ar_step_ms=ar_ms, verify_ms=verify_ms, draft_ms=draft_ms, plain_ms=plain_ms)

@@ -257,7 +257,7 @@ def run_shape_bench(shape_ref: str, *, trunk_bits: int = 4, layers: int | None =
     """Build the shape with random weights, time its components through the engine, compose."""
     import mlx.core as mx
 
-    from mtplx.bench import entry_points
+    from mtplx.model.gated_delta_cache import FUSED_PENDING_CAP, pending_cap
     from mtplx.bench.components import measure, random_prompt
     from mtplx.bench.runner import device_name
     from mtplx.bench.shapes import as_artifact, load_shape, random_modules, save_artifact
@@ -300,16 +300,16 @@ def run_shape_bench(shape_ref: str, *, trunk_bits: int = 4, layers: int | None =
     report = ShapeReport(shape=shape, trunk_bits=trunk_bits, layers_measured=int(mods.text_config["num_hidden_layers"]),
                          prompt_tokens=prompt_tokens, draft_vocab=draft_vocab, acceptance=acceptance,
                          acceptance_source=source, max_depth=max_depth, bandwidth_gbs=bandwidth_gbs,
-                         pending_cap=entry_points.PENDING_CAP, repeats=repeats, device=device_name(),
+                         pending_cap=FUSED_PENDING_CAP, repeats=repeats, device=device_name(),
                          timings=timings, weights=weights, measured_config=mods.text_config, saved=saved)
     if kind_counts(mods.text_config)[LINEAR] * kind_counts(tc)[FULL] != kind_counts(mods.text_config)[FULL] * kind_counts(tc)[LINEAR]:
         report.notes.append("the measured layers do not have the full model's mix of layer kinds: their time was "
                             "apportioned between the kinds by one layer of each, timed alone (a multiple of the "
                             "full-attention interval avoids this)")
-    cap_here = entry_points.backend_pending_cap(int(tc["linear_key_head_dim"]))
-    if cap_here != entry_points.PENDING_CAP:
+    cap_here = pending_cap(int(tc["linear_key_head_dim"]))
+    if cap_here != FUSED_PENDING_CAP:
         report.notes.append(f"on this backend the engine applies an accepted prefix at commit (pending cap {cap_here}); "
-                            f"the bytes model describes a fused recurrence kernel (cap {entry_points.PENDING_CAP})")
+                            f"the bytes model describes a fused recurrence kernel (cap {FUSED_PENDING_CAP})")
     if save and max_depth >= 2:
         del model, mods
         report.end_to_end = end_to_end(str(save), prompt, timings, e2e_tokens, params, say)

@@ -18,9 +18,11 @@ def _depths(value: str) -> list[int]:
     return [knobs.check("depth", d, label="--depths") for d in depths]
 
 
-def _max_depth(ctx: click.Context, param: click.Parameter, value: int) -> int:
+def _max_depth(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is None:  # bench --shape: one depth per --acceptance value
+        return None
     value = knobs.check("depth", value, label="--max-depth")
-    if value < 1:  # tune compares AR with depths 1..N: it needs at least one
+    if value < 1:  # tune and bench --shape compare AR with depths 1..N: they need at least one
         raise knobs.KnobError("depth", f"--max-depth must be at least 1, got {value}",
                               fix=f"pass an integer in [1, {knobs.MAX_DEPTH}]")
     return value
@@ -46,12 +48,12 @@ def _shape_options(f):
         click.option("--prompt-tokens", type=int, default=512, show_default=True, help="--shape: prefill and context length."),
         click.option("--acceptance", default=None, metavar="A1,A2,..",
                      help="--shape: P(draft k accepted) per position; default: the demo head's measured acceptance."),
-        click.option("--max-depth", type=int, default=None, help="--shape: deepest depth projected (default: one per --acceptance value)."),
+        click.option("--max-depth", type=int, default=None, callback=_max_depth, help="--shape: deepest depth projected (default: one per --acceptance value)."),
         click.option("--draft-vocab", type=int, default=None,
                      help="--shape: draft vocabulary K measured (default 32768 where the vocabulary is larger; 0 = full)."),
-        click.option("--bandwidth-gbs", type=float, default=400.0, show_default=True,
+        click.option("--bandwidth-gbs", type=click.FloatRange(min=0, min_open=True), default=400.0, show_default=True,
                      help="--shape: memory bandwidth of the memory-bound projection."),
-        click.option("--repeats", type=int, default=3, show_default=True, help="--shape: timed calls per component (median)."),
+        click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="--shape: timed calls per component (median)."),
         click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False),
                      help="--shape: also write the random model as an artifact in DIR and run it end to end."),
     ]):
@@ -63,12 +65,6 @@ def _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, 
                save_dir, seed, json_out) -> None:
     from mtplx.bench.shape_bench import parse_acceptance, run_shape_bench
 
-    if repeats < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--repeats")
-    if bandwidth_gbs <= 0:
-        raise click.BadParameter("must be positive", param_hint="--bandwidth-gbs")
-    if max_depth is not None and not 1 <= max_depth <= knobs.MAX_DEPTH:
-        raise click.BadParameter(f"must lie in 1..{knobs.MAX_DEPTH}", param_hint="--max-depth")
     report = run_shape_bench(shape, trunk_bits=int(trunk_bits), layers=layers, prompt_tokens=prompt_tokens,
                              acceptance=parse_acceptance(acceptance) if acceptance else None, max_depth=max_depth,
                              draft_vocab=draft_vocab, bandwidth_gbs=bandwidth_gbs, repeats=repeats, seed=seed,
