@@ -91,25 +91,33 @@ def _chat_ids(tokenizer: Any, messages: list[dict], enable_thinking: bool | None
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
-def encode_prompt(tokenizer: Any, prompt: Prompt, enable_thinking: bool | None = None) -> list[int]:
-    """Text is tokenized as is; a list of chat messages goes through the chat template."""
-    prompt = check_prompt(prompt)
+def _is_chat(prompt: Any) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def _encode(tokenizer: Any, checked: str | list[Any], enable_thinking: bool | None) -> list[int]:
+    """A prompt :func:`check_prompt` has passed, as token ids."""
     # verbose=False: transformers would print a warning of its own for a text longer than the
     # tokenizer's model_max_length; the context is checked right after, with one clear error.
-    if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt, verbose=False))
-    if prompt and isinstance(prompt[0], dict):
-        return _chat_ids(tokenizer, prompt, enable_thinking, generation_prompt=True)
-    return prompt
+    if isinstance(checked, str):
+        return list(tokenizer.encode(checked, verbose=False))
+    if _is_chat(checked):
+        return _chat_ids(tokenizer, checked, enable_thinking, generation_prompt=True)
+    return checked
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, enable_thinking: bool | None = None) -> list[int]:
+    """Text is tokenized as is; a list of chat messages goes through the chat template."""
+    return _encode(tokenizer, check_prompt(prompt), enable_thinking)
 
 
 def prompt_ids(model: MTPModel, tokenizer: Any, prompt: Prompt, enable_thinking: bool | None = None) -> list[int]:
     """The prompt as token ids that are safe to feed the model: each id inside the embedding
     table (an id past it reads memory beyond the table: a crash on some backends, garbage on
     others) and the whole leaving room for one new token in the context."""
-    prompt = check_prompt(prompt)
-    tokenized = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
-    ids = encode_prompt(tokenizer, prompt, enable_thinking)
+    checked = check_prompt(prompt)
+    tokenized = isinstance(checked, str) or _is_chat(checked)
+    ids = _encode(tokenizer, checked, enable_thinking)
     try:
         ids = knobs.check_token_ids(ids, model.vocab_size)
     except knobs.KnobError as e:
@@ -135,7 +143,7 @@ def reuse_boundaries(tokenizer: Any, prompt: Prompt, ids: list[int], enable_thin
     ...) are those the prompt was rendered with."""
     if isinstance(prompt, EncodedPrompt):
         return prompt.boundaries
-    if isinstance(prompt, str) or not prompt or not isinstance(prompt[0], dict):
+    if not _is_chat(prompt):  # text, token ids (a list or an array): no such place
         return ()
     try:
         history = _chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": "x"}], enable_thinking,

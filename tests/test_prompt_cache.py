@@ -244,3 +244,16 @@ def test_bench_chat_turns_bad_options(args, needle):
 
     result = CliRunner().invoke(cli, ["bench", *args])
     assert result.exit_code != 0 and needle in result.output and "Traceback" not in result.output
+
+
+def test_an_array_prompt_uses_the_cache_like_a_list(demo):
+    """Token ids as an array (numpy here) are a prompt like their list; with a prompt cache too."""
+    import numpy as np
+
+    model, tok = demo
+    ids = tok.encode("def add(a, b):")
+    kw = dict(max_tokens=6, temperature=0.0, depth=2)
+    cold = mtplx.generate(model, tok, ids, **kw)
+    cache = mtplx.make_prompt_cache(model)
+    assert mtplx.generate(model, tok, np.array(ids), prompt_cache=cache, **kw) == cold
+    assert mtplx.generate(model, tok, np.array(ids), prompt_cache=cache, **kw) == cold
