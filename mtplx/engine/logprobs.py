@@ -73,4 +73,4 @@ class LogprobReader:
         self.k = k
 
     def rows(self, logits: mx.array) -> LogprobRows:
-        return LogprobRows(logits if self.k is not None else None, self.k)
+        return LogprobRows(logits, self.k)

@@ -61,7 +61,7 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
             core.stop()
 
     app = FastAPI(title="mtplx", version=__version__, lifespan=lifespan)
-    app.state.core, app.state.scheduler, app.state.metrics = core, scheduler, metrics
+    app.state.core = core
     # The last added is the outermost: metrics count what the guard refuses too.
     app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -217,7 +217,6 @@ class Core:
                              fix="pass --served-model-name NAME")
         self.model_id = self.served_model_names[0]
         self.max_tokens_default = max_tokens_default
-        self.queue_size = queue_size
         self.metrics = Metrics()
         # Prompt caches of recent conversations, bounded in bytes; 0 turns them off.
         self.prompt_caches = PromptCacheLRU(model, prompt_cache_bytes) if prompt_cache_bytes > 0 else None
@@ -334,9 +333,6 @@ class Core:
         except ShuttingDown as e:
             raise APIError(503, str(e), type_="server_error", code="unavailable") from e
         return job, depth
-
-    def cancel(self, job: Job) -> None:
-        self.scheduler.cancel(job)
 
     async def steps(self, job: Job) -> AsyncIterator[GenerationResponse]:
         """The job's engine steps as they come; an engine failure or a cancellation before the

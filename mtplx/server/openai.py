@@ -23,6 +23,7 @@ from jsonschema.validators import validator_for
 from pydantic import Field
 
 from mtplx.engine.constraints import ResponseFormatError, grammar_for
+from mtplx.prompts import check_stop
 from mtplx.server.core import (FINGERPRINT, APIError, Core, Generation, StrictModel, knob, mtplx_stats,
                                unsupported, usage)
 from mtplx.server.queue import Job, JobStream
@@ -197,12 +198,11 @@ def _generation(body: _Common, max_tokens_param: str = "max_tokens") -> Generati
     """The request's decoding knobs, each checked by mtplx.knobs (ids are filled in later)."""
     _refuse_unsupported(body)
     max_tokens = getattr(body, max_tokens_param)
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return Generation(
         [], max_tokens=knob("max_tokens", max_tokens, max_tokens_param),
         temperature=knob("temperature", body.temperature), top_p=knob("top_p", body.top_p),
         top_k=knob("top_k", 0 if body.top_k == -1 else body.top_k), min_p=knob("min_p", body.min_p),
-        seed=knob("seed", body.seed), depth=knob("depth", body.depth), stop=stop, logprobs=_logprobs(body),
+        seed=knob("seed", body.seed), depth=knob("depth", body.depth), stop=check_stop(body.stop), logprobs=_logprobs(body),
         response_format=body.response_format.as_dict() if getattr(body, "response_format", None) else None)
 
 
