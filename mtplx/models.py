@@ -28,12 +28,13 @@ def _cached_repos() -> list[dict[str, Any]]:
 
 def list_models() -> list[dict[str, Any]]:
     from mtplx.artifact.loader import demo_path
+    from mtplx.artifact.paths import dir_size
     from mtplx.artifact.store import list_artifacts
 
     entries = []
     for m in catalog():
         if m.get("bundled"):
-            size = sum(f.stat().st_size for f in demo_path().rglob("*") if f.is_file())
+            size = dir_size(demo_path())
             entries.append({"ref": m["ref"], "where": "bundled", "size_bytes": size, "title": m["title"]})
         else:
             entries.append({"ref": m["ref"], "where": "catalog", "size_bytes": None,

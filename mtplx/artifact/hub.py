@@ -185,7 +185,6 @@ class HeadPlan:
     revision: str  # the commit sha the ref resolved to
     snapshot: Path  # the small files in the Hugging Face cache
     runs: dict[str, list[Run]]
-    header_bytes: int
 
     @property
     def tensor_bytes(self) -> int:
@@ -313,16 +312,15 @@ def plan_head(ref: RepoRef, small: Path, progress: Progress | None = None) -> He
                              "re-uploads drop the mtp.* tensors")
     progress.phase(f"Reading the safetensors headers of {len(shards)} shard(s) of {ref.repo_id} ...")
     revision = small.name  # snapshots/<commit sha>
-    runs, header_bytes = {}, 0
+    runs = {}
     for shard in shards:
         header, data_start = _remote_header(ref, revision, shard)
-        header_bytes += data_start
         runs[shard] = _runs(header, data_start)
     if not any(runs.values()):
         raise MtplxError(f"{ref.repo_id} has no MTP head (its shards hold no mtp.* tensors)",
                          fix="use the original Hugging Face checkpoint; MLX conversions and most quantized "
                              "re-uploads drop the mtp.* tensors")
-    return HeadPlan(ref=ref, revision=revision, snapshot=small, runs=runs, header_bytes=header_bytes)
+    return HeadPlan(ref=ref, revision=revision, snapshot=small, runs=runs)
 
 
 def _fetch_run(plan: HeadPlan, shard: str, run: Run, staging: Path, bar) -> Path:

@@ -45,7 +45,8 @@ class Inspection:
 
 def _local_or_metadata(ref: str) -> Path:
     from mtplx.artifact import hub
-    from mtplx.artifact.loader import DEMO_REF, resolve
+    from mtplx.artifact.loader import resolve
+    from mtplx.artifact.paths import DEMO_REF
     from mtplx.artifact.paths import find_artifact
 
     if ref == DEMO_REF or Path(ref).expanduser().exists() or find_artifact(ref):

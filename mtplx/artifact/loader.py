@@ -20,14 +20,13 @@ from mtplx.artifact import contract as contract_io
 from mtplx.artifact import hub
 from mtplx.artifact.contract import RuntimeContract
 from mtplx.artifact.hub import RepoRef
-from mtplx.artifact.paths import catalog_entry, find_artifact
+from mtplx.artifact.paths import DEMO_REF, catalog_entry, find_artifact
 from mtplx.artifact.sidecar import load_head, sidecar_file
 from mtplx.artifact.tensors import sha256_file, trunk_dependency_hashes
 from mtplx.errors import ArtifactError, MtplxError, UnsupportedModelError
 from mtplx.model.mtp_model import MTPModel
 from mtplx.model.trunk import Trunk
 
-DEMO_REF = "demo"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 

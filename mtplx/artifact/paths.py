@@ -15,6 +15,15 @@ import os
 from pathlib import Path
 
 
+# The bundled demo artifact's name wherever a model ref is taken.
+DEMO_REF = "demo"
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def cache_root() -> Path:
     if os.environ.get("MTPLX_CACHE"):
         return Path(os.environ["MTPLX_CACHE"]).expanduser()

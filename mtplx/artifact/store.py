@@ -19,11 +19,10 @@ from typing import Any, Callable
 
 from mtplx.artifact import hub
 from mtplx.artifact.hub import RepoRef
-from mtplx.artifact.paths import artifact_name, artifacts_dir, catalog_entry, find_artifact
+from mtplx.artifact.paths import DEMO_REF, artifact_name, artifacts_dir, catalog_entry, dir_size, find_artifact
 from mtplx.artifact.progress import Progress
 from mtplx.errors import MtplxError
 
-DEMO_REF = "demo"
 
 
 def _size(n: int | None) -> str:
@@ -144,7 +143,7 @@ def list_artifacts() -> list[dict[str, Any]]:
             origin = source.get("repo_id") or source.get("name") or "?"
         except (json.JSONDecodeError, AttributeError):
             origin = "unreadable contract"
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        size = dir_size(path)
         out.append({"ref": path.name, "where": "mtplx-cache", "size_bytes": size, "title": f"grafted from {origin}",
                     "path": str(path)})
     return out
@@ -157,6 +156,6 @@ def remove_artifact(ref: str) -> tuple[Path, int]:
         names = ", ".join(a["ref"] for a in list_artifacts()) or "none"
         raise MtplxError(f"no artifact '{ref}' in the mtplx cache ({artifacts_dir()})",
                          fix=f"pass one of the names `mtplx models` lists (cached: {names})")
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    size = dir_size(path)
     shutil.rmtree(path)
     return path, size
