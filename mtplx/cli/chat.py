@@ -96,7 +96,8 @@ class ChatSession:
     totals: Totals = field(default_factory=Totals)
     # The conversation's prompt cache (mtplx.make_prompt_cache) and its tokens: each turn
     # appends the new question to what the model has seen and written (mtplx/conversation.py),
-    # so it prefills only that. None: every turn renders and prefills the whole history.
+    # so it prefills only that. Set together (run_chat); None: every turn renders and prefills
+    # the whole history.
     prompt_cache: Any = None
     conversation: Any = None
 
@@ -189,10 +190,9 @@ class ChatSession:
         last = None
         started = False
         prompt, cache = self.messages, {}
-        if self.prompt_cache is not None:
+        if self.conversation is not None:
+            prompt = self.conversation.prompt(self.messages, self.thinking)
             cache = {"prompt_cache": self.prompt_cache}
-            if self.conversation is not None:
-                prompt = self.conversation.prompt(self.messages, self.thinking)
         for r in generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens,
                           temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, depth=self.depth,
                           seed=self.seed, enable_thinking=self.thinking, **cache):
@@ -237,9 +237,8 @@ class ChatSession:
 
     def _forget(self) -> None:
         self.messages.clear()
-        if self.prompt_cache is not None:
-            self.prompt_cache.reset()
         if self.conversation is not None:
+            self.prompt_cache.reset()
             self.conversation.reset()
 
 
@@ -297,7 +296,7 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] = input,
         import mtplx
 
         generate = mtplx.stream_generate
-        if session.prompt_cache is None:
+        if session.conversation is None:
             from mtplx.conversation import Conversation
 
             session.prompt_cache = mtplx.make_prompt_cache(session.model)

@@ -185,8 +185,7 @@ def ask_depth(info: Any, *, depth: int | None, no_mtp: bool, yes: bool) -> int |
     """0 = plain AR, N = MTP at depth N, None = the tuned/contract depth (resolved at load)."""
     if no_mtp:
         return 0
-    if depth is not None:
-        depth = knobs.check("depth", depth, label="--depth")
+    if depth is not None:  # already checked by start's --depth callback (mtplx.knobs)
         if depth > 0 and not info.can_run_mtp:
             raise MtplxError(f"--depth {depth} needs an MTP head and {info.ref} has no usable one",
                              fix="drop --depth, or pass --no-mtp for plain AR decoding")

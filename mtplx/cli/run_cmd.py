@@ -106,7 +106,6 @@ def open_prompt_cache(path: str, model):
     import os
 
     import mtplx
-    from mtplx.errors import MtplxError
 
     if not os.path.exists(path):
         return mtplx.make_prompt_cache(model)
