@@ -46,6 +46,9 @@ class GenerationResponse:
     acceptance: list[float]
     tokens_per_step: float
     finish_reason: str | None = None
+    # The stop string that ended the generation, on the chunk that ends it ("stop" by a stop
+    # string rather than by an end-of-sequence token).
+    stop_sequence: str | None = None
     stats: DecodeStats = field(default_factory=DecodeStats, repr=False)
     # With stream_generate(..., logprobs=k): one entry per token of ``tokens``.
     logprobs: list[TokenLogprob] | None = None
@@ -185,6 +188,7 @@ class _StopScanner:
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.text = ""
         self.sent = 0
+        self.matched: str | None = None  # the stop string found, once one is
 
     def feed(self, segment: str, final: bool = False) -> tuple[str, bool]:
         self.text += segment
@@ -193,6 +197,7 @@ class _StopScanner:
             if at != -1:
                 out = self.text[self.sent : at]
                 self.sent = at
+                self.matched = s
                 return out, True
         upto = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
         out = self.text[self.sent : upto]
@@ -284,7 +289,7 @@ def stream_generate(
             detok.finalize()
             tail, stopped = scanner.feed(detok.last_segment, final=True)
             segment += tail
-        yield _response(segment, step.tokens, stats, finish, step.logprobs)
+        yield _response(segment, step.tokens, stats, finish, step.logprobs, scanner.matched)
         if finish:
             return
     if finish is None:
@@ -294,7 +299,7 @@ def stream_generate(
 
 
 def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | None,
-              logprobs: list[TokenLogprob] | None = None) -> GenerationResponse:
+              logprobs: list[TokenLogprob] | None = None, stop_sequence: str | None = None) -> GenerationResponse:
     return GenerationResponse(
         text=text,
         tokens=list(tokens),
@@ -306,6 +311,7 @@ def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | No
         acceptance=stats.acceptance,
         tokens_per_step=stats.tokens_per_step,
         finish_reason=finish,
+        stop_sequence=stop_sequence,
         stats=stats,
         logprobs=logprobs,
     )

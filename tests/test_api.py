@@ -41,6 +41,9 @@ def test_stop_string_inside_an_accepted_run(demo):
     stop = full[10:14]
     cut = mtplx.generate(model, tok, "import os\n", max_tokens=40, temperature=0, depth=3, stop=[stop])
     assert cut == full[: full.index(stop)]
+    last = list(mtplx.stream_generate(model, tok, "import os\n", max_tokens=40, temperature=0, depth=3,
+                                      stop=["@@never", stop]))[-1]
+    assert (last.finish_reason, last.stop_sequence) == ("stop", stop)
 
 
 def test_eos_ends_the_output(demo):
@@ -54,6 +57,7 @@ def test_eos_ends_the_output(demo):
     finally:
         tok.eos_token_ids = saved
     assert out[-1].finish_reason == "stop" and out[-1].generation_tokens == 1
+    assert out[-1].stop_sequence is None  # an end-of-sequence token, not a stop string
     assert "".join(r.text for r in out) == ""
 
 
@@ -79,7 +83,9 @@ def test_stop_scanner_holds_back_partial_stops():
     s = _StopScanner(["STOP"])
     assert s.feed("abcST") == ("ab", False)
     assert s.feed("O") == ("c", False)  # "STO" may still begin "STOP"; "c" cannot
+    assert s.matched is None
     assert s.feed("Pxyz") == ("", True)
+    assert s.matched == "STOP"
     s = _StopScanner([])
     assert s.feed("abc") == ("abc", False)
 

@@ -227,22 +227,16 @@ def _usage(prompt_tokens: int, last: Any) -> dict[str, int]:
 def anthropic_routes(core: Core) -> APIRouter:
     router = APIRouter()
     fmt = tool_format(core.tokenizer)
-    eos = set(getattr(core.tokenizer, "eos_token_ids", None) or [])
 
-    def stop_reason(answer: Answer, steps: list[Any], text: str, stops: list[str]) -> tuple[str, str | None]:
-        """(stop_reason, stop_sequence) of a finished generation."""
-        last = steps[-1]
+    def stop_reason(answer: Answer, last: Any) -> tuple[str, str | None]:
+        """(stop_reason, stop_sequence) of a finished generation, from its last chunk."""
         if last.finish_reason == "length":
             return "max_tokens", None
         if answer.called:
             return "tool_use", None
-        if last.tokens and last.tokens[-1] in eos:
-            return "end_turn", None
-        # A stop string ended it: find which one, where the returned text stops.
-        raw = core.tokenizer.decode([t for r in steps for t in r.tokens if t not in eos])
-        starts = {s: raw.find(s, max(0, len(text) - len(s))) for s in stops}
-        found = [s for s, at in starts.items() if at != -1]
-        return "stop_sequence", min(found, key=lambda s: starts[s]) if found else None
+        if last.stop_sequence is not None:
+            return "stop_sequence", last.stop_sequence
+        return "end_turn", None
 
     async def prepare(body: MessagesRequest) -> tuple[str, Generation, Answer]:
         model = core.resolve_model(body.model)
@@ -254,16 +248,13 @@ def anthropic_routes(core: Core) -> APIRouter:
                                                      template_kwargs=_thinking(body, body.max_tokens))
         return model, g, Answer(fmt if tools else None, tools)
 
-    async def stream(job: Job, answer: Answer, *, message: dict[str, Any], stops: list[str],
-                     depth: int) -> AsyncIterator[str]:
+    async def stream(job: Job, answer: Answer, *, message: dict[str, Any], depth: int) -> AsyncIterator[str]:
         yield _event("message_start", {"message": message})
         index, open_text = 0, False
-        steps: list[Any] = []
-        text = ""
+        last = None
         try:
             async for r in core.steps(job):
-                steps.append(r)
-                text += r.text
+                last = r
                 for piece in answer.feed(r.text, final=bool(r.finish_reason)):
                     if isinstance(piece, str):
                         if not open_text:
@@ -287,10 +278,10 @@ def anthropic_routes(core: Core) -> APIRouter:
                 open_text = True
             if open_text:
                 yield _event("content_block_stop", {"index": index})
-            reason, sequence = stop_reason(answer, steps, text, stops)
+            reason, sequence = stop_reason(answer, last)
             yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                           "usage": _usage(len(job.ids), steps[-1]),
-                                           "mtplx": mtplx_stats(steps[-1], depth)})
+                                           "usage": _usage(len(job.ids), last),
+                                           "mtplx": mtplx_stats(last, depth)})
             yield _event("message_stop", {})
         except APIError as e:
             yield f"event: error\ndata: {json.dumps(e.anthropic_body())}\n\n"
@@ -304,7 +295,7 @@ def anthropic_routes(core: Core) -> APIRouter:
             start = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
                      "stop_reason": None, "stop_sequence": None,
                      "usage": {"input_tokens": len(g.ids), "output_tokens": 0}}
-            return JobStream(stream(job, answer, message=start, stops=g.stop, depth=depth), core.scheduler, job)
+            return JobStream(stream(job, answer, message=start, depth=depth), core.scheduler, job)
         out = await core.collect(request, job)
         content: list[dict[str, Any]] = []
         for piece in answer.feed(out.text, final=True):
@@ -314,7 +305,7 @@ def anthropic_routes(core: Core) -> APIRouter:
                 content[-1]["text"] += piece
             else:
                 content.append({"type": "text", "text": piece})
-        reason, sequence = stop_reason(answer, out.steps, out.text, g.stop)
+        reason, sequence = stop_reason(answer, out.last)
         return JSONResponse({
             "id": mid, "type": "message", "role": "assistant", "model": model,
             "content": content or [{"type": "text", "text": ""}], "stop_reason": reason, "stop_sequence": sequence,
