@@ -135,6 +135,9 @@ print("PATH", ensure_artifact({SOURCE!r}, trunk={TRUNK!r}, confirm=lambda plan: 
     starts = [int(m) for m in re.findall(rf"GET /{SOURCE}/resolve/\w+/{re.escape(shard)} bytes=(\d+)-", "\n".join(hub.requests))]
     first = min(s for s in starts if s >= header)
     assert starts[-1] - first >= 0.7 * tensors
+    # The shard's header was read once per graft that reached it (the drop, the truncation,
+    # ensure_artifact's): the plan shown before the yes is the one the graft fetches.
+    assert len([q for q in hub.requests if q.endswith(f"/{shard} bytes=0-7")]) == 3
     contract = json.loads((out / "mtplx_runtime.json").read_text())
     assert "draft_vocab" not in contract["sidecar"]  # --draft-vocab 0: no subset written
     assert contract["provenance"]["sidecar_sha256"] == json.loads(

@@ -212,9 +212,10 @@ class GraftReport:
                 "tensors": self.tensors, "contract": self.contract}
 
 
-def open_source(source: str | Path, *, whole: bool, cache: Path, progress: Progress) -> tuple[SourceCheckpoint, dict]:
-    """A local checkpoint, or a repo id: only its MTP tensors by byte range, or the whole
-    checkpoint when ``whole`` (the trunk is converted from it)."""
+def open_source(source: str | Path, *, whole: bool, cache: Path, progress: Progress,
+                head_plan: hub.HeadPlan | None = None) -> tuple[SourceCheckpoint, dict]:
+    """A local checkpoint, or a repo id: only its MTP tensors by byte range (``head_plan``: as
+    already planned), or the whole checkpoint when ``whole`` (the trunk is converted from it)."""
     path = Path(source).expanduser()
     ref = None if path.exists() else RepoRef.parse(str(source))
     if ref is None:
@@ -227,7 +228,7 @@ def open_source(source: str | Path, *, whole: bool, cache: Path, progress: Progr
                        "the MTP head) ...")
         snapshot = hub.snapshot(ref, hub.MODEL_FILES, progress)
         return read_source(snapshot), _source_provenance(snapshot)
-    head = hub.fetch_head_source(ref, cache, progress)
+    head = hub.fetch_head_source(ref, cache, progress, plan=head_plan)
     return read_source(head.path), head.provenance
 
 
@@ -258,6 +259,7 @@ def graft(
     vocab_text: str | None = None,
     progress: Progress | None = None,
     cache: Path | None = None,
+    head_plan: hub.HeadPlan | None = None,
 ) -> GraftReport:
     """Build an artifact in a temporary directory beside ``out`` and move it into place whole,
     so a failure (a dropped download, Ctrl-C) never leaves a half-built artifact behind.
@@ -265,13 +267,15 @@ def graft(
     ``source`` and ``trunk`` are directories or Hugging Face repo ids (``org/name[@revision]``).
     ``draft_vocab``: K ids for a reduced draft head (``None``: 32768 where the vocabulary is
     larger, else the full head; 0: the full head), ranked by frequency on ``vocab_text`` if given.
+    ``head_plan``: the source's head as already planned (mtplx.artifact.store), not read again.
     """
     progress = progress or Progress.silent()
     started = time.perf_counter()
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ArtifactError("the output directory is not empty", path=out, fix="choose a new --out or pass --overwrite")
-    src, source_provenance = open_source(source, whole=trunk is None, cache=cache or cache_root(), progress=progress)
+    src, source_provenance = open_source(source, whole=trunk is None, cache=cache or cache_root(), progress=progress,
+                                         head_plan=head_plan)
     trunk_dir, trunk_provenance = open_trunk(trunk, progress) if trunk is not None else (None, None)
     out.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

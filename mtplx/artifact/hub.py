@@ -388,19 +388,22 @@ def source_provenance(repo_id: str, revision: str, small: Path) -> dict[str, Any
     return {"kind": "huggingface", "repo_id": repo_id, "revision": revision, "digest": checkpoint_digest(small)}
 
 
-def fetch_head_source(ref: RepoRef, cache: Path, progress: Progress | None = None) -> HeadSource:
+def fetch_head_source(ref: RepoRef, cache: Path, progress: Progress | None = None,
+                      plan: HeadPlan | None = None) -> HeadSource:
     """A local checkpoint holding only the source's MTP tensors (plus its small files),
     kept under ``<cache>/sources/<org>--<name>/<commit>``: a second graft, or one with
-    HF_HUB_OFFLINE=1, reads it without touching the network."""
+    HF_HUB_OFFLINE=1, reads it without touching the network. ``plan``: the head's plan when
+    the caller has already read it (:func:`plan_head`), so its files and headers are not read
+    again; the fetch is then of the commit that plan resolved."""
     progress = progress or Progress.silent()
-    small = small_files(ref, progress)
+    small = plan.snapshot if plan is not None else small_files(ref, progress)
     revision = small.name
     final = head_source_dir(cache, ref, revision)
     provenance = source_provenance(ref.repo_id, revision, small)
     if (final / INDEX_FILE).is_file():
         progress.phase(f"The MTP tensors of {ref.repo_id}@{revision[:12]} are cached ({final})")
         return HeadSource(final, provenance)
-    plan = plan_head(ref, small, progress)
+    plan = plan or plan_head(ref, small, progress)
     staging = sources_dir(cache) / ".staging" / f"{ref.folder}--{revision}"
     staging.mkdir(parents=True, exist_ok=True)
     total = plan.tensor_bytes

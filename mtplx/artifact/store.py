@@ -47,6 +47,7 @@ class GraftPlan:
     head_bytes: int | None = None
     trunk_bytes: int | None = None
     whole_bytes: int | None = None  # no trunk: the whole original, converted with mlx-lm
+    head: hub.HeadPlan | None = None  # where the head's bytes lie: the graft fetches exactly these
 
     def describe(self) -> str:
         lines = [f"{self.ref} has no artifact yet. Grafting one will download:"]
@@ -88,7 +89,8 @@ def plan_graft(ref: str, source: RepoRef, trunk: RepoRef | None) -> GraftPlan:
     if trunk is None:
         plan.whole_bytes = _matching(files, hub.MODEL_FILES)
         return plan
-    plan.head_bytes = hub.plan_head(source, hub.small_files(source)).tensor_bytes
+    plan.head = hub.plan_head(source, hub.small_files(source))
+    plan.head_bytes = plan.head.tensor_bytes
     plan.trunk_bytes = _matching(hub.repo_files(trunk)[1], hub.MODEL_FILES)
     return plan
 
@@ -125,7 +127,7 @@ def ensure_artifact(ref: str, *, confirm: Callable[[str], bool], trunk: str | No
     from mtplx.artifact.graft import graft
 
     graft(str(plan.source), plan.out, trunk=str(plan.trunk) if plan.trunk else None, draft_vocab=draft_vocab,
-          progress=progress or Progress(), name=ref)
+          progress=progress or Progress(), name=ref, head_plan=plan.head)
     return str(plan.out)
 
 
