@@ -167,8 +167,11 @@ class RandomModules:
 def estimated_bytes(tc: dict[str, Any]) -> int:
     """bf16 bytes of trunk + head for the config, from the modules' shapes (nothing is allocated:
     MLX builds the random initial values lazily)."""
-    mods = _modules(tc)
-    return sum(v.size * 2 for m in (mods[0], mods[1]) for _, v in tree_flatten(m.parameters()))
+    return _bf16_bytes(*_modules(tc))
+
+
+def _bf16_bytes(*modules: nn.Module) -> int:
+    return sum(v.size * 2 for m in modules for _, v in tree_flatten(m.parameters()))
 
 
 def _modules(tc: dict[str, Any]) -> tuple[nn.Module, MTPHead]:
@@ -197,14 +200,14 @@ def _available_bytes() -> int | None:
 def random_modules(shape: Shape, layers: int | None, seed: int = 0) -> RandomModules:
     """Trunk and head at the shape (``layers`` of them), random bf16 weights, evaluated."""
     tc = reduced(shape.text_config, layers)
-    need = estimated_bytes(tc)
+    mx.random.seed(seed)
+    trunk, head = _modules(tc)  # lazy: nothing is allocated until the evaluation below
+    need = _bf16_bytes(trunk, head)
     free = _available_bytes()
     if free is not None and need > 0.8 * free:
         raise MtplxError(f"a random {shape.name} with {tc['num_hidden_layers']} layers needs about {need / 2**30:.1f} GiB "
                          f"in bf16 and this machine has {free / 2**30:.1f} GiB free",
                          fix="measure fewer layers with --layers N (the cost model composes them to the full depth)")
-    mx.random.seed(seed)
-    trunk, head = _modules(tc)
     cast = getattr(trunk, "cast_predicate", lambda _: True)
 
     def to_bf16(path: str, value: mx.array) -> mx.array:
