@@ -20,11 +20,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from mtplx.server.core import APIError, Core, Generation, StrictModel, knob, mtplx_stats, unsupported
+from mtplx.server.core import (MAX_STOPS, APIError, Core, Generation, StrictModel, checked_generation, mtplx_stats,
+                               unsupported)
 from mtplx.server.queue import Job, JobStream
 from mtplx.server.tools import Answer, ToolCall, ToolFormat, tool_format
 
-MAX_STOPS = 16
 MIN_THINKING_BUDGET = 1024  # Anthropic's own floor for budget_tokens
 
 
@@ -240,9 +240,9 @@ def anthropic_routes(core: Core) -> APIRouter:
 
     async def prepare(body: MessagesRequest) -> tuple[str, Generation, Answer]:
         model = core.resolve_model(body.model)
-        g = Generation([], max_tokens=knob("max_tokens", body.max_tokens), temperature=knob("temperature", body.temperature),
-                       top_p=knob("top_p", body.top_p), top_k=knob("top_k", body.top_k), min_p=knob("min_p", body.min_p),
-                       seed=knob("seed", body.seed), depth=knob("depth", body.depth), stop=list(body.stop_sequences or []))
+        g = checked_generation(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                               top_k=body.top_k, min_p=body.min_p, seed=body.seed, depth=body.depth,
+                               stop=list(body.stop_sequences or []))
         tools = _tools(body, fmt)
         g.ids, g.boundaries = await core.encode_chat(_template_messages(body, fmt), tools=tools,
                                                      template_kwargs=_thinking(body, body.max_tokens))

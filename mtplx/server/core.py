@@ -165,6 +165,21 @@ class Generation:
     response_format: dict[str, Any] | None = None  # OpenAI's shape, validated; None or "text" = free text
 
 
+# Stop strings one request may give (OpenAI's API allows 4, Anthropic's more; the scanner's
+# cost grows with each).
+MAX_STOPS = 16
+
+
+def checked_generation(*, max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, min_p: Any, seed: Any,
+                       depth: Any, max_tokens_param: str = "max_tokens", **rest: Any) -> Generation:
+    """A :class:`Generation` with each decoding knob checked by :func:`knob` (ids are filled in
+    later); ``rest`` (stop, logprobs, response_format) is taken as given."""
+    return Generation([], max_tokens=knob("max_tokens", max_tokens, max_tokens_param),
+                      temperature=knob("temperature", temperature), top_p=knob("top_p", top_p),
+                      top_k=knob("top_k", top_k), min_p=knob("min_p", min_p), seed=knob("seed", seed),
+                      depth=knob("depth", depth), **rest)
+
+
 @dataclass
 class Outcome:
     """A whole generation: its text and every engine step (the last one carries the totals)."""

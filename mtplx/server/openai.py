@@ -24,13 +24,12 @@ from pydantic import Field
 
 from mtplx.engine.constraints import ResponseFormatError, grammar_for
 from mtplx.prompts import check_stop
-from mtplx.server.core import (FINGERPRINT, APIError, Core, Generation, StrictModel, knob, mtplx_stats,
-                               unsupported, usage)
+from mtplx.server.core import (FINGERPRINT, MAX_STOPS, APIError, Core, Generation, StrictModel, checked_generation,
+                               mtplx_stats, unsupported, usage)
 from mtplx.server.queue import Job, JobStream
 from mtplx.server.logprobs import TokenText
 from mtplx.server.tools import Answer, ToolCall, ToolFormat, tool_format
 
-MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 # chat_template_kwargs reach the template as variables; these would change what the server
 # itself controls.
@@ -197,12 +196,10 @@ def _refuse_unsupported(body: _Common) -> None:
 def _generation(body: _Common, max_tokens_param: str = "max_tokens") -> Generation:
     """The request's decoding knobs, each checked by mtplx.knobs (ids are filled in later)."""
     _refuse_unsupported(body)
-    max_tokens = getattr(body, max_tokens_param)
-    return Generation(
-        [], max_tokens=knob("max_tokens", max_tokens, max_tokens_param),
-        temperature=knob("temperature", body.temperature), top_p=knob("top_p", body.top_p),
-        top_k=knob("top_k", 0 if body.top_k == -1 else body.top_k), min_p=knob("min_p", body.min_p),
-        seed=knob("seed", body.seed), depth=knob("depth", body.depth), stop=check_stop(body.stop), logprobs=_logprobs(body),
+    return checked_generation(
+        max_tokens=getattr(body, max_tokens_param), max_tokens_param=max_tokens_param, temperature=body.temperature,
+        top_p=body.top_p, top_k=0 if body.top_k == -1 else body.top_k, min_p=body.min_p, seed=body.seed,
+        depth=body.depth, stop=check_stop(body.stop), logprobs=_logprobs(body),
         response_format=body.response_format.as_dict() if getattr(body, "response_format", None) else None)
 
 
