@@ -308,7 +308,7 @@ def _build(src: SourceCheckpoint, out: Path, trunk: Path | None, trunk_bits: int
     """Trunk, sidecar and contract (validated, not yet written) in ``out``."""
     from mlx_lm import load as mlx_load
 
-    from mtplx.artifact.probe import MAX_PROBE_TOKENS, default_probe_text, head_figures, trunk_pass
+    from mtplx.artifact.probe import CONVENTIONS, MAX_PROBE_TOKENS, default_probe_text, head_figures, trunk_pass
     from mtplx.model.mtp_model import MTPModel
     from mtplx.model.trunk import Trunk
 
@@ -366,7 +366,7 @@ def _build(src: SourceCheckpoint, out: Path, trunk: Path | None, trunk_bits: int
     mtp = MTPModel(trunk_view, head, contract)
     tokens = tokenizer.encode(probe_text or default_probe_text())
     tp = trunk_pass(mtp, tokens)
-    acceptance = {convention: head_figures(mtp, tp, convention) for convention in ("post_norm", "pre_norm")}
+    acceptance = {convention: head_figures(mtp, tp, convention) for convention in CONVENTIONS}
     chosen = hidden_source or choose_hidden_source(acceptance)
     data["conventions"]["hidden_source"] = chosen
     data["measured"] = {
