@@ -27,7 +27,7 @@ from mtplx.bench.cost_model import median_ms, pipelined_ar_ms
 from mtplx.bench.shapes import FULL, LINEAR
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample_logits
 from mtplx.engine import steps
-from mtplx.model.mtp_model import MTPModel
+from mtplx.model.mtp_model import ModelCache, MTPModel
 from mtplx.model.trunk import VerifyRecord
 
 PREFILL = "prefill"
@@ -65,6 +65,13 @@ def random_prompt(vocab: int, length: int, seed: int) -> list[int]:
 def record_arrays(record: VerifyRecord) -> list[mx.array]:
     """What a verify pass keeps for its rollback, to evaluate with it."""
     return [a for r in record.layers.values() for a in (r.before, *r.inputs, r.conv_input)]
+
+
+def _verify_evaluated(model: MTPModel, cache: ModelCache, block: mx.array) -> tuple[mx.array, VerifyRecord]:
+    """One verify pass on ``cache``, evaluated with everything it leaves for a rollback."""
+    logits, hidden, record = steps.verify(model, cache, block)
+    mx.eval(logits, hidden, record_arrays(record), cache.arrays())
+    return logits, record
 
 
 def measure(model: MTPModel, prompt: list[int], max_depth: int, repeats: int = 3,
@@ -105,9 +112,7 @@ def measure(model: MTPModel, prompt: list[int], max_depth: int, repeats: int = 3
         block = tokens(t)
 
         def run_verify(fork) -> None:
-            logits, hidden, record = steps.verify(model, fork, block)
-            mx.eval(logits, hidden, record_arrays(record), fork.arrays())
-            logits_at[t] = logits
+            logits_at[t], _ = _verify_evaluated(model, fork, block)
 
         verify_ms[str(t)] = median_ms(run_verify, repeats, lambda: base.fork())
         if t == 1:
@@ -149,9 +154,7 @@ def measure(model: MTPModel, prompt: list[int], max_depth: int, repeats: int = 3
 
     def verified():
         fork = base.fork()
-        logits, hidden, record = steps.verify(model, fork, block)
-        mx.eval(logits, hidden, record_arrays(record), fork.arrays())
-        return fork, record
+        return fork, _verify_evaluated(model, fork, block)[1]
 
     def run_commit(accepted: int) -> Callable[[tuple], None]:
         def run(arg) -> None:
