@@ -69,3 +69,36 @@ def test_skipping_the_recurrent_restore_is_caught(model, monkeypatch):
             caught = True
             break
     assert caught
+
+
+class ScriptedDepth:
+    """A policy that walks a fixed depth sequence (plain steps included) and counts what it saw."""
+
+    def __init__(self, depths):
+        self.depths, self.i, self.seen = list(depths), 0, []
+        self.max_depth = max(depths)
+
+    def choose(self) -> int:
+        d = self.depths[self.i % len(self.depths)]
+        self.i += 1
+        return d
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.seen.append((drafted, accepted))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_caches_equal_ar_when_the_depth_changes_every_step(model, temperature):
+    """Depth-0 steps (the head's rows pile up in the backlog, then flush) between drafting steps."""
+    policy = ScriptedDepth([0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 1, 0, 0])
+    engine = Engine(model, policy, SamplingParams(temperature=temperature, top_k=8, top_p=0.95), seed=3)
+    emitted: list[int] = []
+    for i, step in enumerate(engine.generate(PROMPT, 40)):
+        emitted += step.tokens
+        if i:
+            assert engine.cache.offset == len(PROMPT) + len(emitted) - 1
+            compare(model, engine.cache, PROMPT + emitted[:-1])
+    assert {d for d, _ in policy.seen} == {0, 1, 2, 3}
+    if temperature == 0.0:
+        ar = [t for s in Engine(model, 0, SamplingParams(temperature=0.0)).generate(PROMPT, 40) for t in s.tokens]
+        assert emitted == ar

@@ -32,6 +32,7 @@ import mlx.core as mx
 from mtplx.engine import steps
 from mtplx.engine.constraints import Constraint
 from mtplx.engine.logprobs import LogprobReader, TokenLogprob
+from mtplx.engine.policy import DepthPolicy, FixedDepth, as_policy
 from mtplx.engine.prompt_cache import PromptCache
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample_logits
 from mtplx.engine.stats import DecodeStats
@@ -74,18 +75,21 @@ class _Budget:
 
 
 class Engine:
-    """Decodes one sequence at a time with a fixed depth and sampler."""
+    """Decodes one sequence at a time. ``depth`` is a pinned integer (0 = plain AR) or a
+    :class:`~mtplx.engine.policy.DepthPolicy` asked before every step."""
 
     def __init__(
         self,
         model: MTPModel,
-        depth: int,
+        depth: int | DepthPolicy,
         params: SamplingParams,
         draft_params: SamplingParams | None = None,
         seed: int | None = None,
         constraint: Constraint | None = None,
         logprobs: int | None = None,
     ):
+        self.policy = as_policy(depth)
+        depth = self.policy.max_depth
         if depth < 0:
             raise MtplxError(f"depth must be >= 0, got {depth}", fix="use 0 for plain AR or 1..8 for MTP")
         if depth > 0 and not model.has_mtp:
@@ -135,7 +139,10 @@ class Engine:
         if self.constraint is not None:  # constraint: every generation starts at the grammar's start
             self.constraint.start()
         self.cache = prompt_cache.cache if prompt_cache is not None else self.model.make_cache()
-        run = self._ar if self.depth == 0 else self._mtp
+        # A pinned depth 0 is mlx-lm's pipelined AR loop; any policy that may draft runs MTP steps
+        # (a depth-0 step there verifies the pending token alone and keeps the head in step).
+        plain = isinstance(self.policy, FixedDepth) and self.depth == 0
+        run = self._ar if plain else self._mtp
         consumed = list(prompt)
         self._snapshot_at = tuple(snapshot_at)
         try:
@@ -228,7 +235,7 @@ class Engine:
         while True:
             # 1. draft: the first call also feeds the rows committed by the last verify.
             t1 = time.perf_counter()
-            depth = self.depth
+            depth = self.policy.choose()
             drafts, qs = [], []
             hidden, tokens = cache.backlog, mx.array([cache.backlog_tokens + [pending]])
             for _ in range(depth):
@@ -245,9 +252,11 @@ class Engine:
                 drafts.append(d)
                 qs.append(q)
                 hidden, tokens = chain, d[None]
-            draft_tokens = mx.concatenate(drafts)
-            q = mx.concatenate(qs)
-            mx.eval(draft_tokens, q)
+            if depth:
+                draft_tokens, q = mx.concatenate(drafts), mx.concatenate(qs)
+                mx.eval(draft_tokens, q)
+            else:  # a plain step: nothing drafted; the head's rows wait in the backlog
+                draft_tokens, q = mx.zeros((0,), dtype=mx.int32), mx.zeros((0, vocab), dtype=mx.float32)
             t2 = time.perf_counter()
 
             # 2. verify, and the acceptance test's device work in the same evaluation
@@ -274,7 +283,10 @@ class Engine:
             # output goes, so the caches hold exactly the tokens emitted.
             keep = min(a, len(kept))
             steps.commit(cache, record, accepted=keep)
-            cache.backlog, cache.backlog_tokens = v_hidden[:, : keep + 1], proposed[:keep]
+            if depth:
+                cache.backlog, cache.backlog_tokens = v_hidden[:, : keep + 1], proposed[:keep]
+            else:  # nothing drafted, so the head consumed no rows: this position joins the backlog
+                _extend_backlog(model, cache, v_hidden[:, :1], pending)
             fed = [pending] + proposed[:keep]
             pending = verdict.next_token
             t5 = time.perf_counter()
@@ -284,6 +296,7 @@ class Engine:
             seconds["sample"] += t4 - t3
             seconds["rollback"] += t5 - t4
             self._record(depth, a, kept)
+            self.policy.observe(depth, a)
             yield Emitted(kept, depth, a, lp.take(kept)), fed
             if budget.done:
                 return
@@ -291,3 +304,17 @@ class Engine:
     def _record(self, drafted: int, accepted: int, kept: list[int]) -> None:
         # A step cut short by the budget or EOS counts only the drafts that reached the output.
         self.stats.record_step(drafted, min(accepted, max(len(kept) - 1, 0)), len(kept))
+
+
+# Rows a run of plain steps leaves in the backlog before they are written to the head's cache:
+# feeding them with the next draft is cheaper, but the backlog must not grow without bound.
+BACKLOG_FLUSH = 8
+
+
+def _extend_backlog(model: MTPModel, cache: ModelCache, hidden: mx.array, token: int) -> None:
+    """Append one committed position (its head-input hidden; ``token`` is the one it followed)."""
+    cache.backlog = mx.concatenate([cache.backlog, hidden], axis=1)
+    cache.backlog_tokens = cache.backlog_tokens + [token]
+    if cache.backlog.shape[1] > BACKLOG_FLUSH:
+        model.fill_head(cache.backlog[:, :-1], mx.array([cache.backlog_tokens]), cache)
+        cache.backlog, cache.backlog_tokens = cache.backlog[:, -1:], []
