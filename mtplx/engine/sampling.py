@@ -51,12 +51,22 @@ class Rng:
         return self._gen.random(n)
 
 
+def tempered(logits: mx.array, temperature: float) -> mx.array:
+    """``logits / temperature`` shifted so each row's maximum is 0: the same law after softmax,
+    and finite for any positive temperature. Dividing first overflows for a tiny one (a logit of
+    30 at T = 1e-40 is 3e41 > float32's max: inf, then NaN), and a temperature below float32's
+    range (1e-300) is 0 on the device; the shifted maxima are then 0 / 0, set to 0 here, so the
+    law is the limit one: uniform over the maximal logits (the greedy token when it is unique)."""
+    diff = logits.astype(mx.float32) - logits.astype(mx.float32).max(axis=-1, keepdims=True)
+    return mx.where(diff == 0, 0.0, diff / temperature)
+
+
 def filtered_probs(logits: mx.array, params: SamplingParams) -> mx.array:
     """Rows of logits ``[..., V]`` -> float32 probabilities of the filtered target law."""
     vocab = logits.shape[-1]
     if params.greedy:
         return (mx.arange(vocab) == mx.argmax(logits, axis=-1, keepdims=True)).astype(mx.float32)
-    scaled = logits.astype(mx.float32) / params.temperature
+    scaled = tempered(logits, params.temperature)
     indices = None
     if 0 < params.top_k < vocab:
         indices = mx.argpartition(-scaled, kth=params.top_k - 1, axis=-1)[..., : params.top_k]
