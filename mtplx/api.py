@@ -16,16 +16,18 @@ from typing import Any, Iterator, Sequence, Union
 from mtplx import knobs
 from mtplx.artifact.loader import LoadReport
 from mtplx.artifact.loader import load as load_artifact
+from mtplx.chat_template import chat_ids, is_chat, reuse_boundaries
 from mtplx.engine.constraints import Constraint
 from mtplx.engine.logprobs import TokenLogprob
-from mtplx.engine.prompt_cache import PromptCache, common_prefix, make_prompt_cache
+from mtplx.engine.prompt_cache import PromptCache, make_prompt_cache
 from mtplx.engine.prompt_cache_file import load_prompt_cache, save_prompt_cache
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.engine.stats import DecodeStats
 from mtplx.errors import ContextOverflowError, MtplxError
 from mtplx.model.mtp_model import MTPModel
-from mtplx.prompts import EncodedPrompt, check_prompt, check_stop
+from mtplx.prompts import EncodedPrompt, check_prompt
+from mtplx.stops import StopScanner, check_stop
 
 Prompt = Union[str, Sequence[int], Sequence[dict[str, Any]], "EncodedPrompt"]
 
@@ -78,34 +80,14 @@ def load(ref: str | os.PathLike[str], *, mtp: bool = True, force: bool = False, 
     return model, tokenizer
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict], enable_thinking: bool | None, generation_prompt: bool,
-              **template_kwargs: Any) -> list[int]:
-    from jinja2 import TemplateError
-
-    kwargs = dict(template_kwargs)
-    if enable_thinking is not None:
-        kwargs["enable_thinking"] = enable_thinking
-    try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
-                                            tokenizer_kwargs={"verbose": False}, **kwargs)
-    except TemplateError as e:
-        raise MtplxError(f"the model's chat template refused these messages: {e}",
-                         fix="check the roles and the order of the messages") from None
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-
-
-def _is_chat(prompt: Any) -> bool:
-    return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict)
-
-
 def _encode(tokenizer: Any, checked: str | list[Any], enable_thinking: bool | None) -> list[int]:
     """A prompt :func:`check_prompt` has passed, as token ids."""
     # verbose=False: transformers would print a warning of its own for a text longer than the
     # tokenizer's model_max_length; the context is checked right after, with one clear error.
     if isinstance(checked, str):
         return list(tokenizer.encode(checked, verbose=False))
-    if _is_chat(checked):
-        return _chat_ids(tokenizer, checked, enable_thinking, generation_prompt=True)
+    if is_chat(checked):
+        return chat_ids(tokenizer, checked, enable_thinking, generation_prompt=True)
     return checked
 
 
@@ -119,7 +101,7 @@ def prompt_ids(model: MTPModel, tokenizer: Any, prompt: Prompt, enable_thinking:
     table (an id past it reads memory beyond the table: a crash on some backends, garbage on
     others) and the whole leaving room for one new token in the context."""
     checked = check_prompt(prompt)
-    tokenized = isinstance(checked, str) or _is_chat(checked)
+    tokenized = isinstance(checked, str) or is_chat(checked)
     ids = _encode(tokenizer, checked, enable_thinking)
     try:
         ids = knobs.check_token_ids(ids, model.vocab_size)
@@ -131,31 +113,6 @@ def prompt_ids(model: MTPModel, tokenizer: Any, prompt: Prompt, enable_thinking:
     if len(ids) >= model.max_context:
         raise ContextOverflowError(len(ids), model.max_context)
     return ids
-
-
-def reuse_boundaries(tokenizer: Any, prompt: Prompt, ids: list[int], enable_thinking: bool | None = None,
-                     **template_kwargs: Any) -> tuple[int, ...]:
-    """Where the next prompt of this conversation may start to differ from ``ids``: a prompt
-    cache snapshots its state there.
-
-    Chat templates often render a past assistant turn differently from the generation prompt
-    that preceded the reply (Qwen's drop the ``<think>`` block), so the next turn's tokens leave
-    this prompt's before its end. Rendering the conversation with a stand-in reply shows where:
-    at the end of the common prefix of that rendering and this prompt. Text and token prompts
-    have no such place (the prompt's own end is always snapshotted). ``template_kwargs`` (tools,
-    ...) are those the prompt was rendered with."""
-    if isinstance(prompt, EncodedPrompt):
-        return prompt.boundaries
-    if not _is_chat(prompt):  # text, token ids (a list or an array): no such place
-        return ()
-    try:
-        history = _chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": "x"}], enable_thinking,
-                            generation_prompt=False, **template_kwargs)
-    except Exception:  # noqa: BLE001 - a template that refuses this shape: no boundary, no harm
-        return ()
-    # One token back: the reply's first characters may merge with the last token before them
-    # (a reply opening with "\n" turns "assistant\n" + "\n" into one "\n\n" token).
-    return (max(common_prefix(history, ids) - 1, 0),)
 
 
 def sampling_from(model: MTPModel, temperature: float | None, top_p: float | None, top_k: int | None,
@@ -178,31 +135,6 @@ def default_depth(model: MTPModel) -> int:
     if tuned is not None:
         return tuned
     return model.contract.defaults.get("depth", 2) if model.contract else 2
-
-
-class _StopScanner:
-    """Finds stop strings across chunk boundaries and holds back text that may begin one."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.text = ""
-        self.sent = 0
-        self.matched: str | None = None  # the stop string found, once one is
-
-    def feed(self, segment: str, final: bool = False) -> tuple[str, bool]:
-        self.text += segment
-        for s in self.stops:
-            at = self.text.find(s, max(0, self.sent - len(s)))
-            if at != -1:
-                out = self.text[self.sent : at]
-                self.sent = at
-                self.matched = s
-                return out, True
-        upto = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        out = self.text[self.sent : upto]
-        self.sent = upto
-        return out, False
 
 
 def stream_generate(
@@ -270,7 +202,7 @@ def stream_generate(
                     logprobs=logprobs)
     detok = tokenizer.detokenizer
     detok.reset()
-    scanner = _StopScanner(stop)
+    scanner = StopScanner(stop)
     stats = engine.stats
     finish = None
     for step in engine.generate(ids, max_tokens, eos, prompt_cache=prompt_cache, snapshot_at=boundaries):

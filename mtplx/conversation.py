@@ -20,9 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-_SENTINEL = "\x00mtplx-reply\x00"
-
-
 class Conversation:
     """The token ids a chat has fed the model and the model has generated, turn after turn."""
 
@@ -36,12 +33,12 @@ class Conversation:
         """The ids to answer ``messages`` (whose last one is the new question) from: the tokens so
         far and the new turn. Then :meth:`add_reply` with the reply's tokens, or :meth:`drop_turn`
         if the turn did not complete."""
-        from mtplx.api import _chat_ids
+        from mtplx.chat_template import chat_ids
 
         self._undo = self.ids
-        full = _chat_ids(self.tokenizer, messages, enable_thinking, generation_prompt=True)
+        full = chat_ids(self.tokenizer, messages, enable_thinking, generation_prompt=True)
         first = not self.ids or len(messages) < 2
-        closed = [] if first else _chat_ids(self.tokenizer, messages[:-1], enable_thinking, generation_prompt=False)
+        closed = [] if first else chat_ids(self.tokenizer, messages[:-1], enable_thinking, generation_prompt=False)
         closing = None if first else self._assistant_closing(messages)
         if first or closing is None or full[: len(closed)] != closed:
             self.ids = full  # a first turn, or a template that does not extend: the full rendering
@@ -65,10 +62,8 @@ class Conversation:
     def _assistant_closing(self, messages: list[dict[str, Any]]) -> list[int] | None:
         """The tokens the template puts after an assistant turn's text (e.g. ``<|im_end|>\n``)."""
         if self._closing is None:
+            from mtplx.chat_template import assistant_closing
+
             question = next((m for m in messages if m["role"] == "user"), {"role": "user", "content": "x"})
-            text = self.tokenizer.apply_chat_template([question, {"role": "assistant", "content": _SENTINEL}],
-                                                      add_generation_prompt=False, tokenize=False)
-            if _SENTINEL not in text:
-                return None
-            self._closing = list(self.tokenizer.encode(text.split(_SENTINEL, 1)[1], add_special_tokens=False))
+            self._closing = assistant_closing(self.tokenizer, question)
         return self._closing

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from mtplx.errors import MtplxError
+from mtplx.stops import check_stop  # noqa: F401 - where the server and older callers find it
 
 
 @dataclass(frozen=True)
@@ -73,17 +74,3 @@ def check_prompt(prompt: Any) -> str | list[Any]:
     if any(isinstance(m, dict) for m in items):
         _check_messages(items)
     return items
-
-
-def check_stop(stop: Any) -> list[str]:
-    """Stop strings as a list: ``None`` is none, one string is one stop (as OpenAI's API takes it)."""
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    stops = list(stop) if isinstance(stop, (list, tuple)) else [stop]
-    for s in stops:
-        if not isinstance(s, str):
-            raise MtplxError(f"stop must be a string or a list of strings, and it holds {s!r}",
-                             fix="pass stop strings, e.g. stop=['\\n\\n']")
-    return stops

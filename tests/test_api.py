@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import mtplx
-from mtplx.api import _StopScanner, encode_prompt
+from mtplx.api import encode_prompt
+from mtplx.stops import StopScanner
 from mtplx.errors import MtplxError
 
 
@@ -80,13 +81,13 @@ def test_prompt_over_context_is_refused(demo):
 
 
 def test_stop_scanner_holds_back_partial_stops():
-    s = _StopScanner(["STOP"])
+    s = StopScanner(["STOP"])
     assert s.feed("abcST") == ("ab", False)
     assert s.feed("O") == ("c", False)  # "STO" may still begin "STOP"; "c" cannot
     assert s.matched is None
     assert s.feed("Pxyz") == ("", True)
     assert s.matched == "STOP"
-    s = _StopScanner([])
+    s = StopScanner([])
     assert s.feed("abc") == ("abc", False)
 
 
