@@ -20,7 +20,7 @@ import pytest
 
 import mtplx
 from cache_compare import compare
-from mtplx.engine.prompt_cache import PromptCache
+from mtplx.engine.prompt_cache import PromptCache, common_prefix
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.errors import MtplxError
@@ -76,9 +76,12 @@ def test_cache_reuse_counts_and_divergence(model):
 
 
 def test_snapshots_are_bounded(model):
+    """Past the bound, snapshots go from the middle: the smallest position (the prefix most
+    conversations share) and the latest (a regenerated reply) stay."""
     cache = PromptCache(model, snapshot_interval=2, max_snapshots=3)
     run(model, list(range(1, 20)), 1, 2, cache)
     assert len(cache.snapshots) == 3
+    assert min(cache.snapshots) == 2 and max(cache.snapshots) == 18
 
 
 def test_interrupted_update_starts_cold(model):
@@ -257,3 +260,23 @@ def test_an_array_prompt_uses_the_cache_like_a_list(demo):
     cache = mtplx.make_prompt_cache(model)
     assert mtplx.generate(model, tok, np.array(ids), prompt_cache=cache, **kw) == cold
     assert mtplx.generate(model, tok, np.array(ids), prompt_cache=cache, **kw) == cold
+
+
+def test_conversations_sharing_only_a_system_prompt_reuse_it(demo):
+    """Issue 21: a snapshot is taken at the end of the system prefix, so a second conversation
+    with the same system prompt (far below the 4,096-token interval) and another question
+    prefills only from the question on, and answers as it would cold."""
+    from mtplx.api import prompt_ids
+
+    model, tok = demo
+    system = {"role": "system", "content": "You are a careful Python programmer. Answer with code only."}
+    one = [system, {"role": "user", "content": "def add(a, b):"}]
+    two = [system, {"role": "user", "content": "class Stack:"}]
+    kw = dict(max_tokens=4, temperature=0.0, depth=2, enable_thinking=False)
+    cache = mtplx.make_prompt_cache(model)
+    mtplx.generate(model, tok, one, prompt_cache=cache, **kw)
+    prefix = common_prefix(prompt_ids(model, tok, one, False), prompt_ids(model, tok, two, False))
+    assert prefix > 10
+    hot = list(mtplx.stream_generate(model, tok, two, prompt_cache=cache, **kw))
+    assert prefix - 2 <= hot[-1].cached_tokens <= prefix
+    assert "".join(r.text for r in hot) == mtplx.generate(model, tok, two, **kw)

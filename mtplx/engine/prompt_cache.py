@@ -13,6 +13,8 @@ prefix. So the cache keeps snapshots of those states (references to immutable ar
 one copies nothing) at reuse boundaries:
 - before the last token of every prompt, i.e. before the reply: a regenerated reply, or a
   template that renders the previous reply differently, resumes there and prefills from there;
+- at the end of a chat's system/tools prefix (mtplx.chat_template.reuse_boundaries), so
+  conversations sharing only that prefix reuse it, however short;
 - every ``snapshot_interval`` tokens of a long prompt, so an edit deep inside a long document
   keeps the part before it.
 The longest usable prefix is then: all cached tokens when the prompt extends them, else the
@@ -166,7 +168,7 @@ class PromptCache:
     def snapshot_stops(self, prompt_len: int, reused: int, extra: Iterable[int] = ()) -> tuple[list[int], Callable[[int], None]]:
         """Where a prefill of ``prompt[reused:]`` stops for snapshots (relative positions) and
         the callback it calls there; ``extra`` adds positions (where a caller knows the next
-        prompt may diverge: see mtplx.api.reuse_boundaries)."""
+        prompt may diverge: see mtplx.chat_template.reuse_boundaries)."""
         wanted = {prompt_len - 1, *(p for p in extra if 0 < p < prompt_len)}
         wanted |= set(range(self.snapshot_interval, prompt_len, self.snapshot_interval))
         if reused == prompt_len - 1 and reused > 0 and reused not in self.snapshots:
@@ -184,7 +186,10 @@ class PromptCache:
         self.snapshots[position] = Snapshot(gated_delta=gated, head_offset=c.head[0].offset if c.head else 0,
                                             backlog=c.backlog, backlog_tokens=list(c.backlog_tokens))
         while len(self.snapshots) > self.max_snapshots:
-            del self.snapshots[min(self.snapshots)]
+            # Evict from the middle: the smallest position is the prefix most conversations share
+            # (a system prompt and tools), the largest ones serve a regenerated or re-rendered
+            # last turn; those in between are the cheapest to lose.
+            del self.snapshots[sorted(self.snapshots)[len(self.snapshots) // 2]]
 
     # -- copies and size --------------------------------------------------------------------
 
