@@ -19,7 +19,7 @@ from mtplx.artifact.loader import load as load_artifact
 from mtplx.chat_template import chat_ids, is_chat, reuse_boundaries
 from mtplx.engine.constraints import Constraint
 from mtplx.engine.logprobs import TokenLogprob
-from mtplx.engine.prompt_cache import PromptCache, make_prompt_cache
+from mtplx.engine.prompt_cache import PromptCache, check_prompt_cache, make_prompt_cache
 from mtplx.engine.prompt_cache_file import load_prompt_cache, save_prompt_cache
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
@@ -184,6 +184,8 @@ def stream_generate(
     temperature, top_p, top_k, min_p = k["temperature"], k["top_p"], k["top_k"], k["min_p"]
     depth, draft_temperature, seed = k["depth"], k["draft_temperature"], k["seed"]
     stop = check_stop(stop)
+    if prompt_cache is not None:
+        check_prompt_cache(prompt_cache)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     constraint = Constraint.from_response_format(response_format, tokenizer, model.vocab_size, eos)
     if constraint is not None:

@@ -275,7 +275,36 @@ def test_run_prompt_cache_file(tmp_path):
     a, b = json.loads(first.stdout), json.loads(second.stdout)
     assert a["text"] == b["text"] and a["stats"]["cached_tokens"] == 0
     assert b["stats"]["cached_tokens"] == b["stats"]["prompt_tokens"] - 1
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 64])
+    path.write_bytes(bytes(data))  # 64 bytes flipped mid-file (issue 21 row 3): never a wrong answer
+    damaged = invoke(*args)
+    assert damaged.exit_code == 0 and json.loads(damaged.stdout)["text"] == a["text"]
+    assert json.loads(damaged.stdout)["stats"]["cached_tokens"] == 0
+    assert damaged.stderr.count("\n") == 1 and "damaged" in damaged.stderr and "Starting without it" in damaged.stderr
     path.write_bytes(path.read_bytes()[:100])  # truncated
     third = invoke(*args)
     assert third.exit_code == 0 and json.loads(third.stdout)["text"] == a["text"]
     assert third.stderr.count("\n") == 1 and "cannot be read" in third.stderr and "Starting without it" in third.stderr
+
+
+def test_run_prompt_cache_file_any_name_and_unwritable(tmp_path):
+    """Issue 21 rows 4 and 11: `cache.bin` is read back by the next run; an unwritable path is
+    one line before anything is generated (it was found only after the reply)."""
+    import json
+
+    args = ["run", "--model", "demo", "--raw", "-t", "0", "-n", "2", "--json", "-", "def add(a, b):"]
+    first = invoke(*args[:-1], "--prompt-cache", str(tmp_path / "cache.bin"), args[-1])
+    second = invoke(*args[:-1], "--prompt-cache", str(tmp_path / "cache.bin"), args[-1])
+    assert first.exit_code == second.exit_code == 0 and second.stderr == "", second.output
+    assert json.loads(second.stdout)["stats"]["cached_tokens"] > 0
+    assert_one_line_error(invoke(*args[:-1], "--prompt-cache", "/proc/nope/x", args[-1]),
+                          "/proc/nope/x: the prompt cache cannot be written there")
+
+
+def test_run_refuses_an_empty_prompt_like_the_api():
+    """Issue 21 row 14: `mtplx run ""` and empty stdin generated an answer to a question nobody
+    asked (the chat template wraps even "" into tokens); the API refuses an empty prompt."""
+    assert_one_line_error(invoke("run", "--model", "demo", ""), "the prompt is empty")
+    assert_one_line_error(invoke("run", "--model", "demo", input=b""), "standard input is empty")
+    assert_one_line_error(invoke("run", "--model", "demo", "--raw", "-", input=b""), "standard input is empty")

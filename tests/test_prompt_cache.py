@@ -280,3 +280,72 @@ def test_conversations_sharing_only_a_system_prompt_reuse_it(demo):
     hot = list(mtplx.stream_generate(model, tok, two, prompt_cache=cache, **kw))
     assert prefix - 2 <= hot[-1].cached_tokens <= prefix
     assert "".join(r.text for r in hot) == mtplx.generate(model, tok, two, **kw)
+
+
+def _saved(model, tmp_path, name="c.safetensors"):
+    cache = mtplx.make_prompt_cache(model)
+    run(model, [5, 3, 5, 8, 9, 7, 9, 3], 2, 6, cache)
+    return mtplx.save_prompt_cache(tmp_path / name, cache), cache
+
+
+def _flip(path, at, n=64):
+    data = bytearray(path.read_bytes())
+    for i in range(at, at + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_tensor_bytes_are_refused_by_the_checksum(model, tmp_path):
+    """Issue 21 row 3: bytes changed inside the tensor data, header intact, loaded silently and
+    answered wrong; the sha256 checksum in the metadata refuses them."""
+    import struct
+
+    path, _ = _saved(model, tmp_path)
+    header = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+    size = path.stat().st_size
+    for at in (header, header + (size - header) // 2, size - 64):
+        damaged = tmp_path / f"damaged-{at}.safetensors"
+        damaged.write_bytes(path.read_bytes())
+        _flip(damaged, at)
+        with pytest.raises(MtplxError, match="damaged .*sha256"):
+            mtplx.load_prompt_cache(damaged, model)
+    mid = tmp_path / "mid.safetensors"  # 64 bytes mid-file, wherever that lands
+    mid.write_bytes(path.read_bytes())
+    _flip(mid, size // 2 - 32)
+    with pytest.raises(MtplxError, match="damaged|cannot be read"):
+        mtplx.load_prompt_cache(mid, model)
+    assert mtplx.load_prompt_cache(path, model).tokens  # the intact file still loads
+
+
+def test_any_file_name_works(model, tmp_path):
+    """Issue 21 row 4: `cache.bin` was written, then unreadable ("Unknown file format bin")."""
+    for name in ("cache.bin", "cache", "c.safetensors.old"):
+        path, cache = _saved(model, tmp_path, name)
+        assert path.name == name and path.is_file()
+        assert mtplx.load_prompt_cache(path, model).tokens == cache.tokens
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors.old", "cache", "cache.bin"]
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, "chat.safetensors", 5])
+def test_a_prompt_cache_of_the_wrong_type_is_refused(demo, value, tmp_path):
+    """Issue 21 row 10: prompt_cache={"a": 1} raised AttributeError from inside the engine."""
+    model, tok = demo
+    with pytest.raises(MtplxError, match=f"prompt_cache is a {type(value).__name__}, not a PromptCache"):
+        mtplx.generate(model, tok, "x", max_tokens=2, prompt_cache=value)
+    with pytest.raises(MtplxError, match="not a PromptCache"):
+        mtplx.save_prompt_cache(tmp_path / "x.safetensors", value)
+
+
+def test_an_unwritable_cache_path_is_refused_up_front(model, tmp_path):
+    from mtplx.engine.prompt_cache_file import check_writable
+
+    with pytest.raises(MtplxError, match="/proc/nope/x: the prompt cache cannot be written there"):
+        check_writable("/proc/nope/x")
+    with pytest.raises(MtplxError, match="is a directory"):
+        check_writable(tmp_path)
+    assert check_writable(tmp_path / "new" / "c.bin") == tmp_path / "new" / "c.bin"
+    assert list((tmp_path / "new").iterdir()) == []  # the probe file is gone
+    cache = mtplx.make_prompt_cache(model)
+    run(model, [1, 2, 3], 0, 2, cache)
+    with pytest.raises(MtplxError, match="could not be written"):
+        mtplx.save_prompt_cache("/proc/nope/x", cache)

@@ -71,8 +71,19 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
         if sys.stdin.isatty():
             raise click.UsageError("give a PROMPT or pipe one on standard input")
         prompt = read_stdin()
+        if not prompt:
+            raise MtplxError("standard input is empty: there is no prompt to complete",
+                             fix="pipe the prompt's text, or give it as the PROMPT argument")
     else:
         prompt = check_argument(prompt)
+        if not prompt:
+            # The API and /v1/completions refuse an empty prompt; so does run, even where the chat
+            # template would wrap it into tokens: the model would answer a question nobody asked.
+            raise MtplxError("the prompt is empty", fix="give the text to complete as PROMPT, or pipe it on standard input")
+    if prompt_cache_file:
+        from mtplx.engine.prompt_cache_file import check_writable
+
+        check_writable(prompt_cache_file)  # before loading and generating, not after
 
     import mtplx
     from mtplx.artifact.store import ensure_artifact

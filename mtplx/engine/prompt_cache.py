@@ -303,6 +303,15 @@ class PromptCacheLRU:
             return len(self._entries)
 
 
+def check_prompt_cache(value: Any) -> None:
+    """Raise :class:`MtplxError` unless ``value`` is a :class:`PromptCache` (a dict or a path
+    would otherwise fail deep inside the engine)."""
+    if not isinstance(value, PromptCache):
+        raise MtplxError(f"prompt_cache is a {type(value).__name__}, not a PromptCache",
+                         fix="make one with mtplx.make_prompt_cache(model) or load one with "
+                             "mtplx.load_prompt_cache(path, model)")
+
+
 def make_prompt_cache(model: MTPModel, **kwargs: Any) -> PromptCache:
     """A prompt cache for ``model``, in mlx-lm's style (see :class:`PromptCache`)."""
     return PromptCache(model, **kwargs)

@@ -9,30 +9,37 @@ documented layout (format version 1):
   ``head.{i}.values``, ``backlog``, and per snapshot ``snap.{pos}.{i}.conv`` /
   ``snap.{pos}.{i}.state`` / ``snap.{pos}.backlog``;
 - metadata: ``format`` = mtplx-prompt-cache, ``format_version``, ``mtplx_version``, ``model``
-  (the model identity hash of mtplx.engine.prompt_cache.model_identity), and ``layout``: JSON
-  with the cached tokens, the backlog tokens and each snapshot's head offset and backlog tokens.
+  (the model identity hash of mtplx.engine.prompt_cache.model_identity), ``layout``: JSON
+  with the cached tokens, the backlog tokens and each snapshot's head offset and backlog tokens,
+  and ``sha256``: a checksum of everything else (every other metadata field, then each array's
+  name, dtype, shape and bytes, in name order), checked at load.
 
-A file that is damaged, written for another model (or head setting) or by another mtplx version
-is refused with an :class:`MtplxError`; callers start cold then (never a wrong answer).
+The file is safetensors whatever its name says (it is written and read with an explicit
+format, so ``cache.bin`` works). A file that is damaged (the checksum catches bytes changed
+anywhere in the data, with the header intact), written for another model (or head setting) or
+by another mtplx version is refused with an :class:`MtplxError`; callers start cold then
+(never a wrong answer).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from mtplx._version import __version__
-from mtplx.engine.prompt_cache import PromptCache, Snapshot, model_identity
+from mtplx.engine.prompt_cache import PromptCache, Snapshot, check_prompt_cache, model_identity
 from mtplx.errors import MtplxError
 from mtplx.model.gated_delta_cache import GatedDeltaCache
 from mtplx.model.mtp_model import MTPModel
 
 FORMAT = "mtplx-prompt-cache"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the sha256 checksum
 _REBUILD = "delete it: the next run starts cold and writes a new one"
 
 
@@ -42,8 +49,39 @@ def _kv_arrays(prefix: str, c: KVCache, out: dict[str, mx.array]) -> None:
         out[f"{prefix}.values"] = c.values[..., : c.offset, :]
 
 
+def _checksum(arrays: dict[str, mx.array], metadata: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(k for k in metadata if k != "sha256"):
+        h.update(f"{key}={metadata[key]}\0".encode())
+    for name in sorted(arrays):
+        a = mx.contiguous(arrays[name])  # the bytes as the file stores them (a slice is a view)
+        mx.eval(a)
+        h.update(f"{name}:{a.dtype}:{tuple(a.shape)}\0".encode())
+        h.update(memoryview(a))
+    return h.hexdigest()
+
+
+def check_writable(path: str | Path) -> Path:
+    """Refuse, before any work is done, a path :func:`save_prompt_cache` could not write: a
+    directory, or a place where no file can be created (the check creates the missing parent
+    directories, as the save would, and a temporary file it removes)."""
+    path = Path(path)
+    if path.is_dir():
+        raise MtplxError("the prompt cache path is a directory", path=path, fix="name a file, e.g. chat.safetensors")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise MtplxError(f"the prompt cache cannot be written there ({e.strerror or e})", path=path,
+                         fix="choose a path in a directory you can write to") from None
+    return path
+
+
 def save_prompt_cache(path: str | Path, prompt_cache: PromptCache) -> Path:
-    """Write ``prompt_cache`` to ``path`` (atomically: a crash leaves the old file or none)."""
+    """Write ``prompt_cache`` to ``path`` (atomically: a crash leaves the old file or none).
+    Any file name works; the format is safetensors."""
+    check_prompt_cache(prompt_cache)
     path = Path(path)
     c = prompt_cache.cache
     arrays: dict[str, mx.array] = {}
@@ -68,10 +106,17 @@ def save_prompt_cache(path: str | Path, prompt_cache: PromptCache) -> Path:
     layout = {"tokens": prompt_cache.tokens, "backlog_tokens": c.backlog_tokens, "snapshots": snapshots}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "mtplx_version": __version__,
                 "model": prompt_cache.identity, "layout": json.dumps(layout)}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata["sha256"] = _checksum(arrays, metadata)
+    # MLX appends ".safetensors" to a name without it: the temporary name ends with it.
     tmp = path.with_name(path.name + ".tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # MLX reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise MtplxError(f"the prompt cache could not be written ({e})", path=path,
+                         fix="choose a path in a directory you can write to, with space left") from None
     return path
 
 
@@ -79,7 +124,8 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
     if not path.is_file():
         raise MtplxError("no prompt cache file here", path=path, fix="run once without it to create it")
     try:
-        return mx.load(str(path), return_metadata=True)
+        # An explicit format: MLX would otherwise go by the extension and refuse "cache.bin".
+        return mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:  # noqa: BLE001 - MLX raises several types for a damaged file
         raise MtplxError(f"the prompt cache file cannot be read ({e})", path=path, fix=_REBUILD) from None
 
@@ -95,6 +141,13 @@ def load_prompt_cache(path: str | Path, model: MTPModel) -> PromptCache:
                          f"{meta.get('format_version')}), this is mtplx {__version__}", path=path, fix=_REBUILD)
     if meta.get("model") != model_identity(model):
         raise MtplxError("the prompt cache was written for another model (its hash does not match this one's)",
+                         path=path, fix=_REBUILD)
+    try:
+        checksum = _checksum(arrays, meta)
+    except Exception as e:  # noqa: BLE001 - a damaged array may fail to load while it is read
+        raise MtplxError(f"the prompt cache file cannot be read ({e})", path=path, fix=_REBUILD) from None
+    if meta.get("sha256") != checksum:
+        raise MtplxError("the prompt cache file is damaged (its data does not match its sha256 checksum)",
                          path=path, fix=_REBUILD)
     try:
         return _rebuild(arrays, json.loads(meta["layout"]), model)
