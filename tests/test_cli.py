@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from click.testing import CliRunner
@@ -203,8 +204,16 @@ def interrupt_when(args: list[str], on_import: str | None, timeout: float = 120)
     # Import times only when an import is awaited: unread, their lines would fill the stderr pipe
     # while the test waits on stdout, and both processes would block.
     importtime = ["-X", "importtime"] if on_import is not None else []
+    # SIGINT's default disposition in the child, as a terminal gives it: a suite started as a
+    # background job of a non-interactive shell inherits SIGINT ignored, Python then keeps it
+    # ignored (rightly), and the child would run all its tokens (issue 21 row 18).
     proc = subprocess.Popen([sys.executable, *importtime, "-c", CONSOLE_SCRIPT, *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # The reads below block until the child writes or exits: the watchdog bounds them all.
+    fired = threading.Event()
+    watchdog = threading.Timer(timeout, lambda: (fired.set(), proc.kill()))
+    watchdog.start()
     sent, lines = False, []
     try:
         if on_import is None:
@@ -220,8 +229,10 @@ def interrupt_when(args: list[str], on_import: str | None, timeout: float = 120)
                 lines.append(line)
         rc = proc.wait(timeout)
     finally:
+        watchdog.cancel()
         proc.kill()
         proc.communicate()
+    assert not fired.is_set(), f"still running after {timeout} s (SIGINT sent: {sent})"
     assert sent, f"{on_import} was never imported"
     return rc, lines
 
