@@ -28,6 +28,23 @@ def _norm_names(names: list[str]) -> list[str]:
     return [n for n in names if n.endswith(".weight") and "norm" in n.split(".")[-2]]
 
 
+def _generation_defaults(path: Path) -> dict[str, Any]:
+    """The sampler the model's publisher set (temperature, top_p, top_k of generation_config.json),
+    only the keys it states; empty when there is no such file. Validation checks the values."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        gen = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"generation_config.json cannot be read ({e})", path=path,
+                            fix="re-download the artifact") from None
+    if not isinstance(gen, dict):
+        return {}
+    return {k: gen[k] for k in ("temperature", "top_p", "top_k")
+            if isinstance(gen.get(k), (int, float)) and not isinstance(gen[k], bool)}
+
+
 def contract_from_other_runtime(data: dict[str, Any], path: Path) -> RuntimeContract:
     inferred = [f"artifact made for another runtime (arch_id={data.get('arch_id')!r}); converted to mtplx format 1"]
     sidecar = next((c for c in SIDECAR_CANDIDATES if (path / c).is_file()), None)
@@ -63,7 +80,13 @@ def contract_from_other_runtime(data: dict[str, Any], path: Path) -> RuntimeCont
             inferred.append(f"norm weights average {mean:+.3f}: already absolute")
 
     depth = data.get("mtp_depth_default") or data.get("mtp_depth_max") or 1
-    sampler = data.get("recommended_draft_sampler") or {}
+    # The target's law is the model's own (generation_config.json, else the graft defaults);
+    # recommended_draft_sampler is the law the other runtime drafts from: our draft_temperature.
+    draft_sampler = data.get("recommended_draft_sampler") or {}
+    target = _generation_defaults(path)
+    inferred.append("sampling defaults: temperature, top_p, top_k from "
+                    + ("generation_config.json" if target else "mtplx's defaults (no generation_config.json)")
+                    + ("; draft_temperature from recommended_draft_sampler" if "temperature" in draft_sampler else ""))
     inferred.append("hidden_source post_norm and chain_hidden post_norm (not stated; the reference deployments' choice)")
     inferred.append("no provenance hashes in the artifact: hashes were computed at load and prove nothing about its origin")
     v1 = {
@@ -100,10 +123,10 @@ def contract_from_other_runtime(data: dict[str, Any], path: Path) -> RuntimeCont
         },
         "defaults": {
             "depth": int(min(depth, contract_io.MAX_DEPTH)),
-            "temperature": float(sampler.get("temperature", 0.6)),
-            "draft_temperature": float(sampler.get("temperature", 0.6)),
-            "top_p": float(sampler.get("top_p", 0.95)),
-            "top_k": int(sampler.get("top_k", 20)),
+            "temperature": float(target.get("temperature", 0.6)),
+            "draft_temperature": float(draft_sampler.get("temperature", target.get("temperature", 0.6))),
+            "top_p": float(target.get("top_p", 0.95)),
+            "top_k": int(target.get("top_k", 20)),
         },
     }
     contract_io.validate(v1, path / contract_io.CONTRACT_FILE)

@@ -39,9 +39,6 @@ from mtplx.engine.stats import DecodeStats
 from mtplx.errors import ContextOverflowError, MtplxError
 from mtplx.model.mtp_model import ModelCache, MTPModel
 
-# Kept for callers that chunk prompts themselves; the engine's own value lives in steps.py.
-PREFILL_CHUNK = steps.PREFILL_CHUNK
-
 
 @dataclass
 class Emitted:
@@ -173,7 +170,9 @@ class Engine:
         before the current token is read back. Each yield is (step, tokens the trunk consumed).
 
         With a prompt cache and a head, the trunk's hiddens are kept for the head's rows, so a
-        later MTP call on the same cache finds the head in step with the trunk."""
+        later MTP call on the same cache finds the head in step with the trunk. They join the
+        backlog, which is written to the head's cache every BACKLOG_FLUSH rows: growing one
+        backlog by concatenation would copy it whole at every token (O(n^2) for the reply)."""
         model, cache, constraint = self.model, self.cache, self.constraint
         keep_head = prompt_cache is not None and model.has_mtp
         logits, _, t0 = self._prefill(prompt, reused, prompt_cache, head=keep_head)
@@ -185,7 +184,6 @@ class Engine:
             t1 = time.perf_counter()
             if keep_head:
                 hidden, post = model.trunk_hidden(y[None], cache)
-                cache.backlog = mx.concatenate([cache.backlog, hidden], axis=1)
                 next_logits = model.trunk.lm_head(post)[:, -1]
             else:
                 next_logits = steps.ar_step(model, cache, y)
@@ -199,7 +197,9 @@ class Engine:
             mx.async_eval(next_y, *next_lp.arrays)
             token = y.item()
             if keep_head:
-                cache.backlog_tokens.append(token)
+                _extend_backlog(model, cache, hidden, token)
+                if not cache.backlog_tokens:  # just flushed: write the head's rows while decoding goes on
+                    mx.async_eval([a for layer in cache.head for a in (layer.keys, layer.values)], cache.backlog)
             now = time.perf_counter()
             if first:
                 self.stats.seconds["prefill"] += now - t0
@@ -302,8 +302,10 @@ class Engine:
                 return
 
     def _record(self, drafted: int, accepted: int, kept: list[int]) -> None:
-        # A step cut short by the budget or EOS counts only the drafts that reached the output.
-        self.stats.record_step(drafted, min(accepted, max(len(kept) - 1, 0)), len(kept))
+        # A step cut short by the budget or EOS counts only the drafts that reached the output:
+        # ``kept`` is the accepted drafts, then the step's own token; a cut inside the drafts
+        # leaves only drafts, all accepted.
+        self.stats.record_step(drafted, min(accepted, len(kept)), len(kept))
 
 
 # Rows a run of plain steps leaves in the backlog before they are written to the head's cache:

@@ -8,6 +8,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+from mtplx.errors import MtplxError
 from mtplx.model.draft_vocab import DraftVocab
 from mtplx.model.mtp_head import MTPHead
 from mtplx.model.gated_delta_cache import GatedDeltaCache
@@ -66,6 +67,23 @@ class ModelCache:
                           backlog_tokens=list(self.backlog_tokens))
 
 
+def _check_draft_ids(ids: Any, vocab_size: int) -> mx.array:
+    """Draft vocabulary ids as int32, or :class:`MtplxError`: a duplicate id would scatter two
+    subset columns onto one token and leave q too small there (the output inexact), so they
+    must be integers, sorted, unique and inside the vocabulary."""
+    ids = mx.array(ids)
+    if ids.ndim != 1 or ids.size == 0 or not mx.issubdtype(ids.dtype, mx.integer):
+        raise MtplxError(f"draft vocabulary ids must be a non-empty 1-D array of integers, got shape "
+                         f"{tuple(ids.shape)} of {ids.dtype}", fix="pass token ids such as mx.arange(1024)")
+    if ids.size > 1 and not bool(mx.all(ids[1:] > ids[:-1]).item()):
+        raise MtplxError("draft vocabulary ids must be sorted and unique", fix="pass sorted(set(ids))")
+    low, high = int(ids[0].item()), int(ids[-1].item())
+    if low < 0 or high >= vocab_size:
+        raise MtplxError(f"draft vocabulary ids must lie in [0, {vocab_size}), got {low if low < 0 else high}",
+                         fix="pass token ids of this model's vocabulary")
+    return ids.astype(mx.int32)
+
+
 class MTPModel:
     """A loaded artifact: trunk + head + the conventions of its contract."""
 
@@ -85,13 +103,10 @@ class MTPModel:
         if ids is None:
             self.draft_vocab = None
             return
+        ids = _check_draft_ids(ids, self.vocab_size)
         t = self.trunk
         projection = t.body.embed_tokens if t.args.tie_word_embeddings else t.text.lm_head
         self.draft_vocab = DraftVocab(ids, projection)
-
-    @property
-    def draft_vocab_size(self) -> int:
-        return self.draft_vocab.size if self.draft_vocab is not None else self.vocab_size
 
     @property
     def has_mtp(self) -> bool:
