@@ -7,7 +7,7 @@ messages; ``thinking`` turns the template's ``enable_thinking`` on or off. The a
 calls (parsed as for OpenAI) come back as ``tool_use`` blocks. Streaming follows Anthropic's
 event sequence: message_start, then per block content_block_start / _delta / _stop, then
 message_delta (stop_reason, usage) and message_stop. Errors have Anthropic's shape
-(``{"type": "error", "error": {"type", "message"}}``; see :func:`mtplx.server.core.error_response`).
+(``{"type": "error", "error": {"type", "message"}}``; see :func:`mtplx.server.errors.anthropic_body`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from mtplx.server.core import (MAX_STOPS, APIError, Core, Generation, StrictModel, checked_generation, mtplx_stats,
-                               unsupported)
+from mtplx.server.core import MAX_STOPS, Core, Generation, StrictModel, checked_generation, mtplx_stats
+from mtplx.server.errors import APIError, anthropic_body, unsupported
 from mtplx.server.queue import Job, JobStream
-from mtplx.server.tools import Answer, ToolCall, ToolFormat, tool_format
+from mtplx.server.tools import Answer, ToolCall, ToolFormat, check_tools, tool_format
 
 MIN_THINKING_BUDGET = 1024  # Anthropic's own floor for budget_tokens
 
@@ -179,15 +179,8 @@ def _tools(body: _Prompt, fmt: ToolFormat | None) -> list[dict[str, Any]] | None
     choice = body.tool_choice.type if body.tool_choice else "auto"
     if not body.tools or choice == "none":
         return None
-    if choice in ("any", "tool"):
-        raise unsupported("tool_choice", "mtplx cannot force a tool call (that needs constrained decoding of the "
-                                         "call); use 'auto' or 'none'")
-    for i, t in enumerate(body.tools):
-        if t.strict:
-            raise unsupported(f"tools[{i}].strict", "the input the model writes is not constrained to the schema")
-    if fmt is None:
-        raise unsupported("tools", "this model's chat template does not render tools (mlx-lm recognises no "
-                                   "tool-call format in it)")
+    check_tools(fmt, forced=choice in ("any", "tool"),
+                strict=[f"tools[{i}].strict" for i, t in enumerate(body.tools) if t.strict], response_format=False)
     return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                               "parameters": t.input_schema}} for t in body.tools]
 
@@ -216,12 +209,12 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
             "input": call.arguments}
 
 
-def _usage(prompt_tokens: int, last: Any) -> dict[str, int]:
-    """Anthropic's usage: ``input_tokens`` counts the prompt tokens prefilled, and
-    ``cache_read_input_tokens`` those a prompt cache served (their sum is the prompt)."""
-    cached = last.cached_tokens
+def _usage(prompt_tokens: int, cached: int, output_tokens: int) -> dict[str, int]:
+    """Anthropic's usage, one rule for message_start, message_delta and the whole message (as
+    Anthropic's API counts): ``input_tokens`` counts the prompt tokens prefilled, excluding
+    ``cache_read_input_tokens``, those a prompt cache served (their sum is the prompt)."""
     return {"input_tokens": prompt_tokens - cached, "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": cached, "output_tokens": last.generation_tokens}
+            "cache_read_input_tokens": cached, "output_tokens": output_tokens}
 
 
 def anthropic_routes(core: Core) -> APIRouter:
@@ -248,13 +241,19 @@ def anthropic_routes(core: Core) -> APIRouter:
                                                      template_kwargs=_thinking(body, body.max_tokens))
         return model, g, Answer(fmt if tools else None, tools)
 
-    async def stream(job: Job, answer: Answer, *, message: dict[str, Any], depth: int) -> AsyncIterator[str]:
-        yield _event("message_start", {"message": message})
+    async def stream(job: Job, answer: Answer, *, message: dict[str, Any]) -> AsyncIterator[str]:
         index, open_text = 0, False
         last = None
         try:
+            # message_start waits for the first step: how many prompt tokens a prompt cache
+            # served is known only once the engine has looked (Anthropic sends it after prefill too).
+            started = False
             async for r in core.steps(job):
                 last = r
+                if not started:
+                    message["usage"] = _usage(len(job.ids), r.cached_tokens, 0)
+                    yield _event("message_start", {"message": message})
+                    started = True
                 for piece in answer.feed(r.text, final=bool(r.finish_reason)):
                     if isinstance(piece, str):
                         if not open_text:
@@ -280,22 +279,21 @@ def anthropic_routes(core: Core) -> APIRouter:
                 yield _event("content_block_stop", {"index": index})
             reason, sequence = stop_reason(answer, last)
             yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                           "usage": _usage(len(job.ids), last),
-                                           "mtplx": mtplx_stats(last, depth)})
+                                           "usage": _usage(len(job.ids), last.cached_tokens, last.generation_tokens),
+                                           "mtplx": mtplx_stats(last, job)})
             yield _event("message_stop", {})
         except APIError as e:
-            yield f"event: error\ndata: {json.dumps(e.anthropic_body())}\n\n"
+            yield f"event: error\ndata: {json.dumps(anthropic_body(e))}\n\n"
 
     @router.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request) -> Response:
         model, g, answer = await prepare(body)
-        job, depth = core.submit(g)
+        job = core.submit(g)
         mid = f"msg_{uuid.uuid4().hex}"
         if body.stream:
             start = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
-                     "stop_reason": None, "stop_sequence": None,
-                     "usage": {"input_tokens": len(g.ids), "output_tokens": 0}}
-            return JobStream(stream(job, answer, message=start, depth=depth), core.scheduler, job)
+                     "stop_reason": None, "stop_sequence": None}
+            return JobStream(stream(job, answer, message=start), core.scheduler, job)
         out = await core.collect(request, job)
         content: list[dict[str, Any]] = []
         for piece in answer.feed(out.text, final=True):
@@ -309,8 +307,8 @@ def anthropic_routes(core: Core) -> APIRouter:
         return JSONResponse({
             "id": mid, "type": "message", "role": "assistant", "model": model,
             "content": content or [{"type": "text", "text": ""}], "stop_reason": reason, "stop_sequence": sequence,
-            "usage": _usage(len(g.ids), out.last),
-            "mtplx": mtplx_stats(out.last, depth),
+            "usage": _usage(len(g.ids), out.last.cached_tokens, out.last.generation_tokens),
+            "mtplx": mtplx_stats(out.last, job),
         })
 
     @router.post("/v1/messages/count_tokens")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Callable, Iterable
 
-from mtplx.server.core import APIError, error_response
+from mtplx.server.errors import APIError, error_response
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 

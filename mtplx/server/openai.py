@@ -18,17 +18,15 @@ from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
 from pydantic import Field
 
-from mtplx.engine.constraints import ResponseFormatError, grammar_for
+from mtplx.api import GenerationResponse
 from mtplx.prompts import check_stop
-from mtplx.server.core import (FINGERPRINT, MAX_STOPS, APIError, Core, Generation, StrictModel, checked_generation,
-                               mtplx_stats, unsupported, usage)
+from mtplx.server.core import FINGERPRINT, MAX_STOPS, Core, Generation, StrictModel, checked_generation, mtplx_stats
+from mtplx.server.errors import APIError, openai_body, unsupported
 from mtplx.server.queue import Job, JobStream
 from mtplx.server.logprobs import TokenText
-from mtplx.server.tools import Answer, ToolCall, ToolFormat, tool_format
+from mtplx.server.tools import Answer, ToolCall, ToolFormat, check_tools, tool_format
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 # chat_template_kwargs reach the template as variables; these would change what the server
@@ -83,26 +81,13 @@ class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        """OpenAI's shape, checked as the engine will compile it (a schema the grammar engine
-        cannot enforce is a 400 here, not an error after the request is queued)."""
+    def as_dict(self) -> dict[str, Any] | None:
+        """OpenAI's shape, for :meth:`Core.compile_format` (which checks the schema, once);
+        None for plain text."""
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise APIError(400, "'response_format.json_schema' goes with type 'json_schema', and only with it.",
                            param="response_format.json_schema", code="invalid_value")
-        if self.json_schema is not None and self.json_schema.schema_ is not None:
-            try:
-                validator_for(self.json_schema.schema_).check_schema(self.json_schema.schema_)
-            except SchemaError as e:
-                raise APIError(400, f"Invalid value for 'response_format.json_schema.schema': not a valid JSON "
-                                    f"Schema ({e.message}).", param="response_format.json_schema.schema",
-                               code="invalid_value") from None
-        out = self.model_dump(by_alias=True, exclude_none=True)
-        try:
-            grammar_for(out)
-        except ResponseFormatError as e:
-            raise APIError(400, f"Invalid value for 'response_format': {e}", param="response_format",
-                           code="invalid_value") from None
-        return out
+        return None if self.type == "text" else self.model_dump(by_alias=True, exclude_none=True)
 
 
 class ToolDefinition(StrictModel):
@@ -193,14 +178,32 @@ def _refuse_unsupported(body: _Common) -> None:
             raise unsupported("best_of", "the server generates one choice per request")
 
 
-def _generation(body: _Common, max_tokens_param: str = "max_tokens") -> Generation:
-    """The request's decoding knobs, each checked by mtplx.knobs (ids are filled in later)."""
+def _generation(body: _Common) -> Generation:
+    """The request's decoding knobs, each checked by mtplx.knobs (ids and the response_format's
+    grammar are filled in later)."""
     _refuse_unsupported(body)
+    max_tokens, param = body.max_tokens, "max_tokens"
+    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+        # OpenAI: max_completion_tokens supersedes the deprecated max_tokens. Both, with
+        # different values, is a contradiction the request must resolve, not one mtplx picks.
+        if max_tokens is not None and max_tokens != body.max_completion_tokens:
+            raise APIError(400, f"'max_tokens' ({max_tokens}) and 'max_completion_tokens' "
+                                f"({body.max_completion_tokens}) disagree; send only max_completion_tokens "
+                                "(max_tokens is its deprecated name).", param="max_tokens", code="invalid_value")
+        max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     return checked_generation(
-        max_tokens=getattr(body, max_tokens_param), max_tokens_param=max_tokens_param, temperature=body.temperature,
+        max_tokens=max_tokens, max_tokens_param=param, temperature=body.temperature,
         top_p=body.top_p, top_k=0 if body.top_k == -1 else body.top_k, min_p=body.min_p, seed=body.seed,
-        depth=body.depth, stop=check_stop(body.stop), logprobs=_logprobs(body),
-        response_format=body.response_format.as_dict() if getattr(body, "response_format", None) else None)
+        depth=body.depth, stop=check_stop(body.stop), logprobs=_logprobs(body))
+
+
+def usage(prompt_tokens: int, r: GenerationResponse | None) -> dict[str, Any]:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens``: prompt tokens a prompt cache
+    served instead of a prefill (OpenAI's field for its own prompt caching)."""
+    done = r.generation_tokens if r is not None else 0
+    cached = r.cached_tokens if r is not None else 0
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _logprobs(body: _Common) -> int | None:
@@ -244,7 +247,7 @@ def openai_routes(core: Core) -> APIRouter:
             return {"content": token_text.chat(lps), "refusal": None}
         return token_text.completion(lps, offset, k)
 
-    async def stream(job: Job, answer: Answer, *, chat: bool, model: str, prompt_tokens: int, depth: int,
+    async def stream(job: Job, answer: Answer, *, chat: bool, model: str, prompt_tokens: int,
                      include_usage: bool, k: int | None) -> AsyncIterator[str]:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         now = int(time.time())
@@ -283,21 +286,21 @@ def openai_routes(core: Core) -> APIRouter:
                 if lp is not None and (lp.get("content") or lp.get("tokens")):
                     yield _sse(chunk({}, logprobs=lp))
                 if last.finish_reason:
-                    yield _sse(chunk(finish=_finish_reason(answer, last.finish_reason), mtplx=mtplx_stats(last, depth)))
+                    yield _sse(chunk(finish=_finish_reason(answer, last.finish_reason), mtplx=mtplx_stats(last, job)))
             if include_usage:
-                final = chunk(usage=usage(prompt_tokens, last), mtplx=mtplx_stats(last, depth))
+                final = chunk(usage=usage(prompt_tokens, last), mtplx=mtplx_stats(last, job))
                 final["choices"] = []
                 yield _sse(final)
         except APIError as e:
-            yield _sse(e.body())
+            yield _sse(openai_body(e))
         yield "data: [DONE]\n\n"
 
     async def respond(request: Request, body: _Common, model: str, g: Generation, answer: Answer,
                       chat: bool) -> Response:
-        job, depth = core.submit(g)
+        job = core.submit(g)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return JobStream(stream(job, answer, chat=chat, model=model, prompt_tokens=len(g.ids), depth=depth,
+            return JobStream(stream(job, answer, chat=chat, model=model, prompt_tokens=len(g.ids),
                                     include_usage=include_usage, k=g.logprobs), core.scheduler, job)
         out = await core.collect(request, job)
         last = out.last
@@ -318,14 +321,15 @@ def openai_routes(core: Core) -> APIRouter:
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "system_fingerprint": FINGERPRINT,
-            "choices": [choice], "usage": usage(len(g.ids), last), "mtplx": mtplx_stats(last, depth),
+            "choices": [choice], "usage": usage(len(g.ids), last), "mtplx": mtplx_stats(last, job),
         })
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = core.resolve_model(body.model)
-        g = _generation(body, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        g = _generation(body)
         tools = _tools(body, fmt)
+        g.grammar = await core.compile_format(body.response_format.as_dict() if body.response_format else None)
         messages = [_message_dict(m, i, fmt) for i, m in enumerate(body.messages)]
         g.ids, g.boundaries = await core.encode_chat(messages, tools=tools, template_kwargs=_template_kwargs(body, g))
         return await respond(request, body, model, g, Answer(fmt if tools else None, tools), chat=True)
@@ -354,16 +358,9 @@ def _tools(body: ChatCompletionRequest, fmt: ToolFormat | None) -> list[dict[str
         return None
     if choice == "none":
         return None  # the model is not told about the tools, so it answers in text
-    if choice == "required" or isinstance(choice, NamedToolChoice):
-        raise unsupported("tool_choice", "mtplx cannot force a tool call (that needs constrained decoding of the "
-                                         "call); use 'auto' or 'none'")
-    for i, tool in enumerate(body.tools):
-        if tool.function.strict:
-            raise unsupported(f"tools[{i}].function.strict", "the arguments the model writes are not constrained "
-                                                             "to the schema; leave strict unset or false")
-    if fmt is None:
-        raise unsupported("tools", "this model's chat template does not render tools (mlx-lm recognises no "
-                                   "tool-call format in it)")
+    check_tools(fmt, forced=choice == "required" or isinstance(choice, NamedToolChoice),
+                strict=[f"tools[{i}].function.strict" for i, t in enumerate(body.tools) if t.function.strict],
+                response_format=body.response_format is not None and body.response_format.type != "text")
     return [t.model_dump(exclude_none=True) for t in body.tools]
 
 
@@ -380,7 +377,7 @@ def _template_kwargs(body: ChatCompletionRequest, g: Generation) -> dict[str, An
                        param="chat_template_kwargs.enable_thinking", code="invalid_value")
     if body.enable_thinking is not None:
         kwargs.setdefault("enable_thinking", body.enable_thinking)
-    if g.response_format is not None and g.response_format.get("type") != "text":
+    if g.grammar is not None:
         if kwargs.get("enable_thinking"):
             raise unsupported("enable_thinking", "thinking cannot be combined with a response_format: the grammar "
                                                  "applies from the first generated token")
