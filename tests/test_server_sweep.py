@@ -24,12 +24,14 @@ from server_helpers import assert_anthropic_error, assert_openai_error, running,
 import mtplx
 from mtplx.cli.app import cli
 from mtplx.engine.constraints import Constraint, compile_format, grammar_for
-from mtplx.engine.schema_limits import MAX_PATTERN_REPEAT, MAX_SCHEMA_DEPTH, pattern_repeat
+from mtplx.engine.schema_limits import MAX_PATTERN_REPEAT, MAX_SCHEMA_DEPTH, nesting, pattern_repeat
 from mtplx.errors import MtplxError
 from mtplx.server.app import create_app
+from mtplx.server.guards import MAX_JSON_DEPTH
 from mtplx.server.http import deadline_protocol
 
 ASK = [{"role": "user", "content": "Hello"}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
 def fmt(schema: dict) -> dict:
@@ -50,7 +52,8 @@ UNSERVABLE = [
     ({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, "describes no JSON value"),
     ({"type": "array", "items": {"$ref": "#"}, "minItems": 1}, "describes no JSON value"),
     ({"enum": []}, "describes no JSON value"),
-    (nested(300), f"at most {MAX_SCHEMA_DEPTH}"),  # row 8
+    (nested(300), f"at most {MAX_SCHEMA_DEPTH}"),  # row 8 (the server's body limit answers first)
+    (nested(40), f"at most {MAX_SCHEMA_DEPTH}"),  # within the body limit, past the schema's
     ({"type": "string", "pattern": "^(a|a)*b{1000000}$"}, f"at most {MAX_PATTERN_REPEAT}"),  # row 9
     ({"type": "object", "patternProperties": {"^(x{100}){100}$": {"type": "integer"}}}, f"at most {MAX_PATTERN_REPEAT}"),
 ]
@@ -91,11 +94,32 @@ def test_unservable_schema_is_one_mtplx_error_in_the_api(scripted, schema, says)
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("schema, says", UNSERVABLE)
 def test_unservable_schema_is_a_400_before_generating(server, schema, says, stream):
-    r = server.http.post("/v1/chat/completions", json={"messages": ASK, "response_format": fmt(schema),
-                                                       "stream": stream})
-    err = assert_openai_error(r)
-    assert says in err["message"] and "\n" not in err["message"]
-    assert err["param"] == "response_format.json_schema.schema"
+    body = {"messages": ASK, "response_format": fmt(schema), "stream": stream}
+    err = assert_openai_error(server.http.post("/v1/chat/completions", json=body))
+    assert "\n" not in err["message"]
+    if nesting(body) > MAX_JSON_DEPTH:
+        assert f"at most {MAX_JSON_DEPTH}" in err["message"] and err["code"] == "invalid_body"
+    else:
+        assert says in err["message"] and err["param"] == "response_format.json_schema.schema"
+
+
+@pytest.mark.parametrize("levels", [900, 100_000])
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", lambda d: {"messages": ASK, "chat_template_kwargs": {"x": d}}),
+    ("/v1/chat/completions", lambda d: {"messages": ASK, "metadata": {"x": d}}),
+    ("/v1/chat/completions", lambda d: {"messages": ASK, "tools": [{**TOOL, "function": {
+        "name": "f", "parameters": {"type": "object", "default": d}}}]}),
+    ("/v1/messages", lambda d: {"model": "scripted", "max_tokens": 2, "messages": ASK,
+                                "tools": [{"name": "f", "input_schema": {"x": d}}]}),
+])
+def test_a_deeply_nested_body_is_one_400_anywhere(server, path, body, levels):
+    """The class of row 8: any field nested past the limit (a RecursionError in pydantic, the
+    chat template or jsonschema otherwise), refused before a route sees it."""
+    content = json.dumps(body("DEEP")).replace('"DEEP"', "[" * levels + "]" * levels)
+    r = server.http.post(path, content=content, headers={"content-type": "application/json"})
+    check = assert_anthropic_error if path == "/v1/messages" else assert_openai_error
+    assert f"at most {MAX_JSON_DEPTH}" in check(r)["message"]
+    assert server.http.get("/health").status_code == 200
 
 
 @pytest.mark.parametrize("schema", SERVABLE)
@@ -187,9 +211,6 @@ def test_max_tokens_and_max_completion_tokens(server):
 
 
 # -- tools and response_format ------------------------------------------------------------------
-
-TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-
 
 def test_tools_with_a_response_format_are_refused(server):
     r = server.http.post("/v1/chat/completions", json={"messages": ASK, "tools": [TOOL],
