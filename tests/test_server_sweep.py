@@ -52,6 +52,7 @@ UNSERVABLE = [
     ({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, "describes no JSON value"),
     ({"type": "array", "items": {"$ref": "#"}, "minItems": 1}, "describes no JSON value"),
     ({"enum": []}, "describes no JSON value"),
+    ({"type": "object", "required": ["a"], "additionalProperties": False}, "describes no JSON value"),
     (nested(300), f"at most {MAX_SCHEMA_DEPTH}"),  # row 8 (the server's body limit answers first)
     (nested(40), f"at most {MAX_SCHEMA_DEPTH}"),  # within the body limit, past the schema's
     ({"type": "string", "pattern": "^(a|a)*b{1000000}$"}, f"at most {MAX_PATTERN_REPEAT}"),  # row 9
@@ -64,6 +65,8 @@ SERVABLE = [
     {"$defs": {"node": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
                         "required": ["kids"]}}, "$ref": "#/$defs/node"},
     {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"},
+    {"type": "object", "required": ["a1"], "patternProperties": {"^a[0-9]$": {"type": "integer"}},
+     "additionalProperties": False},
     nested(MAX_SCHEMA_DEPTH // 2 - 1),
 ]
 
@@ -193,6 +196,9 @@ def test_huge_max_tokens_is_capped_at_the_context_left(server, max_tokens):
     prompt = body["usage"]["prompt_tokens"]
     assert body["mtplx"]["max_tokens"] == model.max_context - prompt
     assert body["usage"]["completion_tokens"] <= model.max_context - prompt
+    r = server.http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": max_tokens})
+    assert r.status_code == 200, r.text
+    assert r.json()["mtplx"]["max_tokens"] == model.max_context - r.json()["usage"]["prompt_tokens"]
     r = server.http.post("/v1/messages", json={"model": "scripted", "messages": ASK, "max_tokens": max_tokens})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -280,3 +286,16 @@ def test_anthropic_input_tokens_exclude_cached_tokens_everywhere(server):
 def test_readme_documents_the_request_deadlines():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "408" in readme and "header" in readme.lower()
+
+
+def test_a_response_format_is_checked_and_compiled_once(server, monkeypatch):
+    """Once while the request is validated; the engine thread gets the compiled grammar."""
+    from mtplx.engine import constraints
+
+    calls = []
+    real = constraints.schema_limits.check
+    monkeypatch.setattr(constraints.schema_limits, "check", lambda *a: (calls.append(1), real(*a))[1])
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    r = server.http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 3, "response_format": fmt(schema)})
+    assert r.status_code == 200, r.text
+    assert len(calls) == 1

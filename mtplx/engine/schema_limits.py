@@ -57,8 +57,8 @@ def check(schema: Any, fail: Callable[[str, str], Exception]) -> None:
                        f"at most {MAX_PATTERN_REPEAT} (the grammar engine builds such patterns while decoding)",
                        "bound long strings with maxLength/minLength instead of {n} counts in the pattern")
     if not Values(schema).possible(schema):
-        raise fail("describes no JSON value at all (a $ref that leads back to itself before any value, or a required "
-                   "property whose schema requires its parent again), so nothing could be generated",
+        raise fail("describes no JSON value at all (e.g. a $ref that leads back to itself before any value, or a "
+                   "required property whose schema requires its parent again), so nothing could be generated",
                    "give the recursion a way out, e.g. make the recursive property optional")
 
 
@@ -249,7 +249,9 @@ class Values:
     def _type_has_value(self, node: dict, kind: Any) -> bool:
         if kind == "object":
             props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
-            extra = node.get("additionalProperties", True)
+            # A required name outside ``properties`` may match a patternProperties regex (not
+            # modelled here: count it as possible) or else falls to additionalProperties.
+            extra = True if node.get("patternProperties") else node.get("additionalProperties", True)
             for name in node.get("required") or []:
                 sub = props.get(name, extra) if isinstance(name, str) else True
                 if not self._has_value(sub):
