@@ -69,10 +69,6 @@ def unsupported(param: str, why: str) -> APIError:
     return APIError(400, f"'{param}' is not supported: {why}.", param=param, code="unsupported_parameter")
 
 
-def invalid(param: str, message: str) -> APIError:
-    return APIError(400, message, param=param, code="invalid_value")
-
-
 def knob(name: str, value: Any, param: str | None = None) -> Any:
     """A decoding knob checked by :mod:`mtplx.knobs` (the one definition of its limits);
     ``param`` names the request field when it differs from the knob's name."""
