@@ -36,11 +36,14 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running(app: Any, model: Any, tokenizer: Any) -> Iterator[Server]:
-    """Serve ``app`` on a free loopback port for the duration of the block."""
+def running(app: Any, model: Any, tokenizer: Any, **config: Any) -> Iterator[Server]:
+    """Serve ``app`` on a free loopback port for the duration of the block, configured as
+    ``mtplx serve`` configures uvicorn (``config`` overrides, e.g. ``http=``)."""
+    from mtplx.server.http import config as serve_config
+
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                        timeout_graceful_shutdown=2))
+    config.setdefault("timeout_graceful_shutdown", 2)
+    srv = uvicorn.Server(serve_config(app, "127.0.0.1", port, "warning", **config))
     thread = threading.Thread(target=srv.run, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

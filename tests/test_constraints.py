@@ -60,7 +60,7 @@ def test_json_shapes_compile():
 def test_bad_response_format_is_one_clear_error(response_format, says):
     with pytest.raises(ResponseFormatError) as e:
         grammar_for(response_format)
-    assert says in str(e.value) and e.value.param == "response_format"
+    assert says in str(e.value) and e.value.param.startswith("response_format")
     assert isinstance(e.value, MtplxError) and isinstance(e.value, ValueError)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from mtplx import knobs
-from mtplx.cli.options import distributed_options, force_option, json_option, knob, load_model, model_option, write_json
+from mtplx.cli.options import (FiniteFloatRange, distributed_options, force_option, json_option, knob, load_model,
+                               model_option, write_json)
 
 
 def _depths(value: str) -> list[int]:
@@ -51,7 +52,7 @@ def _shape_options(f):
         click.option("--max-depth", type=int, default=None, callback=_max_depth, help="--shape: deepest depth projected (default: one per --acceptance value)."),
         click.option("--draft-vocab", type=int, default=None,
                      help="--shape: draft vocabulary K measured (default 32768 where the vocabulary is larger; 0 = full)."),
-        click.option("--bandwidth-gbs", type=click.FloatRange(min=0, min_open=True), default=400.0, show_default=True,
+        click.option("--bandwidth-gbs", type=FiniteFloatRange(min=0, min_open=True), default=400.0, show_default=True,
                      help="--shape: memory bandwidth of the memory-bound projection."),
         click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="--shape: timed calls per component (median)."),
         click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +16,18 @@ from mtplx import knobs
 model_option = click.option("--model", "-m", "model_ref", default="demo", show_default=True,
                             help="Artifact: 'demo', a directory, or a Hugging Face repo id.")
 force_option = click.option("--force", is_flag=True, help="Load even if the sidecar's hashes do not match (loudly).")
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that refuses NaN and infinities: NaN fails no comparison, so a plain
+    FloatRange lets ``nan`` through to wherever the value is first used (after the model
+    loaded, as "unexpected ValueError"). Every float option with a range uses this type."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        out = super().convert(value, param, ctx)
+        if isinstance(out, float) and not math.isfinite(out):
+            self.fail(f"{value!r} is not a finite number; pass one {self._describe_range()}", param, ctx)
+        return out
 
 
 def knob(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -122,7 +135,7 @@ def distributed_options(f: Callable) -> Callable:
         click.option("--distributed", type=click.Choice(["pipeline"]), default=None,
                      help="Split the trunk's layers across the ranks mlx.launch started; rank 0 decodes: "
                           "`mlx.launch --backend ring --hosts IP0,IP1 -- mtplx ... --distributed pipeline`."),
-        click.option("--distributed-timeout", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+        click.option("--distributed-timeout", type=FiniteFloatRange(min=0.1), default=None, metavar="SECONDS",
                      help="How long a rank waits for another before the run ends on every rank (default 120)."),
         click.option("--distributed-layers", default=None, metavar="N0,N1,..",
                      help="Layers per rank, rank 0 (the last layers, lm_head and MTP head) first; default even."),

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from mtplx.cli.options import DistributedOptions, distributed_options, force_option, load_model, model_option
+from mtplx.cli.options import (DistributedOptions, FiniteFloatRange, distributed_options, force_option, load_model,
+                               model_option)
 from mtplx.errors import MtplxError
 from mtplx.knobs import MAX_DEPTH
 
@@ -61,9 +62,9 @@ def _check_port(host: str, port: int) -> None:
               help="Host header names accepted besides localhost/127.0.0.1/::1 (repeatable or comma-separated; "
                    "'*' accepts any). A loopback server refuses other names with 403 (DNS rebinding); a server "
                    "bound to another address checks Host only when this is given.")
-@click.option("--max-body-mb", type=click.FloatRange(0.001, 1024), default=8, show_default=True,
+@click.option("--max-body-mb", type=FiniteFloatRange(0.001, 1024), default=8, show_default=True,
               help="Largest request body read, in MiB; larger requests get 413 before they are read.")
-@click.option("--prompt-cache-gb", type=click.FloatRange(0.0, 4096), default=None,
+@click.option("--prompt-cache-gb", type=FiniteFloatRange(0.0, 4096), default=None,
               help="Memory for the prompt caches of recent conversations (a request that extends one prefills "
                    "only its new tokens); least recently used go first. Default: a tenth of the machine's memory.")
 @click.option("--no-prompt-cache", is_flag=True, help="Prefill every request in full (no prompt cache).")
@@ -85,6 +86,7 @@ def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool,
     """
     import uvicorn
 
+    from mtplx.server import http
     from mtplx.server.app import create_app
     from mtplx.server.guards import is_loopback_name
 
@@ -117,9 +119,8 @@ def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool,
     click.echo(f"mtplx serving {', '.join(names)} at {base}  (queue {queue_size}, {cache}, Ctrl-C to stop)")
     click.echo(f"try: curl {base}/chat/completions -H 'Content-Type: application/json' "
                f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
-    # A short graceful-shutdown window: open streams are cancelled (which frees the engine)
-    # instead of Ctrl-C waiting for a long generation to finish.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
+    # Deadlines for a request to arrive, and a short graceful-shutdown window (server/http.py).
+    uvicorn.Server(http.config(app, host, port, log_level)).run()
 
 
 COMMANDS = [serve]

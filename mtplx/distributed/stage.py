@@ -182,6 +182,10 @@ class LeaderStage(_Stage):
         self.link.send(control.encode(), "a control message", stream=mx.cpu)
 
     def _beat(self) -> None:
+        # This thread evaluates MLX arrays (the ping and its answer) while the engine thread
+        # may be inside its own evaluation: MLX evaluates from several threads safely since
+        # 0.31.2 (the floor in pyproject.toml), and tests/test_mlx_threads.py overlaps the two.
+        # The lock keeps a ping from interleaving with the engine's own messages.
         interval = self.link.timeout / 4
         while not self._stopped.wait(min(interval / 4, 1.0)):
             if self.broken is not None and time.monotonic() - self._broken_at > BROKEN_GRACE:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import llguidance
@@ -51,6 +52,7 @@ import mlx.core as mx
 import numpy as np
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
+from mtplx.engine import schema_limits
 from mtplx.errors import MtplxError
 from mtplx.knobs import KnobError
 
@@ -63,22 +65,47 @@ _JSON_SCHEMA_KEYS = {"name", "schema", "strict", "description"}
 JSON_OPTIONS = {"whitespace_pattern": r"[ ]|\n{1,2}[ \t]{0,20}"}
 
 
-class ResponseFormatError(KnobError):
-    """A ``response_format`` that is malformed or whose schema cannot be compiled."""
+def _limits() -> llguidance.LLParserLimits:
+    # verbose_errors=False: an error is one line, not a multi-KB dump of the parser's state.
+    return llguidance.LLParserLimits(verbose_errors=False)
 
-    def __init__(self, message: str, fix: str | None = None):
-        super().__init__("response_format", message, fix=fix)
+
+class ResponseFormatError(KnobError):
+    """A ``response_format`` that is malformed or whose schema cannot be compiled; ``param``
+    names the field (``response_format`` or a path inside it)."""
+
+    def __init__(self, message: str, fix: str | None = None, at: str = "response_format"):
+        super().__init__(at, message, fix=fix)
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A ``response_format`` checked and compiled by :func:`compile_format`. Passed as
+    ``response_format`` (to :func:`mtplx.stream_generate`, say), it is used as is: the server
+    checks and compiles a request's format once, when it validates the request, and the
+    engine thread only builds the matcher."""
+
+    text: str
 
 
 # -- response_format -> grammar ----------------------------------------------------------------
 
 
-def grammar_for(response_format: Mapping[str, Any] | None) -> str | None:
+def compile_format(response_format: Mapping[str, Any] | Grammar | None) -> Grammar | None:
+    """:func:`grammar_for` as a :class:`Grammar` (``None``: no constraint)."""
+    text = grammar_for(response_format)
+    return None if text is None else Grammar(text)
+
+
+def grammar_for(response_format: Mapping[str, Any] | Grammar | None) -> str | None:
     """Validate an OpenAI ``response_format`` and return its llguidance grammar, or ``None``
     for no constraint (``None`` or ``{"type": "text"}``). Needs no model: the server can call
-    it when it validates a request. Raises :class:`ResponseFormatError` naming the problem."""
+    it when it validates a request. Raises :class:`ResponseFormatError` naming the problem.
+    A :class:`Grammar` was checked when it was made and is returned as it is."""
     if response_format is None:
         return None
+    if isinstance(response_format, Grammar):
+        return response_format.text
     if not isinstance(response_format, Mapping):
         raise ResponseFormatError(f"response_format must be an object, got {response_format!r}",
                                   fix='pass {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}')
@@ -125,21 +152,29 @@ def _compile(schema: dict[str, Any], where: str) -> str:
     from jsonschema import SchemaError
     from jsonschema.validators import validator_for
 
+    at = "response_format.json_schema.schema" if where.startswith("response_format.json_schema") else "response_format"
+    # Nesting first: the metaschema check and llguidance recurse over the schema.
+    schema_limits.check(schema, lambda message, fix: ResponseFormatError(f"{where} {message}", fix=fix, at=at))
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as e:
-        at = "/".join(str(p) for p in e.path)
-        raise ResponseFormatError(f"{where} is not a valid JSON Schema{f' at {at}' if at else ''}: {e.message}",
-                                  fix="correct the schema (it is checked against its $schema's metaschema)") from None
+        path = "/".join(str(p) for p in e.path)
+        raise ResponseFormatError(f"{where} is not a valid JSON Schema{f' at {path}' if path else ''}: {e.message}",
+                                  fix="correct the schema (it is checked against its $schema's metaschema)",
+                                  at=at) from None
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
     except ValueError as e:
-        raise ResponseFormatError(f"{where} cannot be read as JSON: {e}") from None
-    problem = llguidance.LLMatcher.validate_grammar(grammar)
+        raise ResponseFormatError(f"{where} cannot be read as JSON: {e}", at=at) from None
+    problem = llguidance.LLMatcher.validate_grammar(grammar, limits=_limits())
     if problem:
-        raise ResponseFormatError(f"{where} cannot be enforced while decoding: {problem.strip()}",
-                                  fix="remove or rewrite the schema feature named above")
+        raise ResponseFormatError(f"{where} cannot be enforced while decoding: {_one_line(problem)}",
+                                  fix="remove or rewrite the schema feature named above", at=at)
     return grammar
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 # -- tokenizer view ------------------------------------------------------------------------------
@@ -190,14 +225,20 @@ class Constraint:
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str):
         self.vocab_size = tokenizer.vocab_size
-        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=_limits())
         if self._matcher.is_error():
-            raise MtplxError(f"the grammar cannot be compiled: {self._matcher.get_error()}")
+            raise MtplxError(f"the grammar cannot be compiled: {_one_line(self._matcher.get_error())}")
         self._eos = np.zeros(self.vocab_size, dtype=bool)
         self._eos[tokenizer.eos_tokens] = True
         self._bits = allocate_token_bitmask(1, self.vocab_size)
         self._draft_ids: tuple[Any, np.ndarray] | None = None
         self.start()
+        # Before the first token: a grammar whose first mask allows only end-of-sequence would
+        # generate an empty answer that is not JSON (schema_limits refuses the schemas known
+        # to do this; this catches any other way to get there).
+        if not (self.allowed() & ~self._eos).any():
+            raise MtplxError("the response_format admits no output but an empty one, which is not JSON",
+                             fix="check the schema's $ref and required properties")
 
     @classmethod
     def from_response_format(cls, response_format: Mapping[str, Any] | None, tokenizer: Any, vocab_size: int,
@@ -228,7 +269,7 @@ class Constraint:
         fill_next_token_bitmask(self._matcher, self._bits)
         allowed = np.unpackbits(self._bits[0].view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
         if not allowed.any():
-            raise MtplxError(f"the grammar matcher allows no token: {self._matcher.get_error() or 'dead end'}")
+            raise MtplxError(f"the grammar matcher allows no token: {_one_line(self._matcher.get_error() or 'dead end')}")
         return allowed
 
     @staticmethod
@@ -244,7 +285,7 @@ class Constraint:
     def advance(self, token: int) -> None:
         """Commit one emitted token (it was sampled from a masked law, so it is allowed)."""
         if self._move(token) == _NOTHING and not self._ended:
-            raise MtplxError(f"the grammar matcher refused token {token}: {self._matcher.get_error()}")
+            raise MtplxError(f"the grammar matcher refused token {token}: {_one_line(self._matcher.get_error())}")
 
     def _move(self, token: int) -> int:
         if self._ended:
@@ -284,7 +325,7 @@ class Constraint:
             return
         move = self._move(token)
         if move == _NOTHING and not self._ended:
-            raise MtplxError(f"the grammar matcher refused draft token {token}: {self._matcher.get_error()}")
+            raise MtplxError(f"the grammar matcher refused draft token {token}: {_one_line(self._matcher.get_error())}")
         self._step_moves.append(move)
 
     def mask_verify(self, logits: mx.array) -> mx.array:

@@ -7,118 +7,26 @@ messages; ``thinking`` turns the template's ``enable_thinking`` on or off. The a
 calls (parsed as for OpenAI) come back as ``tool_use`` blocks. Streaming follows Anthropic's
 event sequence: message_start, then per block content_block_start / _delta / _stop, then
 message_delta (stop_reason, usage) and message_stop. Errors have Anthropic's shape
-(``{"type": "error", "error": {"type", "message"}}``; see :func:`mtplx.server.core.error_response`).
+(``{"type": "error", "error": {"type", "message"}}``; see :func:`mtplx.server.errors.anthropic_body`).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import Field
 
-from mtplx.server.core import (MAX_STOPS, APIError, Core, Generation, StrictModel, checked_generation, mtplx_stats,
-                               unsupported)
+from mtplx.server.anthropic_requests import (CountTokensRequest, MessagesRequest, PromptRequest, TextBlock,
+                                             ThinkingBlock, ToolUseBlock)
+from mtplx.server.core import Core, Generation, checked_generation, mtplx_stats
+from mtplx.server.errors import APIError, anthropic_body, unsupported
 from mtplx.server.queue import Job, JobStream
-from mtplx.server.tools import Answer, ToolCall, ToolFormat, tool_format
+from mtplx.server.tools import Answer, ToolCall, ToolFormat, check_tools, tool_format
 
 MIN_THINKING_BUDGET = 1024  # Anthropic's own floor for budget_tokens
-
-
-# -- request bodies ----------------------------------------------------------------------------
-
-class TextBlock(StrictModel):
-    type: Literal["text"]
-    text: str
-    cache_control: dict[str, Any] | None = None  # accepted: a caching hint, no effect
-    citations: list[dict[str, Any]] | None = None  # accepted only empty (checked below)
-
-
-class ToolUseBlock(StrictModel):
-    type: Literal["tool_use"]
-    id: str
-    name: str
-    input: dict[str, Any]
-    cache_control: dict[str, Any] | None = None
-
-
-class ToolResultBlock(StrictModel):
-    type: Literal["tool_result"]
-    tool_use_id: str
-    content: str | list[TextBlock] | None = None
-    is_error: bool | None = None
-    cache_control: dict[str, Any] | None = None
-
-
-class ThinkingBlock(StrictModel):
-    type: Literal["thinking"]
-    thinking: str
-    signature: str | None = None  # accepted: mtplx signs nothing
-    cache_control: dict[str, Any] | None = None
-
-
-Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock, Field(discriminator="type")]
-
-
-class Message(StrictModel):
-    role: Literal["user", "assistant"]
-    content: str | list[Block]
-
-
-class Tool(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")
-    description: str | None = None
-    input_schema: dict[str, Any]
-    type: Literal["custom"] | None = None
-    cache_control: dict[str, Any] | None = None
-    strict: bool | None = None  # refused when true: the input is not constrained to the schema
-
-
-class ToolChoice(StrictModel):
-    type: Literal["auto", "any", "tool", "none"]
-    name: str | None = None
-    disable_parallel_tool_use: bool | None = None
-
-
-class Thinking(StrictModel):
-    type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = None
-    display: Literal["summarized", "omitted"] | None = None  # accepted: the reasoning stays in the text
-
-
-class Metadata(StrictModel):
-    user_id: str | None = None
-
-
-class _Prompt(StrictModel):
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    system: str | list[TextBlock] | None = None
-    tools: list[Tool] | None = None
-    tool_choice: ToolChoice | None = None
-    thinking: Thinking | None = None
-
-
-class CountTokensRequest(_Prompt):
-    pass
-
-
-class MessagesRequest(_Prompt):
-    max_tokens: int
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    stop_sequences: Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
-    stream: bool = False
-    metadata: Metadata | None = None  # accepted: a label, no effect
-    service_tier: str | None = None  # accepted: one model, one tier
-    # mtplx extensions, as on the OpenAI routes
-    min_p: float | None = None
-    seed: int | None = None
-    depth: int | None = None
 
 
 # -- request -> template -----------------------------------------------------------------------
@@ -132,7 +40,7 @@ def _text(blocks: str | list[TextBlock] | None, param: str) -> str:
     return "\n".join(b.text for b in blocks)
 
 
-def _template_messages(body: _Prompt, fmt: ToolFormat | None) -> list[dict[str, Any]]:
+def _template_messages(body: PromptRequest, fmt: ToolFormat | None) -> list[dict[str, Any]]:
     """Anthropic's messages -> the chat template's (OpenAI-like) messages."""
     out: list[dict[str, Any]] = []
     system = _text(body.system, "system")
@@ -174,25 +82,18 @@ def _template_messages(body: _Prompt, fmt: ToolFormat | None) -> list[dict[str, 
     return out
 
 
-def _tools(body: _Prompt, fmt: ToolFormat | None) -> list[dict[str, Any]] | None:
+def _tools(body: PromptRequest, fmt: ToolFormat | None) -> list[dict[str, Any]] | None:
     """The tools in the form chat templates and tool parsers read (OpenAI's)."""
     choice = body.tool_choice.type if body.tool_choice else "auto"
     if not body.tools or choice == "none":
         return None
-    if choice in ("any", "tool"):
-        raise unsupported("tool_choice", "mtplx cannot force a tool call (that needs constrained decoding of the "
-                                         "call); use 'auto' or 'none'")
-    for i, t in enumerate(body.tools):
-        if t.strict:
-            raise unsupported(f"tools[{i}].strict", "the input the model writes is not constrained to the schema")
-    if fmt is None:
-        raise unsupported("tools", "this model's chat template does not render tools (mlx-lm recognises no "
-                                   "tool-call format in it)")
+    check_tools(fmt, forced=choice in ("any", "tool"),
+                strict=[f"tools[{i}].strict" for i, t in enumerate(body.tools) if t.strict], response_format=False)
     return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                               "parameters": t.input_schema}} for t in body.tools]
 
 
-def _thinking(body: _Prompt, max_tokens: int | None) -> dict[str, Any]:
+def _thinking(body: PromptRequest, max_tokens: int | None) -> dict[str, Any]:
     t = body.thinking
     if t is None:
         return {}  # the template's default
@@ -216,29 +117,72 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
             "input": call.arguments}
 
 
-def _usage(prompt_tokens: int, last: Any) -> dict[str, int]:
-    """Anthropic's usage: ``input_tokens`` counts the prompt tokens prefilled, and
-    ``cache_read_input_tokens`` those a prompt cache served (their sum is the prompt)."""
-    cached = last.cached_tokens
+def _usage(prompt_tokens: int, cached: int, output_tokens: int) -> dict[str, int]:
+    """Anthropic's usage, one rule for message_start, message_delta and the whole message (as
+    Anthropic's API counts): ``input_tokens`` counts the prompt tokens prefilled, excluding
+    ``cache_read_input_tokens``, those a prompt cache served (their sum is the prompt)."""
     return {"input_tokens": prompt_tokens - cached, "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": cached, "output_tokens": last.generation_tokens}
+            "cache_read_input_tokens": cached, "output_tokens": output_tokens}
 
 
-def anthropic_routes(core: Core) -> APIRouter:
-    router = APIRouter()
-    fmt = tool_format(core.tokenizer)
+def _stop_reason(answer: Answer, last: Any) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence) of a finished generation, from its last chunk."""
+    if last.finish_reason == "length":
+        return "max_tokens", None
+    if answer.called:
+        return "tool_use", None
+    if last.stop_sequence is not None:
+        return "stop_sequence", last.stop_sequence
+    return "end_turn", None
 
-    def stop_reason(answer: Answer, last: Any) -> tuple[str, str | None]:
-        """(stop_reason, stop_sequence) of a finished generation, from its last chunk."""
-        if last.finish_reason == "length":
-            return "max_tokens", None
-        if answer.called:
-            return "tool_use", None
-        if last.stop_sequence is not None:
-            return "stop_sequence", last.stop_sequence
-        return "end_turn", None
 
-    async def prepare(body: MessagesRequest) -> tuple[str, Generation, Answer]:
+class AnthropicRoutes:
+    """The Messages routes over one :class:`Core`."""
+
+    def __init__(self, core: Core):
+        self.core = core
+        self.fmt = tool_format(core.tokenizer)
+
+    def router(self) -> APIRouter:
+        router = APIRouter()
+        router.add_api_route("/v1/messages", self.messages, methods=["POST"])
+        router.add_api_route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"])
+        return router
+
+    async def messages(self, body: MessagesRequest, request: Request) -> Response:
+        core = self.core
+        model, g, answer = await self.prepare(body)
+        job = core.submit(g)
+        mid = f"msg_{uuid.uuid4().hex}"
+        if body.stream:
+            start = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
+                     "stop_reason": None, "stop_sequence": None}
+            return JobStream(self.stream(job, answer, message=start), core.scheduler, job)
+        out = await core.collect(request, job)
+        content: list[dict[str, Any]] = []
+        for piece in answer.feed(out.text, final=True):
+            if isinstance(piece, ToolCall):
+                content.append(_tool_use(piece))
+            elif content and content[-1]["type"] == "text":
+                content[-1]["text"] += piece
+            else:
+                content.append({"type": "text", "text": piece})
+        reason, sequence = _stop_reason(answer, out.last)
+        return JSONResponse({
+            "id": mid, "type": "message", "role": "assistant", "model": model,
+            "content": content or [{"type": "text", "text": ""}], "stop_reason": reason, "stop_sequence": sequence,
+            "usage": _usage(len(g.ids), out.last.cached_tokens, out.last.generation_tokens),
+            "mtplx": mtplx_stats(out.last, job),
+        })
+
+    async def count_tokens(self, body: CountTokensRequest) -> dict[str, int]:
+        self.core.resolve_model(body.model)
+        ids, _ = await self.core.encode_chat(_template_messages(body, self.fmt), tools=_tools(body, self.fmt),
+                                             template_kwargs=_thinking(body, None))
+        return {"input_tokens": len(ids)}
+
+    async def prepare(self, body: MessagesRequest) -> tuple[str, Generation, Answer]:
+        core, fmt = self.core, self.fmt
         model = core.resolve_model(body.model)
         g = checked_generation(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                top_k=body.top_k, min_p=body.min_p, seed=body.seed, depth=body.depth,
@@ -248,12 +192,16 @@ def anthropic_routes(core: Core) -> APIRouter:
                                                      template_kwargs=_thinking(body, body.max_tokens))
         return model, g, Answer(fmt if tools else None, tools)
 
-    async def stream(job: Job, answer: Answer, *, message: dict[str, Any], depth: int) -> AsyncIterator[str]:
-        yield _event("message_start", {"message": message})
+    async def stream(self, job: Job, answer: Answer, *, message: dict[str, Any]) -> AsyncIterator[str]:
         index, open_text = 0, False
         last = None
         try:
-            async for r in core.steps(job):
+            # message_start waits for the first step: how many prompt tokens a prompt cache
+            # served is known only once the engine has looked (Anthropic sends it after prefill too).
+            async for r in self.core.steps(job):
+                if last is None:
+                    message["usage"] = _usage(len(job.ids), r.cached_tokens, 0)
+                    yield _event("message_start", {"message": message})
                 last = r
                 for piece in answer.feed(r.text, final=bool(r.finish_reason)):
                     if isinstance(piece, str):
@@ -278,46 +226,14 @@ def anthropic_routes(core: Core) -> APIRouter:
                 open_text = True
             if open_text:
                 yield _event("content_block_stop", {"index": index})
-            reason, sequence = stop_reason(answer, last)
+            reason, sequence = _stop_reason(answer, last)
             yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                           "usage": _usage(len(job.ids), last),
-                                           "mtplx": mtplx_stats(last, depth)})
+                                           "usage": _usage(len(job.ids), last.cached_tokens, last.generation_tokens),
+                                           "mtplx": mtplx_stats(last, job)})
             yield _event("message_stop", {})
         except APIError as e:
-            yield f"event: error\ndata: {json.dumps(e.anthropic_body())}\n\n"
+            yield f"event: error\ndata: {json.dumps(anthropic_body(e))}\n\n"
 
-    @router.post("/v1/messages")
-    async def messages(body: MessagesRequest, request: Request) -> Response:
-        model, g, answer = await prepare(body)
-        job, depth = core.submit(g)
-        mid = f"msg_{uuid.uuid4().hex}"
-        if body.stream:
-            start = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
-                     "stop_reason": None, "stop_sequence": None,
-                     "usage": {"input_tokens": len(g.ids), "output_tokens": 0}}
-            return JobStream(stream(job, answer, message=start, depth=depth), core.scheduler, job)
-        out = await core.collect(request, job)
-        content: list[dict[str, Any]] = []
-        for piece in answer.feed(out.text, final=True):
-            if isinstance(piece, ToolCall):
-                content.append(_tool_use(piece))
-            elif content and content[-1]["type"] == "text":
-                content[-1]["text"] += piece
-            else:
-                content.append({"type": "text", "text": piece})
-        reason, sequence = stop_reason(answer, out.last)
-        return JSONResponse({
-            "id": mid, "type": "message", "role": "assistant", "model": model,
-            "content": content or [{"type": "text", "text": ""}], "stop_reason": reason, "stop_sequence": sequence,
-            "usage": _usage(len(g.ids), out.last),
-            "mtplx": mtplx_stats(out.last, depth),
-        })
 
-    @router.post("/v1/messages/count_tokens")
-    async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
-        core.resolve_model(body.model)
-        ids, _ = await core.encode_chat(_template_messages(body, fmt), tools=_tools(body, fmt),
-                                        template_kwargs=_thinking(body, None))
-        return {"input_tokens": len(ids)}
-
-    return router
+def anthropic_routes(core: Core) -> APIRouter:
+    return AnthropicRoutes(core).router()

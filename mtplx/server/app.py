@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtplx._version import __version__
 from mtplx.server.anthropic import anthropic_routes
-from mtplx.server.core import APIError, Core, error_response, validation_error
+from mtplx.server.core import Core
+from mtplx.server.errors import APIError, error_response, from_exception, is_client_error, validation_error
 from mtplx.server.guards import RequestGuard
 from mtplx.server.metrics import CONTENT_TYPE, MetricsMiddleware
 from mtplx.server.openai import openai_routes
@@ -79,7 +80,10 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # The traceback goes to the server log (uvicorn prints it), never to the client.
+        # The traceback goes to the server log (uvicorn prints it), never to the client. An
+        # MtplxError that escaped a route's own checks is still the request's fault: a 400.
+        if is_client_error(exc):
+            return error_response(from_exception(exc), request.url.path)
         err = APIError(500, f"Internal server error ({type(exc).__name__}); see the server log.", type_="server_error")
         return error_response(err, request.url.path)
 

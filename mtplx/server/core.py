@@ -1,7 +1,9 @@
-"""The request core every API dialect shares: errors, prompt encoding, the queue and the engine,
-and usage. The OpenAI routes (:mod:`mtplx.server.openai`) and the Anthropic routes
+"""The request core every API dialect shares: prompt encoding, response_format compiling, the
+queue and the engine. The OpenAI routes (:mod:`mtplx.server.openai`) and the Anthropic routes
 (:mod:`mtplx.server.anthropic`) each turn their request into a :class:`Generation` and their
-answer out of :class:`GenerationResponse` objects; everything between is here, once.
+answer out of :class:`GenerationResponse` objects; everything between is here, once. Nothing
+here knows a dialect: errors are :class:`~mtplx.server.errors.APIError`, shaped per dialect by
+:mod:`mtplx.server.errors`, and each dialect writes its own usage.
 """
 
 from __future__ import annotations
@@ -11,129 +13,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
+import jinja2
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from mtplx import knobs
 from mtplx._version import __version__
 from mtplx.api import GenerationResponse, default_depth, reuse_boundaries
+from mtplx.engine.constraints import Grammar, ResponseFormatError, compile_format
 from mtplx.engine.prompt_cache import PromptCacheLRU
 from mtplx.errors import MtplxError
 from mtplx.knobs import KnobError
+from mtplx.server import errors
+from mtplx.server.errors import APIError, knob
 from mtplx.server.metrics import Metrics
 from mtplx.server.queue import Job, QueueFull, Scheduler, ShuttingDown, until_disconnect
 
 RETRY_AFTER_S = 1
 FINGERPRINT = f"mtplx-{__version__}"
-
-# -- errors ------------------------------------------------------------------------------------
-
-class APIError(Exception):
-    """An error answered as JSON. ``type_`` and ``code`` follow OpenAI's vocabulary; the
-    Anthropic routes render the same error in Anthropic's shape (:func:`error_response`)."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        """OpenAI's shape: {"error": {message, type, param, code}}."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def anthropic_body(self) -> dict[str, Any]:
-        """Anthropic's shape: {"type": "error", "error": {type, message}}."""
-        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
-                                           "message": self.message}}
-
-
-# Anthropic names errors by status (https://docs.anthropic.com/en/api/errors).
-_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 499: "api_error",
-                    500: "api_error", 503: "overloaded_error"}
-ANTHROPIC_PREFIX = "/v1/messages"
-
-
-def is_anthropic(path: str) -> bool:
-    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
-
-
-def error_response(err: APIError, path: str) -> JSONResponse:
-    """``err`` in the shape of the API that ``path`` belongs to."""
-    body = err.anthropic_body() if is_anthropic(path) else err.body()
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
-
-
-def _param(loc: tuple) -> str | None:
-    """('body', 'messages', 0, 'content', 'list[ContentPart]', 0) -> 'messages[0].content[0]'.
-    Pydantic adds the union member it tried ('str', 'list[str]') to the path; drop those."""
-    out = ""
-    for p in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif p not in _TYPE_TAGS and "[" not in p:
-            out += f".{p}" if out else p
-    return out or None
-
-
-def validation_error(request: Request, exc: RequestValidationError) -> APIError:
-    """Turn pydantic's first complaint into one sentence."""
-    errors = exc.errors()
-    first = _param(tuple(errors[0].get("loc", ()))) or ""
-    # A union field reports one error per member; the one that is not a type mismatch says
-    # what is actually wrong (too many stop strings, not "should be a string"; an unknown
-    # content block type, not "content should be a string").
-    related = [e for e in errors if (_param(tuple(e.get("loc", ()))) or "").startswith(first)]
-    err = next((e for e in related if not str(e.get("type", "")).endswith("_type")), errors[0])
-    param = _param(tuple(err.get("loc", ())))
-    kind = err.get("type", "")
-    ctype = request.headers.get("content-type", "")
-    if kind == "json_invalid":
-        detail = (err.get("ctx") or {}).get("error", "invalid JSON")
-        return APIError(400, f"Could not parse the JSON body of the request ({detail}). "
-                             "Send a JSON object with Content-Type: application/json.", code="invalid_json")
-    if param is None:  # the body as a whole
-        if "json" not in ctype.lower():
-            return APIError(400, f"Unsupported Content-Type {ctype or '(none)'!r}: send the request body as JSON "
-                                 "with Content-Type: application/json.", code="invalid_content_type")
-        return APIError(400, "The request body must be a JSON object.", code="invalid_body")
-    if kind == "missing":
-        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-    if kind == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: '{param}'. mtplx does not support it "
-                             "(the README lists every supported field).", param=param, code="unsupported_parameter")
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    return APIError(400, f"Invalid value for '{param}': {msg}.", param=param, code="invalid_value")
-
-
-def unsupported(param: str, why: str) -> APIError:
-    """A field mtplx understands but cannot honour: refused, never silently dropped."""
-    return APIError(400, f"'{param}' is not supported: {why}.", param=param, code="unsupported_parameter")
-
-
-def knob(name: str, value: Any, param: str | None = None) -> Any:
-    """A decoding knob checked by :mod:`mtplx.knobs` (the one definition of its limits);
-    ``param`` names the request field when it differs from the knob's name."""
-    try:
-        return knobs.check(name, value)
-    except KnobError as e:
-        raise APIError(400, str(e), param=param or e.param, code="invalid_value") from None
-
-
-def engine_error(exc: BaseException) -> APIError:
-    """An exception raised while generating -> the error the client sees."""
-    if isinstance(exc, ShuttingDown):
-        return APIError(503, str(exc), type_="server_error", code="unavailable")
-    if isinstance(exc, (MtplxError, ValueError)):
-        return APIError(400, str(exc))
-    return APIError(500, f"Generation failed ({type(exc).__name__}); see the server log.", type_="server_error")
-
 
 # -- request bodies ----------------------------------------------------------------------------
 
@@ -162,7 +59,7 @@ class Generation:
     stop: list[str] = field(default_factory=list)
     boundaries: tuple[int, ...] = ()  # where the next turn may diverge (prompt-cache snapshots)
     logprobs: int | None = None  # alternatives per token; None = no logprobs
-    response_format: dict[str, Any] | None = None  # OpenAI's shape, validated; None or "text" = free text
+    grammar: Grammar | None = None  # a compiled response_format (Core.compile_format); None = free text
 
 
 # Stop strings one request may give (OpenAI's API allows 4, Anthropic's more; the scanner's
@@ -173,7 +70,7 @@ MAX_STOPS = 16
 def checked_generation(*, max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, min_p: Any, seed: Any,
                        depth: Any, max_tokens_param: str = "max_tokens", **rest: Any) -> Generation:
     """A :class:`Generation` with each decoding knob checked by :func:`knob` (ids are filled in
-    later); ``rest`` (stop, logprobs, response_format) is taken as given."""
+    later); ``rest`` (stop, logprobs) is taken as given."""
     return Generation([], max_tokens=knob("max_tokens", max_tokens, max_tokens_param),
                       temperature=knob("temperature", temperature), top_p=knob("top_p", top_p),
                       top_k=knob("top_k", top_k), min_p=knob("min_p", min_p), seed=knob("seed", seed),
@@ -203,20 +100,20 @@ def _chars(value: Any) -> int:
     return 0
 
 
-def usage(prompt_tokens: int, r: GenerationResponse | None) -> dict[str, Any]:
-    """OpenAI's usage; ``prompt_tokens_details.cached_tokens``: prompt tokens a prompt cache
-    served instead of a prefill (OpenAI's field for its own prompt caching)."""
-    done = r.generation_tokens if r is not None else 0
-    cached = r.cached_tokens if r is not None else 0
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def mtplx_stats(r: GenerationResponse, depth: int) -> dict[str, Any]:
-    """The ``mtplx`` field of a response: how the speculation went."""
+def mtplx_stats(r: GenerationResponse, job: Job) -> dict[str, Any]:
+    """The ``mtplx`` field of a response: how the speculation went, and the token budget the
+    generation ran under (``max_tokens``: the request's, capped at the context left)."""
     return {"tokens_per_second": round(r.generation_tps, 3), "prompt_tokens_per_second": round(r.prompt_tps, 3),
             "acceptance": [round(a, 4) for a in r.acceptance], "tokens_per_step": round(r.tokens_per_step, 4),
-            "depth": depth}
+            "depth": job.kwargs["depth"], "max_tokens": job.kwargs["max_tokens"]}
+
+
+def engine_error(exc: BaseException) -> APIError:
+    """An exception raised while generating -> the error the client sees (a server fault is
+    logged, see :func:`mtplx.server.errors.from_exception`)."""
+    if isinstance(exc, ShuttingDown):
+        return APIError(503, str(exc), type_="server_error", code="unavailable")
+    return errors.from_exception(exc)
 
 
 class Core:
@@ -292,9 +189,22 @@ class Core:
     async def _tokenize(self, fn: Callable[[], Any], param: str) -> list[int]:
         try:
             ids = await asyncio.get_running_loop().run_in_executor(self._tok_pool, fn)
-        except Exception as e:  # noqa: BLE001 - e.g. a chat template that rejects the conversation
+        except (jinja2.TemplateError, MtplxError) as e:  # a chat template that rejects the conversation
             raise APIError(400, f"Could not build the prompt: {e}", param=param) from e
+        except Exception as e:  # noqa: BLE001 - anything else is the server's fault: logged, 500
+            raise errors.from_exception(e, "Building the prompt") from e
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    async def compile_format(self, response_format: dict[str, Any] | None) -> Grammar | None:
+        """A request's response_format checked and compiled, once, while the request is
+        validated (on the tokenizer's thread: a large schema must not stall the event loop);
+        the engine thread gets the result and only builds the matcher."""
+        if response_format is None:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tok_pool, compile_format, response_format)
+        except ResponseFormatError as e:
+            raise APIError(400, f"Invalid value for '{e.param}': {e}", param=e.param, code="invalid_value") from None
 
     async def encode_text(self, text: str, param: str) -> list[int]:
         self.check_prompt_chars(len(text), param)
@@ -324,8 +234,10 @@ class Core:
 
     # -- generations ---------------------------------------------------------------------------
 
-    def submit(self, g: Generation) -> tuple[Job, int]:
-        """Queue ``g``; returns the job and the depth it runs at."""
+    def submit(self, g: Generation) -> Job:
+        """Queue ``g``. ``job.kwargs`` holds what it runs with: ``depth``, and ``max_tokens``
+        capped at the context left after the prompt (a larger request, up to 2**63 and beyond,
+        is honoured as "as many as fit"; finish_reason "length" and ``mtplx.max_tokens`` tell)."""
         model = self.model
         if not g.ids:
             raise APIError(400, "The prompt is empty.", param="prompt")
@@ -334,11 +246,12 @@ class Core:
         depth = self.depth if g.depth is None else g.depth
         if depth > 0 and not model.has_mtp:
             raise APIError(400, "This server's model has no MTP head; only depth 0 is available.", param="depth")
-        kwargs = dict(max_tokens=g.max_tokens or self.max_tokens_default, temperature=g.temperature,
+        left = model.max_context - len(g.ids)
+        kwargs = dict(max_tokens=min(g.max_tokens or self.max_tokens_default, left), temperature=g.temperature,
                       top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, depth=depth, seed=g.seed, stop=g.stop,
                       logprobs=g.logprobs)
-        if g.response_format is not None and g.response_format.get("type") != "text":
-            kwargs["response_format"] = g.response_format
+        if g.grammar is not None:
+            kwargs["response_format"] = g.grammar
         job = Job(g.ids, kwargs, asyncio.get_running_loop(), boundaries=g.boundaries)
         try:
             self.scheduler.submit(job)
@@ -347,7 +260,7 @@ class Core:
                            code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from e
         except ShuttingDown as e:
             raise APIError(503, str(e), type_="server_error", code="unavailable") from e
-        return job, depth
+        return job
 
     async def steps(self, job: Job) -> AsyncIterator[GenerationResponse]:
         """The job's engine steps as they come; an engine failure or a cancellation before the

@@ -1,5 +1,5 @@
-"""Checks every HTTP request passes before any route sees it: the Host header (DNS rebinding)
-and the size of the body (read into memory only up to a limit).
+"""Checks every HTTP request passes before any route sees it: the Host header (DNS rebinding),
+the size of the body (read into memory only up to a limit) and how deeply a JSON body nests.
 
 Pure ASGI, so the body limit holds for chunked uploads that declare no Content-Length: the body
 is read here, at most ``max_body_bytes`` of it, and replayed to the app.
@@ -7,12 +7,34 @@ is read here, at most ``max_body_bytes`` of it, and replayed to the app.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import re
 from typing import Any, Callable, Iterable
 
-from mtplx.server.core import APIError, error_response
+import numpy as np
+
+from mtplx.server.errors import APIError, error_response
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+# How deeply a JSON body may nest (objects and arrays). Pydantic, the chat template (Jinja),
+# jsonschema and llguidance all recurse over what they are given, and a body nested ~900 deep
+# (3.6 KB) raised RecursionError in them: a 500 and a long traceback. A response_format schema
+# may nest 64 levels (engine/schema_limits.py) inside the 4 of the body around it.
+MAX_JSON_DEPTH = 100
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_STEP = np.zeros(256, dtype=np.int8)
+_STEP[[ord("["), ord("{")]] = 1
+_STEP[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(body: bytes) -> int:
+    """How deeply ``body`` nests, for JSON (for anything else, a number that means nothing):
+    strings dropped, then a running sum of the brackets left. C speed: an 8 MiB body of
+    brackets takes milliseconds, and nothing recurses."""
+    brackets = np.frombuffer(_STRING.sub(b"", body), dtype=np.uint8)
+    steps = _STEP[brackets]
+    return int(np.cumsum(steps, dtype=np.int64).max(initial=0)) if steps.size else 0
 
 
 def host_name(header: str) -> str:
@@ -87,13 +109,22 @@ class RequestGuard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        body = b"".join(chunks)
+        # A large body is measured off the event loop (8 MiB takes about a second here).
+        depth = 0 if "json" not in headers.get("content-type", "").lower() else \
+            json_depth(body) if len(body) < 2**16 else await asyncio.to_thread(json_depth, body)
+        if depth > MAX_JSON_DEPTH:
+            await self._refuse(scope, receive, send, APIError(
+                400, f"The request body nests {depth} levels deep (objects and arrays inside each other); this "
+                     f"server takes at most {MAX_JSON_DEPTH}.", code="invalid_body"))
+            return
         replayed = False
 
         async def replay() -> dict:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: http.disconnect, when the client leaves
 
         await self.app(scope, replay, send)

@@ -14,21 +14,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Literal
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
-from pydantic import Field
 
-from mtplx.engine.constraints import ResponseFormatError, grammar_for
+from mtplx.api import GenerationResponse
 from mtplx.prompts import check_stop
-from mtplx.server.core import (FINGERPRINT, MAX_STOPS, APIError, Core, Generation, StrictModel, checked_generation,
-                               mtplx_stats, unsupported, usage)
-from mtplx.server.queue import Job, JobStream
+from mtplx.server.core import FINGERPRINT, Core, Generation, checked_generation, mtplx_stats
+from mtplx.server.errors import APIError, openai_body, unsupported
 from mtplx.server.logprobs import TokenText
-from mtplx.server.tools import Answer, ToolCall, ToolFormat, tool_format
+from mtplx.server.openai_requests import (ChatCompletionRequest, ChatMessage, CommonRequest, CompletionRequest,
+                                          MessageToolCall, NamedToolChoice)
+from mtplx.server.queue import Job, JobStream
+from mtplx.server.tools import Answer, ToolCall, ToolFormat, check_tools, tool_format
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 # chat_template_kwargs reach the template as variables; these would change what the server
@@ -37,141 +37,7 @@ RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tools", "documents", "a
                             "return_dict", "chat_template", "continue_final_message", "return_assistant_tokens_mask"}
 
 
-# -- request bodies ----------------------------------------------------------------------------
-
-class ContentPart(StrictModel):
-    type: str
-    text: str | None = None
-
-
-class FunctionCall(StrictModel):
-    name: str
-    arguments: str  # a JSON object, as the API returned it
-
-
-class MessageToolCall(StrictModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None  # accepted; Qwen's template has no place for it
-    tool_calls: list[MessageToolCall] | None = None  # assistant
-    tool_call_id: str | None = None  # tool
-    reasoning_content: str | None = None  # assistant (vLLM's field; Qwen's template renders it)
-    refusal: str | None = None  # accepted, as clients send back the assistant messages they got
-
-
-class FunctionDefinition(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None  # refused when true: arguments are not constrained to the schema
-
-
-class JsonSchemaFormat(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(StrictModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """OpenAI's shape, checked as the engine will compile it (a schema the grammar engine
-        cannot enforce is a 400 here, not an error after the request is queued)."""
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise APIError(400, "'response_format.json_schema' goes with type 'json_schema', and only with it.",
-                           param="response_format.json_schema", code="invalid_value")
-        if self.json_schema is not None and self.json_schema.schema_ is not None:
-            try:
-                validator_for(self.json_schema.schema_).check_schema(self.json_schema.schema_)
-            except SchemaError as e:
-                raise APIError(400, f"Invalid value for 'response_format.json_schema.schema': not a valid JSON "
-                                    f"Schema ({e.message}).", param="response_format.json_schema.schema",
-                               code="invalid_value") from None
-        out = self.model_dump(by_alias=True, exclude_none=True)
-        try:
-            grammar_for(out)
-        except ResponseFormatError as e:
-            raise APIError(400, f"Invalid value for 'response_format': {e}", param="response_format",
-                           code="invalid_value") from None
-        return out
-
-
-class ToolDefinition(StrictModel):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class FunctionName(StrictModel):
-    name: str
-
-
-class NamedToolChoice(StrictModel):
-    type: Literal["function"]
-    function: FunctionName
-
-
-class StreamOptions(StrictModel):
-    include_usage: bool = False
-
-
-class _Common(StrictModel):
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = Field(None, description="mtplx/vLLM extension; 0 or -1 disables it")
-    min_p: float | None = None
-    seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    depth: int | None = Field(None, description="mtplx extension: draft depth, 0 = plain AR")
-    # Refused unless neutral: mtplx samples one choice from the model's own law.
-    n: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    # Accepted, no effect: labels for OpenAI's bookkeeping.
-    user: str | None = None
-
-
-class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    enable_thinking: bool | None = Field(None, description="mtplx extension (also chat_template_kwargs)")
-    tools: list[ToolDefinition] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # accepted: every call the model writes is returned
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
-    reasoning_effort: str | None = None  # refused: thinking is on or off (enable_thinking)
-    store: bool | None = None  # refused when true: nothing is stored
-    metadata: dict[str, str] | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str]
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
-
-
-def _refuse_unsupported(body: _Common) -> None:
+def _refuse_unsupported(body: CommonRequest) -> None:
     if body.n not in (None, 1):
         raise unsupported("n", "the server generates one choice per request (n=1)")
     for name in ("frequency_penalty", "presence_penalty"):
@@ -193,17 +59,35 @@ def _refuse_unsupported(body: _Common) -> None:
             raise unsupported("best_of", "the server generates one choice per request")
 
 
-def _generation(body: _Common, max_tokens_param: str = "max_tokens") -> Generation:
-    """The request's decoding knobs, each checked by mtplx.knobs (ids are filled in later)."""
+def _generation(body: CommonRequest) -> Generation:
+    """The request's decoding knobs, each checked by mtplx.knobs (ids and the response_format's
+    grammar are filled in later)."""
     _refuse_unsupported(body)
+    max_tokens, param = body.max_tokens, "max_tokens"
+    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+        # OpenAI: max_completion_tokens supersedes the deprecated max_tokens. Both, with
+        # different values, is a contradiction the request must resolve, not one mtplx picks.
+        if max_tokens is not None and max_tokens != body.max_completion_tokens:
+            raise APIError(400, f"'max_tokens' ({max_tokens}) and 'max_completion_tokens' "
+                                f"({body.max_completion_tokens}) disagree; send only max_completion_tokens "
+                                "(max_tokens is its deprecated name).", param="max_tokens", code="invalid_value")
+        max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     return checked_generation(
-        max_tokens=getattr(body, max_tokens_param), max_tokens_param=max_tokens_param, temperature=body.temperature,
+        max_tokens=max_tokens, max_tokens_param=param, temperature=body.temperature,
         top_p=body.top_p, top_k=0 if body.top_k == -1 else body.top_k, min_p=body.min_p, seed=body.seed,
-        depth=body.depth, stop=check_stop(body.stop), logprobs=_logprobs(body),
-        response_format=body.response_format.as_dict() if getattr(body, "response_format", None) else None)
+        depth=body.depth, stop=check_stop(body.stop), logprobs=_logprobs(body))
 
 
-def _logprobs(body: _Common) -> int | None:
+def usage(prompt_tokens: int, r: GenerationResponse | None) -> dict[str, Any]:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens``: prompt tokens a prompt cache
+    served instead of a prefill (OpenAI's field for its own prompt caching)."""
+    done = r.generation_tokens if r is not None else 0
+    cached = r.cached_tokens if r is not None else 0
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _logprobs(body: CommonRequest) -> int | None:
     """How many alternatives per token to report, or None for no logprobs."""
     if isinstance(body, ChatCompletionRequest):
         if body.top_logprobs is not None and not body.logprobs:
@@ -232,80 +116,85 @@ def _tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     return out if index is None else {"index": index, **out}
 
 
-def openai_routes(core: Core) -> APIRouter:
-    router = APIRouter()
-    fmt = tool_format(core.tokenizer)
-    token_text = TokenText(core.tokenizer)
+@dataclass
+class _Chunks:
+    """The chunks of one streamed answer: the same id, time and model on each."""
 
-    def logprobs_json(lps: list[Any] | None, chat: bool, k: int | None, offset: int) -> dict[str, Any] | None:
-        if k is None:
-            return None
-        if chat:
-            return {"content": token_text.chat(lps), "refusal": None}
-        return token_text.completion(lps, offset, k)
+    chat: bool
+    model: str
+    include_usage: bool
+    rid: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
 
-    async def stream(job: Job, answer: Answer, *, chat: bool, model: str, prompt_tokens: int, depth: int,
-                     include_usage: bool, k: int | None) -> AsyncIterator[str]:
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        now = int(time.time())
+    def __post_init__(self) -> None:
+        self.rid = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
 
-        def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, logprobs: Any = None,
-                  **extra: Any) -> dict:
-            if chat:
-                choice = {"index": 0, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": (delta or {}).get("content", ""), "logprobs": logprobs,
-                          "finish_reason": finish}
-            out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": now,
-                   "model": model, "system_fingerprint": FINGERPRINT, "choices": [choice]}
-            if include_usage:
-                out["usage"] = None
-            out.update(extra)
-            return out
+    def __call__(self, delta: dict[str, Any] | None = None, finish: str | None = None, logprobs: Any = None,
+                 **extra: Any) -> dict[str, Any]:
+        if self.chat:
+            choice = {"index": 0, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": (delta or {}).get("content", ""), "logprobs": logprobs,
+                      "finish_reason": finish}
+        out = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+               "created": self.created, "model": self.model, "system_fingerprint": FINGERPRINT, "choices": [choice]}
+        if self.include_usage:
+            out["usage"] = None
+        out.update(extra)
+        return out
 
-        last = None
-        calls = offset = 0
-        try:
-            if chat:
-                yield _sse(chunk({"role": "assistant", "content": ""}))
-            async for last in core.steps(job):
-                # A step's logprobs ride on its first chunk (or on one of their own).
-                lp = logprobs_json(last.logprobs, chat, k, offset)
-                if lp is not None and not chat:
-                    offset += sum(map(len, lp["tokens"]))
-                for piece in answer.feed(last.text, final=bool(last.finish_reason)):
-                    if isinstance(piece, ToolCall):
-                        yield _sse(chunk({"tool_calls": [_tool_call_json(piece, calls)]}, logprobs=lp))
-                        calls += 1
-                    else:
-                        yield _sse(chunk({"content": piece}, logprobs=lp))
-                    lp = None
-                if lp is not None and (lp.get("content") or lp.get("tokens")):
-                    yield _sse(chunk({}, logprobs=lp))
-                if last.finish_reason:
-                    yield _sse(chunk(finish=_finish_reason(answer, last.finish_reason), mtplx=mtplx_stats(last, depth)))
-            if include_usage:
-                final = chunk(usage=usage(prompt_tokens, last), mtplx=mtplx_stats(last, depth))
-                final["choices"] = []
-                yield _sse(final)
-        except APIError as e:
-            yield _sse(e.body())
-        yield "data: [DONE]\n\n"
 
-    async def respond(request: Request, body: _Common, model: str, g: Generation, answer: Answer,
+class OpenAIRoutes:
+    """The two routes over one :class:`Core`: each turns its request into a
+    :class:`Generation` and hands it to :meth:`respond`, which streams or returns the answer."""
+
+    def __init__(self, core: Core):
+        self.core = core
+        self.fmt = tool_format(core.tokenizer)
+        self.token_text = TokenText(core.tokenizer)
+
+    def router(self) -> APIRouter:
+        router = APIRouter()
+        router.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        router.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        return router
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        core, fmt = self.core, self.fmt
+        model = core.resolve_model(body.model)
+        g = _generation(body)
+        tools = _tools(body, fmt)
+        g.grammar = await core.compile_format(body.response_format.as_dict() if body.response_format else None)
+        messages = [_message_dict(m, i, fmt) for i, m in enumerate(body.messages)]
+        g.ids, g.boundaries = await core.encode_chat(messages, tools=tools, template_kwargs=_template_kwargs(body, g))
+        return await self.respond(request, body, model, g, Answer(fmt if tools else None, tools), chat=True)
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        core = self.core
+        model = core.resolve_model(body.model)
+        g = _generation(body)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise unsupported("prompt", "one prompt per request (a list of one string or of token ids)")
+            prompt = prompt[0]
+        g.ids = await core.encode_text(prompt, "prompt") if isinstance(prompt, str) else core.check_ids(prompt, "prompt")
+        return await self.respond(request, body, model, g, Answer(None, None), chat=False)
+
+    async def respond(self, request: Request, body: CommonRequest, model: str, g: Generation, answer: Answer,
                       chat: bool) -> Response:
-        job, depth = core.submit(g)
+        core = self.core
+        job = core.submit(g)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return JobStream(stream(job, answer, chat=chat, model=model, prompt_tokens=len(g.ids), depth=depth,
-                                    include_usage=include_usage, k=g.logprobs), core.scheduler, job)
+            chunks = _Chunks(chat, model, bool(body.stream_options and body.stream_options.include_usage))
+            return JobStream(self.stream(job, answer, chunks, k=g.logprobs), core.scheduler, job)
         out = await core.collect(request, job)
         last = out.last
         pieces = answer.feed(out.text, final=True)
         text = "".join(p for p in pieces if isinstance(p, str))
         finish = _finish_reason(answer, last.finish_reason)
         all_logprobs = [lp for r in out.steps for lp in r.logprobs or []]
-        logprobs = logprobs_json(all_logprobs, chat, g.logprobs, 0)
+        logprobs = self.logprobs_json(all_logprobs, chat, g.logprobs, 0)
         if chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             calls = [_tool_call_json(p) for p in pieces if isinstance(p, ToolCall)]
@@ -318,31 +207,50 @@ def openai_routes(core: Core) -> APIRouter:
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "system_fingerprint": FINGERPRINT,
-            "choices": [choice], "usage": usage(len(g.ids), last), "mtplx": mtplx_stats(last, depth),
+            "choices": [choice], "usage": usage(len(g.ids), last), "mtplx": mtplx_stats(last, job),
         })
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        model = core.resolve_model(body.model)
-        g = _generation(body, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
-        tools = _tools(body, fmt)
-        messages = [_message_dict(m, i, fmt) for i, m in enumerate(body.messages)]
-        g.ids, g.boundaries = await core.encode_chat(messages, tools=tools, template_kwargs=_template_kwargs(body, g))
-        return await respond(request, body, model, g, Answer(fmt if tools else None, tools), chat=True)
+    async def stream(self, job: Job, answer: Answer, chunk: _Chunks, k: int | None) -> AsyncIterator[str]:
+        chat = chunk.chat
+        last = None
+        calls = offset = 0
+        try:
+            if chat:
+                yield _sse(chunk({"role": "assistant", "content": ""}))
+            async for last in self.core.steps(job):
+                # A step's logprobs ride on its first chunk (or on one of their own).
+                lp = self.logprobs_json(last.logprobs, chat, k, offset)
+                if lp is not None and not chat:
+                    offset += sum(map(len, lp["tokens"]))
+                for piece in answer.feed(last.text, final=bool(last.finish_reason)):
+                    if isinstance(piece, ToolCall):
+                        yield _sse(chunk({"tool_calls": [_tool_call_json(piece, calls)]}, logprobs=lp))
+                        calls += 1
+                    else:
+                        yield _sse(chunk({"content": piece}, logprobs=lp))
+                    lp = None
+                if lp is not None and (lp.get("content") or lp.get("tokens")):
+                    yield _sse(chunk({}, logprobs=lp))
+                if last.finish_reason:
+                    yield _sse(chunk(finish=_finish_reason(answer, last.finish_reason), mtplx=mtplx_stats(last, job)))
+            if chunk.include_usage:
+                final = chunk(usage=usage(len(job.ids), last), mtplx=mtplx_stats(last, job))
+                final["choices"] = []
+                yield _sse(final)
+        except APIError as e:
+            yield _sse(openai_body(e))
+        yield "data: [DONE]\n\n"
 
-    @router.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        model = core.resolve_model(body.model)
-        g = _generation(body)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise unsupported("prompt", "one prompt per request (a list of one string or of token ids)")
-            prompt = prompt[0]
-        g.ids = await core.encode_text(prompt, "prompt") if isinstance(prompt, str) else core.check_ids(prompt, "prompt")
-        return await respond(request, body, model, g, Answer(None, None), chat=False)
+    def logprobs_json(self, lps: list[Any] | None, chat: bool, k: int | None, offset: int) -> dict[str, Any] | None:
+        if k is None:
+            return None
+        if chat:
+            return {"content": self.token_text.chat(lps), "refusal": None}
+        return self.token_text.completion(lps, offset, k)
 
-    return router
+
+def openai_routes(core: Core) -> APIRouter:
+    return OpenAIRoutes(core).router()
 
 
 def _tools(body: ChatCompletionRequest, fmt: ToolFormat | None) -> list[dict[str, Any]] | None:
@@ -354,16 +262,9 @@ def _tools(body: ChatCompletionRequest, fmt: ToolFormat | None) -> list[dict[str
         return None
     if choice == "none":
         return None  # the model is not told about the tools, so it answers in text
-    if choice == "required" or isinstance(choice, NamedToolChoice):
-        raise unsupported("tool_choice", "mtplx cannot force a tool call (that needs constrained decoding of the "
-                                         "call); use 'auto' or 'none'")
-    for i, tool in enumerate(body.tools):
-        if tool.function.strict:
-            raise unsupported(f"tools[{i}].function.strict", "the arguments the model writes are not constrained "
-                                                             "to the schema; leave strict unset or false")
-    if fmt is None:
-        raise unsupported("tools", "this model's chat template does not render tools (mlx-lm recognises no "
-                                   "tool-call format in it)")
+    check_tools(fmt, forced=choice == "required" or isinstance(choice, NamedToolChoice),
+                strict=[f"tools[{i}].function.strict" for i, t in enumerate(body.tools) if t.function.strict],
+                response_format=body.response_format is not None and body.response_format.type != "text")
     return [t.model_dump(exclude_none=True) for t in body.tools]
 
 
@@ -380,7 +281,7 @@ def _template_kwargs(body: ChatCompletionRequest, g: Generation) -> dict[str, An
                        param="chat_template_kwargs.enable_thinking", code="invalid_value")
     if body.enable_thinking is not None:
         kwargs.setdefault("enable_thinking", body.enable_thinking)
-    if g.response_format is not None and g.response_format.get("type") != "text":
+    if g.grammar is not None:
         if kwargs.get("enable_thinking"):
             raise unsupported("enable_thinking", "thinking cannot be combined with a response_format: the grammar "
                                                  "applies from the first generated token")

@@ -16,7 +16,9 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+from mtplx.server.errors import unsupported
 
 log = logging.getLogger("mtplx.server")
 
@@ -39,6 +41,24 @@ def tool_format(tokenizer: Any) -> ToolFormat | None:
     if not start or not end or parse is None:
         return None
     return ToolFormat(start, end, parse)
+
+
+def check_tools(fmt: ToolFormat | None, *, forced: bool, strict: Sequence[str], response_format: bool) -> None:
+    """The refusals every dialect shares for a request whose tools reach the model: ``forced``,
+    a tool_choice that demands a call; ``strict``, the request fields asking for schema-exact
+    arguments; ``response_format``, a grammar on the output (it would forbid any tool call)."""
+    if forced:
+        raise unsupported("tool_choice", "mtplx cannot force a tool call (that needs constrained decoding of the "
+                                         "call); use 'auto' or 'none'")
+    if strict:
+        raise unsupported(strict[0], "the arguments the model writes are not constrained to the schema; leave "
+                                     "strict unset or false")
+    if response_format:
+        raise unsupported("response_format", "the grammar would hold every token to the format, so the model could "
+                                             "never call a tool; send tools or a response_format, not both")
+    if fmt is None:
+        raise unsupported("tools", "this model's chat template does not render tools (mlx-lm recognises no "
+                                   "tool-call format in it)")
 
 
 @dataclass
