@@ -29,14 +29,26 @@ def doctor_cmd(exactness: bool, model_ref: str, tokens: int | None, force: bool,
     backend; greedy output is identical to greedy AR where the backend rounds a T-row verify
     pass as T single-row steps (true on MLX's CPU backend; this measures yours)."""
     if exactness:
-        _exactness(model_ref, tokens, force, json_out)
+        if not run_exactness(model_ref, tokens, force, json_out):
+            sys.exit(1)
         return
     if tokens is not None or model_ref != "demo":
         raise click.UsageError("--model and --tokens apply only with --exactness")
     _installation(json_out)
 
 
-def _exactness(model_ref: str, tokens: int | None, force: bool, json_out: str | None) -> None:
+def offer_exactness(ref: str) -> None:
+    """`mtplx start`, right after a model's first graft: offer the check once (answering no
+    just says how to run it later)."""
+    if click.confirm("Check exactness on this machine? (greedy MTP vs AR and the sampled law; a minute or two)",
+                     default=False, err=True):
+        run_exactness(ref, None, False, None)
+    else:
+        click.echo(f"Later: `mtplx doctor --exactness --model {ref}`", err=True)
+
+
+def run_exactness(model_ref: str, tokens: int | None, force: bool, json_out: str | None) -> bool:
+    """The check, its report printed (and written as JSON); whether it passed."""
     import mtplx
     from mtplx.config import save_exactness
     from mtplx.exactness import DEFAULT_TOKENS, check_exactness, format_report
@@ -54,8 +66,7 @@ def _exactness(model_ref: str, tokens: int | None, force: bool, json_out: str | 
         if saved is not None:
             click.echo(f"saved              the verdict, for `mtplx bench` to quote, in {saved}")
     write_json(report.as_json(), json_out)
-    if not report.ok:
-        sys.exit(1)
+    return report.ok
 
 
 def _installation(json_out: str | None) -> None:
