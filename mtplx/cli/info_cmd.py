@@ -19,7 +19,7 @@ def inspect_cmd(ref, json_out):
     info = inspect_ref(ref)
     if json_out != "-":
         a = info.architecture
-        click.echo(f"{ref}  ({info.path})")
+        click.echo(f"{ref}  ({info.path or 'from the catalog; nothing downloaded'})")
         click.echo(f"  kind:          {info.kind}")
         click.echo(f"  architecture:  {a.get('model_type')}  hidden {a.get('hidden_size')}  layers {a.get('num_hidden_layers')}"
                    f"  vocab {a.get('vocab_size')}" + (f"  experts {a['num_experts']}" if a.get("num_experts") else ""))
@@ -31,7 +31,7 @@ def inspect_cmd(ref, json_out):
         click.echo(f"  weights:       {info.weights_bytes / 2**20:.1f} MiB (machine offers {info.memory_bytes / 2**30:.1f} GiB)")
         click.echo(f"  verdict:       {info.verdict}")
     write_json(info.as_dict(), json_out)
-    if not (info.can_run_ar or info.can_run_mtp or info.kind == "hf-checkpoint"):
+    if not (info.can_run_ar or info.can_run_mtp or info.kind in ("hf-checkpoint", "catalog")):
         sys.exit(1)
 
 
