@@ -53,3 +53,21 @@ def save_tuned(model: Any, record: dict[str, Any]) -> Path:
     data = read_config()
     data.setdefault("tuned", {})[model_key(model)] = record
     return write_config(data)
+
+
+def save_exactness(model: Any, record: dict[str, Any]) -> Path | None:
+    """`mtplx doctor --exactness`'s verdict for this artifact on this machine (None: no contract
+    to key it by)."""
+    key = model_key(model)
+    if key is None:
+        return None
+    data = read_config()
+    data.setdefault("exactness", {})[key] = record
+    return write_config(data)
+
+
+def exactness_verdict(model: Any) -> dict[str, Any] | None:
+    """The verdict `mtplx doctor --exactness` saved for this artifact, if it ran here."""
+    key = model_key(model)
+    entry = read_config().get("exactness", {}).get(key) if key else None
+    return entry if isinstance(entry, dict) else None

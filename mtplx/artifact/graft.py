@@ -31,10 +31,10 @@ from mtplx.artifact.paths import cache_root
 from mtplx.artifact.progress import Progress
 from mtplx.artifact.tensors import checkpoint_digest, sha256_file, trunk_dependency_hashes, weight_files
 from mtplx.artifact.vocab import choose_draft_vocab, subset_size
+from mtplx.catalog import check_model_type
 from mtplx.errors import ArtifactError, MtplxError, UnsupportedModelError
 from mtplx.model.mtp_head import MTPHead, body_linear_predicate
 
-SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe")
 GROUP_SIZE = 64
 HEAD_BITS = 4
 
@@ -60,9 +60,7 @@ def read_source(path: str | Path) -> SourceCheckpoint:
                                     fix="pass the directory of the original checkpoint (e.g. a snapshot of Qwen/Qwen3.5-4B)")
     config = json.loads(config_path.read_text(encoding="utf-8"))
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(f"unknown architecture model_type={model_type!r}; mtplx supports {', '.join(SUPPORTED_MODEL_TYPES)}",
-                                    path=config_path, fix="use a Qwen3.5 or Qwen3.6 checkpoint")
+    check_model_type(model_type, config_path)
     text_config = config.get("text_config", config)
     files = weight_files(path)
     mtp_files = {name: f for name, f in files.items() if name.startswith("mtp.")}

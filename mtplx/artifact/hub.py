@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -78,6 +79,19 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(module, n) for n in ("TransportError", "StreamError") if hasattr(module, n))
 
 
+def _connection_failure(error: BaseException) -> str | None:
+    """The first line of the network failure behind ``error`` (itself or a cause), if it is one:
+    the HTTP client's transport errors and the socket errors under them (DNS, refused, unreachable)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, _transport_errors()) or isinstance(error, (ConnectionError, TimeoutError, socket.gaierror)):
+            text = str(error).strip()
+            return text.splitlines()[0] if text else type(error).__name__
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def hub_error(ref: RepoRef, error: BaseException, file: str | None = None) -> MtplxError:
     """One clear paragraph for anything huggingface_hub raises, naming the repo (and file)."""
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
@@ -85,10 +99,16 @@ def hub_error(ref: RepoRef, error: BaseException, file: str | None = None) -> Mt
 
     where = f"{ref.repo_id}" + (f": {file}" if file else "")
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if isinstance(error, LocalEntryNotFoundError):
-        offline = "HF_HUB_OFFLINE=1" if is_offline() else "the Hub cannot be reached"
+    if isinstance(error, LocalEntryNotFoundError) and is_offline():
         return MtplxError(f"{where} is not in the local Hugging Face cache (or only partly) and cannot be downloaded now "
-                          f"({offline})", fix="connect to the network once (unset HF_HUB_OFFLINE), or pass a local path")
+                          "(HF_HUB_OFFLINE=1)", fix="unset HF_HUB_OFFLINE on a machine with a network, or pass a local path")
+    unreachable = _connection_failure(error)
+    if unreachable is not None or isinstance(error, LocalEntryNotFoundError):
+        # huggingface_hub says LocalEntryNotFound when the Hub could not be asked and the cache lacks the file
+        return MtplxError(f"the Hugging Face Hub cannot be reached for {where}, and the local cache does not hold it "
+                          f"(no network: {unreachable or first_line})",
+                          fix="connect to the network, pass a local path (an artifact or checkpoint directory), or "
+                              "point HF_ENDPOINT at a Hub mirror")
     if isinstance(error, GatedRepoError):
         return MtplxError(f"{where} is gated on Hugging Face",
                           fix="accept its licence on huggingface.co and log in with `hf auth login`")
@@ -295,6 +315,18 @@ def small_files(ref: RepoRef, progress: Progress | None = None) -> Path:
         raise MtplxError(f"{ref.repo_id} has no config.json: it is not a Hugging Face checkpoint",
                          fix="pass the original checkpoint's repo id (e.g. Qwen/Qwen3.5-4B)")
     return small
+
+
+def is_original_checkpoint(small: Path) -> bool:
+    """Whether a repo's small files (:func:`small_files`) are those of an original checkpoint with
+    an MTP head: no mtplx contract, and ``mtp.*`` tensors in the weight index."""
+    if (small / "mtplx_runtime.json").is_file() or not (small / INDEX_FILE).is_file():
+        return False
+    try:
+        weight_map = json.loads((small / INDEX_FILE).read_text(encoding="utf-8")).get("weight_map", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(weight_map, dict) and any(str(name).startswith("mtp.") for name in weight_map)
 
 
 def plan_head(ref: RepoRef, small: Path, progress: Progress | None = None) -> HeadPlan:

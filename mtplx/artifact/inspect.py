@@ -27,7 +27,7 @@ def machine_memory_bytes() -> int:
 class Inspection:
     ref: str
     path: str | None = None
-    kind: str = "unknown"  # artifact | other-runtime-artifact | hf-checkpoint | mlx-trunk | unknown
+    kind: str = "unknown"  # artifact | other-runtime-artifact | hf-checkpoint | mlx-trunk | catalog | unknown
     architecture: dict[str, Any] = field(default_factory=dict)
     mtp_head: bool = False
     contract_valid: bool | None = None
@@ -58,12 +58,35 @@ def _local_or_metadata(ref: str) -> Path:
     return hub.snapshot(repo, ["*.json", "mtp/*.json"])
 
 
+def _from_catalog(out: Inspection, entry: dict[str, Any]) -> Inspection:
+    """A catalog model with no artifact yet, answered from the catalog's text config: no
+    network, so the same answer offline."""
+    tc = entry.get("text_config", {})
+    out.kind = "catalog"
+    out.architecture = {k: tc.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size", "num_experts")}
+    out.architecture["model_type"] = entry.get("model_type")
+    out.mtp_head = int(tc.get("mtp_num_hidden_layers") or 0) > 0
+    out.weights_bytes = int(float(entry.get("memory_gb") or 0) * 1e9)
+    source = entry.get("text_config_source", {})
+    out.inferred = ["answered from the catalog's text config" + ("" if source.get("official_config_read") else
+                    " (transcribed from public copies of the official config.json; see runtime_contracts/catalog.json)")]
+    out.verdict = (f"catalog model, not grafted yet: `mtplx run --model {entry['id']}` or `mtplx start` grafts it on "
+                   f"first use (the MTP head of {entry['source']} by byte range, the MLX trunk {entry['trunk']})")
+    return out
+
+
 def inspect_ref(ref: str) -> Inspection:
     from mtplx.artifact.loader import read_contract
+    from mtplx.artifact.paths import catalog_entry, find_artifact
     from mtplx.artifact.tensors import weight_files
+    from mtplx.catalog import check_model_type, refuse_unsupported
     from mtplx.errors import ArtifactError, ContractError, UnsupportedModelError
 
+    refuse_unsupported(ref)
     out = Inspection(ref=ref, memory_bytes=machine_memory_bytes())
+    entry = catalog_entry(ref)
+    if entry is not None and entry.get("source") and not Path(ref).expanduser().exists() and find_artifact(ref) is None:
+        return _memory_warning(_from_catalog(out, entry))
     path = _local_or_metadata(ref)
     out.path = str(path)
     config_file = path / "config.json"
@@ -74,7 +97,6 @@ def inspect_ref(ref: str) -> Inspection:
     tc = config.get("text_config", config)
     out.architecture = {k: tc.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size", "num_experts")}
     out.architecture["model_type"] = config.get("model_type")
-    supported = config.get("model_type") in ("qwen3_5", "qwen3_5_moe")
     index = path / "model.safetensors.index.json"
     names: list[str] = []
     try:
@@ -86,9 +108,7 @@ def inspect_ref(ref: str) -> Inspection:
         meta = json.loads(index.read_text(encoding="utf-8")).get("metadata", {})
         out.weights_bytes = int(meta.get("total_size", 0))
     has_contract = (path / "mtplx_runtime.json").is_file()
-    if not supported:
-        out.verdict = f"unsupported architecture model_type={config.get('model_type')!r}: mtplx runs qwen3_5 and qwen3_5_moe"
-        return out
+    check_model_type(config.get("model_type"), config_file)
     if has_contract:
         try:
             contract = read_contract(path)
@@ -118,6 +138,10 @@ def inspect_ref(ref: str) -> Inspection:
         out.kind = "mlx-trunk" if config.get("quantization") else "checkpoint"
         out.can_run_ar = True
         out.verdict = "no MTP head: runs as plain AR (--no-mtp); graft the head from the original checkpoint for MTP"
+    return _memory_warning(out)
+
+
+def _memory_warning(out: Inspection) -> Inspection:
     if out.weights_bytes and out.memory_bytes and out.weights_bytes * 1.2 > out.memory_bytes:
         out.verdict += (f"; WARNING: needs about {out.weights_bytes * 1.2 / 2**30:.1f} GiB, "
                         f"this machine offers {out.memory_bytes / 2**30:.1f} GiB")

@@ -23,6 +23,7 @@ from mtplx.artifact.hub import RepoRef
 from mtplx.artifact.paths import DEMO_REF, catalog_entry, find_artifact
 from mtplx.artifact.sidecar import load_head, sidecar_file
 from mtplx.artifact.tensors import sha256_file, trunk_dependency_hashes
+from mtplx.catalog import check_model_type, refuse_unsupported
 from mtplx.errors import ArtifactError, MtplxError, UnsupportedModelError
 from mtplx.model.mtp_model import MTPModel
 from mtplx.model.trunk import Trunk
@@ -40,6 +41,7 @@ def resolve(ref: str, revision: str | None = None) -> Path:
     downloaded through the Hugging Face cache)."""
     if ref == DEMO_REF:
         return demo_path()
+    refuse_unsupported(ref)
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -57,7 +59,16 @@ def resolve(ref: str, revision: str | None = None) -> Path:
                              fix=f"run `mtplx run --model {ref}` or `mtplx start --model {ref}` (they offer to graft it)")
         raise MtplxError(f"'{ref}' is neither an existing directory nor a Hugging Face repo id (org/name)",
                          fix="check the path, or use `mtplx models` to list what is available")
-    return hub.snapshot(RepoRef(repo.repo_id, revision or repo.revision), hub.ARTIFACT_FILES)
+    repo = RepoRef(repo.repo_id, revision or repo.revision)
+    # The small files first: an original checkpoint's weights are not an artifact's, and are
+    # not downloaded here (9 GB for a 4B, 70 GB for a 35B-A3B) only to be refused.
+    if hub.is_original_checkpoint(hub.small_files(repo)):
+        raise UnsupportedModelError(
+            f"{repo} is an original checkpoint, not an mtplx artifact; nothing but its config and tokenizer was "
+            "downloaded", fix=f"graft it first: `mtplx run --model {ref}` (or serve/bench/tune with --yes) grafts the "
+                              f"MTP head by byte range onto an MLX trunk, or `mtplx graft --source {repo} --trunk "
+                              "MLX_TRUNK`; then load the artifact")
+    return hub.snapshot(repo, hub.ARTIFACT_FILES)
 
 
 def read_contract(path: Path) -> RuntimeContract:
@@ -161,10 +172,7 @@ def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | Non
     if not config_file.is_file():
         raise UnsupportedModelError("no config.json: not a model directory", path=path,
                                     fix="pass an mtplx artifact or an MLX Qwen3.5 checkpoint")
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    if model_type not in ("qwen3_5", "qwen3_5_moe"):
-        raise UnsupportedModelError(f"unknown architecture model_type={model_type!r}; mtplx runs qwen3_5 and qwen3_5_moe",
-                                    path=config_file, fix="use a Qwen3.5 or Qwen3.6 model")
+    check_model_type(json.loads(config_file.read_text(encoding="utf-8")).get("model_type"), config_file)
     model, config = load_model(path, lazy=split is not None)
     keep_head = True
     if split is not None:

@@ -19,8 +19,10 @@ from typing import Any, Callable
 
 from mtplx.artifact import hub
 from mtplx.artifact.hub import RepoRef
-from mtplx.artifact.paths import DEMO_REF, artifact_name, artifacts_dir, catalog_entry, dir_size, find_artifact
+from mtplx.artifact.paths import (DEMO_REF, artifact_name, artifacts_dir, cache_root, catalog_entry, dir_size,
+                                  find_artifact)
 from mtplx.artifact.progress import Progress
+from mtplx.catalog import check_model_type, refuse_unsupported
 from mtplx.errors import MtplxError
 
 
@@ -67,15 +69,30 @@ class GraftPlan:
 
 def original_checkpoint(repo: RepoRef) -> bool:
     """Whether a repo is an original checkpoint with an MTP head (not an mtplx artifact, not an
-    MLX conversion), read from its small files."""
+    MLX conversion), read from its small files; one of an architecture mtplx cannot run is
+    refused here, before any weight byte moves."""
     small = hub.small_files(repo)
-    if (small / "mtplx_runtime.json").is_file():
+    if not hub.is_original_checkpoint(small):
         return False
-    index = small / hub.INDEX_FILE
-    if not index.is_file():
-        return False
-    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-    return any(name.startswith("mtp.") for name in weight_map)
+    try:
+        model_type = json.loads((small / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        model_type = None
+    check_model_type(model_type, f"{repo.repo_id}: config.json")
+    return True
+
+
+def check_cached_offline(repo: RepoRef, trunk: RepoRef | None) -> None:
+    """With HF_HUB_OFFLINE=1 a graft can only use what is cached: say what is missing in one
+    line before anything is offered."""
+    small = hub.small_files(repo)  # raises the offline error when the source is not cached
+    if trunk is None:
+        hub.snapshot(repo, hub.MODEL_FILES)
+        return
+    if not (hub.head_source_dir(cache_root(), repo, small.name) / hub.INDEX_FILE).is_file():
+        raise MtplxError(f"the MTP head of {repo.repo_id} is not in the mtplx cache and cannot be downloaded now "
+                         "(HF_HUB_OFFLINE=1)", fix="unset HF_HUB_OFFLINE on a machine with a network, or pass a local path")
+    hub.snapshot(trunk, hub.MODEL_FILES)
 
 
 def plan_graft(ref: str, source: RepoRef, trunk: RepoRef | None) -> GraftPlan:
@@ -104,6 +121,7 @@ def ensure_artifact(ref: str, *, confirm: Callable[[str], bool], trunk: str | No
     ``trunk`` overrides the MLX trunk the catalog pairs with the source."""
     if ref == DEMO_REF or Path(ref).expanduser().exists():
         return ref
+    refuse_unsupported(ref)
     cached = find_artifact(ref)
     if cached is not None:
         return str(cached)
@@ -119,6 +137,8 @@ def ensure_artifact(ref: str, *, confirm: Callable[[str], bool], trunk: str | No
     trunk_repo = RepoRef.parse(trunk_ref) if trunk_ref else None
     if trunk_ref and trunk_repo is None:
         raise MtplxError(f"the trunk '{trunk_ref}' is not a Hugging Face repo id", fix="pass ORG/NAME[@REVISION]")
+    if hub.is_offline():  # nothing can be downloaded: no offer unless everything is cached
+        check_cached_offline(repo, trunk_repo)
     plan = plan_graft(ref, repo, trunk_repo)
     if not confirm(plan.describe()):
         raise MtplxError(f"{ref} was not grafted and nothing more was downloaded",

@@ -68,6 +68,8 @@ class BenchReport:
     cost: CostModel | None
     mlx_lm_tps: float | None
     device: str
+    # `mtplx doctor --exactness`'s saved verdict for this artifact on this machine, if it ran.
+    exactness: dict[str, Any] | None = None
 
     def speedup(self, depth: int) -> float:
         ar = self.results.get(0)
@@ -144,6 +146,7 @@ class BenchReport:
                 for d, r in sorted(self.results.items())
             },
             "verdicts": self.verdicts(),
+            "exactness": self.exactness,
         }
 
 
@@ -218,8 +221,11 @@ def run_bench(
     if cost_model:
         cost = measure(model, encoded[0], max(depths) + 1 if max(depths) > 0 else 1)
     ref = mlx_lm_reference(model, tokenizer, encoded, params, max_tokens) if reference and 0 in depths else None
+    from mtplx.config import exactness_verdict
+
     return BenchReport(model=model_name, params=params, max_tokens=max_tokens, prompts=len(encoded), rounds=rounds,
-                       results=results, cost=cost, mlx_lm_tps=ref, device=device_name())
+                       results=results, cost=cost, mlx_lm_tps=ref, device=device_name(),
+                       exactness=exactness_verdict(model))
 
 
 def now() -> str:

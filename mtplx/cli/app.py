@@ -52,9 +52,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from mtplx.cli import bench_cmd, graft_cmd, info_cmd, run_cmd
+    from mtplx.cli import bench_cmd, doctor_cmd, graft_cmd, info_cmd, run_cmd
 
-    for module in (run_cmd, bench_cmd, graft_cmd, info_cmd):
+    for module in (run_cmd, bench_cmd, graft_cmd, info_cmd, doctor_cmd):
         for command in module.COMMANDS:
             cli.add_command(command)
     for optional in ("mtplx.cli.start_cmd", "mtplx.cli.serve_cmd"):

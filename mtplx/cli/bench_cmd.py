@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from mtplx import knobs
-from mtplx.cli.options import (FiniteFloatRange, distributed_options, force_option, json_option, knob, load_model,
-                               model_option, write_json)
+from mtplx.cli.options import (FiniteFloatRange, distributed_options, force_option, graft_if_needed, json_option, knob,
+                               load_model, model_option, write_json, yes_option)
 
 
 def _depths(value: str) -> list[int]:
@@ -111,6 +111,7 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
 @click.option("--no-reference", is_flag=True, help="Skip timing mlx_lm.generate on the same trunk.")
 @_shape_options
 @force_option
+@yes_option
 @json_option
 @distributed_options
 @click.option("--chat-turns", type=click.IntRange(min=1), default=None, metavar="N",
@@ -119,7 +120,7 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
 @click.pass_context
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
           no_reference, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
-          repeats, save_dir, force, json_out, distributed, chat_turns):
+          repeats, save_dir, force, json_out, distributed, chat_turns, yes):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
 
     With --shape, measure a real model shape instead: random weights at the catalog model's text
@@ -139,6 +140,7 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
         _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
                    repeats, save_dir, seed, json_out)
         return
+    model_ref = graft_if_needed(model_ref, yes)
     if chat_turns is not None:
         if distributed is not None:
             raise click.UsageError("--chat-turns measures the prompt cache, which --distributed turns off")
@@ -183,8 +185,9 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
 @click.option("--min-gain", type=float, default=1.02, show_default=True, callback=_gain,
               help="A depth is saved only if it beats AR by at least this factor.")
 @force_option
+@yes_option
 @json_option
-def tune(model_ref, max_depth, max_tokens, rounds, min_gain, force, json_out):
+def tune(model_ref, max_depth, max_tokens, rounds, min_gain, force, json_out, yes):
     """Measure AR and each depth on this machine and save the fastest depth for this model."""
     import mtplx
     from mtplx.bench.prompts import DEFAULT_PROMPTS
@@ -192,7 +195,7 @@ def tune(model_ref, max_depth, max_tokens, rounds, min_gain, force, json_out):
     from mtplx.config import save_tuned
     from mtplx.engine.sampling import SamplingParams
 
-    model, tokenizer = mtplx.load(model_ref, force=force)
+    model, tokenizer = mtplx.load(graft_if_needed(model_ref, yes), force=force)
     if not model.has_mtp:
         raise click.ClickException("this model has no MTP head: there is nothing to tune")
     d = model.contract.defaults

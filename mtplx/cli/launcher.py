@@ -228,11 +228,17 @@ def ask_thinking(thinking: bool | None, yes: bool) -> bool:
 def plan(*, model_ref: str | None, depth: int | None, no_mtp: bool, thinking: bool | None,
          surface: str | None, yes: bool) -> Plan:
     """Ask what the flags did not say, check the model, and return the plan."""
+    from mtplx.artifact.paths import find_artifact
     from mtplx.artifact.store import ensure_artifact
     from mtplx.cli.options import confirm_download
 
-    ref = model_ref or ("demo" if yes else ask_model())
-    ref = ensure_artifact(ref, confirm=confirm_download(yes))
+    asked = model_ref or ("demo" if yes else ask_model())
+    fresh = find_artifact(asked) is None
+    ref = ensure_artifact(asked, confirm=confirm_download(yes))
+    if fresh and ref != asked and not yes:  # grafted just now (the only case that changes the ref): offer the check once
+        from mtplx.cli.doctor_cmd import offer_exactness
+
+        offer_exactness(ref)
     click.echo(f"Checking {ref} ...")
     info = inspect_model(ref)
     report_and_check(info, ar_only=no_mtp or depth == 0, yes=yes)

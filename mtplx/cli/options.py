@@ -85,6 +85,19 @@ def confirm_download(yes: bool) -> Callable[[str], bool]:
     return confirm
 
 
+yes_option = click.option("--yes", "-y", is_flag=True,
+                          help="Graft a model that has no artifact yet (a catalog id or an original checkpoint's "
+                               "repo id) without asking.")
+
+
+def graft_if_needed(model_ref: str, yes: bool) -> str:
+    """The ref to load: an original checkpoint or a catalog id is grafted first, as `run` and
+    `start` do (the plan shown, then asked unless --yes); anything else comes back as it is."""
+    from mtplx.artifact.store import ensure_artifact
+
+    return ensure_artifact(model_ref, confirm=confirm_download(yes))
+
+
 def write_json(data: Any, target: str | None) -> None:
     """--json: '-' prints to stdout, a path writes the file."""
     if target is None:

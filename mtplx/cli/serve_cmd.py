@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from mtplx.cli.options import (DistributedOptions, FiniteFloatRange, distributed_options, force_option, load_model,
-                               model_option)
+from mtplx.cli.options import (DistributedOptions, FiniteFloatRange, distributed_options, force_option, graft_if_needed,
+                               load_model, model_option, yes_option)
 from mtplx.errors import MtplxError
 from mtplx.knobs import MAX_DEPTH
 
@@ -71,11 +71,12 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @force_option
+@yes_option
 @distributed_options
 def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool, queue_size: int,
           max_tokens_default: int, served_model_names: tuple[str, ...], allowed_hosts: tuple[str, ...],
           max_body_mb: float, prompt_cache_gb: float | None, no_prompt_cache: bool, log_level: str,
-          force: bool, distributed: DistributedOptions | None) -> None:
+          force: bool, yes: bool, distributed: DistributedOptions | None) -> None:
     """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and
     Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens), with /health and
     /metrics.
@@ -106,6 +107,7 @@ def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool,
         click.echo(f"warning: binding to {host}: anyone who can reach this machine on port {port} can use the "
                    "model; the server has no authentication.", err=True)
     _check_port(host, port)
+    model_ref = graft_if_needed(model_ref, yes)
     model, tokenizer = load_model(model_ref, mtp=not no_mtp, force=force, distributed=distributed)
     app = create_app(model, tokenizer, served_model_names=names, depth=0 if no_mtp else depth,
                      queue_size=queue_size, max_tokens_default=max_tokens_default,
