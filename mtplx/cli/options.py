@@ -49,10 +49,11 @@ def sampling_options(f: Callable) -> Callable:
 def format_status(r: Any, *, prefill: bool = False) -> str:
     """The one-line summary after a completion (`mtplx run`, each chat reply), from the last
     GenerationResponse: the mode and depth first (``MTP d2``, ``AR``), then the rates."""
-    depth = getattr(getattr(r, "stats", None), "depth", None)
-    if depth is None:  # a response without stats: infer from the per-position acceptance
-        depth = len(r.acceptance)
-    mode = f"MTP d{depth}" if depth else "AR"
+    stats = getattr(r, "stats", None)
+    if stats is not None:
+        mode = stats.mode
+    else:  # a response without stats: infer from the per-position acceptance
+        mode = f"MTP d{len(r.acceptance)}" if r.acceptance else "AR"
     acc = " ".join(f"{a:.2f}" for a in r.acceptance) if r.acceptance else "-"
     rates = f"{r.generation_tps:.1f} tok/s" + (f" | prefill {r.prompt_tps:.1f} tok/s" if prefill else "")
     cached = getattr(r, "cached_tokens", 0)
