@@ -71,7 +71,8 @@ class Knob:
             return value.strip().lower()
         if self.kind is int:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise KnobError(self.name, f"{who} must be an integer, got {value!r}", fix=fix)
+                also = "".join(f" or {w!r}" for w in self.words)
+                raise KnobError(self.name, f"{who} must be an integer{also}, got {value!r}", fix=fix)
             value = int(value)
         else:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
