@@ -201,3 +201,13 @@ def test_api_default_is_auto_and_greedy_equals_ar(grafted_bf16):
     pinned = list(mtplx.stream_generate(model, tok, "def add(a, b):", max_tokens=8, temperature=0.0, depth=2))
     s = pinned[-1].stats
     assert s.mode == "MTP d2" and s.depth_steps == [0, 0, s.steps - 1] and not s.adaptive
+
+
+def test_shape_bench_reports_what_auto_would_pick():
+    """bench --shape's projection goes through AutoDepth: the depth with the best projected
+    speedup, or AR when none beats it."""
+    from mtplx.bench.shape_bench import auto_choice
+
+    acceptance = [0.8, 0.6, 0.45]
+    assert auto_choice(acceptance, {"1": 1.5, "2": 1.9, "3": 1.7}) == 2
+    assert auto_choice(acceptance, {"1": 0.7, "2": 0.6, "3": 0.5}) == 0

@@ -118,7 +118,7 @@ class MessagesRequest(_Prompt):
     # mtplx extensions, as on the OpenAI routes
     min_p: float | None = None
     seed: int | None = None
-    depth: int | None = None
+    depth: int | str | None = None  # mtplx extension: "auto", 0 = plain AR, or N
 
 
 # -- request -> template -----------------------------------------------------------------------
@@ -248,7 +248,7 @@ def anthropic_routes(core: Core) -> APIRouter:
                                                      template_kwargs=_thinking(body, body.max_tokens))
         return model, g, Answer(fmt if tools else None, tools)
 
-    async def stream(job: Job, answer: Answer, *, message: dict[str, Any], depth: int) -> AsyncIterator[str]:
+    async def stream(job: Job, answer: Answer, *, message: dict[str, Any], depth: int | str) -> AsyncIterator[str]:
         yield _event("message_start", {"message": message})
         index, open_text = 0, False
         last = None

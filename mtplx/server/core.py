@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from mtplx import knobs
 from mtplx._version import __version__
 from mtplx.api import GenerationResponse, default_depth, reuse_boundaries
+from mtplx.speculation import step_costs
 from mtplx.engine.prompt_cache import PromptCacheLRU
 from mtplx.errors import MtplxError
 from mtplx.knobs import KnobError
@@ -158,7 +159,7 @@ class Generation:
     top_k: int | None = None
     min_p: float | None = None
     seed: int | None = None
-    depth: int | None = None
+    depth: int | str | None = None  # a fixed depth or "auto"
     stop: list[str] = field(default_factory=list)
     boundaries: tuple[int, ...] = ()  # where the next turn may diverge (prompt-cache snapshots)
     logprobs: int | None = None  # alternatives per token; None = no logprobs
@@ -212,18 +213,19 @@ def usage(prompt_tokens: int, r: GenerationResponse | None) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def mtplx_stats(r: GenerationResponse, depth: int) -> dict[str, Any]:
-    """The ``mtplx`` field of a response: how the speculation went."""
+def mtplx_stats(r: GenerationResponse, depth: int | str) -> dict[str, Any]:
+    """The ``mtplx`` field of a response: how the speculation went; ``depth_histogram`` counts
+    decode steps by the depth they drafted (depth auto's mix)."""
     return {"tokens_per_second": round(r.generation_tps, 3), "prompt_tokens_per_second": round(r.prompt_tps, 3),
             "acceptance": [round(a, 4) for a in r.acceptance], "tokens_per_step": round(r.tokens_per_step, 4),
-            "depth": depth}
+            "depth": depth, "depth_histogram": {str(d): n for d, n in enumerate(r.stats.depth_steps)}}
 
 
 class Core:
     """One model behind a queue: encodes prompts, submits generations and hands back their steps."""
 
     def __init__(self, model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
-                 depth: int | None = None, queue_size: int = 8, max_tokens_default: int = 512,
+                 depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int = 512,
                  prompt_cache_bytes: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.served_model_names = list(dict.fromkeys(n for n in served_model_names if n))
@@ -239,9 +241,11 @@ class Core:
         self.scheduler = Scheduler(model, tokenizer, self.metrics, max_queue=queue_size,
                                    prompt_caches=self.prompt_caches)
         self.depth = default_depth(model) if depth is None else depth
-        if self.depth > 0 and not model.has_mtp:
+        if self.depth != 0 and not model.has_mtp:
             raise MtplxError(f"depth {self.depth} needs an MTP head and this model has none",
                              fix="use --depth 0 or --no-mtp")
+        if model.has_mtp:  # depth auto's step costs: measured (or read) now, not in the first request
+            step_costs(model)
         # No token decodes to more than `longest` characters, so a text of n characters has at
         # least n / longest tokens; Unicode normalization may merge up to a few code points
         # into one before tokenizing, hence the factor. Beyond this a prompt cannot fit, and
@@ -324,7 +328,7 @@ class Core:
 
     # -- generations ---------------------------------------------------------------------------
 
-    def submit(self, g: Generation) -> tuple[Job, int]:
+    def submit(self, g: Generation) -> tuple[Job, int | str]:
         """Queue ``g``; returns the job and the depth it runs at."""
         model = self.model
         if not g.ids:
@@ -332,7 +336,7 @@ class Core:
         if len(g.ids) >= model.max_context:
             raise self._too_long(len(g.ids))
         depth = self.depth if g.depth is None else g.depth
-        if depth > 0 and not model.has_mtp:
+        if depth != 0 and not model.has_mtp:
             raise APIError(400, "This server's model has no MTP head; only depth 0 is available.", param="depth")
         kwargs = dict(max_tokens=g.max_tokens or self.max_tokens_default, temperature=g.temperature,
                       top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, depth=depth, seed=g.seed, stop=g.stop,

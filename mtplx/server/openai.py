@@ -134,7 +134,8 @@ class _Common(StrictModel):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    depth: int | None = Field(None, description="mtplx extension: draft depth, 0 = plain AR")
+    depth: int | str | None = Field(None, description="mtplx extension: draft depth, 'auto' (adaptive), "
+                                                       "0 = plain AR, or N drafts per step")
     # Refused unless neutral: mtplx samples one choice from the model's own law.
     n: int | None = None
     frequency_penalty: float | None = None
@@ -244,7 +245,7 @@ def openai_routes(core: Core) -> APIRouter:
             return {"content": token_text.chat(lps), "refusal": None}
         return token_text.completion(lps, offset, k)
 
-    async def stream(job: Job, answer: Answer, *, chat: bool, model: str, prompt_tokens: int, depth: int,
+    async def stream(job: Job, answer: Answer, *, chat: bool, model: str, prompt_tokens: int, depth: int | str,
                      include_usage: bool, k: int | None) -> AsyncIterator[str]:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         now = int(time.time())
