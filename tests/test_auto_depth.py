@@ -46,15 +46,19 @@ def test_expected_tokens():
 
 def test_picks_the_deepest_on_a_memory_bound_device_and_plain_steps_on_a_compute_bound_cpu():
     assert AutoDepth(FLAT, 0.8, 3).best() == 3
-    cpu = AutoDepth(LINEAR, 0.8, 3)
-    assert cpu.best() == 0
-    depths = simulate(cpu, lambda i: 0.8, 300)
-    # Even at 80% acceptance every depth loses here; the probes one deeper cost at most about
+    # Here no depth beats a plain step even if every draft were accepted: none is ever drafted
+    # or probed, and max_depth 0 sends the engine to its plain AR loop.
+    cpu = AutoDepth(LINEAR, 1.0, 3)
+    assert cpu.max_depth == 0 and set(simulate(cpu, lambda i: 1.0, 100)) == {0}
+    # A machine where depth 1 can pay but not at this acceptance: probes cost at most about
     # PROBE_BUDGET of the throughput of plain steps.
-    assert set(depths) == {0, 1}
-    tokens = sum(expected_tokens([0.8] * 3, d) for d in depths)
-    seconds = sum(LINEAR.step(d) for d in depths)
-    assert tokens / seconds >= (1 - 1.5 * AutoDepth.PROBE_BUDGET) / LINEAR.step(0)
+    costs = StepCosts((100.0, 160.0, 220.0), 5.0)
+    mid = AutoDepth(costs, 0.3, 2)
+    depths = simulate(mid, lambda i: 0.3, 300)
+    assert mid.max_depth == 2 and depths.count(0) > 250 and 1 in depths
+    tokens = sum(expected_tokens([0.3] * 2, d) for d in depths)
+    seconds = sum(costs.step(d) for d in depths)
+    assert tokens / seconds >= (1 - 1.5 * AutoDepth.PROBE_BUDGET) / costs.step(0)
 
 
 def test_reacts_within_tens_of_steps_when_acceptance_drops_and_recovers():
@@ -71,9 +75,9 @@ def test_reacts_within_tens_of_steps_when_acceptance_drops_and_recovers():
 
 def test_probe_interval_follows_what_a_probe_may_cost():
     near = AutoDepth(StepCosts((10.0, 14.0), 1.0), 0.4, 1)  # depth 1 almost pays: probe often
-    hopeless = AutoDepth(LINEAR, 0.1, 3)
+    far = AutoDepth(StepCosts((10.0, 18.5), 0.4), 0.1, 1)  # pays only near full acceptance: rarely
     assert near.best() == 0 and near.probe_interval(0) == AutoDepth.PROBE_MIN
-    assert hopeless.probe_interval(0) == AutoDepth.PROBE_MAX
+    assert far.max_depth == 1 and 20 < far.probe_interval(0) <= AutoDepth.PROBE_MAX
 
 
 def test_max_depth_is_bounded_by_the_measured_costs():

@@ -115,9 +115,10 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
               help="One prompt per line (or .jsonl with {\"prompt\": ...}); default: a bundled set.")
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Passes over all prompts and depths.")
-@click.option("--temperature", "-t", type=float, default=0.6, show_default=True, callback=knob("temperature"))
-@click.option("--top-p", type=float, default=0.95, show_default=True, callback=knob("top_p"))
-@click.option("--top-k", type=int, default=20, show_default=True, callback=knob("top_k"))
+@click.option("--temperature", "-t", type=float, default=knobs.DEFAULTS["temperature"], show_default=True,
+              callback=knob("temperature"))
+@click.option("--top-p", type=float, default=knobs.DEFAULTS["top_p"], show_default=True, callback=knob("top_p"))
+@click.option("--top-k", type=int, default=knobs.DEFAULTS["top_k"], show_default=True, callback=knob("top_k"))
 @click.option("--draft-temperature", default=None, metavar="X|sweep", callback=lambda c, p, v: _draft_temperature(v),
               help="Temperature the head drafts at (default: the target's). 'sweep' also measures tokens per step "
                    "for draft temperatures 0, T/2 and T at targets 0.6 and 1.0 (what `mtplx tune` saves).")

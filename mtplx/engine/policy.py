@@ -102,6 +102,11 @@ class AutoDepth:
     time spent at D, within [``PROBE_MIN``, ``PROBE_MAX``] steps: where the next depth is close
     to paying off it probes often; where it is hopeless (a compute-bound CPU) rarely.
 
+    A depth that cannot beat plain steps even if every draft were accepted ((D + 1) / c(D) <=
+    1 / c(0): a compute-bound CPU verifying a 4-bit trunk) is never drafted nor probed, since no
+    acceptance could change the choice; where no depth can, ``max_depth`` is 0 and the engine
+    runs its plain AR loop.
+
     Every input of :meth:`choose` (step counter, past accept counts, costs measured before the
     generation) is decided before the step draws anything, so the output law stays AR's.
     """
@@ -113,7 +118,8 @@ class AutoDepth:
 
     def __init__(self, costs: StepCosts, prior: float | Sequence[float], max_depth: int):
         self.costs = costs
-        self.max_depth = max(0, min(max_depth, costs.max_depth))
+        can_win = [d for d in range(1, min(max_depth, costs.max_depth) + 1) if (d + 1) / costs.step(d) > 1 / costs.step(0)]
+        self.max_depth = max(can_win, default=0)
         priors = [prior] * self.max_depth if isinstance(prior, (int, float)) else list(prior)
         # Deeper positions without a prior of their own start at the last one given.
         priors = (priors + priors[-1:] * self.max_depth)[: self.max_depth] if priors else [0.5] * self.max_depth

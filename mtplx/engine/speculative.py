@@ -139,9 +139,10 @@ class Engine:
         if self.constraint is not None:  # constraint: every generation starts at the grammar's start
             self.constraint.start()
         self.cache = prompt_cache.cache if prompt_cache is not None else self.model.make_cache()
-        # A pinned depth 0 is mlx-lm's pipelined AR loop; any policy that may draft runs MTP steps
-        # (a depth-0 step there verifies the pending token alone and keeps the head in step).
-        plain = isinstance(self.policy, FixedDepth) and self.depth == 0
+        # A policy that never drafts (depth 0, or auto where no depth can pay) runs mlx-lm's
+        # pipelined AR loop; any policy that may draft runs MTP steps (a depth-0 step there
+        # verifies the pending token alone and keeps the head in step).
+        plain = self.depth == 0
         run = self._ar if plain else self._mtp
         consumed = list(prompt)
         self._snapshot_at = tuple(snapshot_at)
