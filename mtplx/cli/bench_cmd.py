@@ -263,7 +263,8 @@ def tune(model_ref, max_depth, max_tokens, rounds, min_gain, force, json_out):
     else:
         click.echo(f"Saved depth {best} for {model_ref} in {path}: {gain:.2f}x depth auto here "
                    f"({'plain AR' if best == 0 else f'{report.speedup(best):.2f}x AR'}).")
-    click.echo(f"Saved draft temperatures (target: draft) {draft_temps} and this machine's step costs.")
+    pairs = ", ".join(f"{t} -> {dt:g}" for t, dt in draft_temps.items())
+    click.echo(f"Saved the draft temperature per target temperature ({pairs}) and this machine's step costs.")
     write_json({"tuned": record, "bench": report.as_dict(), "draft_law": law.as_dict()}, json_out)
 
 
