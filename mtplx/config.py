@@ -6,6 +6,7 @@ Lives at ``$MTPLX_CONFIG`` or ``$XDG_CONFIG_HOME/mtplx/config.json`` (``~/.confi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -37,11 +38,18 @@ def write_config(data: dict[str, Any]) -> Path:
 
 
 def model_key(model: Any) -> str | None:
-    """Tuned depths follow the sidecar's hash, so a rebuilt artifact is tuned again."""
+    """What is tuned follows the artifact: the sidecar's hash and the trunk it was built on (its
+    quantization and the hashes of the tensors the head shares), so a rebuilt artifact is tuned
+    again, and the same head grafted onto a 4-bit and a bf16 trunk (identical sidecar bytes,
+    very different costs) are two entries."""
     contract = getattr(model, "contract", None)
     if contract is None:
         return None
-    return contract.provenance.get("sidecar_sha256") or str(getattr(model, "path", ""))
+    sidecar = contract.provenance.get("sidecar_sha256") or str(getattr(model, "path", ""))
+    trunk = {"quantization": contract.data.get("trunk", {}).get("quantization"),
+             "tensors": contract.provenance.get("trunk_tensors_sha256")}
+    digest = hashlib.sha256(json.dumps(trunk, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{sidecar}+trunk-{digest}"
 
 
 def tuned_entry(model: Any) -> dict[str, Any]:

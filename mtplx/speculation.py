@@ -35,11 +35,18 @@ def machine() -> dict[str, str]:
     return {"mlx": mx.__version__, "device": device_name()}
 
 
+def _distributed(model: Any) -> bool:
+    return getattr(getattr(model, "trunk", None), "stage", None) is not None
+
+
 def default_depth(model: Any) -> int | str:
     """What a generation with no depth pinned runs at: the tuned depth if `mtplx tune` saved
-    one, else "auto"; plain AR (0) for a model loaded without its head."""
+    one, else "auto"; plain AR (0) for a model loaded without its head. A distributed pipeline
+    (which cannot time forked verify passes) takes the contract's fixed depth."""
     if not getattr(model, "has_mtp", False):
         return 0
+    if _distributed(model):
+        return int(model.contract.defaults.get("depth", knobs.CONTRACT_DEPTH))
     tuned = tuned_depth(model)
     return knobs.AUTO if tuned is None else tuned
 
@@ -103,6 +110,11 @@ def depth_policy(model: Any, depth: int | str, params: SamplingParams,
         return depth
     if not model.has_mtp:
         return 0
+    if _distributed(model):
+        from mtplx.errors import MtplxError
+
+        raise MtplxError("depth auto times verify passes on forked caches, which a distributed pipeline cannot "
+                         "do (every rank holds part of each cache)", fix="pass a fixed depth, e.g. --depth 2")
     costs = step_costs(model, progress=progress)
     return AutoDepth(costs, prior_acceptance(model, params), min(costs.max_depth, knobs.MAX_DEPTH))
 

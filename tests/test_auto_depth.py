@@ -215,3 +215,29 @@ def test_shape_bench_reports_what_auto_would_pick():
     acceptance = [0.8, 0.6, 0.45]
     assert auto_choice(acceptance, {"1": 1.5, "2": 1.9, "3": 1.7}) == 2
     assert auto_choice(acceptance, {"1": 0.7, "2": 0.6, "3": 0.5}) == 0
+
+
+def test_one_head_on_two_trunks_is_two_config_entries(demo, grafted_bf16):
+    """The demo and the fixture grafted onto a bf16 trunk share the sidecar's bytes; their step
+    costs differ by an order of magnitude, so what is tuned or cached must not be shared."""
+    import mtplx
+    from mtplx.config import model_key
+
+    bf16, _ = mtplx.load(grafted_bf16[0])
+    assert demo[0].contract.provenance["sidecar_sha256"] == bf16.contract.provenance["sidecar_sha256"]
+    assert model_key(demo[0]) != model_key(bf16)
+
+
+def test_auto_is_refused_on_a_distributed_pipeline(model):  # noqa: F811
+    """A pipeline stage cannot time forked verify passes: explicit auto is one clear error, and
+    no depth pinned means a fixed depth there."""
+    from mtplx.errors import MtplxError
+    from mtplx.speculation import depth_policy
+
+    model.trunk.stage = object()  # what distributed.session.load sets on every rank
+    try:
+        with pytest.raises(MtplxError, match="distributed pipeline.*Fix: pass a fixed depth"):
+            depth_policy(model, "auto", SamplingParams())
+        assert depth_policy(model, 2, SamplingParams()) == 2
+    finally:
+        model.trunk.stage = None

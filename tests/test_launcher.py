@@ -317,9 +317,12 @@ def test_one_mode_menu_whatever_tune_saved(tmp_path, monkeypatch, tuned, default
     monkeypatch.setenv("MTPLX_CONFIG", str(config))
     info = inspect_model("demo")
     if tuned is not None:
-        from mtplx.artifact.loader import read_contract
+        from types import SimpleNamespace
 
-        key = read_contract(Path(info.path)).provenance["sidecar_sha256"]
+        from mtplx.artifact.loader import read_contract
+        from mtplx.config import model_key
+
+        key = model_key(SimpleNamespace(contract=read_contract(Path(info.path)), path=info.path))
         config.write_text(json.dumps({"tuned": {key: {"depth": tuned}}}))
     seen = {}
 

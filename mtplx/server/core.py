@@ -244,7 +244,7 @@ class Core:
         if self.depth != 0 and not model.has_mtp:
             raise MtplxError(f"depth {self.depth} needs an MTP head and this model has none",
                              fix="use --depth 0 or --no-mtp")
-        if model.has_mtp:  # depth auto's step costs: measured (or read) now, not in the first request
+        if self.depth == "auto":  # its step costs: measured (or read) now, not in the first request
             step_costs(model)
         # No token decodes to more than `longest` characters, so a text of n characters has at
         # least n / longest tokens; Unicode normalization may merge up to a few code points
