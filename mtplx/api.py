@@ -27,6 +27,7 @@ from mtplx.engine.stats import DecodeStats
 from mtplx.errors import ContextOverflowError, MtplxError
 from mtplx.model.mtp_model import MTPModel
 from mtplx.prompts import EncodedPrompt, check_prompt
+from mtplx.speculation import default_depth, depth_policy, draft_params
 from mtplx.stops import StopScanner, check_stop
 
 Prompt = Union[str, Sequence[int], Sequence[dict[str, Any]], "EncodedPrompt"]
@@ -117,24 +118,15 @@ def prompt_ids(model: MTPModel, tokenizer: Any, prompt: Prompt, enable_thinking:
 
 def sampling_from(model: MTPModel, temperature: float | None, top_p: float | None, top_k: int | None,
                   min_p: float | None) -> SamplingParams:
-    d = model.contract.defaults if model.contract else {}
+    d = {**knobs.DEFAULTS, **(model.contract.defaults if model.contract else {})}
     return SamplingParams(
-        temperature=d.get("temperature", 0.6) if temperature is None else temperature,
-        top_p=d.get("top_p", 0.95) if top_p is None else top_p,
-        top_k=d.get("top_k", 20) if top_k is None else top_k,
-        min_p=d.get("min_p", 0.0) if min_p is None else min_p,
+        temperature=d["temperature"] if temperature is None else temperature,
+        top_p=d["top_p"] if top_p is None else top_p,
+        top_k=d["top_k"] if top_k is None else top_k,
+        min_p=d["min_p"] if min_p is None else min_p,
     )
 
 
-def default_depth(model: MTPModel) -> int:
-    if not model.has_mtp:
-        return 0
-    from mtplx.config import tuned_depth
-
-    tuned = tuned_depth(model)
-    if tuned is not None:
-        return tuned
-    return model.contract.defaults.get("depth", 2) if model.contract else 2
 
 
 def stream_generate(
@@ -147,7 +139,7 @@ def stream_generate(
     top_p: float | None = None,
     top_k: int | None = None,
     min_p: float | None = None,
-    depth: int | None = None,
+    depth: int | str | None = None,
     draft_temperature: float | None = None,
     seed: int | None = None,
     stop: Sequence[str] | None = None,
@@ -156,8 +148,11 @@ def stream_generate(
     response_format: dict[str, Any] | None = None,
     logprobs: int | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Stream a completion. ``depth=0`` is plain AR; ``None`` takes the tuned depth for this
-    model if `mtplx tune` saved one, else the contract's default.
+    """Stream a completion. ``depth=0`` is plain AR, ``depth=N`` drafts exactly N tokens every
+    step, ``depth="auto"`` chooses each step's depth from this machine's measured step costs and
+    the acceptance seen so far (see :mod:`mtplx.speculation`); ``None`` takes the depth `mtplx
+    tune` saved for this model, else "auto". The draft follows the target's law unless
+    ``draft_temperature`` is given (or `mtplx tune` found a better one).
 
     ``logprobs=k`` attaches to each response the log-probability of each of its tokens and the k
     likeliest alternatives (log-softmax of the trunk's raw logits; see mtplx.engine.logprobs).
@@ -197,11 +192,9 @@ def stream_generate(
     ids = prompt_ids(model, tokenizer, prompt, enable_thinking)
     boundaries = reuse_boundaries(tokenizer, prompt, ids, enable_thinking) if prompt_cache is not None else ()
     params = sampling_from(model, temperature, top_p, top_k, min_p)
-    defaults = model.contract.defaults if model.contract else {}
-    dt = draft_temperature if draft_temperature is not None else defaults.get("draft_temperature", params.temperature)
-    draft = SamplingParams(temperature=dt, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p)
-    engine = Engine(model, default_depth(model) if depth is None else depth, params, draft, seed, constraint,
-                    logprobs=logprobs)
+    draft = draft_params(model, params, draft_temperature)
+    policy = depth_policy(model, default_depth(model) if depth is None else depth, params)
+    engine = Engine(model, policy, params, draft, seed, constraint, logprobs=logprobs)
     detok = tokenizer.detokenizer
     detok.reset()
     scanner = StopScanner(stop)

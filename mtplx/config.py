@@ -1,10 +1,12 @@
-"""The user's config file: depths saved by `mtplx tune`, keyed by artifact.
+"""The user's config file: what `mtplx tune` measured (and what depth "auto" measured on its
+first use), keyed by artifact.
 
 Lives at ``$MTPLX_CONFIG`` or ``$XDG_CONFIG_HOME/mtplx/config.json`` (``~/.config/mtplx``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -36,22 +38,46 @@ def write_config(data: dict[str, Any]) -> Path:
 
 
 def model_key(model: Any) -> str | None:
-    """Tuned depths follow the sidecar's hash, so a rebuilt artifact is tuned again."""
+    """What is tuned follows the artifact: the sidecar's hash and the trunk it was built on (its
+    quantization and the hashes of the tensors the head shares), so a rebuilt artifact is tuned
+    again, and the same head grafted onto a 4-bit and a bf16 trunk (identical sidecar bytes,
+    very different costs) are two entries."""
     contract = getattr(model, "contract", None)
     if contract is None:
         return None
-    return contract.provenance.get("sidecar_sha256") or str(getattr(model, "path", ""))
+    sidecar = contract.provenance.get("sidecar_sha256") or str(getattr(model, "path", ""))
+    trunk = {"quantization": contract.data.get("trunk", {}).get("quantization"),
+             "tensors": contract.provenance.get("trunk_tensors_sha256")}
+    digest = hashlib.sha256(json.dumps(trunk, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{sidecar}+trunk-{digest}"
 
 
-def tuned_depth(model: Any) -> int | None:
+def tuned_entry(model: Any) -> dict[str, Any]:
     key = model_key(model)
     entry = read_config().get("tuned", {}).get(key) if key else None
-    return int(entry["depth"]) if entry and "depth" in entry else None
+    return entry if isinstance(entry, dict) else {}
+
+
+def tuned_depth(model: Any) -> int | str | None:
+    """The depth `mtplx tune` saved for this artifact ("auto" or an integer), checked like any
+    depth a user types: a hand-edited or damaged value is one clear error naming the file."""
+    from mtplx import knobs
+
+    entry = tuned_entry(model)
+    if "depth" not in entry:
+        return None
+    try:
+        return knobs.check("depth", entry["depth"], label="the tuned depth")
+    except knobs.KnobError:
+        raise knobs.KnobError("depth", f"the tuned depth in {config_path()} is {entry['depth']!r}, not "
+                                       f"{knobs.KNOBS['depth'].describe()}",
+                              fix="rerun `mtplx tune` for this model, or delete its entry from that file") from None
 
 
 def save_tuned(model: Any, record: dict[str, Any]) -> Path:
     data = read_config()
-    data.setdefault("tuned", {})[model_key(model)] = record
+    entry = data.setdefault("tuned", {}).setdefault(model_key(model), {})
+    entry.update(record)
     return write_config(data)
 
 

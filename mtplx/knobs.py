@@ -20,6 +20,17 @@ from mtplx.errors import MtplxError
 MAX_DEPTH = 8
 # numpy's generator takes any non-negative integer; JSON clients rarely go past 64 bits.
 MAX_SEED = 2**64 - 1
+# The depth value that lets the engine choose each step's depth (mtplx.engine.policy.AutoDepth).
+AUTO = "auto"
+# The deepest depth "auto" considers unless `mtplx tune --max-depth` measured further: its cost
+# model is measured at T = 1..AUTO_MAX_DEPTH+1, and deeper drafts are rarely accepted.
+AUTO_MAX_DEPTH = 3
+
+# What a knob is when neither the request nor the artifact's contract sets it: the one place
+# these numbers are written (CLI help, API, chat, graft, the probe and legacy contracts read it).
+DEFAULTS: dict[str, Any] = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0, "depth": AUTO}
+# The fixed depth a new artifact's contract records (what "MTP at a depth I choose" starts at).
+CONTRACT_DEPTH = 2
 
 
 class KnobError(MtplxError, ValueError):
@@ -39,6 +50,7 @@ class Knob:
     low_open: bool = False  # (low, ...] rather than [low, ...]
     meaning: str = ""
     high_text: str | None = None  # how to print ``high`` when its digits would not help
+    words: tuple[str, ...] = ()  # strings accepted besides numbers ("auto" for depth)
 
     def describe(self) -> str:
         left = "(" if self.low_open else "["
@@ -47,16 +59,20 @@ class Knob:
         else:
             right = (self.high_text or (f"{int(self.high)}" if self.kind is int else f"{self.high:g}")) + "]"
         what = "an integer" if self.kind is int else "a number"
-        return f"{what} in {left}{self.low:g}, {right}"
+        also = "".join(f" or {w!r}" for w in self.words)
+        return f"{what} in {left}{self.low:g}, {right}{also}"
 
     def check(self, value: Any, label: str | None = None) -> Any:
         """The value as the knob's type, or :class:`KnobError`. ``label`` is what the user typed
         to set it (``--top-p``, ``/temp``), used in the message instead of the knob's name."""
         who = label or self.name
         fix = f"pass {self.describe()}{self.meaning}"
+        if isinstance(value, str) and value.strip().lower() in self.words:
+            return value.strip().lower()
         if self.kind is int:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise KnobError(self.name, f"{who} must be an integer, got {value!r}", fix=fix)
+                also = "".join(f" or {w!r}" for w in self.words)
+                raise KnobError(self.name, f"{who} must be an integer{also}, got {value!r}", fix=fix)
             value = int(value)
         else:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -72,7 +88,8 @@ class Knob:
 
 
 KNOBS: dict[str, Knob] = {k.name: k for k in (
-    Knob("depth", int, 0, MAX_DEPTH, meaning=" (0 = plain autoregressive decoding)"),
+    Knob("depth", int, 0, MAX_DEPTH, words=(AUTO,),
+         meaning=" (0 = plain autoregressive decoding, 'auto' = chosen each step by measured cost and acceptance)"),
     Knob("max_tokens", int, 1),
     Knob("temperature", float, 0.0, meaning=" (0 = greedy)"),
     Knob("draft_temperature", float, 0.0, meaning=" (the law the head drafts from; any value stays exact)"),
@@ -87,6 +104,21 @@ def check(name: str, value: Any, label: str | None = None) -> Any:
     """Validate one knob; ``None`` (meaning "the default") passes through. ``label`` names the
     setting as the user wrote it (a flag, a slash command) in the message."""
     return None if value is None else KNOBS[name].check(value, label)
+
+
+def parse(name: str, text: Any, label: str | None = None) -> Any:
+    """A knob typed as text (a CLI flag, a chat command, a config file): numbers are read as
+    the knob's type, then checked like any value; ``None`` passes through."""
+    if not isinstance(text, str):
+        return check(name, text, label)
+    knob, word = KNOBS[name], text.strip()
+    value: Any = word
+    if word.lower() not in knob.words:
+        try:
+            value = int(word) if knob.kind is int else float(word)
+        except ValueError:
+            pass  # refused by check() with the knob's own sentence
+    return knob.check(value, label)
 
 
 def check_all(**values: Any) -> dict[str, Any]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests never read or write the user's config (tuned entries, depth auto's cached step costs).
+os.environ.setdefault("MTPLX_CONFIG", os.path.join(tempfile.mkdtemp(prefix="mtplx-test-config-"), "config.json"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 FIXTURE = Path(os.environ.get("MTPLX_FIXTURE", ROOT.parent / "shared" / "fixtures" / "tiny-qwen35-mtp"))

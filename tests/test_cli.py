@@ -36,8 +36,9 @@ def test_run_from_argument_and_stdin():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() and "tokens/s" in out.stderr and "acceptance" in out.stderr
     # the status line names the mode and depth first, as the chat's does
-    assert re.fullmatch(r"\[MTP d2 \| 8 tokens \| [\d.]+ tok/s \| prefill [\d.]+ tok/s \| acceptance [\d.]+ [\d.]+ \| "
-                        r"[\d.]+ tokens/step \| length\]\n", out.stderr), out.stderr
+    # no depth given: auto, with the mix of depths it chose
+    assert re.fullmatch(r"\[MTP auto \((d\d \d+% ?)+\) \| 8 tokens \| [\d.]+ tok/s \| prefill [\d.]+ tok/s \| "
+                        r"acceptance [-\d. ]+ \| [\d.]+ tokens/step \| length\]\n", out.stderr), out.stderr
     piped = mtplx("run", "--model", "demo", "-n", "8", "--raw", "-t", "0", "--json", "-", input="def add(a, b):")
     assert piped.returncode == 0, piped.stderr
     report = json.loads(piped.stdout)
@@ -92,7 +93,7 @@ def test_models_and_doctor():
     assert report["device_compute"] is True and report["mlx"]
 
 
-def test_tune_saves_a_depth_only_when_it_beats_ar(tmp_path):
+def test_tune_saves_step_costs_draft_law_and_pins_only_what_beats_auto(tmp_path):
     config = tmp_path / "config.json"
     out = mtplx("tune", "--model", "demo", "--max-depth", "1", "-n", "12", "--json", "-",
                 env={"MTPLX_CONFIG": str(config)})
@@ -101,10 +102,16 @@ def test_tune_saves_a_depth_only_when_it_beats_ar(tmp_path):
     saved = json.loads(config.read_text())["tuned"]
     (entry,) = saved.values()
     assert entry["depth"] == report["tuned"]["depth"]
-    if entry["speedup"] < 1.02:
-        assert entry["depth"] == 0, "a depth that does not beat AR was saved"
+    bench = report["bench"]["depths"]
+    best = entry["best_fixed_depth"]
+    if bench[str(best)]["median_tps"] < 1.02 * bench["auto"]["median_tps"]:
+        assert entry["depth"] == "auto", "a fixed depth that does not beat auto was pinned"
     else:
-        assert entry["depth"] == 1
+        assert entry["depth"] == best
+    costs = entry["step_costs"]
+    assert costs["source"] == "tune" and len(costs["verify_ms"]) == 2 and costs["draft_ms"] > 0
+    assert set(entry["draft_temperature"]) == {"0.6", "1"}
+    assert all(dt in (0, t / 2, t) for t, dt in ((float(k), v) for k, v in entry["draft_temperature"].items()))
 
 
 # ---------------------------------------------------------------- bad input: one line, non-zero exit, never "bug"
@@ -125,7 +132,8 @@ def assert_one_line_error(r, needle: str, code: int = 1) -> None:
     (("-n", "-1"), "--max-tokens must be an integer in [1, inf), got -1"),
     (("-t", "nan"), "--temperature must be a finite number, got nan"),
     (("-t", "inf"), "--temperature must be a finite number, got inf"),
-    (("-d", "99"), "--depth must be an integer in [0, 8], got 99"),
+    (("-d", "99"), "--depth must be an integer in [0, 8] or 'auto', got 99"),
+    (("-d", "deep"), "--depth must be an integer or 'auto', got 'deep'"),
     (("-t", "-1"), "--temperature must be a number in [0, inf), got -1.0"),
     (("--top-p", "0"), "--top-p must be a number in (0, 1], got 0.0"),
     (("--top-k", "-5"), "--top-k must be an integer in [0, inf), got -5"),
@@ -138,7 +146,8 @@ def test_run_refuses_bad_knobs(args, needle):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (("bench", "--depths", "0,99"), "--depths must be an integer in [0, 8], got 99"),
+    (("bench", "--depths", "0,99"), "--depths must be an integer in [0, 8] or 'auto', got 99"),
+    (("bench", "--draft-temperature", "hot"), "--draft-temperature must be a number, got 'hot'"),
     (("bench", "-t", "nan"), "--temperature must be a finite number"),
     (("bench", "--top-k", "-1"), "--top-k must be"),
     (("bench", "--seed", "-1"), "--seed must be"),
@@ -146,7 +155,10 @@ def test_run_refuses_bad_knobs(args, needle):
     (("tune", "--max-depth", "9"), "--max-depth must be an integer in [0, 8], got 9"),
     (("tune", "--max-depth", "0"), "--max-depth must be at least 1, got 0"),
     (("tune", "-n", "0"), "--max-tokens must be"),
-    (("start", "--depth", "99"), "--depth must be an integer in [0, 8], got 99"),
+    (("start", "--depth", "99"), "--depth must be an integer in [0, 8] or 'auto', got 99"),
+    # serve's --depth is checked by mtplx.knobs like every other surface's (it was click.IntRange)
+    (("serve", "--depth", "99"), "--depth must be an integer in [0, 8] or 'auto', got 99"),
+    (("serve", "-d", "x"), "--depth must be an integer or 'auto', got 'x'"),
     (("start", "-n", "0"), "--max-tokens must be"),
     (("start", "--top-p", "2"), "--top-p must be"),
     (("start", "-t", "inf"), "--temperature must be a finite number"),

@@ -57,10 +57,12 @@ def exact_ar_law(model, prefix: list[int], length: int) -> dict[tuple[int, ...],
     return law
 
 
-def sample_engine(model, depth: int, length: int, acceptance=None, seed0: int = 0) -> list[tuple[int, ...]]:
+def sample_engine(model, depth, length: int, acceptance=None, seed0: int = 0) -> list[tuple[int, ...]]:
+    """N samples of the first ``length`` tokens; ``depth`` is an integer or a callable that
+    makes a fresh depth policy for each sample."""
     out = []
     for i in range(N):
-        engine = Engine(model, depth, PARAMS, DRAFT, seed=seed0 + i)
+        engine = Engine(model, depth() if callable(depth) else depth, PARAMS, DRAFT, seed=seed0 + i)
         if acceptance is not None:
             engine.acceptance_arrays = acceptance
         tokens = [t for step in engine.generate(PROMPT, length) for t in step.tokens]

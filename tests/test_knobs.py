@@ -36,7 +36,7 @@ def test_label_names_the_setting_as_the_user_wrote_it():
     with pytest.raises(knobs.KnobError, match=r"^--top-p must be a number in \(0, 1\], got 0.0") as e:
         knobs.check("top_p", 0.0, label="--top-p")
     assert e.value.param == "top_p"  # the server's error.param stays the knob's name
-    with pytest.raises(knobs.KnobError, match=r"^depth must be an integer in \[0, 8\], got 99"):
+    with pytest.raises(knobs.KnobError, match=r"^depth must be an integer in \[0, 8\] or 'auto', got 99"):
         knobs.check("depth", 99)
 
 

@@ -76,15 +76,17 @@ def _session(has_mtp: bool = True) -> ChatSession:
 def test_slash_commands():
     s = _session()
     s.messages.append({"role": "user", "content": "hi"})
-    assert "/depth N" in s.command("help", "")
+    assert "/depth N|auto" in s.command("help", "")
     assert s.command("reset", "") == "History cleared." and s.messages == []
     assert "plain AR (depth 0)" in s.command("depth", "0") and s.depth == 0
+    assert "MTP, adaptive depth (auto)" in s.command("depth", "auto") and s.depth == "auto"
     assert "MTP depth 3" in s.command("depth", "3") and s.depth == 3
     # out-of-range and malformed values: mtplx.knobs' sentence, naming the command; nothing changes
-    assert s.command("depth", "x") == ("/depth must be an integer, got 'x'. Fix: pass an integer in [0, 8] "
-                                       "(0 = plain autoregressive decoding).")
-    assert s.command("depth", "99").startswith("/depth must be an integer in [0, 8], got 99.")
-    assert s.command("depth", "2.5").startswith("/depth must be an integer, got 2.5.") and s.depth == 3
+    assert s.command("depth", "x") == ("/depth must be an integer or 'auto', got 'x'. Fix: pass an integer in "
+                                       "[0, 8] or 'auto' (0 = plain autoregressive decoding, 'auto' = chosen each "
+                                       "step by measured cost and acceptance).")
+    assert s.command("depth", "99").startswith("/depth must be an integer in [0, 8] or 'auto', got 99.")
+    assert s.command("depth", "2.5").startswith("/depth must be an integer or 'auto', got '2.5'.") and s.depth == 3
     assert "temperature 0.2" in s.command("temp", "0.2") and s.temperature == 0.2
     assert "temperature 7" in s.command("temp", "7") and s.temperature == 7.0  # knobs set no upper bound
     assert s.command("temp", "hot").startswith("/temp must be a number, got 'hot'.")
@@ -102,6 +104,7 @@ def test_slash_commands():
 def test_depth_refused_without_mtp_head():
     s = _session(has_mtp=False)
     assert "no MTP head" in s.command("depth", "2") and s.depth == 0
+    assert "no MTP head" in s.command("depth", "auto") and s.depth == 0
     assert "plain AR" in s.command("depth", "0")
 
 
@@ -297,8 +300,44 @@ def test_start_with_flags_chats_on_the_demo(tmp_path):
     r = _cli_start(["--model", "demo", "--yes", "-n", "6", "--seed", "0"], "def f(\n/stats\n/quit\n", tmp_path)
     assert r.exit_code == 0, r.output
     assert "verdict:      ready" in r.output and "Loaded in" in r.output
-    assert re.search(r"\[MTP d2 \| 6 tokens \| [\d.]+ tok/s \| acceptance [\d.]+ [\d.]+ \|", r.output)
+    assert "verdict:      ready: MTP, depth auto" in r.output
+    assert re.search(r"\[MTP auto \((d\d \d+% ?)+\) \| 6 tokens \| [\d.]+ tok/s \| acceptance [-\d. ]+ \|", r.output)
     assert "1 replies | 6 tokens" in r.output and r.output.rstrip().endswith(GOODBYE)
+
+
+@pytest.mark.parametrize("tuned, default, marked", [(None, 1, 1), (0, 3, 3), (3, 2, 2), ("auto", 1, 1)])
+def test_one_mode_menu_whatever_tune_saved(tmp_path, monkeypatch, tuned, default, marked):
+    """Adaptive, a fixed depth, plain AR: always these three; what `mtplx tune` saved only moves
+    Enter's default to its entry and says so (never "MTP at depth 0" beside plain AR)."""
+    import json
+
+    from mtplx.cli.launcher import ask_depth, inspect_model
+
+    config = tmp_path / "config.json"
+    monkeypatch.setenv("MTPLX_CONFIG", str(config))
+    info = inspect_model("demo")
+    if tuned is not None:
+        from types import SimpleNamespace
+
+        from mtplx.artifact.loader import read_contract
+        from mtplx.config import model_key
+
+        key = model_key(SimpleNamespace(contract=read_contract(Path(info.path)), path=info.path))
+        config.write_text(json.dumps({"tuned": {key: {"depth": tuned}}}))
+    seen = {}
+
+    @click.command()
+    def pick():
+        seen["depth"] = ask_depth(info, depth=None, no_mtp=False, yes=False)
+
+    r = CliRunner().invoke(pick, input="\n\n")
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.output.splitlines() if l.strip()[:2] in ("1)", "2)", "3)")]
+    assert [l.split(")")[1].split()[0] for l in lines] == ["MTP,", "MTP", "Plain"]
+    assert f"Choose [{default}]" in r.output
+    if tuned is not None:
+        assert "tune" in lines[marked - 1] and sum("tune" in l for l in lines) == 1
+    assert seen["depth"] == {1: "auto", 2: tuned, 3: 0}[default]
 
 
 def test_start_refuses_depth_without_head_and_conflicting_flags(tmp_path):
@@ -395,8 +434,10 @@ def test_start_in_a_real_terminal(tmp_path):
         t.wait_for("Choose [1]:")
         t.send("1")  # the bundled demo
         t.wait_for("Decoding mode?")
-        assert "MTP at depth 2 (the contract's default)" in t.history()  # the temp config holds no tuned depth
-        t.send("1")  # MTP at that depth
+        assert "1) MTP, adaptive (depth auto" in t.history()  # the temp config holds nothing tuned
+        t.send("2")  # MTP at a fixed depth
+        t.wait_for("Draft depth [2]:")  # the contract's
+        t.send("")
         t.wait_for("Where?")
         t.send("1")  # chat in this terminal
         t.wait_for("Thinking mode?")

@@ -97,8 +97,10 @@ def test_chat_matches_generate(server: Server, temperature: float, seed: int | N
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, last.generation_tokens)
     assert r.usage.total_tokens == n_prompt + last.generation_tokens
     stats = r.model_extra["mtplx"]
-    assert set(stats) >= {"tokens_per_second", "acceptance", "tokens_per_step", "depth"}
-    assert len(stats["acceptance"]) == stats["depth"] == 2
+    assert set(stats) >= {"tokens_per_second", "acceptance", "tokens_per_step", "depth", "depth_histogram"}
+    # No depth pinned: auto, whose histogram counts every decode step (the first token is the prefill's).
+    assert stats["depth"] == "auto" and len(stats["acceptance"]) == len(stats["depth_histogram"]) - 1
+    assert sum(stats["depth_histogram"].values()) == last.stats.steps - 1
 
 
 @pytest.mark.parametrize("temperature,seed", [(0.0, None), (0.6, 99)])
@@ -123,7 +125,7 @@ def test_streaming_chat(server: Server) -> None:
     assert text == expected
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finals) == 1 and finals[0].choices[0].finish_reason == last.finish_reason
-    assert finals[0].model_extra["mtplx"]["depth"] == 2
+    assert finals[0].model_extra["mtplx"]["depth"] == "auto"
     usage = chunks[-1]
     assert usage.choices == [] and usage.usage.completion_tokens == last.generation_tokens
     assert usage.usage.prompt_tokens == len(encode_prompt(server.tokenizer, MESSAGES))
@@ -261,6 +263,8 @@ BAD_BODIES = [
     ({"messages": MESSAGES, "seed": -1}, "seed"),
     ({"messages": MESSAGES, "seed": 2**64}, "seed"),
     ({"messages": MESSAGES, "depth": 2.5}, "depth"),
+    ({"messages": MESSAGES, "depth": "deep"}, "depth"),
+    ({"messages": MESSAGES, "depth": "2"}, "depth"),
     ({"messages": MESSAGES, "depth": -1}, "depth"),
     ({"messages": MESSAGES, "top_k": -5}, "top_k"),
     ({"messages": MESSAGES, "min_p": 2}, "min_p"),
@@ -415,7 +419,9 @@ def test_metrics(server: Server) -> None:
         return metric(text, "mtplx_requests_total", f'endpoint="{endpoint}",status="{status}"') or 0
 
     before = server.http.get("/metrics").text
-    server.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4, temperature=0)
+    # depth 2 pinned: depth auto drafts nothing for the 4-bit demo on a CPU (no depth pays there)
+    server.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4, temperature=0,
+                                          extra_body={"depth": 2})
     server.http.post("/v1/completions", json={"prompt": [999999]})
     server.http.post("/v1/completions", json={"prompt": [999999]})
     server.http.get("/v1/models")
@@ -428,7 +434,7 @@ def test_metrics(server: Server) -> None:
     text = r.text
     for family in ("mtplx_requests_total", "mtplx_generated_tokens_total", "mtplx_prompt_tokens_total",
                    "mtplx_last_tokens_per_second", "mtplx_average_tokens_per_second", "mtplx_acceptance",
-                   "mtplx_queue_depth", "mtplx_busy"):
+                   "mtplx_queue_depth", "mtplx_busy", "mtplx_steps_by_depth_total"):
         assert f"# TYPE {family} " in text, family
     # Requests are counted per endpoint and status.
     for endpoint, status, n in [("/v1/chat/completions", 200, 1), ("/v1/completions", 400, 2), ("/v1/models", 200, 1),
@@ -440,6 +446,21 @@ def test_metrics(server: Server) -> None:
     assert 0 <= metric(text, "mtplx_acceptance", 'position="1"') <= 1
     assert metric(text, "mtplx_acceptance", 'position="2"') is not None
     assert metric(text, "mtplx_queue_depth") == 0 and metric(text, "mtplx_busy") == 0
+    assert metric(text, "mtplx_steps_by_depth_total", 'depth="2"') >= 1
+
+
+def test_depth_auto_and_pinned_per_request(server: Server) -> None:
+    """"depth": "auto" and an integer both pass the knob check; each reply reports its own mix,
+    and a pinned depth drafts exactly that at every step."""
+    for depth in ("auto", 2, 0):
+        r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 6, "depth": depth,
+                                                            "temperature": 0})
+        assert r.status_code == 200, r.text
+        stats = r.json()["mtplx"]
+        assert stats["depth"] == depth
+        hist = {int(k): n for k, n in stats["depth_histogram"].items() if n}
+        if depth != "auto":
+            assert set(hist) <= {depth}
 
 
 # -- load and cancellation -----------------------------------------------------------------------

@@ -75,6 +75,14 @@ def test_message_matches_generate(demo_server) -> None:
     assert (final.usage.input_tokens, final.usage.cache_read_input_tokens) == (1, prompt_tokens - 1)
 
 
+def test_depth_auto_extension(demo_server) -> None:
+    r = demo_server.http.post("/v1/messages", json={"model": "demo", "max_tokens": 4, "messages": ASK,
+                                                    "depth": "auto", "temperature": 0})
+    assert r.status_code == 200, r.text
+    stats = r.json()["mtplx"]
+    assert stats["depth"] == "auto" and sum(stats["depth_histogram"].values()) >= 1
+
+
 def test_count_tokens_and_thinking(demo_server) -> None:
     s = demo_server
     chat = [{"role": "system", "content": SYSTEM}] + ASK
@@ -99,6 +107,7 @@ BAD = [
     ({"model": "demo", "max_tokens": 0, "messages": ASK}, 400, "invalid_request_error", "max_tokens"),
     ({"model": "demo", "max_tokens": 4, "messages": ASK, "temperature": -1}, 400, "invalid_request_error", "temperature"),
     ({"model": "demo", "max_tokens": 4, "messages": ASK, "top_k": -2}, 400, "invalid_request_error", "top_k"),
+    ({"model": "demo", "max_tokens": 4, "messages": ASK, "depth": "deep"}, 400, "invalid_request_error", "'auto'"),
     ({"model": "demo", "max_tokens": 4, "messages": []}, 400, "invalid_request_error", "messages"),
     ({"model": "demo", "max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}, 400,
      "invalid_request_error", "role"),

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mtplx import knobs
 from mtplx._version import __version__
 from mtplx.artifact import contract as contract_io
 from mtplx.artifact.sidecar import DRAFT_VOCAB_TENSOR, check_finite, check_head_shapes, load_head
@@ -250,7 +251,7 @@ def graft(
     trunk_bits: int = 4,
     probe_text: str | None = None,
     hidden_source: str | None = None,
-    depth: int = 2,
+    depth: int = knobs.CONTRACT_DEPTH,
     name: str | None = None,
     overwrite: bool = False,
     draft_vocab: int | None = None,
@@ -306,7 +307,8 @@ def _build(src: SourceCheckpoint, out: Path, trunk: Path | None, trunk_bits: int
     """Trunk, sidecar and contract (validated, not yet written) in ``out``."""
     from mlx_lm import load as mlx_load
 
-    from mtplx.artifact.probe import CONVENTIONS, MAX_PROBE_TOKENS, default_probe_text, head_figures, trunk_pass
+    from mtplx.artifact.probe import (CONVENTIONS, DEFAULT_SAMPLER, MAX_PROBE_TOKENS, default_probe_text, head_figures,
+                                      trunk_pass)
     from mtplx.model.mtp_model import MTPModel
     from mtplx.model.trunk import Trunk
 
@@ -354,7 +356,9 @@ def _build(src: SourceCheckpoint, out: Path, trunk: Path | None, trunk_bits: int
             "built_with": f"mtplx {__version__}",
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
-        "defaults": {"depth": depth, "temperature": 0.6, "draft_temperature": 0.6, "top_p": 0.95, "top_k": 20},
+        "defaults": {"depth": depth, "temperature": knobs.DEFAULTS["temperature"],
+                     "draft_temperature": knobs.DEFAULTS["temperature"], "top_p": knobs.DEFAULTS["top_p"],
+                     "top_k": knobs.DEFAULTS["top_k"]},
     }
     contract = contract_io.RuntimeContract(data=data)
 
@@ -372,7 +376,7 @@ def _build(src: SourceCheckpoint, out: Path, trunk: Path | None, trunk_bits: int
         "probe_tokens": min(len(tokens), MAX_PROBE_TOKENS),
         "hidden_source_chosen_by": "measurement" if hidden_source is None else "override",
         "acceptance": acceptance,
-        "sampler": {"temperature": 0.6, "top_p": 0.95, "top_k": 20},
+        "sampler": {k: getattr(DEFAULT_SAMPLER, k) for k in ("temperature", "top_p", "top_k")},
     }
     if ids is not None:
         mtp.set_draft_vocab(ids)

@@ -120,7 +120,7 @@ def inspect_ref(ref: str) -> Inspection:
             out.can_run_ar = True
             out.can_run_mtp = out.mtp_head
             d = contract.defaults
-            out.verdict = (f"ready: MTP depth {d['depth']} ({contract.sidecar_quantization['scheme']} head, "
+            out.verdict = (f"ready: MTP, depth auto ({contract.sidecar_quantization['scheme']} head, "
                            f"hidden_source {contract.hidden_source}), temperature {d['temperature']}"
                            if out.mtp_head else f"contract valid but the sidecar {contract.sidecar_path} is missing")
         except (ContractError, ArtifactError, UnsupportedModelError) as e:

@@ -16,6 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mtplx import knobs
 from mtplx.artifact import contract as contract_io
 from mtplx.artifact.contract import RuntimeContract
 from mtplx.artifact.tensors import read_header, sha256_file, trunk_dependency_hashes
@@ -123,10 +124,11 @@ def contract_from_other_runtime(data: dict[str, Any], path: Path) -> RuntimeCont
         },
         "defaults": {
             "depth": int(min(depth, contract_io.MAX_DEPTH)),
-            "temperature": float(target.get("temperature", 0.6)),
-            "draft_temperature": float(draft_sampler.get("temperature", target.get("temperature", 0.6))),
-            "top_p": float(target.get("top_p", 0.95)),
-            "top_k": int(target.get("top_k", 20)),
+            "temperature": float(target.get("temperature", knobs.DEFAULTS["temperature"])),
+            "draft_temperature": float(draft_sampler.get("temperature",
+                                                         target.get("temperature", knobs.DEFAULTS["temperature"]))),
+            "top_p": float(target.get("top_p", knobs.DEFAULTS["top_p"])),
+            "top_k": int(target.get("top_k", knobs.DEFAULTS["top_k"])),
         },
     }
     contract_io.validate(v1, path / contract_io.CONTRACT_FILE)

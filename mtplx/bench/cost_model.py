@@ -18,6 +18,7 @@ from typing import Callable
 
 import mlx.core as mx
 
+from mtplx.engine.policy import StepCosts
 from mtplx.engine.sampling import Rng, SamplingParams, sample_logits
 from mtplx.model.mtp_model import MTPModel
 from mtplx.engine import steps
@@ -82,24 +83,39 @@ def pipelined_ar_ms(model: MTPModel, prompt: list[int], tokens: int = 24,
     return 1000 * engine.stats.decode_seconds / max(engine.stats.generated - 1, 1)
 
 
+def _prefilled(model: MTPModel, prompt: list[int]):
+    cache = model.make_cache()
+    _, hidden = steps.prefill(model, prompt, cache, head=model.has_mtp)
+    mx.eval(hidden, cache.arrays())
+    return cache, hidden
+
+
+def _verify_call(model: MTPModel, cache, token: int, t: int) -> Callable[[], None]:
+    """One verify pass over ``t`` tokens on a fork of ``cache`` (so every call starts alike)."""
+    block = mx.array([[token] * t])
+
+    def run():
+        v_logits, v_hidden, _ = steps.verify(model, cache.fork(), block)
+        mx.eval(v_logits, v_hidden)
+    return run
+
+
+def _draft_call(model: MTPModel, cache, hidden: mx.array, token: int) -> Callable[[], None]:
+    """One draft step (head + lm_head + sampling) on a fork of ``cache``."""
+    h, tok, params, rng = hidden[:, -1:], mx.array([[token]]), SamplingParams(), Rng(0)
+
+    def run():
+        d_logits, _ = steps.draft(model, cache.fork(), h, tok)
+        y, _ = sample_logits(d_logits[0, -1:], params, rng)
+        mx.eval(y)
+    return run
+
+
 def measure(model: MTPModel, prompt: list[int], max_tokens: int, repeats: int = 5) -> CostModel:
     """Time an AR step (pipelined, as the AR engine runs), a verify pass over T = 1..max_tokens
     and one draft step, each on a cache prefilled with ``prompt`` and rolled back after every
     timed call."""
-    cache = model.make_cache()
-    _, hidden = steps.prefill(model, prompt, cache, head=model.has_mtp)
-    mx.eval(hidden, cache.arrays())
-    params = SamplingParams()
-    rng = Rng(0)
-    token = mx.array([[prompt[-1]]])
-
-    def verify(t: int):
-        block = mx.array([[prompt[-1]] * t])
-
-        def run():
-            v_logits, v_hidden, _ = steps.verify(model, cache.fork(), block)
-            mx.eval(v_logits, v_hidden)
-        return run
+    cache, hidden = _prefilled(model, prompt)
 
     def plain(t: int):
         block = mx.array([[prompt[-1]] * t])
@@ -109,16 +125,20 @@ def measure(model: MTPModel, prompt: list[int], max_tokens: int, repeats: int = 
         return run
 
     ar_ms = pipelined_ar_ms(model, prompt)
-    verify_ms = {t: median_ms(verify(t), repeats) for t in range(1, max_tokens + 1)}
+    verify_ms = {t: median_ms(_verify_call(model, cache, prompt[-1], t), repeats) for t in range(1, max_tokens + 1)}
     plain_ms = {t: median_ms(plain(t), repeats) for t in range(1, max_tokens + 1)}
-    draft_ms = 0.0
-    if model.has_mtp:
-        h = hidden[:, -1:]
-
-        def draft_step():
-            d_logits, _ = steps.draft(model, cache.fork(), h, token)
-            y, _ = sample_logits(d_logits[0, -1:], params, rng)
-            mx.eval(y)
-
-        draft_ms = median_ms(draft_step, repeats)
+    draft_ms = median_ms(_draft_call(model, cache, hidden, prompt[-1]), repeats) if model.has_mtp else 0.0
     return CostModel(ar_step_ms=ar_ms, verify_ms=verify_ms, draft_ms=draft_ms, plain_ms=plain_ms)
+
+
+def measure_step_costs(model: MTPModel, max_depth: int, repeats: int = 2, prompt: list[int] | None = None) -> StepCosts:
+    """What depth "auto" needs, quickly (a few seconds for the 4-bit demo on a CPU): one warm-up
+    call, then ``repeats`` timed verify passes at T = 1..max_depth+1 and draft steps (median).
+    A depth-0 step of the MTP loop is a 1-token verify, so no separate AR step is timed."""
+    prompt = prompt or [(7 * i + 1) % model.vocab_size for i in range(16)]
+    cache, hidden = _prefilled(model, prompt)
+    token = prompt[-1]
+    verify_ms = tuple(median_ms(_verify_call(model, cache, token, t), repeats, warmup=t == 1)
+                      for t in range(1, max_depth + 2))
+    draft_ms = median_ms(_draft_call(model, cache, hidden, token), repeats) if model.has_mtp and max_depth else 0.0
+    return StepCosts(verify_ms, draft_ms)

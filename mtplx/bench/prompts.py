@@ -6,6 +6,10 @@ DEFAULT_PROMPTS = [
     "class LRUCache:\n    \"\"\"A least-recently-used cache with a fixed capacity.\"\"\"\n\n    def __init__(self, capacity):\n",
     "def parse_header(line):\n    \"\"\"Split an HTTP header line into a (name, value) pair.\"\"\"\n",
     "Write a short paragraph explaining what a hash table is.",
+    # Code and prose in turns: acceptance moves within one reply, where a fixed depth is wrong
+    # half the time and depth auto should follow it.
+    "Explain in two sentences what the function below does, then show it, then describe its cost in words, "
+    "then write its test.\n\ndef dedupe(items):\n",
 ]
 
 

@@ -4,6 +4,9 @@ Each round runs every (prompt, depth) pair once, in an order that rotates betwee
 that no depth always runs first (caches, allocator, thermal state). The report gives decode
 tokens/s (median and spread), speedup over AR, acceptance per draft position, tokens per
 verify step, the time split, the cost model, the analytic bound and the share of it reached.
+
+Depth "auto" is a column like any depth (a fresh policy per generation, the step costs measured
+or read once before the runs); its row adds the mix of depths it chose.
 """
 
 from __future__ import annotations
@@ -13,22 +16,44 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Union
 
 import mlx.core as mx
 
+from mtplx import knobs
 from mtplx._version import __version__
 from mtplx.bench.cost_model import CostModel, measure
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.engine.stats import PHASES, AcceptanceTally, DecodeStats
 from mtplx.model.mtp_model import MTPModel
+from mtplx.speculation import depth_policy
+
+Depth = Union[int, str]  # a fixed depth or "auto"
+
+
+def depth_order(depth: Depth) -> tuple[int, int]:
+    """Fixed depths first, ascending, then auto."""
+    return (1, 0) if isinstance(depth, str) else (0, depth)
 
 
 @dataclass
 class DepthResult:
-    depth: int
+    depth: Depth
     runs: list[DecodeStats] = field(default_factory=list)
+
+    @property
+    def depth_mix(self) -> list[float]:
+        """The share of decode steps at each depth, pooled over the runs."""
+        counts: list[int] = []
+        for r in self.runs:
+            counts = [a + b for a, b in zip(counts + [0] * len(r.depth_steps), r.depth_steps + [0] * len(counts))]
+        total = sum(counts)
+        return [c / total for c in counts] if total else []
+
+    @property
+    def mix_text(self) -> str:
+        return " ".join(f"d{d} {100 * s:.0f}%" for d, s in enumerate(self.depth_mix) if s)
 
     @property
     def tps(self) -> list[float]:
@@ -64,19 +89,28 @@ class BenchReport:
     max_tokens: int
     prompts: int
     rounds: int
-    results: dict[int, DepthResult]
+    results: dict[Depth, DepthResult]
     cost: CostModel | None
     mlx_lm_tps: float | None
     device: str
     # `mtplx doctor --exactness`'s saved verdict for this artifact on this machine, if it ran.
     exactness: dict[str, Any] | None = None
 
-    def speedup(self, depth: int) -> float:
+    @property
+    def depths(self) -> list[Depth]:
+        return sorted(self.results, key=depth_order)
+
+    def speedup(self, depth: Depth) -> float:
         ar = self.results.get(0)
         return self.results[depth].median_tps / ar.median_tps if ar and ar.median_tps else float("nan")
 
-    def bound(self, depth: int) -> float | None:
-        if self.cost is None:
+    def best_fixed(self) -> int | None:
+        """The fastest fixed depth of this run (AR included)."""
+        fixed = [d for d in self.results if isinstance(d, int)]
+        return max(fixed, key=lambda d: self.results[d].median_tps) if fixed else None
+
+    def bound(self, depth: Depth) -> float | None:
+        if self.cost is None or not isinstance(depth, int) or depth + 1 not in self.cost.verify_ms:
             return None
         return self.cost.bound(depth, self.results[depth].tokens_per_step)
 
@@ -92,12 +126,18 @@ class BenchReport:
                              f"{self.cost.verify_ms[top] / self.cost.plain_ms[top] - 1:+.1%} "
                              f"on a {top}-token verify; a checkpoint + replay rollback would instead re-run up to "
                              f"{top - 1} tokens ({self.cost.plain_ms.get(top - 1, 0):.1f} ms) on every rejected step.")
-            for d in sorted(self.results):
+            for d in self.depths:
                 b = self.bound(d)
                 if d and b is not None and b <= 1.0:
                     lines.append(f"Depth {d} cannot beat AR on this machine: even with its measured acceptance "
                                  f"({self.results[d].tokens_per_step:.2f} tokens/step) the bound is {b:.2f}x, because "
                                  f"verifying {d + 1} tokens costs {self.cost.verify_ratio(d + 1):.2f} AR steps.")
+        auto, best = self.results.get("auto"), self.best_fixed()
+        if auto is not None and best is not None and self.results[best].median_tps:
+            vs_best = auto.median_tps / self.results[best].median_tps
+            vs_ar = f"{self.speedup('auto'):.2f}x AR, " if 0 in self.results else ""
+            lines.append(f"Depth auto chose {auto.mix_text or '-'}: {vs_ar}{vs_best:.2f}x the best fixed depth of "
+                         f"this run ({'AR' if best == 0 else f'depth {best}'}).")
         if self.results.get(0) and self.mlx_lm_tps:
             lines.append(f"mtplx AR runs at {self.results[0].median_tps / self.mlx_lm_tps:.3f}x mlx_lm.generate "
                          f"({self.mlx_lm_tps:.2f} tok/s) on the same trunk and sampler.")
@@ -107,7 +147,7 @@ class BenchReport:
         head = (f"{'depth':>5} {'tok/s':>8} {'spread':>13} {'vs AR':>6} {'tok/step':>8} {'bound':>6} {'reached':>7}  "
                 f"{'acceptance by position':<24} {'draft/verify/sample/rollback %':<30}")
         rows = [head, "-" * len(head)]
-        for d in sorted(self.results):
+        for d in self.depths:
             r = self.results[d]
             tps = r.tps
             spread = f"{min(tps):.2f}-{max(tps):.2f}" if tps else "-"
@@ -117,7 +157,8 @@ class BenchReport:
             share = r.phase_share
             split = "/".join(f"{100 * share[p]:.0f}" for p in ("draft", "verify", "sample", "rollback"))
             rows.append(f"{d:>5} {r.median_tps:>8.2f} {spread:>13} {self.speedup(d):>5.2f}x {r.tokens_per_step:>8.2f} "
-                        f"{(f'{b:.2f}x' if b else '-'):>6} {(f'{100 * reached:.0f}%' if b else '-'):>7}  {acc:<24} {split:<30}")
+                        f"{(f'{b:.2f}x' if b else '-'):>6} {(f'{100 * reached:.0f}%' if b else '-'):>7}  {acc:<24} {split:<30}"
+                + (f"  {r.mix_text}" if isinstance(d, str) else ""))
         return "\n".join(rows)
 
     def as_dict(self) -> dict[str, Any]:
@@ -142,9 +183,14 @@ class BenchReport:
                     "phase_share": {k: round(v, 4) for k, v in r.phase_share.items()},
                     "bound": round(self.bound(d), 4) if self.bound(d) else None,
                     "share_of_bound": round(self.speedup(d) / self.bound(d), 4) if self.bound(d) else None,
+                    "depth_mix": {str(k): round(s, 4) for k, s in enumerate(r.depth_mix)},
                 }
-                for d, r in sorted(self.results.items())
+                for d, r in ((d, self.results[d]) for d in self.depths)
             },
+            "best_fixed_depth": self.best_fixed(),
+            "auto_vs_best_fixed": (round(self.results["auto"].median_tps / self.results[self.best_fixed()].median_tps, 4)
+                                   if "auto" in self.results and self.best_fixed() is not None
+                                   and self.results[self.best_fixed()].median_tps else None),
             "verdicts": self.verdicts(),
             "exactness": self.exactness,
         }
@@ -182,7 +228,7 @@ def run_bench(
     model: MTPModel,
     tokenizer: Any,
     prompts: list[str],
-    depths: list[int],
+    depths: list[Depth],
     max_tokens: int,
     params: SamplingParams,
     draft_params: SamplingParams | None = None,
@@ -200,15 +246,16 @@ def run_bench(
 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     results = {d: DepthResult(d) for d in depths}
-    # Warm-up on the first prompt at every depth so no measured run pays first-call costs.
+    # Warm-up on the first prompt at every depth so no measured run pays first-call costs (and
+    # auto's step costs are measured, or read, before any timed run).
     for d in depths:
-        for _ in Engine(model, d, params, draft_params, seed).generate(encoded[0], 8):
+        for _ in Engine(model, depth_policy(model, d, params), params, draft_params, seed).generate(encoded[0], 8):
             pass
     order = list(depths)
     for r in range(rounds):
         for i, ids in enumerate(encoded):
             for d in order:
-                engine = Engine(model, d, params, draft_params, seed + 1000 * r + i)
+                engine = Engine(model, depth_policy(model, d, params), params, draft_params, seed + 1000 * r + i)
                 with around_run(d) if around_run is not None else nullcontext():
                     for _ in engine.generate(ids, max_tokens):
                         pass
@@ -219,7 +266,8 @@ def run_bench(
             order = order[1:] + order[:1]
     cost = None
     if cost_model:
-        cost = measure(model, encoded[0], max(depths) + 1 if max(depths) > 0 else 1)
+        deepest = max(knobs.AUTO_MAX_DEPTH if d == knobs.AUTO else d for d in depths)
+        cost = measure(model, encoded[0], deepest + 1)
     ref = mlx_lm_reference(model, tokenizer, encoded, params, max_tokens) if reference and 0 in depths else None
     from mtplx.config import exactness_verdict
 

@@ -149,6 +149,8 @@ class ShapeReport:
             "projection": self.projection(),
             "projection_memory_bound": mb["projection"],
             "projection_memory_bound_old_rollback": mb["projection_old_rollback"],
+            "auto_depth": {"this_machine": auto_choice(self.acceptance, self.projection()),
+                           "memory_bound": auto_choice(self.acceptance, mb["projection"])},
             "bytes_model": mb,
             "end_to_end": self.end_to_end,
             "saved": self.saved,
@@ -183,6 +185,8 @@ class ShapeReport:
             lines.append(f"depth {d}: {tokens_per_step(self.acceptance, int(d)):.2f} tokens/step; bound {proj[d]:.2f}x on this "
                          f"machine, {proj_mb[d]:.2f}x memory-bound ({mb['projection_old_rollback'][d]:.2f}x with per-position "
                          f"state capture)")
+        lines.append(f"depth auto would settle on depth {auto_choice(self.acceptance, proj)} on this machine and depth "
+                     f"{auto_choice(self.acceptance, proj_mb)} memory-bound at this acceptance")
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"rollback at T=3: {cm['rollback_bytes'] / 1e6:.2f} MB of state traffic (per-position capture: "
                      f"{cm['rollback_bytes_old'] / 1e6:.1f} MB); prefill MTP/AR {cm['prefill_ratio']:.3f}; "
@@ -191,6 +195,18 @@ class ShapeReport:
 
     def weight_bytes(self) -> int:
         return self.weights.trunk_total(self.full_counts, bool(self.shape.text_config["tie_word_embeddings"]))
+
+
+def auto_choice(acceptance: list[float], projection: dict[str, float]) -> int:
+    """The depth :class:`~mtplx.engine.policy.AutoDepth` picks given a projected speedup per
+    depth (AR = 1) and the acceptance per position (cumulative, as `mtplx bench` reports it)."""
+    from mtplx.engine.policy import AutoDepth, StepCosts
+
+    depths = sorted(int(d) for d in projection)
+    # A step's cost in AR steps, E(D) / speedup(D), as a verify cost with no separate draft.
+    costs = StepCosts((1.0, *(tokens_per_step(acceptance, d) / projection[str(d)] for d in depths)), 0.0)
+    conditional = [a / b if b > 0 else 0.0 for a, b in zip(acceptance, [1.0, *acceptance])]
+    return AutoDepth(costs, conditional[: len(depths)], len(depths)).best()
 
 
 def _rounded(d: Any) -> Any:

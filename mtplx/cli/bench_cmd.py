@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from mtplx import knobs
@@ -9,24 +11,34 @@ from mtplx.cli.options import (FiniteFloatRange, distributed_options, force_opti
                                load_model, model_option, write_json, yes_option)
 
 
-def _depths(value: str) -> list[int]:
-    try:
-        depths = sorted({int(x) for x in value.split(",") if x.strip()})
-    except ValueError:
-        raise click.BadParameter("depths are integers separated by commas, e.g. 0,1,2,3") from None
-    if not depths:
-        raise click.BadParameter("give at least one depth, e.g. 0,1,2,3")
-    return [knobs.check("depth", d, label="--depths") for d in depths]
+def _depths(value: str) -> list[int | str]:
+    """'0,1,2,auto' -> [0, 1, 2, 'auto']: fixed depths ascending, then auto."""
+    from mtplx.bench.runner import depth_order
+
+    items = [x for x in value.split(",") if x.strip()]
+    if not items:
+        raise click.BadParameter("give at least one depth, e.g. 0,1,2,3,auto")
+    return sorted({knobs.parse("depth", x, label="--depths") for x in items}, key=depth_order)
+
+
+# --max-depth is a number of drafts to measure, never "auto".
+_FIXED_DEPTH = dataclasses.replace(knobs.KNOBS["depth"], words=())
 
 
 def _max_depth(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     if value is None:  # bench --shape: one depth per --acceptance value
         return None
-    value = knobs.check("depth", value, label="--max-depth")
+    value = _FIXED_DEPTH.check(value, label="--max-depth")
     if value < 1:  # tune and bench --shape compare AR with depths 1..N: they need at least one
         raise knobs.KnobError("depth", f"--max-depth must be at least 1, got {value}",
                               fix=f"pass an integer in [1, {knobs.MAX_DEPTH}]")
     return value
+
+
+def _draft_temperature(value: str | None) -> float | str | None:
+    if value is None or value.strip().lower() == "sweep":
+        return value and "sweep"
+    return knobs.parse("draft_temperature", value, label="--draft-temperature")
 
 
 def _gain(ctx: click.Context, param: click.Parameter, value: float) -> float:
@@ -85,7 +97,7 @@ def _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, 
 def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) -> None:
     from mtplx.bench.chat_turns import run_chat_turns
 
-    model, tokenizer = load_model(model_ref, mtp=depth > 0, force=force, distributed=None)
+    model, tokenizer = load_model(model_ref, mtp=depth != 0, force=force, distributed=None)
     report = run_chat_turns(model, tokenizer, turns, depth=depth, max_tokens=max_tokens, seed=seed,
                             progress=lambda s: click.echo(s, err=True))
     click.echo(f"mtplx bench --chat-turns {turns}: {model_ref}, depth {depth}, greedy, {max_tokens}-token replies; "
@@ -97,16 +109,20 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
 
 @click.command("bench")
 @model_option
-@click.option("--depths", default="0,1,2,3", show_default=True, help="Depths to compare; 0 is AR.")
+@click.option("--depths", default="0,1,2,3,auto", show_default=True,
+              help="Depths to compare, in one process: 0 is AR, auto the adaptive depth.")
 @click.option("--max-tokens", "-n", type=int, default=256, show_default=True, callback=knob("max_tokens"))
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="One prompt per line (or .jsonl with {\"prompt\": ...}); default: a bundled set.")
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Passes over all prompts and depths.")
-@click.option("--temperature", "-t", type=float, default=0.6, show_default=True, callback=knob("temperature"))
-@click.option("--top-p", type=float, default=0.95, show_default=True, callback=knob("top_p"))
-@click.option("--top-k", type=int, default=20, show_default=True, callback=knob("top_k"))
-@click.option("--draft-temperature", type=float, default=None, callback=knob("draft_temperature"))
+@click.option("--temperature", "-t", type=float, default=knobs.DEFAULTS["temperature"], show_default=True,
+              callback=knob("temperature"))
+@click.option("--top-p", type=float, default=knobs.DEFAULTS["top_p"], show_default=True, callback=knob("top_p"))
+@click.option("--top-k", type=int, default=knobs.DEFAULTS["top_k"], show_default=True, callback=knob("top_k"))
+@click.option("--draft-temperature", default=None, metavar="X|sweep", callback=lambda c, p, v: _draft_temperature(v),
+              help="Temperature the head drafts at (default: the target's). 'sweep' also measures tokens per step "
+                   "for draft temperatures 0, T/2 and T at targets 0.6 and 1.0 (what `mtplx tune` saves).")
 @click.option("--seed", type=int, default=0, show_default=True, callback=knob("seed"))
 @click.option("--no-reference", is_flag=True, help="Skip timing mlx_lm.generate on the same trunk.")
 @_shape_options
@@ -116,7 +132,7 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
 @distributed_options
 @click.option("--chat-turns", type=click.IntRange(min=1), default=None, metavar="N",
               help="Replay an N-turn chat: time to first token and cached tokens per turn, with and without "
-                   "the prompt cache (depth: the largest of --depths).")
+                   "the prompt cache (depth: the last of --depths, auto if listed).")
 @click.pass_context
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
           no_reference, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
@@ -144,7 +160,8 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
     if chat_turns is not None:
         if distributed is not None:
             raise click.UsageError("--chat-turns measures the prompt cache, which --distributed turns off")
-        _run_chat_turns(model_ref, chat_turns, max(_depths(depths)), max_tokens if given("max_tokens") else 48,
+        listed = _depths(depths)
+        _run_chat_turns(model_ref, chat_turns, listed[-1], max_tokens if given("max_tokens") else 48,
                         seed, force, json_out)
         return
     from mtplx.bench.prompts import DEFAULT_PROMPTS, read_prompts
@@ -152,9 +169,11 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
     from mtplx.engine.sampling import SamplingParams
 
     depth_list = _depths(depths)
-    model, tokenizer = load_model(model_ref, mtp=max(depth_list) > 0, force=force, distributed=distributed)
+    model, tokenizer = load_model(model_ref, mtp=depth_list != [0], force=force, distributed=distributed)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    draft = SamplingParams(temperature=draft_temperature, top_p=top_p, top_k=top_k) if draft_temperature is not None else None
+    sweep = draft_temperature == "sweep"
+    draft = (SamplingParams(temperature=draft_temperature, top_p=top_p, top_k=top_k)
+             if draft_temperature is not None and not sweep else None)
     prompts = read_prompts(prompts_file) if prompts_file else DEFAULT_PROMPTS
     timer = None
     if distributed is not None:  # the cost model and mlx_lm's generate would need every rank
@@ -170,6 +189,16 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
     for line in report.verdicts():
         click.echo(line)
     data = report.as_dict()
+    if sweep:
+        from mtplx.api import encode_prompt
+        from mtplx.bench.draft_law import measure_draft_law
+
+        fixed = [d for d in depth_list if isinstance(d, int) and d > 0]
+        law = measure_draft_law(model, [encode_prompt(tokenizer, p) for p in prompts], max(fixed or [2]), max_tokens,
+                                top_p, top_k, seed, progress=lambda s: click.echo(s, err=True))
+        click.echo("")
+        click.echo(law.table())
+        data["draft_law"] = law.as_dict()
     if timer is not None:
         click.echo(f"\n{len(timer.ranks)} ranks, pipeline split (rank 0: last layers, lm_head, MTP head)")
         click.echo(timer.table(report))
@@ -179,44 +208,68 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
 
 @click.command("tune")
 @model_option
-@click.option("--max-depth", type=int, default=3, show_default=True, callback=_max_depth)
+@click.option("--max-depth", type=int, default=3, show_default=True, callback=_max_depth,
+              help="Deepest depth measured (and the deepest depth auto may use on this machine).")
 @click.option("--max-tokens", "-n", type=int, default=128, show_default=True, callback=knob("max_tokens"))
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--min-gain", type=float, default=1.02, show_default=True, callback=_gain,
-              help="A depth is saved only if it beats AR by at least this factor.")
+              help="A fixed depth is pinned instead of auto only if it beats auto by at least this factor.")
 @force_option
 @yes_option
 @json_option
 def tune(model_ref, max_depth, max_tokens, rounds, min_gain, force, json_out, yes):
-    """Measure AR and each depth on this machine and save the fastest depth for this model."""
+    """Measure this machine for this model and save what depth auto and the draft law need.
+
+    Saves, in the user's config: the step costs (verify passes at T = 1..max-depth+1, a draft
+    step) that depth auto decides with; the draft temperature that yields the most tokens per
+    step at target temperatures 0.6 and 1.0; and the default depth: auto, unless a fixed depth
+    beats it here by --min-gain (then that depth, 0 meaning plain AR)."""
     import mtplx
+    from mtplx.api import encode_prompt
+    from mtplx.bench.cost_model import measure_step_costs
+    from mtplx.bench.draft_law import measure_draft_law
     from mtplx.bench.prompts import DEFAULT_PROMPTS
     from mtplx.bench.runner import now, run_bench
     from mtplx.config import save_tuned
     from mtplx.engine.sampling import SamplingParams
+    from mtplx.speculation import save_step_costs
 
     model, tokenizer = mtplx.load(graft_if_needed(model_ref, yes), force=force)
     if not model.has_mtp:
         raise click.ClickException("this model has no MTP head: there is nothing to tune")
-    d = model.contract.defaults
+    d = {**knobs.DEFAULTS, **model.contract.defaults}
     params = SamplingParams(temperature=d["temperature"], top_p=d["top_p"], top_k=d["top_k"])
-    depths = list(range(0, max_depth + 1))
-    report = run_bench(model, tokenizer, DEFAULT_PROMPTS[:2], depths, max_tokens, params, rounds=rounds,
+    click.echo(f"Measuring step costs (verify T = 1..{max_depth + 1}, one draft step) ...", err=True)
+    save_step_costs(model, measure_step_costs(model, max_depth, repeats=5), "tune")
+    prompts = DEFAULT_PROMPTS[:2]
+    law = measure_draft_law(model, [encode_prompt(tokenizer, p) for p in prompts], max_depth, max_tokens,
+                            params.top_p, params.top_k, progress=lambda s: click.echo(s, err=True))
+    draft_temps = {f"{t:g}": dt for t, dt in law.best().items()}
+    save_tuned(model, {"draft_temperature": draft_temps})  # auto's bench below drafts with it
+    depths = [*range(0, max_depth + 1), knobs.AUTO]
+    report = run_bench(model, tokenizer, prompts, depths, max_tokens, params, rounds=rounds,
                        cost_model=False, reference=False, progress=lambda s: click.echo(s, err=True),
                        model_name=model_ref)
     click.echo(report.table())
-    best = max((x for x in depths if x > 0), key=report.speedup)
-    gain = report.speedup(best)
-    record = {"depth": best if gain >= min_gain else 0, "speedup": round(gain, 4), "measured_at": now(),
-              "device": report.device, "max_tokens": max_tokens}
-    if gain >= min_gain:
-        path = save_tuned(model, record)
-        click.echo(f"Saved depth {best} ({gain:.2f}x AR) for {model_ref} in {path}.")
+    click.echo(law.table())
+    best = report.best_fixed()
+    auto_tps = report.results[knobs.AUTO].median_tps
+    gain = report.results[best].median_tps / auto_tps if auto_tps else float("inf")
+    chosen = best if gain >= min_gain else knobs.AUTO
+    record = {"depth": chosen, "best_fixed_depth": best, "speedup": round(report.speedup(best), 4),
+              "auto_speedup": round(report.speedup(knobs.AUTO), 4), "draft_temperature": draft_temps,
+              "measured_at": now(), "device": report.device, "max_tokens": max_tokens}
+    path = save_tuned(model, record)
+    mix = report.results[knobs.AUTO].mix_text
+    if chosen == knobs.AUTO:
+        click.echo(f"Saved depth auto for {model_ref} in {path}: {report.speedup(knobs.AUTO):.2f}x AR here ({mix}); "
+                   f"the best fixed depth ({best}) is not {min_gain:.2f}x better.")
     else:
-        path = save_tuned(model, record)
-        click.echo(f"No depth beats AR here (best: depth {best} at {gain:.2f}x, below {min_gain:.2f}x): "
-                   f"saved depth 0 (plain AR) for {model_ref} in {path}.")
-    write_json({"tuned": record, "bench": report.as_dict()}, json_out)
+        click.echo(f"Saved depth {best} for {model_ref} in {path}: {gain:.2f}x depth auto here "
+                   f"({'plain AR' if best == 0 else f'{report.speedup(best):.2f}x AR'}).")
+    pairs = ", ".join(f"{t} -> {dt:g}" for t, dt in draft_temps.items())
+    click.echo(f"Saved the draft temperature per target temperature ({pairs}) and this machine's step costs.")
+    write_json({"tuned": record, "bench": report.as_dict(), "draft_law": law.as_dict()}, json_out)
 
 
 COMMANDS = [bench, tune]

@@ -36,7 +36,7 @@ HELP = """\
 Commands:
   /help              this list
   /reset             forget the conversation so far
-  /depth N           draft depth: 0 = plain AR, N > 0 = MTP with N drafted tokens per step
+  /depth N|auto      draft depth: auto = chosen each step, 0 = plain AR, N > 0 = MTP with N drafts
   /temp X            sampling temperature (0 = greedy)
   /max N             max tokens per reply
   /thinking on|off   the chat template's thinking mode
@@ -85,7 +85,7 @@ class Totals:
 class ChatSession:
     model: Any
     tokenizer: Any
-    depth: int
+    depth: int | str  # "auto", or a pinned depth (0 = plain AR)
     thinking: bool
     max_tokens: int = 512
     temperature: float | None = None
@@ -106,11 +106,12 @@ class ChatSession:
         return bool(getattr(self.model, "has_mtp", False))
 
     def settings(self) -> str:
-        mode = "plain AR (depth 0)" if self.depth == 0 else f"MTP depth {self.depth}"
+        mode = ("MTP, adaptive depth (auto)" if self.depth == knobs.AUTO else
+                "plain AR (depth 0)" if self.depth == 0 else f"MTP depth {self.depth}")
         temp = self.temperature
         if temp is None:  # show the value the engine will use, not "default"
             contract = getattr(self.model, "contract", None)
-            temp = contract.defaults.get("temperature", 0.6) if contract else 0.6
+            temp = {**knobs.DEFAULTS, **(contract.defaults if contract else {})}["temperature"]
         temp = f"{temp:g}"
         return f"{mode}, temperature {temp}, thinking {'on' if self.thinking else 'off'}, max {self.max_tokens} tokens"
 
@@ -126,10 +127,10 @@ class ChatSession:
         # The knobs' limits and messages are mtplx.knobs', the same as the flags' and the API's.
         if name == "depth":
             try:
-                n = knobs.check("depth", _number(arg), label="/depth")
+                n = knobs.parse("depth", arg, label="/depth")
             except knobs.KnobError as e:
                 return str(e)
-            if n > 0 and not self.has_mtp:
+            if n != 0 and not self.has_mtp:
                 return "This model has no MTP head loaded: only /depth 0 (plain AR) is possible."
             self.depth = n
             return f"Now: {self.settings()}."

@@ -64,7 +64,8 @@ def print_report(report) -> None:
     for t in report.tensors:
         click.echo(f"    {t['name']:<56} {t['dtype']:<9} {t['shape']}")
     m = c["measured"]
-    click.echo(f"  acceptance on the probe ({m['probe_tokens']} tokens; temperature 0.6, top_p 0.95, top_k 20):")
+    sampler = ", ".join(f"{k} {v:g}" for k, v in m["sampler"].items())
+    click.echo(f"  acceptance on the probe ({m['probe_tokens']} tokens; {sampler}):")
     for conv, a in m["acceptance"].items():
         mark = "  <- chosen" if conv == c["conventions"]["hidden_source"] else ""
         click.echo(f"    hidden_source={conv:<9} greedy agreement {a['greedy_agreement']:.3f} "

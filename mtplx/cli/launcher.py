@@ -37,7 +37,7 @@ class Plan:
     """What the answers add up to: the model, how to decode, where."""
 
     ref: str
-    depth: int | None  # None: the tuned depth if `mtplx tune` saved one, else the contract's
+    depth: int | str | None  # None: what `mtplx tune` saved, else "auto" (resolved at load)
     thinking: bool
     surface: str  # "chat" | "serve"
     load_mtp: bool  # load the head (so /depth can switch to MTP later), not only when starting in MTP
@@ -133,22 +133,23 @@ def inspect_model(ref: str) -> Any:
                              f"`mtplx start --model {graft_dir(source)}`") from None
 
 
-def contract_depth(info: Any) -> tuple[int, str] | None:
-    """The depth MTP mode starts at, and where it comes from, read without loading weights."""
+def saved_depths(info: Any) -> tuple[int | str | None, int]:
+    """Read without loading weights: the depth `mtplx tune` saved for this artifact (None if
+    none), and the fixed depth "MTP at a depth I choose" offers first (the tuned one if it is a
+    positive integer, else the contract's)."""
     if not info.can_run_mtp or not info.path:
-        return None
+        return None, knobs.CONTRACT_DEPTH
     from mtplx.artifact.loader import read_contract
     from mtplx.config import tuned_depth
 
     try:
         contract = read_contract(Path(info.path))
     except MtplxError:
-        return None
+        return None, knobs.CONTRACT_DEPTH
     # tuned_depth() only looks at `.contract`, so a stand-in spares loading the model to ask.
     tuned = tuned_depth(SimpleNamespace(contract=contract, path=info.path))
-    if tuned is not None:
-        return tuned, "tuned by `mtplx tune`"
-    return int(contract.defaults.get("depth", 2)), "the contract's default"
+    fixed = tuned if isinstance(tuned, int) and tuned > 0 else int(contract.defaults.get("depth", knobs.CONTRACT_DEPTH))
+    return tuned, max(fixed, 1)
 
 
 def report_and_check(info: Any, *, ar_only: bool, yes: bool) -> None:
@@ -181,29 +182,37 @@ def report_and_check(info: Any, *, ar_only: bool, yes: bool) -> None:
                              fix="pick a smaller model or a lower-bit trunk (`mtplx graft --trunk-bits 4`)")
 
 
-def ask_depth(info: Any, *, depth: int | None, no_mtp: bool, yes: bool) -> int | None:
-    """0 = plain AR, N = MTP at depth N, None = the tuned/contract depth (resolved at load)."""
+def ask_depth(info: Any, *, depth: int | str | None, no_mtp: bool, yes: bool) -> int | str | None:
+    """0 = plain AR, N = MTP at depth N, "auto" = adaptive, None = what `mtplx tune` saved,
+    else auto (resolved at load).
+
+    One menu, whatever was tuned: adaptive MTP, a fixed depth, plain AR. What `mtplx tune`
+    saved only moves the default (Enter) to its entry and says so."""
     if no_mtp:
         return 0
     if depth is not None:  # already checked by start's --depth callback (mtplx.knobs)
-        if depth > 0 and not info.can_run_mtp:
+        if depth != 0 and not info.can_run_mtp:
             raise MtplxError(f"--depth {depth} needs an MTP head and {info.ref} has no usable one",
                              fix="drop --depth, or pass --no-mtp for plain AR decoding")
         return depth
     if not info.can_run_mtp:
         return 0
-    start = contract_depth(info)
-    label = f"MTP at depth {start[0]} ({start[1]})" if start else "MTP at the default depth"
     if yes:
         return None
-    choices = [Choice(label, "default"), Choice("MTP at a depth I choose", "custom"),
-               Choice("Plain autoregressive decoding (AR, depth 0)", "ar")]
-    value = choose("Decoding mode?", choices)
+    tuned, fixed = saved_depths(info)
+    saved = " [saved by `mtplx tune`]"
+    choices = [Choice("MTP, adaptive (depth auto: each step's depth from this machine's costs and the acceptance "
+                      "so far)" + (saved if tuned == knobs.AUTO else ""), "auto"),
+               Choice("MTP at a fixed depth I choose" + (f" [`mtplx tune` saved depth {tuned}]"
+                                                          if isinstance(tuned, int) and tuned > 0 else ""), "custom"),
+               Choice("Plain autoregressive decoding (AR, depth 0)" + (saved if tuned == 0 else ""), "ar")]
+    default = {0: 3}.get(tuned, 2) if isinstance(tuned, int) else 1
+    value = choose("Decoding mode?", choices, default=default)
     if value == "ar":
         return 0
     if value == "custom":
-        return click.prompt("Draft depth", type=click.IntRange(1, knobs.MAX_DEPTH), default=start[0] if start else 2)
-    return None
+        return click.prompt("Draft depth", type=click.IntRange(1, knobs.MAX_DEPTH), default=fixed)
+    return knobs.AUTO
 
 
 def ask_surface(surface: str | None, yes: bool) -> str:

@@ -30,16 +30,18 @@ class FiniteFloatRange(click.FloatRange):
         return out
 
 
-def knob(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+def knob(name: str, text: bool = False) -> Callable[[click.Context, click.Parameter, Any], Any]:
     """A click callback validating an option through :mod:`mtplx.knobs`, the one definition of
     every decoding knob's limits. A refused value raises :class:`~mtplx.knobs.KnobError` (an
-    MtplxError), which the group prints as one line naming the flag, before anything loads."""
+    MtplxError), which the group prints as one line naming the flag, before anything loads.
+    ``text``: the option is a string that :func:`mtplx.knobs.parse` reads (``--depth auto``)."""
+    check = knobs.parse if text else knobs.check
 
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         flag = max(param.opts, key=len) if param.opts else name
         if isinstance(value, tuple):  # multiple=True
-            return tuple(knobs.check(name, v, label=flag) for v in value)
-        return knobs.check(name, value, label=flag)
+            return tuple(check(name, v, label=flag) for v in value)
+        return check(name, value, label=flag)
 
     return callback
 
@@ -47,12 +49,15 @@ def knob(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
 def sampling_options(f: Callable) -> Callable:
     for opt in reversed([
         click.option("--temperature", "-t", type=float, default=None, callback=knob("temperature"),
-                     help="Target temperature (contract default 0.6; 0 = greedy)."),
-        click.option("--top-p", type=float, default=None, callback=knob("top_p"), help="Nucleus filter (default 0.95)."),
-        click.option("--top-k", type=int, default=None, callback=knob("top_k"), help="Top-k filter (default 20; 0 disables)."),
+                     help=f"Target temperature (default: the contract's, else {knobs.DEFAULTS['temperature']:g}; 0 = greedy)."),
+        click.option("--top-p", type=float, default=None, callback=knob("top_p"),
+                     help=f"Nucleus filter (default {knobs.DEFAULTS['top_p']:g})."),
+        click.option("--top-k", type=int, default=None, callback=knob("top_k"),
+                     help=f"Top-k filter (default {knobs.DEFAULTS['top_k']}; 0 disables)."),
         click.option("--min-p", type=float, default=None, callback=knob("min_p"), help="Min-p filter (default off)."),
         click.option("--draft-temperature", type=float, default=None, callback=knob("draft_temperature"),
-                     help="Temperature the head drafts at (exactness holds for any)."),
+                     help="Temperature the head drafts at (default: the target's, or what `mtplx tune` found "
+                          "best; exactness holds for any)."),
         click.option("--seed", type=int, default=None, callback=knob("seed"), help="Seed for every random draw."),
     ]):
         f = opt(f)
@@ -62,11 +67,14 @@ def sampling_options(f: Callable) -> Callable:
 def format_status(r: Any, *, prefill: bool = False) -> str:
     """The one-line summary after a completion (`mtplx run`, each chat reply), from the last
     GenerationResponse: the mode and depth first (``MTP d2``, ``AR``), then the rates."""
-    depth = getattr(getattr(r, "stats", None), "depth", None)
-    if depth is None:  # a response without stats: infer from the per-position acceptance
-        depth = len(r.acceptance)
-    mode = f"MTP d{depth}" if depth else "AR"
-    acc = " ".join(f"{a:.2f}" for a in r.acceptance) if r.acceptance else "-"
+    stats = getattr(r, "stats", None)
+    if stats is not None:
+        mode = stats.mode
+        # Positions depth auto never drafted have no acceptance to show.
+        acc = " ".join(f"{a:.2f}" for a, n in zip(stats.acceptance, stats.drafted) if n) or "-"
+    else:  # a response without stats: infer from the per-position acceptance
+        mode = f"MTP d{len(r.acceptance)}" if r.acceptance else "AR"
+        acc = " ".join(f"{a:.2f}" for a in r.acceptance) if r.acceptance else "-"
     rates = f"{r.generation_tps:.1f} tok/s" + (f" | prefill {r.prompt_tps:.1f} tok/s" if prefill else "")
     cached = getattr(r, "cached_tokens", 0)
     if cached:  # a prompt cache served these: the prefill rate is over the rest

@@ -44,8 +44,9 @@ def check_argument(prompt: str) -> str:
 @click.argument("prompt", required=False)
 @model_option
 @click.option("--max-tokens", "-n", type=int, default=256, show_default=True, callback=knob("max_tokens"))
-@click.option("--depth", "-d", type=int, default=None, callback=knob("depth"),
-              help="Draft depth (default: tuned, else the contract's).")
+@click.option("--depth", "-d", default=None, metavar="N|auto", callback=knob("depth", text=True),
+              help="Draft depth: auto (the default unless `mtplx tune` saved one) chooses each step's depth "
+                   "from this machine's costs and the acceptance so far; 0 = plain AR; N drafts N every step.")
 @click.option("--no-mtp", is_flag=True, help="Plain autoregressive decoding (depth 0).")
 @click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the chat template.")
 @click.option("--thinking/--no-thinking", default=None, help="Turn the template's thinking mode on or off.")
@@ -63,7 +64,7 @@ def check_argument(prompt: str) -> str:
 def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temperature, top_p, top_k, min_p,
         draft_temperature, seed, force, json_out, quiet, yes, prompt_cache_file, distributed):
     """Complete PROMPT (or standard input when PROMPT is omitted or '-')."""
-    if no_mtp and depth:
+    if no_mtp and depth not in (None, 0):
         raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
     if prompt_cache_file and distributed:
         raise click.UsageError("--prompt-cache is not supported with --distributed")

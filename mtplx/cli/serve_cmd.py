@@ -8,9 +8,8 @@ from pathlib import Path
 import click
 
 from mtplx.cli.options import (DistributedOptions, FiniteFloatRange, distributed_options, force_option, graft_if_needed,
-                               load_model, model_option, yes_option)
+                               knob, load_model, model_option, yes_option)
 from mtplx.errors import MtplxError
-from mtplx.knobs import MAX_DEPTH
 
 
 def split_names(values: tuple[str, ...]) -> list[str]:
@@ -47,8 +46,9 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback exposes the server, unauthenticated, to the network.")
 @click.option("--port", "-p", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--depth", "-d", type=click.IntRange(0, MAX_DEPTH), default=None,
-              help="Default draft depth (default: tuned, else the contract's). Requests may override it.")
+@click.option("--depth", "-d", default=None, metavar="N|auto", callback=knob("depth", text=True),
+              help="Default draft depth: auto (the default unless `mtplx tune` saved one), 0 = plain AR, or N. "
+                   "Requests may override it.")
 @click.option("--no-mtp", is_flag=True, help="Plain autoregressive decoding only (depth 0).")
 @click.option("--queue-size", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Requests that may wait behind the running one; beyond that the server answers 429.")
@@ -73,7 +73,7 @@ def _check_port(host: str, port: int) -> None:
 @force_option
 @yes_option
 @distributed_options
-def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool, queue_size: int,
+def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp: bool, queue_size: int,
           max_tokens_default: int, served_model_names: tuple[str, ...], allowed_hosts: tuple[str, ...],
           max_body_mb: float, prompt_cache_gb: float | None, no_prompt_cache: bool, log_level: str,
           force: bool, yes: bool, distributed: DistributedOptions | None) -> None:
@@ -91,7 +91,7 @@ def serve(model_ref: str, host: str, port: int, depth: int | None, no_mtp: bool,
     from mtplx.server.app import create_app
     from mtplx.server.guards import is_loopback_name
 
-    if no_mtp and depth:
+    if no_mtp and depth not in (None, 0):
         raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
     if no_prompt_cache and prompt_cache_gb:
         raise click.UsageError("--no-prompt-cache turns the cache off; drop --prompt-cache-gb or --no-prompt-cache")

@@ -16,8 +16,8 @@ from mtplx.cli.options import knob
 @click.command("start")
 @click.option("--model", "-m", "model_ref", default=None,
               help="Skip the model question: 'demo', a directory, or a Hugging Face repo id.")
-@click.option("--depth", "-d", type=int, default=None, callback=knob("depth"),
-              help="Skip the mode question: draft depth (0 = plain AR).")
+@click.option("--depth", "-d", default=None, metavar="N|auto", callback=knob("depth", text=True),
+              help="Skip the mode question: draft depth (auto = adaptive, 0 = plain AR).")
 @click.option("--no-mtp", is_flag=True, help="Skip the mode question: plain autoregressive decoding.")
 @click.option("--thinking/--no-thinking", default=None, help="Skip the thinking question.")
 @click.option("--surface", type=click.Choice(["chat", "serve"]), default=None,
@@ -32,7 +32,7 @@ from mtplx.cli.options import knob
               help="Seed for every random draw (each reply reuses it).")
 @click.option("--yes", "-y", is_flag=True, help="Accept every default without asking (demo, MTP, chat, thinking off).")
 @click.pass_context
-def start(ctx: click.Context, model_ref: str | None, depth: int | None, no_mtp: bool, thinking: bool | None,
+def start(ctx: click.Context, model_ref: str | None, depth: int | str | None, no_mtp: bool, thinking: bool | None,
           surface: str | None, temperature: float | None, top_p: float | None, top_k: int | None,
           max_tokens: int, seed: int | None, yes: bool) -> None:
     """Interactive launcher: choose a model, a decoding mode and thinking, check that the model
@@ -40,7 +40,7 @@ def start(ctx: click.Context, model_ref: str | None, depth: int | None, no_mtp: 
     skips it; --yes takes all the defaults."""
     from mtplx.cli.launcher import plan as make_plan
 
-    if no_mtp and depth:
+    if no_mtp and depth not in (None, 0):
         raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
     p = make_plan(model_ref=model_ref, depth=depth, no_mtp=no_mtp, thinking=thinking, surface=surface, yes=yes)
     if p.surface == "serve":
@@ -49,7 +49,7 @@ def start(ctx: click.Context, model_ref: str | None, depth: int | None, no_mtp: 
     _chat(p, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
 
 
-def _serve(ctx: click.Context, ref: str, depth: int | None) -> None:
+def _serve(ctx: click.Context, ref: str, depth: int | str | None) -> None:
     # Imported late: `mtplx serve` is optional and its module may be missing or broken.
     try:
         from mtplx.cli.serve_cmd import serve

@@ -9,7 +9,9 @@ depends on the step's own random draws, so the output law stays AR's whatever it
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
 
 
 @runtime_checkable
@@ -25,6 +27,7 @@ class DepthPolicy(Protocol):
 
 class FixedDepth:
     """Every step drafts exactly ``depth`` tokens: what a pinned integer depth means."""
+
 
     def __init__(self, depth: int):
         self.max_depth = depth
@@ -42,3 +45,117 @@ class FixedDepth:
 def as_policy(depth: "int | DepthPolicy") -> DepthPolicy:
     """An integer depth as a :class:`FixedDepth`; a policy as itself."""
     return FixedDepth(depth) if isinstance(depth, int) else depth
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """What a step costs on this machine for one artifact: ``verify_ms[t - 1]`` is a verify pass
+    over t tokens (t = 1 .. max depth + 1), ``draft_ms`` one draft step. Only ratios matter."""
+
+    verify_ms: tuple[float, ...]
+    draft_ms: float
+
+    def __post_init__(self) -> None:
+        if not self.verify_ms or not all(math.isfinite(v) and v > 0 for v in self.verify_ms):
+            raise ValueError(f"verify costs must be positive, got {self.verify_ms}")
+        if not (math.isfinite(self.draft_ms) and self.draft_ms >= 0):
+            raise ValueError(f"the draft cost must be >= 0, got {self.draft_ms}")
+
+    @property
+    def max_depth(self) -> int:
+        return len(self.verify_ms) - 1
+
+    def step(self, depth: int) -> float:
+        """One step at ``depth``: a verify pass over depth + 1 tokens and ``depth`` draft steps."""
+        return self.verify_ms[depth] + depth * self.draft_ms
+
+    def as_dict(self) -> dict:
+        return {"verify_ms": [round(v, 4) for v in self.verify_ms], "draft_ms": round(self.draft_ms, 4)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StepCosts":
+        return cls(tuple(float(v) for v in data["verify_ms"]), float(data["draft_ms"]))
+
+
+def expected_tokens(acceptance: Sequence[float], depth: int) -> float:
+    """E[tokens per step] at ``depth`` when draft k is accepted with probability
+    ``acceptance[k-1]`` given that drafts 1..k-1 were: 1 + sum_j prod_{k<=j} a_k."""
+    total, reach = 1.0, 1.0
+    for a in acceptance[:depth]:
+        reach *= a
+        total += reach
+    return total
+
+
+class AutoDepth:
+    """Depth "auto": before each step, the depth D in 0..max_depth with the most expected
+    tokens per unit of time, E(D) / (c_verify(D+1) + D c_draft).
+
+    E comes from a running estimate of the acceptance at each draft position (conditional on
+    the drafts before it being accepted), started at ``prior`` (the artifact's measured
+    acceptance) and moved by an exponential average with weight ``ALPHA`` per observation, so
+    a drop or a recovery shows within about ten observed steps.
+
+    A position the chosen depth does not draft is never observed, so the policy probes: after
+    a run of steps at a depth D below the maximum it drafts D + 1 once. The probe's interval
+    is set so that its expected loss (against staying at D) is at most ``PROBE_BUDGET`` of the
+    time spent at D, within [``PROBE_MIN``, ``PROBE_MAX``] steps: where the next depth is close
+    to paying off it probes often; where it is hopeless (a compute-bound CPU) rarely.
+
+    A depth that cannot beat plain steps even if every draft were accepted ((D + 1) / c(D) <=
+    1 / c(0): a compute-bound CPU verifying a 4-bit trunk) is never drafted nor probed, since no
+    acceptance could change the choice; where no depth can, ``max_depth`` is 0 and the engine
+    runs its plain AR loop.
+
+    Every input of :meth:`choose` (step counter, past accept counts, costs measured before the
+    generation) is decided before the step draws anything, so the output law stays AR's.
+    """
+
+    ALPHA = 0.125
+    PROBE_BUDGET = 0.03
+    PROBE_MIN = 4
+    PROBE_MAX = 32
+
+    def __init__(self, costs: StepCosts, prior: float | Sequence[float], max_depth: int):
+        self.costs = costs
+        can_win = [d for d in range(1, min(max_depth, costs.max_depth) + 1) if (d + 1) / costs.step(d) > 1 / costs.step(0)]
+        self.max_depth = max(can_win, default=0)
+        priors = [prior] * self.max_depth if isinstance(prior, (int, float)) else list(prior)
+        # Deeper positions without a prior of their own start at the last one given.
+        priors = (priors + priors[-1:] * self.max_depth)[: self.max_depth] if priors else [0.5] * self.max_depth
+        self.acceptance = [min(max(float(a), 0.0), 1.0) for a in priors]
+        self._since_probe = 0
+
+    def rate(self, depth: int) -> float:
+        """Expected tokens per unit of time at ``depth`` with the current estimate."""
+        return expected_tokens(self.acceptance, depth) / self.costs.step(depth)
+
+    def best(self) -> int:
+        return max(range(self.max_depth + 1), key=lambda d: (self.rate(d), -d))
+
+    def probe_interval(self, depth: int) -> int:
+        """Steps at ``depth`` between two probes one position deeper."""
+        c = self.costs
+        loss = c.step(depth + 1) - expected_tokens(self.acceptance, depth + 1) / self.rate(depth)
+        wanted = math.ceil(max(loss, 0.0) / (self.PROBE_BUDGET * c.step(depth)))
+        return min(max(wanted, self.PROBE_MIN), self.PROBE_MAX)
+
+    def choose(self) -> int:
+        depth = self.best()
+        if depth < self.max_depth:
+            self._since_probe += 1
+            if self._since_probe > self.probe_interval(depth):
+                self._since_probe = 0
+                depth += 1
+        return depth
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        for k in range(drafted):
+            hit = 1.0 if k < accepted else 0.0
+            self.acceptance[k] += self.ALPHA * (hit - self.acceptance[k])
+            if not hit:  # positions past the first rejection were not tried
+                break
+
+    def __repr__(self) -> str:
+        acc = ", ".join(f"{a:.2f}" for a in self.acceptance)
+        return f"AutoDepth(max_depth={self.max_depth}, acceptance=[{acc}])"

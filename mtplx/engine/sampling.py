@@ -21,10 +21,10 @@ from mtplx import knobs
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-    min_p: float = 0.0
+    temperature: float = knobs.DEFAULTS["temperature"]
+    top_p: float = knobs.DEFAULTS["top_p"]
+    top_k: int = knobs.DEFAULTS["top_k"]
+    min_p: float = knobs.DEFAULTS["min_p"]
 
     def __post_init__(self) -> None:
         # The limits live in mtplx.knobs (KnobError is a ValueError); values come back as plain

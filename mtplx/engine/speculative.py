@@ -100,7 +100,7 @@ class Engine:
         self.rng = Rng(seed)
         # logprobs: None = off (no device work), k = the token's log-probability and k alternatives.
         self.logprobs = LogprobReader(logprobs, model.vocab_size)
-        self.stats = DecodeStats(depth=depth)
+        self.stats = DecodeStats(depth=depth, adaptive=not isinstance(self.policy, FixedDepth))
         # The acceptance rule's device side, swappable so tests can prove they detect a biased one.
         self.acceptance_arrays = acceptance_arrays
         # The live caches of the current generation (inspected by the cache-equality tests).
@@ -123,7 +123,7 @@ class Engine:
         and afterwards it holds the prompt and the reply (as far as the trunk consumed it);
         ``snapshot_at`` adds prompt positions where it keeps a snapshot (see prompt_cache.py)."""
         self._check_prompt(prompt)
-        self.stats = DecodeStats(depth=self.depth, prompt_tokens=len(prompt))
+        self.stats = DecodeStats(depth=self.depth, adaptive=not isinstance(self.policy, FixedDepth), prompt_tokens=len(prompt))
         budget = _Budget(min(max_tokens, self.model.max_context - len(prompt)), set(eos))
         if budget.done:
             return
@@ -136,9 +136,10 @@ class Engine:
         if self.constraint is not None:  # constraint: every generation starts at the grammar's start
             self.constraint.start()
         self.cache = prompt_cache.cache if prompt_cache is not None else self.model.make_cache()
-        # A pinned depth 0 is mlx-lm's pipelined AR loop; any policy that may draft runs MTP steps
-        # (a depth-0 step there verifies the pending token alone and keeps the head in step).
-        plain = isinstance(self.policy, FixedDepth) and self.depth == 0
+        # A policy that never drafts (depth 0, or auto where no depth can pay) runs mlx-lm's
+        # pipelined AR loop; any policy that may draft runs MTP steps (a depth-0 step there
+        # verifies the pending token alone and keeps the head in step).
+        plain = self.depth == 0
         run = self._ar if plain else self._mtp
         consumed = list(prompt)
         self._snapshot_at = tuple(snapshot_at)

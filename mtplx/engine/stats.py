@@ -9,7 +9,8 @@ PHASES = ("prefill", "draft", "verify", "sample", "rollback")
 
 @dataclass
 class DecodeStats:
-    depth: int = 0
+    depth: int = 0  # the deepest depth a step may draft (the pinned depth, or auto's maximum)
+    adaptive: bool = False  # depth "auto": each step's depth chosen by the policy
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens a prompt cache already held (not prefilled)
     generated: int = 0
@@ -17,13 +18,19 @@ class DecodeStats:
     drafted: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    # Steps per drafted depth 0..depth; the first token (sampled from the prefill, not a
+    # decode step) is left out.
+    depth_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.drafted = self.drafted or [0] * self.depth
         self.accepted = self.accepted or [0] * self.depth
+        self.depth_steps = self.depth_steps or [0] * (self.depth + 1)
 
     def record_step(self, drafted: int, accepted: int, emitted: int) -> None:
         self.steps += 1
+        if self.steps > 1:
+            self.depth_steps[drafted] += 1
         self.generated += emitted
         for k in range(drafted):
             self.drafted[k] += 1
@@ -34,6 +41,20 @@ class DecodeStats:
     def acceptance(self) -> list[float]:
         """P(draft k accepted) for k = 1..depth: accepted at k over steps that drafted k."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def depth_mix(self) -> list[float]:
+        """The share of decode steps at each depth 0..depth."""
+        total = sum(self.depth_steps)
+        return [n / total if total else 0.0 for n in self.depth_steps]
+
+    @property
+    def mode(self) -> str:
+        """``AR``, ``MTP d2``, or ``MTP auto (d0 12% d1 30% d2 58%)`` (depths never used left out)."""
+        if self.adaptive:
+            mix = " ".join(f"d{d} {100 * s:.0f}%" for d, s in enumerate(self.depth_mix) if self.depth_steps[d])
+            return f"MTP auto ({mix})" if mix else "MTP auto"
+        return f"MTP d{self.depth}" if self.depth else "AR"
 
     @property
     def tokens_per_step(self) -> float:
@@ -56,7 +77,9 @@ class DecodeStats:
 
     def as_dict(self) -> dict:
         return {
-            "depth": self.depth,
+            "depth": "auto" if self.adaptive else self.depth,
+            "max_depth": self.depth,
+            "depth_histogram": {str(d): n for d, n in enumerate(self.depth_steps)},
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "generated": self.generated,

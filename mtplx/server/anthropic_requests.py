@@ -100,4 +100,4 @@ class MessagesRequest(PromptRequest):
     # mtplx extensions, as on the OpenAI routes
     min_p: float | None = None
     seed: int | None = None
-    depth: int | None = None
+    depth: int | str | None = None  # mtplx extension: "auto", 0 = plain AR, or N

@@ -34,13 +34,13 @@ def default_prompt_cache_bytes() -> int:
 
 
 def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
-               depth: int | None = None, queue_size: int = 8, max_tokens_default: int = 512,
+               depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int = 512,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: Iterable[str] | None = (),
                prompt_cache_bytes: int | None = None) -> FastAPI:
     """An app serving ``model``.
 
     ``served_model_names``: the names requests may ask for (the first is the one reported);
-    ``depth``: the default draft depth (None: the tuned or contract default); ``queue_size``:
+    ``depth``: the default draft depth ("auto", N, or None: what `mtplx tune` saved, else auto); ``queue_size``:
     how many requests may wait behind the running one; ``max_body_bytes``: the largest request
     body read (413 beyond); ``allowed_hosts``: Host names accepted besides loopback ones, or
     ``None`` to accept any Host (only for a server bound to a public address);

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from mtplx import knobs
 from mtplx._version import __version__
 from mtplx.api import GenerationResponse, default_depth, reuse_boundaries
-from mtplx.engine.constraints import Grammar, ResponseFormatError, compile_format
+from mtplx.speculation import step_costs
 from mtplx.engine.prompt_cache import PromptCacheLRU
 from mtplx.errors import MtplxError
 from mtplx.knobs import KnobError
@@ -55,7 +55,7 @@ class Generation:
     top_k: int | None = None
     min_p: float | None = None
     seed: int | None = None
-    depth: int | None = None
+    depth: int | str | None = None  # a fixed depth or "auto"
     stop: list[str] = field(default_factory=list)
     boundaries: tuple[int, ...] = ()  # where the next turn may diverge (prompt-cache snapshots)
     logprobs: int | None = None  # alternatives per token; None = no logprobs
@@ -101,11 +101,13 @@ def _chars(value: Any) -> int:
 
 
 def mtplx_stats(r: GenerationResponse, job: Job) -> dict[str, Any]:
-    """The ``mtplx`` field of a response: how the speculation went, and the token budget the
+    """The ``mtplx`` field of a response: how the speculation went (``depth_histogram`` counts
+    decode steps by the depth they drafted: depth auto's mix), and the token budget the
     generation ran under (``max_tokens``: the request's, capped at the context left)."""
     return {"tokens_per_second": round(r.generation_tps, 3), "prompt_tokens_per_second": round(r.prompt_tps, 3),
             "acceptance": [round(a, 4) for a in r.acceptance], "tokens_per_step": round(r.tokens_per_step, 4),
-            "depth": job.kwargs["depth"], "max_tokens": job.kwargs["max_tokens"]}
+            "depth": job.kwargs["depth"], "depth_histogram": {str(d): n for d, n in enumerate(r.stats.depth_steps)},
+            "max_tokens": job.kwargs["max_tokens"]}
 
 
 def engine_error(exc: BaseException) -> APIError:
@@ -120,7 +122,7 @@ class Core:
     """One model behind a queue: encodes prompts, submits generations and hands back their steps."""
 
     def __init__(self, model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
-                 depth: int | None = None, queue_size: int = 8, max_tokens_default: int = 512,
+                 depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int = 512,
                  prompt_cache_bytes: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.served_model_names = list(dict.fromkeys(n for n in served_model_names if n))
@@ -136,9 +138,11 @@ class Core:
         self.scheduler = Scheduler(model, tokenizer, self.metrics, max_queue=queue_size,
                                    prompt_caches=self.prompt_caches)
         self.depth = default_depth(model) if depth is None else depth
-        if self.depth > 0 and not model.has_mtp:
+        if self.depth != 0 and not model.has_mtp:
             raise MtplxError(f"depth {self.depth} needs an MTP head and this model has none",
                              fix="use --depth 0 or --no-mtp")
+        if self.depth == "auto":  # its step costs: measured (or read) now, not in the first request
+            step_costs(model)
         # No token decodes to more than `longest` characters, so a text of n characters has at
         # least n / longest tokens; Unicode normalization may merge up to a few code points
         # into one before tokenizing, hence the factor. Beyond this a prompt cannot fit, and
@@ -235,16 +239,17 @@ class Core:
     # -- generations ---------------------------------------------------------------------------
 
     def submit(self, g: Generation) -> Job:
-        """Queue ``g``. ``job.kwargs`` holds what it runs with: ``depth``, and ``max_tokens``
-        capped at the context left after the prompt (a larger request, up to 2**63 and beyond,
-        is honoured as "as many as fit"; finish_reason "length" and ``mtplx.max_tokens`` tell)."""
+        """Queue ``g``. ``job.kwargs`` holds what it runs with: ``depth`` (an integer or "auto"),
+        and ``max_tokens`` capped at the context left after the prompt (a larger request, up to
+        2**63 and beyond, is honoured as "as many as fit"; finish_reason "length" and
+        ``mtplx.max_tokens`` tell)."""
         model = self.model
         if not g.ids:
             raise APIError(400, "The prompt is empty.", param="prompt")
         if len(g.ids) >= model.max_context:
             raise self._too_long(len(g.ids))
         depth = self.depth if g.depth is None else g.depth
-        if depth > 0 and not model.has_mtp:
+        if depth != 0 and not model.has_mtp:
             raise APIError(400, "This server's model has no MTP head; only depth 0 is available.", param="depth")
         left = model.max_context - len(g.ids)
         kwargs = dict(max_tokens=min(g.max_tokens or self.max_tokens_default, left), temperature=g.temperature,

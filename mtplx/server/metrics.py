@@ -49,6 +49,8 @@ class Metrics:
         # Summed over every generation, so the acceptance gauge is the server-lifetime rate
         # P(draft k accepted), not the noisy value of the last request.
         self.acceptance = AcceptanceTally()
+        # Decode steps by the depth they drafted (depth auto's mix; a pinned depth fills one).
+        self.depth_steps: dict[int, int] = defaultdict(int)
 
         # The prompt-cache LRU, read live at each scrape (None: the server runs without one).
         self.prompt_caches: Any = None
@@ -81,6 +83,8 @@ class Metrics:
                 self.last_tps = stats.tokens_per_second
                 self.last_tokens_per_step = stats.tokens_per_step
             self.acceptance.add(stats)
+            for d, n in enumerate(getattr(stats, "depth_steps", ())):
+                self.depth_steps[d] += n
 
     def render(self) -> str:
         with self._lock:
@@ -123,6 +127,9 @@ class Metrics:
             family("mtplx_acceptance", "gauge",
                    "Acceptance rate of the draft at each position, over all generations.",
                    [(f'{{position="{k + 1}"}}', rate) for k, rate in enumerate(self.acceptance.rates)])
+            family("mtplx_steps_by_depth_total", "counter",
+                   "Decode steps by the number of tokens they drafted (0 = a plain step), over all generations.",
+                   [(f'{{depth="{d}"}}', n) for d, n in sorted(self.depth_steps.items())])
             family("mtplx_queue_depth", "gauge", "Requests waiting for the engine.", [("", self._queue_depth())])
             family("mtplx_busy", "gauge", "1 while a generation is running.", [("", int(self._busy()))])
             return "\n".join(lines) + "\n"

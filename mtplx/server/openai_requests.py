@@ -96,7 +96,8 @@ class CommonRequest(StrictModel):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    depth: int | None = Field(None, description="mtplx extension: draft depth, 0 = plain AR")
+    depth: int | str | None = Field(None, description="mtplx extension: draft depth, 'auto' (adaptive), "
+                                                       "0 = plain AR, or N drafts per step")
     # Refused unless neutral: mtplx samples one choice from the model's own law.
     n: int | None = None
     frequency_penalty: float | None = None

@@ -1,0 +1,243 @@
+"""Depth "auto" (mtplx.engine.policy.AutoDepth, mtplx.speculation).
+
+The policy's arithmetic on synthetic costs and acceptance (no model); exactness with a model:
+the output law under auto equals AR's by enumeration (test_engine_law's helpers and power),
+with a policy tuned to change its depth on nearly every step in answer to the last step's
+accept/reject draws; greedy auto equals greedy AR; the step costs are measured once and
+cached per artifact, mlx version and device.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from mtplx import knobs
+from mtplx.engine.policy import AutoDepth, StepCosts, expected_tokens
+from mtplx.engine.sampling import SamplingParams
+from mtplx.engine.speculative import Engine
+from test_engine_law import ALPHA, PROMPT, gof_pvalue, law3, model, sample_engine  # noqa: F401 (fixtures)
+
+# A memory-bound device: verifying 4 tokens costs little more than one; drafting is cheap.
+FLAT = StepCosts((10.0, 10.5, 11.0, 11.5), 1.0)
+# MLX's CPU backend on a 4-bit trunk: a verify of T tokens costs about T steps.
+LINEAR = StepCosts((137.0, 270.0, 401.0, 534.0), 20.0)
+
+
+def simulate(policy: AutoDepth, accept_p, steps: int, seed: int = 0) -> list[int]:
+    """Run ``policy`` against drafts accepted independently with probability accept_p(step)."""
+    rng, depths = random.Random(seed), []
+    for i in range(steps):
+        d = policy.choose()
+        accepted = 0
+        while accepted < d and rng.random() < accept_p(i):
+            accepted += 1
+        policy.observe(d, accepted)
+        depths.append(d)
+    return depths
+
+
+def test_expected_tokens():
+    assert expected_tokens([0.5, 0.5], 0) == 1
+    assert expected_tokens([0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_picks_the_deepest_on_a_memory_bound_device_and_plain_steps_on_a_compute_bound_cpu():
+    assert AutoDepth(FLAT, 0.8, 3).best() == 3
+    # Here no depth beats a plain step even if every draft were accepted: none is ever drafted
+    # or probed, and max_depth 0 sends the engine to its plain AR loop.
+    cpu = AutoDepth(LINEAR, 1.0, 3)
+    assert cpu.max_depth == 0 and set(simulate(cpu, lambda i: 1.0, 100)) == {0}
+    # A machine where depth 1 can pay but not at this acceptance: probes cost at most about
+    # PROBE_BUDGET of the throughput of plain steps.
+    costs = StepCosts((100.0, 160.0, 220.0), 5.0)
+    mid = AutoDepth(costs, 0.3, 2)
+    depths = simulate(mid, lambda i: 0.3, 300)
+    assert mid.max_depth == 2 and depths.count(0) > 250 and 1 in depths
+    tokens = sum(expected_tokens([0.3] * 2, d) for d in depths)
+    seconds = sum(costs.step(d) for d in depths)
+    assert tokens / seconds >= (1 - 1.5 * AutoDepth.PROBE_BUDGET) / costs.step(0)
+
+
+def test_reacts_within_tens_of_steps_when_acceptance_drops_and_recovers():
+    """Code (accepts 90%), then prose (10%), then code again: the depth follows each change."""
+    policy = AutoDepth(StepCosts((10.0, 13.0, 16.0, 19.0), 1.0), 0.6, 3)
+    phase = lambda i: 0.9 if i < 100 or i >= 200 else 0.1  # noqa: E731
+    depths = simulate(policy, phase, 300, seed=1)
+    assert depths[70:100].count(3) >= 25, depths[70:100]
+    settle = next(i for i in range(100, 200) if all(d <= 1 for d in depths[i:i + 10]))
+    assert settle - 100 <= 30, depths[100:200]
+    back = next(i for i in range(200, 300) if depths[i] == 3 and depths[i + 1] == 3)
+    assert back - 200 <= 60, depths[200:300]
+
+
+def test_probe_interval_follows_what_a_probe_may_cost():
+    near = AutoDepth(StepCosts((10.0, 14.0), 1.0), 0.4, 1)  # depth 1 almost pays: probe often
+    far = AutoDepth(StepCosts((10.0, 18.5), 0.4), 0.1, 1)  # pays only near full acceptance: rarely
+    assert near.best() == 0 and near.probe_interval(0) == AutoDepth.PROBE_MIN
+    assert far.max_depth == 1 and 20 < far.probe_interval(0) <= AutoDepth.PROBE_MAX
+
+
+def test_max_depth_is_bounded_by_the_measured_costs():
+    assert AutoDepth(StepCosts((10.0, 11.0), 1.0), 0.9, 5).max_depth == 1
+    with pytest.raises(ValueError):
+        StepCosts((0.0, 1.0), 1.0)
+
+
+class Jumpy(AutoDepth):
+    """Auto with a hair trigger: each step's outcome moves the estimate by half, and probes
+    come after a single step, so the depth changes on most steps in answer to the previous
+    step's random draws (the case a law test must cover)."""
+
+    ALPHA = 0.5
+    PROBE_MIN = PROBE_MAX = 1
+
+
+def jumpy():
+    return Jumpy(StepCosts((10.0, 12.0, 14.0, 16.0), 1.0), 0.5, 3)
+
+
+def test_auto_law_equals_ar_law(model, law3):  # noqa: F811
+    samples = sample_engine(model, jumpy, 3, seed0=4000)
+    assert gof_pvalue(samples, law3) > ALPHA
+
+
+def test_jumpy_policy_changes_depth_mid_sequence(model):  # noqa: F811
+    """The law test above is only meaningful if the choice really varies within a sequence."""
+    changed = 0
+    for seed in range(40):
+        policy, seen = jumpy(), []
+        observe = policy.observe
+        policy.observe = lambda d, a, o=observe: (seen.append(d), o(d, a))
+        for _ in Engine(model, policy, SamplingParams(temperature=0.8, top_p=0.95, top_k=5), seed=seed).generate(PROMPT, 6):
+            pass
+        changed += len(set(seen)) > 1
+    assert changed >= 20
+
+
+def test_greedy_auto_equals_greedy_ar(model):  # noqa: F811
+    greedy = SamplingParams(temperature=0.0)
+    ar = [t for s in Engine(model, 0, greedy).generate(PROMPT, 48) for t in s.tokens]
+    engine = Engine(model, jumpy(), greedy)
+    auto = [t for s in engine.generate(PROMPT, 48) for t in s.tokens]
+    assert auto == ar
+    assert sum(1 for n in engine.stats.depth_steps if n) >= 2, engine.stats.depth_steps
+    assert engine.stats.mode.startswith("MTP auto (d")
+
+
+# -- surfaces: knobs, config, API -----------------------------------------------------------------
+
+def test_knobs_take_auto_everywhere_and_parse_text():
+    assert knobs.check("depth", "auto") == "auto" and knobs.check("depth", " AUTO ") == "auto"
+    assert knobs.parse("depth", "3", label="-d") == 3 and knobs.parse("depth", "auto") == "auto"
+    with pytest.raises(knobs.KnobError, match=r"^-d must be an integer or 'auto', got 'deep'"):
+        knobs.parse("depth", "deep", label="-d")
+    with pytest.raises(knobs.KnobError, match="got 9"):
+        knobs.parse("depth", "9")
+
+
+def test_step_costs_cached_per_artifact_mlx_and_device(grafted_bf16, tmp_path, monkeypatch):
+    import mtplx
+    from mtplx import speculation
+
+    config = tmp_path / "config.json"
+    monkeypatch.setenv("MTPLX_CONFIG", str(config))
+    model, _ = mtplx.load(grafted_bf16[0])
+    costs = speculation.step_costs(model)
+    assert costs.max_depth == knobs.AUTO_MAX_DEPTH and costs.draft_ms > 0
+    (entry,) = json.loads(config.read_text())["tuned"].values()
+    assert entry["step_costs"]["source"] == "first use" and entry["step_costs"]["mlx"]
+    again, _ = mtplx.load(grafted_bf16[0])  # a new process would read the file, not measure
+    assert speculation.step_costs(again) == StepCosts.from_dict(entry["step_costs"])
+    data = json.loads(config.read_text())
+    data["tuned"][next(iter(data["tuned"]))]["step_costs"]["mlx"] = "0.0.1"  # another mlx
+    config.write_text(json.dumps(data))
+    third, _ = mtplx.load(grafted_bf16[0])
+    speculation.step_costs(third)
+    (entry,) = json.loads(config.read_text())["tuned"].values()
+    assert entry["step_costs"]["mlx"] != "0.0.1"
+
+
+def test_tuned_depth_is_checked_like_any_depth(grafted_bf16, tmp_path, monkeypatch):
+    import mtplx
+    from mtplx.config import model_key
+    from mtplx.speculation import default_depth
+
+    config = tmp_path / "config.json"
+    monkeypatch.setenv("MTPLX_CONFIG", str(config))
+    model, _ = mtplx.load(grafted_bf16[0])
+    assert default_depth(model) == "auto"
+    for value, expected in ((1, 1), ("auto", "auto")):
+        config.write_text(json.dumps({"tuned": {model_key(model): {"depth": value}}}))
+        assert default_depth(model) == expected
+    config.write_text(json.dumps({"tuned": {model_key(model): {"depth": 10**9}}}))
+    with pytest.raises(knobs.KnobError, match=f"the tuned depth in {config}.*Fix: rerun `mtplx tune`"):
+        default_depth(model)
+
+
+def test_draft_law_follows_the_target_unless_tuned(grafted_bf16, tmp_path, monkeypatch):
+    import mtplx
+    from mtplx.config import model_key
+    from mtplx.speculation import draft_params
+
+    config = tmp_path / "config.json"
+    monkeypatch.setenv("MTPLX_CONFIG", str(config))
+    model, _ = mtplx.load(grafted_bf16[0])
+    target = SamplingParams(temperature=1.2, top_p=0.9, top_k=7)
+    assert draft_params(model, target, None) == target  # not the contract's 0.6
+    assert draft_params(model, target, 0.3).temperature == 0.3
+    config.write_text(json.dumps({"tuned": {model_key(model): {"draft_temperature": {"0.6": 0.3, "1": 0.0}}}}))
+    assert draft_params(model, target, None).temperature == 0.0  # nearest measured: 1.0 -> 0 x T
+    assert draft_params(model, SamplingParams(temperature=0.5), None).temperature == pytest.approx(0.25)
+
+
+def test_api_default_is_auto_and_greedy_equals_ar(grafted_bf16):
+    import mtplx
+
+    model, tok = mtplx.load(grafted_bf16[0])
+    ar = list(mtplx.stream_generate(model, tok, "def add(a, b):", max_tokens=32, temperature=0.0, depth=0))
+    auto = list(mtplx.stream_generate(model, tok, "def add(a, b):", max_tokens=32, temperature=0.0))
+    assert [t for r in auto for t in r.tokens] == [t for r in ar for t in r.tokens]
+    stats = auto[-1].stats
+    assert stats.adaptive and stats.as_dict()["depth"] == "auto" and sum(stats.depth_steps) == stats.steps - 1
+    pinned = list(mtplx.stream_generate(model, tok, "def add(a, b):", max_tokens=8, temperature=0.0, depth=2))
+    s = pinned[-1].stats
+    assert s.mode == "MTP d2" and s.depth_steps == [0, 0, s.steps - 1] and not s.adaptive
+
+
+def test_shape_bench_reports_what_auto_would_pick():
+    """bench --shape's projection goes through AutoDepth: the depth with the best projected
+    speedup, or AR when none beats it."""
+    from mtplx.bench.shape_bench import auto_choice
+
+    acceptance = [0.8, 0.6, 0.45]
+    assert auto_choice(acceptance, {"1": 1.5, "2": 1.9, "3": 1.7}) == 2
+    assert auto_choice(acceptance, {"1": 0.7, "2": 0.6, "3": 0.5}) == 0
+
+
+def test_one_head_on_two_trunks_is_two_config_entries(demo, grafted_bf16):
+    """The demo and the fixture grafted onto a bf16 trunk share the sidecar's bytes; their step
+    costs differ by an order of magnitude, so what is tuned or cached must not be shared."""
+    import mtplx
+    from mtplx.config import model_key
+
+    bf16, _ = mtplx.load(grafted_bf16[0])
+    assert demo[0].contract.provenance["sidecar_sha256"] == bf16.contract.provenance["sidecar_sha256"]
+    assert model_key(demo[0]) != model_key(bf16)
+
+
+def test_auto_is_refused_on_a_distributed_pipeline(model):  # noqa: F811
+    """A pipeline stage cannot time forked verify passes: explicit auto is one clear error, and
+    no depth pinned means a fixed depth there."""
+    from mtplx.errors import MtplxError
+    from mtplx.speculation import depth_policy
+
+    model.trunk.stage = object()  # what distributed.session.load sets on every rank
+    try:
+        with pytest.raises(MtplxError, match="distributed pipeline.*Fix: pass a fixed depth"):
+            depth_policy(model, "auto", SamplingParams())
+        assert depth_policy(model, 2, SamplingParams()) == 2
+    finally:
+        model.trunk.stage = None
