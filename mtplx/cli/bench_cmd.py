@@ -18,6 +18,19 @@ def _depths(value: str) -> list[int]:
     return [knobs.check("depth", d, label="--depths") for d in depths]
 
 
+def _concurrency(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        streams = sorted({int(x) for x in value.split(",") if x.strip()})
+    except ValueError:
+        streams = []
+    if not streams or streams[0] < 1 or streams[-1] > 256:
+        raise click.BadParameter(f"{value!r} is not a list of stream counts: give integers in [1, 256] separated by "
+                                 "commas, e.g. 1,2,4,8")
+    return streams
+
+
 def _max_depth(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     if value is None:  # bench --shape: one depth per --acceptance value
         return None
@@ -52,7 +65,9 @@ def _shape_options(f):
         click.option("--draft-vocab", type=int, default=None,
                      help="--shape: draft vocabulary K measured (default 32768 where the vocabulary is larger; 0 = full)."),
         click.option("--bandwidth-gbs", type=click.FloatRange(min=0, min_open=True), default=400.0, show_default=True,
-                     help="--shape: memory bandwidth of the memory-bound projection."),
+                     help="--shape: memory bandwidth of the memory-bound projection (400: an M3 Max, 40-core GPU)."),
+        click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=14.2, show_default=True,
+                     help="--shape --concurrency: peak arithmetic of the roofline (14.2: an M3 Max, 40-core GPU, fp16)."),
         click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="--shape: timed calls per component (median)."),
         click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False),
                      help="--shape: also write the random model as an artifact in DIR and run it end to end."),
@@ -62,13 +77,14 @@ def _shape_options(f):
 
 
 def _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs, repeats,
-               save_dir, seed, json_out) -> None:
+               save_dir, seed, json_out, concurrency=None, batch_depths=None, peak_tflops=14.2) -> None:
     from mtplx.bench.shape_bench import parse_acceptance, run_shape_bench
 
     report = run_shape_bench(shape, trunk_bits=int(trunk_bits), layers=layers, prompt_tokens=prompt_tokens,
                              acceptance=parse_acceptance(acceptance) if acceptance else None, max_depth=max_depth,
                              draft_vocab=draft_vocab, bandwidth_gbs=bandwidth_gbs, repeats=repeats, seed=seed,
-                             save=save_dir, progress=lambda s: click.echo(s, err=True))
+                             save=save_dir, progress=lambda s: click.echo(s, err=True), concurrency=concurrency,
+                             batch_depths=batch_depths, peak_tflops=peak_tflops)
     data = report.as_dict()
     click.echo(f"mtplx bench --shape {report.shape.name}: {data['trunk_bits']}-bit trunk, random weights, "
                f"{data['layers_measured']} of {data['layers_full']} layers measured on {report.device}")
@@ -108,6 +124,9 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
 @click.option("--draft-temperature", type=float, default=None, callback=knob("draft_temperature"))
 @click.option("--seed", type=int, default=0, show_default=True, callback=knob("seed"))
 @click.option("--no-reference", is_flag=True, help="Skip timing mlx_lm.generate on the same trunk.")
+@click.option("--concurrency", default=None, callback=_concurrency, metavar="B1,B2,..",
+              help="Streams decoding at once. --model: run them concurrently and compare with one at a time; "
+                   "--shape: project B rows per step on the memory-bound device (roofline).")
 @_shape_options
 @force_option
 @json_option
@@ -117,8 +136,8 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
                    "the prompt cache (depth: the largest of --depths).")
 @click.pass_context
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
-          no_reference, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
-          repeats, save_dir, force, json_out, distributed, chat_turns):
+          no_reference, concurrency, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab,
+          bandwidth_gbs, peak_tflops, repeats, save_dir, force, json_out, distributed, chat_turns):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
 
     With --shape, measure a real model shape instead: random weights at the catalog model's text
@@ -136,8 +155,11 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
             if given(name):
                 raise click.UsageError(f"pass either {flag} or --shape, not both")
         _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
-                   repeats, save_dir, seed, json_out)
+                   repeats, save_dir, seed, json_out, concurrency, _depths(depths) if given("depths") else None,
+                   peak_tflops)
         return
+    if concurrency is not None:
+        raise click.UsageError("--concurrency with --model is not built yet: use it with --shape")
     if chat_turns is not None:
         if distributed is not None:
             raise click.UsageError("--chat-turns measures the prompt cache, which --distributed turns off")
