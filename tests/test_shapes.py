@@ -281,3 +281,22 @@ def _tiny_shape():
     from mtplx.bench.shapes import Shape
 
     return Shape("tiny", dict(TINY))
+
+
+def test_no_measure_projects_the_batch_in_seconds(tmp_path):
+    from click.testing import CliRunner
+
+    from mtplx.cli.app import cli
+
+    out = tmp_path / "p.json"
+    args = ["bench", "--shape", "qwen3.5-4b", "--no-measure", "--acceptance", "0.82,0.79", "--concurrency", "1,8",
+            "--depths", "0,2", "--json", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["measured"] is False and 2.3e9 < r["weight_bytes"] < 2.5e9  # the 4-bit trunk an artifact holds
+    batch = r["projection_memory_bound_batch"]
+    assert batch["1"]["0"] == 1.0 and batch["8"]["2"] >= 5.0 and batch["8"]["2"] > batch["8"]["0"]
+    assert batch["1"]["2"] == pytest.approx(r["projection_memory_bound"]["2"], rel=1e-3)  # one row: the one-stream projection
+    bad = CliRunner().invoke(cli, ["bench", "--shape", "qwen3.5-4b", "--no-measure", "--layers", "4"])
+    assert bad.exit_code != 0 and "--no-measure times nothing" in bad.output

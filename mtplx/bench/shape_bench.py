@@ -342,3 +342,44 @@ def run_shape_bench(shape_ref: str, *, trunk_bits: int = 4, layers: int | None =
         del model, mods
         report.end_to_end = end_to_end(str(save), prompt, timings, e2e_tokens, params, say)
     return report
+
+
+def project_shape(shape_ref: str, *, trunk_bits: int = 4, prompt_tokens: int = 512, acceptance: list[float] | None = None,
+                  max_depth: int | None = None, draft_vocab: int | None = None, bandwidth_gbs: float = 400.0,
+                  peak_tflops: float = DEFAULT_PEAK_TFLOPS, concurrency: list[int] | None = None,
+                  batch_depths: list[int] | None = None) -> dict[str, Any]:
+    """``--no-measure``: the memory-bound projections alone, from the stored bytes and the flops of
+    the shape's modules, built lazily (no weight is computed and nothing is timed: seconds, at any size)."""
+    from mtplx.bench.roofline import batch_projection
+    from mtplx.bench.shapes import lazy_modules, load_shape, stored_weight_bytes
+    from mtplx.errors import MtplxError
+    from mtplx.model.gated_delta_cache import FUSED_PENDING_CAP
+
+    shape = load_shape(shape_ref)
+    tc = shape.text_config
+    source = "given with --acceptance"
+    if acceptance is None:
+        acceptance, source = demo_acceptance()
+    max_depth = max_depth or len(acceptance)
+    depths = batch_depths if batch_depths is not None else list(range(max_depth + 1))
+    if max(max_depth, *depths) > len(acceptance):
+        raise MtplxError(f"depth {max(max_depth, *depths)} needs the acceptance of that many draft positions, "
+                         f"{len(acceptance)} given", fix="pass more values to --acceptance or smaller depths")
+    vocab = int(tc["vocab_size"])
+    draft_vocab = min(32768, vocab) if draft_vocab is None else (vocab if draft_vocab == 0 else min(draft_vocab, vocab))
+    mods = lazy_modules(shape)
+    flops = ShapeFlops.from_modules(mods.trunk, mods.head, mods.text_config)
+    weights = stored_weight_bytes(mods, trunk_bits)
+    model = ShapeBytes(tc, weights, kind_counts(tc), draft_vocab, prompt_tokens)
+    mb = memory_bound(model, acceptance, max_depth, FUSED_PENDING_CAP, bandwidth_gbs)
+    out = {"mtplx_version": __version__, "shape": shape.name, "text_config_source": shape.source,
+           "trunk_bits": trunk_bits, "measured": False, "prompt_tokens": prompt_tokens, "draft_vocab": draft_vocab,
+           "acceptance": acceptance, "acceptance_source": source,
+           "weight_bytes": weights.trunk_total(kind_counts(tc), bool(tc["tie_word_embeddings"])),
+           "weight_bytes_by_part": weights.as_dict(), "projection_memory_bound": mb["projection"],
+           "projection_memory_bound_old_rollback": mb["projection_old_rollback"], "bytes_model": mb}
+    if concurrency:
+        batch = batch_projection(model, flops, acceptance, concurrency, depths, FUSED_PENDING_CAP, bandwidth_gbs,
+                                 peak_tflops)
+        out["projection_memory_bound_batch"], out["batch_roofline"] = batch["projection"], batch
+    return out
