@@ -18,12 +18,13 @@ from mtplx.model.trunk import VerifyRecord
 # Prompt tokens per trunk pass: bounds the activations of a long prefill.
 PREFILL_CHUNK = 2048
 
-__all__ = ["PREFILL_CHUNK", "ar_step", "commit", "draft", "prefill", "verify"]
+__all__ = ["PREFILL_CHUNK", "ar_step", "chunks", "commit", "draft", "prefill", "verify"]
 
 
-def _chunks(n: int, stops: Iterable[int]) -> list[tuple[int, int]]:
-    """[start, end) pieces of range(n) no longer than PREFILL_CHUNK, also cut at ``stops``."""
-    cuts = sorted({s for s in stops if 0 < s < n} | set(range(PREFILL_CHUNK, n, PREFILL_CHUNK)) | {n})
+def chunks(n: int, stops: Iterable[int], size: int = PREFILL_CHUNK) -> list[tuple[int, int]]:
+    """[start, end) pieces of range(n) no longer than ``size``, also cut at ``stops`` (the
+    batched decoder feeds the same pieces, one per step)."""
+    cuts = sorted({s for s in stops if 0 < s < n} | set(range(size, n, size)) | {n})
     return list(zip([0] + cuts[:-1], cuts))
 
 
@@ -51,7 +52,7 @@ def prefill(
     stops = set(stops)
     ids = mx.array(tokens)[None]
     post = None
-    for start, end in _chunks(len(tokens), stops):
+    for start, end in chunks(len(tokens), stops):
         hidden, post = model.trunk_hidden(ids[:, start:end], cache)
         if head:
             if cache.backlog is None:  # nothing consumed yet: the first row is this chunk's first

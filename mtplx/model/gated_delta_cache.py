@@ -22,6 +22,9 @@ applying them once: the cap is 0 and a partial acceptance applies its prefix at 
 Conv states are never deferred: the state after any block position is a slice of rows of the
 conv window the verify pass computed anyway.
 
+The forward that fills these caches (and a verify block's record) is
+mtplx/model/rows.py ``gated_delta_net``, run over one row or several.
+
 Anything that runs mlx-lm's own layer forward on these caches (the AR path, a prompt-cache
 prefill) first calls :meth:`GatedDeltaCache.materialize`.
 """
@@ -31,9 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache
-from mlx_lm.models.gated_delta import compute_g, normalize_qk
 
 from mtplx.kernels.gated_delta import fused, gated_delta
 
@@ -102,43 +103,3 @@ class GatedDeltaRecord:
         cache.pending = tuple(x[:, : self.pending_len + keep] for x in self.inputs)
         if cache.pending_len > pending_cap(self.inputs[1].shape[-1]):
             cache.materialize()
-
-
-def verify_block(layer: nn.Module, x: mx.array, cache: GatedDeltaCache) -> tuple[mx.array, GatedDeltaRecord]:
-    """mlx-lm's GatedDeltaNet forward for one unpadded block, run over [pending, block] and
-    returning what a rollback needs. ``layer`` is the block's ``linear_attn``."""
-    B, S, _ = x.shape
-    qkv = layer.in_proj_qkv(x)
-    z = layer.in_proj_z(x).reshape(B, S, layer.num_v_heads, layer.head_v_dim)
-    b = layer.in_proj_b(x)
-    a = layer.in_proj_a(x)
-
-    conv_state = cache[0]
-    if conv_state is None:
-        conv_state = mx.zeros((B, layer.conv_kernel_size - 1, layer.conv_dim), dtype=x.dtype)
-    conv_input = mx.concatenate([conv_state, qkv], axis=1)
-    conv_out = nn.silu(layer.conv1d(conv_input))
-    q, k, v = mx.split(conv_out, [layer.key_dim, 2 * layer.key_dim], axis=-1)
-    q = q.reshape(B, S, layer.num_k_heads, layer.head_k_dim)
-    k = k.reshape(B, S, layer.num_k_heads, layer.head_k_dim)
-    v = v.reshape(B, S, layer.num_v_heads, layer.head_v_dim)
-    q, k = normalize_qk(q, k, inv_scale=layer.head_k_dim**-0.5, eps=1e-6)
-    inputs: Inputs = (q, k, v, compute_g(layer.A_log, a, layer.dt_bias), mx.sigmoid(b))
-
-    before = cache[1]
-    if before is None:
-        before = mx.zeros((B, layer.num_v_heads, layer.head_v_dim, layer.head_k_dim), dtype=mx.float32)
-    pending = cache.pending_len
-    if pending:
-        inputs = tuple(mx.concatenate([p, x], axis=1) for p, x in zip(cache.pending, inputs))
-    y, after = gated_delta(*inputs, before)
-    if pending:
-        y = y[:, pending:]
-
-    cache[0] = conv_input[:, -(layer.conv_kernel_size - 1) :]
-    cache[1] = after
-    cache.pending = None
-    record = GatedDeltaRecord(before=before, inputs=inputs, pending_len=pending, conv_input=conv_input,
-                              kernel_size=layer.conv_kernel_size)
-    out = layer.norm(y, z)
-    return layer.out_proj(out.reshape(B, S, -1)), record

@@ -19,8 +19,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.qwen3_5 import DecoderLayer, TextModelArgs
+
+from mtplx.model import rows
 
 
 class MTPHead(nn.Module):
@@ -37,14 +38,7 @@ class MTPHead(nn.Module):
 
     def __call__(self, embeddings: mx.array, hidden: mx.array, cache: list[Any] | None = None) -> tuple[mx.array, mx.array]:
         """Rows ``[1, T, H]`` of (embedding of token t+1, trunk hidden at t) -> (normed, pre-norm) output."""
-        e = self.pre_fc_norm_embedding(embeddings)
-        h = self.pre_fc_norm_hidden(hidden)
-        x = self.fc(mx.concatenate([e, h] if self._embedding_first else [h, e], axis=-1))
-        cache = cache or [None] * len(self.layers)
-        mask = create_attention_mask(x, cache[0])
-        for layer, c in zip(self.layers, cache):
-            x = layer(x, mask=mask, cache=c)
-        return self.norm(x), x
+        return rows.head_pass(self, embeddings, hidden, [cache], [embeddings.shape[1]])
 
     def fill_cache(self, embeddings: mx.array, hidden: mx.array, cache: list[Any]) -> None:
         """Append rows to the head's KV cache without computing their outputs.
@@ -52,20 +46,9 @@ class MTPHead(nn.Module):
         Prompt rows are only ever attended to, never drafted from, so for the last layer only
         its keys and values are needed: no queries, attention, MLP, final norm or lm_head (the
         MLP alone is most of a block). Earlier layers, if a head had several, run in full since
-        the next one reads their output. The cache ends exactly as :meth:`__call__` leaves it."""
-        e = self.pre_fc_norm_embedding(embeddings)
-        h = self.pre_fc_norm_hidden(hidden)
-        x = self.fc(mx.concatenate([e, h] if self._embedding_first else [h, e], axis=-1))
-        mask = create_attention_mask(x, cache[0])
-        for layer, c in zip(self.layers[:-1], cache):
-            x = layer(x, mask=mask, cache=c)
-        # mlx-lm's Qwen3-Next attention, up to the cache update.
-        attn, c = self.layers[-1].self_attn, cache[len(self.layers) - 1]
-        a = self.layers[-1].input_layernorm(x)
-        B, L, _ = a.shape
-        keys = attn.k_norm(attn.k_proj(a).reshape(B, L, attn.num_key_value_heads, -1)).transpose(0, 2, 1, 3)
-        values = attn.v_proj(a).reshape(B, L, attn.num_key_value_heads, -1).transpose(0, 2, 1, 3)
-        c.update_and_fetch(attn.rope(keys, offset=c.offset), values)
+        the next one reads their output. The cache ends exactly as :meth:`__call__` leaves it.
+        (The one-row case of mtplx/model/rows.py ``head_fill``.)"""
+        rows.head_fill(self, embeddings, hidden, [cache], [embeddings.shape[1]])
 
 
 def body_linear_predicate(path: str, module: nn.Module) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+from mtplx.model import rows
 from mtplx.model.draft_vocab import DraftVocab
 from mtplx.model.mtp_head import MTPHead
 from mtplx.model.gated_delta_cache import GatedDeltaCache
@@ -115,12 +116,22 @@ class MTPModel:
 
     def trunk_hidden(self, tokens: mx.array, cache: ModelCache, record: VerifyRecord | None = None) -> tuple[mx.array, mx.array]:
         """(hidden the head reads, hidden after the final norm: the lm_head's input), no logits."""
-        pre, post = self.trunk.hidden(tokens, cache.trunk, record)
+        return self.trunk_rows([rows.Segment(tokens, cache.trunk, record)])
+
+    def trunk_rows(self, segments: list[rows.Segment]) -> tuple[mx.array, mx.array]:
+        """:meth:`trunk_hidden` for several sequences in one ragged pass (mtplx/model/rows.py):
+        each segment's hiddens, concatenated in order ``[1, N, H]``."""
+        pre, post = rows.trunk_pass(self.trunk, segments)
         return (post if self.hidden_source == "post_norm" else pre), post
 
     def fill_head(self, hidden: mx.array, tokens: mx.array, cache: ModelCache) -> None:
         """Head rows (trunk hidden at t, token t+1) into the head's KV cache, outputs skipped."""
-        self.head.fill_cache(self.trunk.embed(tokens), hidden, cache.head)
+        self.fill_head_rows([hidden], [tokens], [cache])
+
+    def fill_head_rows(self, hiddens: list[mx.array], tokens: list[mx.array], caches: list[ModelCache]) -> None:
+        """:meth:`fill_head` for several sequences in one ragged pass."""
+        rows.head_fill(self.head, self.trunk.embed(rows.join(tokens)), rows.join(hiddens), [c.head for c in caches],
+                       [t.shape[1] for t in tokens])
 
     def draft(self, hidden: mx.array, tokens: mx.array, cache: ModelCache, last_only: bool = False) -> tuple[mx.array, mx.array]:
         """Head rows (trunk-or-chain hidden at t, token t+1) -> (draft logits, hidden to chain).
@@ -129,10 +140,26 @@ class MTPModel:
         (column j is token ``draft_vocab.ids[j]``). ``last_only`` projects only the last row:
         the engine feeds the rows committed by the last verify together with the new one and
         drafts from the new one (the earlier rows then only fill the head's KV cache)."""
-        if last_only and tokens.shape[1] > 1:
-            self.fill_head(hidden[:, :-1], tokens[:, :-1], cache)
-            hidden, tokens = hidden[:, -1:], tokens[:, -1:]
+        if last_only:
+            return self.draft_rows([hidden], [tokens], [cache])
         normed, pre = self.head(self.trunk.embed(tokens), hidden, cache.head)
+        return self._project(normed, pre)
+
+    def draft_rows(self, hiddens: list[mx.array], tokens: list[mx.array], caches: list[ModelCache]) -> tuple[mx.array, mx.array]:
+        """``draft(..., last_only=True)`` for several sequences in one ragged pass: row j's
+        rows (hiddens[j] [1, r_j, H], tokens[j] [1, r_j]) -> draft logits of its last row and
+        its chain hidden, as ``[1, rows, K]`` and ``[1, rows, H]`` (row j at index j)."""
+        fill = [j for j, t in enumerate(tokens) if t.shape[1] > 1]
+        if fill:
+            self.fill_head_rows([hiddens[j][:, :-1] for j in fill], [tokens[j][:, :-1] for j in fill],
+                                [caches[j] for j in fill])
+        last_h = rows.join([h[:, -1:] if h.shape[1] > 1 else h for h in hiddens])
+        last_t = rows.join([t[:, -1:] if t.shape[1] > 1 else t for t in tokens])
+        normed, pre = rows.head_pass(self.head, self.trunk.embed(last_t), last_h, [c.head for c in caches],
+                                     [1] * len(caches))
+        return self._project(normed, pre)
+
+    def _project(self, normed: mx.array, pre: mx.array) -> tuple[mx.array, mx.array]:
         chain = normed if self.chain_hidden == "post_norm" else pre
         project = self.draft_vocab if self.draft_vocab is not None else self.trunk.lm_head
         return project(normed), chain

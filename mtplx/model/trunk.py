@@ -19,10 +19,10 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import ArraysCache
 
-from mtplx.model.gated_delta_cache import GatedDeltaCache, GatedDeltaRecord, verify_block
+from mtplx.model import rows
+from mtplx.model.gated_delta_cache import GatedDeltaCache, GatedDeltaRecord
 
 
 @dataclass
@@ -100,24 +100,9 @@ class Trunk:
     ) -> tuple[mx.array, mx.array]:
         """(hidden before the final norm, hidden after it) for a block ``tokens [1, T]``, no
         logits. With ``record``, the Gated-DeltaNet layers run the verify-block forward and
-        leave in it what a rollback needs; without, they run mlx-lm's own forward."""
-        if record is None:
-            materialize(cache)
-        else:
-            record.tokens = tokens.shape[1]
-        h = self.embed(tokens) if self.stage is None else self.stage.enter(self, tokens, record)
-        fa = self.body.fa_idx  # None on a stage without full-attention layers
-        fa_mask = create_attention_mask(h, cache[fa]) if fa is not None else None
-        for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            if layer.is_linear and record is not None:
-                r, record.layers[i] = verify_block(layer.linear_attn, layer.input_layernorm(h), c)
-                h = h + r
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-            else:
-                h = layer(h, mask=None if layer.is_linear else fa_mask, cache=c)
-        if self.stage is not None:
-            h = self.stage.leave(h)
-        return h, self.body.norm(h)
+        leave in it what a rollback needs; without, they apply any pending prefix first. The
+        one-row case of the ragged pass (mtplx/model/rows.py), which follows mlx-lm's layers."""
+        return rows.trunk_pass(self, [rows.Segment(tokens, cache, record)])
 
     def forward_all(
         self, tokens: mx.array, cache: list[Any], record: VerifyRecord | None = None

@@ -1,0 +1,435 @@
+"""The batched decoder: several sequences per step, each with its own acceptance and rollback.
+
+Every row keeps its own :class:`~mtplx.model.mtp_model.ModelCache` and decodes exactly as the
+one-row engine does (speculative.py describes a step); a step runs each *pass* once for all
+rows, as a ragged pass (mtplx/model/rows.py: the rows' tokens concatenated, the weights read
+once, only attention and the Gated-DeltaNet recurrence split by row):
+
+0. joining rows feed their next prompt chunk (``prefill_chunk`` tokens at most) in the same
+   trunk pass as the others' verify blocks, so a long prompt costs the running rows one chunk
+   per step, never a stall; a row whose prompt is done samples its first token there;
+1. draft: pass k over the rows drafting at least k tokens this step (pass 1 also feeds each
+   row's backlog), each row sampling with its own draft law and random stream;
+2. verify: one trunk pass over every row's [pending, d_1 .. d_D] (rows of different depths);
+3. accept per row (sampling.py's rule, the row's own uniforms): a row keeps its own accepted
+   prefix and its own residual or bonus token, whatever the others accepted;
+4. commit per row (cache.py), the head's backlog as in the one-row engine.
+
+A row's tokens depend only on its own prompt, settings and seed: its random draws come from its
+own generator in the same order as alone, and a ragged pass computes each row as it would alone.
+Its prompt's chunking is fixed by the row alone (``prefill_chunk`` and its prompt-cache
+snapshot positions), never by what else the step carries.
+
+Depth: each row has its own policy (policy.py), asked before every step; a row at depth 0 only
+verifies its pending token. The cost of a step grows with the sum of the rows' blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+
+from mtplx.engine import steps
+from mtplx.engine.constraints import Constraint
+from mtplx.engine.logprobs import LogprobReader, LogprobRows
+from mtplx.engine.policy import DepthPolicy, as_policy
+from mtplx.engine.prompt_cache import PromptCache
+from mtplx.engine.sampling import (Rng, SamplingParams, Verdict, acceptance_arrays, decide, filtered_probs,
+                                   sample_logits)
+from mtplx.engine.speculative import BACKLOG_FLUSH, Emitted, Engine, _Budget, _extend_backlog
+from mtplx.engine.stats import DecodeStats
+from mtplx.errors import ContextOverflowError, MtplxError
+from mtplx.model import rows as ragged
+from mtplx.model.mtp_model import ModelCache, MTPModel
+from mtplx.model.trunk import VerifyRecord
+
+__all__ = ["BACKLOG_FLUSH", "BatchDecoder", "Row", "RowRequest"]
+
+
+@dataclass
+class RowRequest:
+    """One sequence to decode: what ``Engine(...)`` and ``Engine.generate(...)`` take for one row."""
+
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    depth: int | DepthPolicy = 2
+    draft_params: SamplingParams | None = None
+    seed: int | None = None
+    eos: frozenset[int] = frozenset()
+    constraint: Constraint | None = None
+    logprobs: int | None = None
+    prompt_cache: PromptCache | None = None
+    snapshot_at: tuple[int, ...] = ()
+
+
+class Row:
+    """A request inside the decoder. ``emitted``: every token it has output so far; ``done``:
+    finished (EOS, budget) or removed; ``cache``: its live caches (None once it has left)."""
+
+    def __init__(self, id: int, request: RowRequest, model: MTPModel):
+        self.id = id
+        self.request = request
+        self.policy = as_policy(request.depth)
+        self.depth = self.policy.max_depth
+        self.stats = DecodeStats(depth=self.depth, prompt_tokens=len(request.prompt))
+        self.done = False
+        self.cache: ModelCache | None = None
+        self.emitted: list[int] = []
+        params = request.params
+        # Greedy targets draft greedily: any q is exact, the argmax maximizes acceptance.
+        self.draft_params = SamplingParams(temperature=0.0) if params.greedy else (request.draft_params or params)
+        self.rng = Rng(request.seed)
+        self.logprobs = LogprobReader(request.logprobs, model.vocab_size)
+        self.budget = _Budget(min(request.max_tokens, model.max_context - len(request.prompt)), set(request.eos))
+        self.constraint = request.constraint
+        # The acceptance rule's device side, swappable so tests can prove they detect a biased one.
+        self.acceptance_arrays = acceptance_arrays
+        self.pending: int | None = None  # sampled and emitted, not yet fed to the trunk
+        self.fed: list[int] = []  # tokens the trunk consumed after the prompt
+        self.chunks: list[tuple[int, int]] = []  # prompt pieces still to prefill ([start, end) of the prompt)
+        self.at_stop: Callable[[int], None] | None = None
+        self.stops: set[int] = set()
+        self.reused = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.pending is None
+
+    @property
+    def consumed(self) -> list[int]:
+        """The tokens its trunk cache holds."""
+        if self.prefilling:
+            done = self.chunks[0][0] if self.chunks else len(self.request.prompt)
+            return self.request.prompt[:done]
+        return self.request.prompt + self.fed
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else ("prefill" if self.prefilling else "decode")
+        return f"Row({self.id}, {state}, {len(self.emitted)} tokens)"
+
+
+@dataclass
+class _Work:
+    """One row's part of a step (lazy arrays until the step's evaluation)."""
+
+    row: Row
+    depth: int = 0
+    drafts: list[mx.array] = field(default_factory=list)
+    qs: list[mx.array] = field(default_factory=list)
+    draft_tokens: mx.array | None = None
+    q: mx.array | None = None
+    record: VerifyRecord | None = None
+    chunk: tuple[int, int] | None = None  # prefill rows: the prompt piece this step feeds
+    hidden: mx.array | None = None
+    lp: LogprobRows | None = None
+    ratio: mx.array | None = None
+    candidates: mx.array | None = None
+    first: mx.array | None = None  # prefill rows whose prompt ends here: the first token
+
+
+class BatchDecoder:
+    """Decodes up to ``max_batch`` rows together (more wait for a free slot, first come first
+    served). Rows join at the next :meth:`step` and leave when done or on :meth:`remove`."""
+
+    def __init__(self, model: MTPModel, max_batch: int = 8, prefill_chunk: int = 512):
+        if max_batch < 1 or prefill_chunk < 1:
+            raise MtplxError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}",
+                             fix="pass positive values")
+        if max_batch > 1 and model.trunk.stage is not None:
+            raise MtplxError("a distributed pipeline stage decodes one sequence at a time",
+                             fix="use --max-batch 1 with --distributed")
+        self.model = model
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self._active: list[Row] = []
+        self._waiting: list[Row] = []
+        self._ids = itertools.count()
+
+    # -- membership -------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> list[Row]:
+        """Rows not done: the decoding ones, then the ones waiting for a slot."""
+        return self._active + self._waiting
+
+    def __len__(self) -> int:
+        return len(self._active) + len(self._waiting)
+
+    def add(self, request: RowRequest) -> Row:
+        """Check ``request`` and queue it; it joins at the next step boundary. A request with
+        nothing to generate (``max_tokens`` 0) comes back already done."""
+        model = self.model
+        prompt = request.prompt
+        if not prompt:
+            raise MtplxError("the prompt is empty", fix="pass at least one token")
+        if any(not isinstance(t, int) or not 0 <= t < model.vocab_size for t in prompt):
+            raise MtplxError(f"prompt token ids must be integers in [0, {model.vocab_size})",
+                             fix="encode the prompt with this model's tokenizer")
+        if len(prompt) >= model.max_context:
+            raise ContextOverflowError(len(prompt), model.max_context)
+        depth = as_policy(request.depth).max_depth
+        if depth < 0:
+            raise MtplxError(f"depth must be >= 0, got {depth}", fix="use 0 for plain AR or 1..8 for MTP")
+        if depth > 0 and not model.has_mtp:
+            raise MtplxError("this model has no MTP head, so it cannot draft", path=model.path,
+                             fix="use depth 0 (--no-mtp) or load an mtplx artifact built with `mtplx graft`")
+        if request.prompt_cache is not None:
+            request.prompt_cache.check_model(model)
+            if any(r.request.prompt_cache is request.prompt_cache for r in self.rows):
+                raise MtplxError("this prompt cache is already in use by a row of the batch",
+                                 fix="give each concurrent request its own prompt cache")
+        if request.constraint is not None and any(r.request.constraint is request.constraint for r in self.rows):
+            raise MtplxError("this constraint is already in use by a row of the batch",
+                             fix="give each concurrent request its own Constraint")
+        row = Row(next(self._ids), request, model)
+        if row.budget.done:
+            row.done = True
+            return row
+        self._waiting.append(row)
+        return row
+
+    def remove(self, row: Row) -> None:
+        """``row`` leaves now (cancelled, stop string, client gone). Its prompt cache, if any,
+        keeps the tokens the trunk consumed, as after a finished generation."""
+        if row in self._active:
+            self._active.remove(row)
+        elif row in self._waiting:
+            self._waiting.remove(row)
+        else:
+            return
+        self._finish(row)
+
+    def _finish(self, row: Row) -> None:
+        row.done = True
+        pc = row.request.prompt_cache
+        if pc is not None and row.cache is not None:
+            pc.tokens = row.consumed
+        row.cache = None
+
+    def _start(self, row: Row) -> None:
+        """Bring a waiting row in: its caches (a prompt cache's, extended), its prompt pieces."""
+        request, model = row.request, self.model
+        prompt, pc = request.prompt, request.prompt_cache
+        stops: list[int] = []
+        if pc is not None:
+            row.reused = pc.prepare(model, prompt)
+            row.stats.cached_tokens = row.reused
+            stops, at_stop = pc.snapshot_stops(len(prompt), row.reused, request.snapshot_at)
+            row.at_stop = at_stop
+        row.cache = pc.cache if pc is not None else model.make_cache()
+        if row.constraint is not None:  # constraint: every generation starts at the grammar's start
+            row.constraint.start()
+        row.stops = set(stops)
+        row.chunks = [(row.reused + s, row.reused + e)
+                      for s, e in steps.chunks(len(prompt) - row.reused, stops, self.prefill_chunk)]
+        self._active.append(row)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[Row, Emitted]]:
+        """One step for every active row; returns what each row emitted (rows still in their
+        prompt emit nothing). Rows that finish are marked done and leave after this step."""
+        while self._waiting and len(self._active) < self.max_batch:
+            self._start(self._waiting.pop(0))
+        if not self._active:
+            return []
+        t0 = time.perf_counter()
+        decoding = [_Work(r, depth=r.policy.choose()) for r in self._active if not r.prefilling]
+        prefill = self._prefill_work()
+        self._draft(decoding)
+        t1 = time.perf_counter()
+        self._verify(decoding, prefill)
+        t2 = time.perf_counter()
+        out: list[tuple[Row, Emitted]] = []
+        for w in decoding:
+            out.append((w.row, self._accept(w, t1 - t0, t2 - t1)))
+        for w in prefill:
+            w.row.stats.seconds["prefill"] += t2 - t0
+            if w.first is not None:
+                out.append((w.row, self._first(w)))
+        for row, _ in out:
+            if row.budget.done:
+                self._active.remove(row)
+                self._finish(row)
+        return out
+
+    def _prefill_work(self) -> list[_Work]:
+        """Prompt pieces this step feeds: whole pieces of the joining rows, first come first
+        served, up to ``prefill_chunk`` tokens in all (at least one piece), so a step's cost is
+        bounded while each row's chunking stays its own."""
+        work, budget = [], self.prefill_chunk
+        for r in self._active:
+            if r.prefilling:
+                s, e = r.chunks[0]
+                if work and e - s > budget:
+                    break
+                work.append(_Work(r, chunk=r.chunks.pop(0)))
+                budget -= e - s
+        return work
+
+    def _draft(self, work: list[_Work]) -> None:
+        """Draft passes over the rows: pass k feeds every row drafting at least k tokens."""
+        model = self.model
+        vocab, subset = model.vocab_size, model.draft_vocab
+        feed = {id(w): (w.row.cache.backlog, mx.array([w.row.cache.backlog_tokens + [w.row.pending]])) for w in work}
+        for k in range(1, max((w.depth for w in work), default=0) + 1):
+            group = [w for w in work if w.depth >= k]
+            logits, chain = model.draft_rows([feed[id(w)][0] for w in group], [feed[id(w)][1] for w in group],
+                                             [w.row.cache for w in group])
+            for j, w in enumerate(group):
+                d_logits, constraint = logits[:, j : j + 1], w.row.constraint
+                if constraint is not None:  # constraint: mask q with the state after pending, d_1..d_{k-1}
+                    d_logits = constraint.mask_draft(d_logits, subset)
+                d, q = sample_logits(d_logits[0], w.row.draft_params, w.row.rng)
+                if subset is not None:
+                    d, q = subset.token_ids(d), subset.scatter(q, vocab)
+                if constraint is not None:
+                    # constraint: the next draft's mask needs this draft on the host (one sync per
+                    # draft, paid only by a row with a grammar).
+                    constraint.advance_draft(d.item())
+                w.drafts.append(d)
+                w.qs.append(q)
+                feed[id(w)] = (chain[:, j : j + 1], d[None])
+        drafted = []
+        for w in work:
+            if w.depth:
+                w.draft_tokens, w.q = mx.concatenate(w.drafts), mx.concatenate(w.qs)
+                drafted += [w.draft_tokens, w.q]
+            else:  # a plain step: nothing drafted; the head's rows wait in the backlog
+                w.draft_tokens = mx.zeros((0,), dtype=mx.int32)
+                w.q = mx.zeros((0, vocab), dtype=mx.float32)
+        if drafted:
+            mx.eval(drafted)
+
+    def _verify(self, decoding: list[_Work], prefill: list[_Work]) -> None:
+        """One trunk pass over the verify blocks and the prompt pieces, the acceptance test's
+        device work and the prompt rows' head fill and first tokens, evaluated together."""
+        model = self.model
+        segments, wanted = [], []  # wanted: per segment, whether logits are needed at all positions
+        for w in decoding:
+            w.record = VerifyRecord()
+            block = mx.concatenate([mx.array([w.row.pending]), w.draft_tokens])[None]
+            segments.append(ragged.Segment(block, w.row.cache.trunk, w.record))
+            wanted.append("all")
+        prompt_ids = {}
+        for w in prefill:
+            s, e = w.chunk
+            prompt_ids[id(w)] = w.row.request.prompt[s:e]
+            segments.append(ragged.Segment(mx.array(prompt_ids[id(w)])[None], w.row.cache.trunk))
+            wanted.append("last" if e == len(w.row.request.prompt) else None)
+        hidden, post = model.trunk_rows(segments)
+        where = ragged.spans([seg.tokens.shape[1] for seg in segments])
+        # lm_head only where something is sampled: every verified position, a prompt's last.
+        if all(x == "all" for x in wanted):
+            logits = model.trunk.lm_head(post)
+            rows_at = where
+        else:
+            picks, rows_at, n = [], [], 0
+            for (s, e), x in zip(where, wanted):
+                if x is None:
+                    rows_at.append(None)
+                    continue
+                s = s if x == "all" else e - 1
+                picks.append(post[:, s:e])
+                rows_at.append((n, n + e - s))
+                n += e - s
+            logits = model.trunk.lm_head(ragged.join(picks)) if picks else None
+        evaluate: list[mx.array] = []
+        for w, (s, e), at in zip(decoding, where, rows_at):
+            row = w.row
+            v_logits = logits[:, at[0] : at[1]]
+            w.hidden = hidden[:, s:e]
+            w.lp = row.logprobs.rows(v_logits[0])  # row i: the i-th token this step emits (raw logits)
+            if row.constraint is not None:  # constraint: mask p at each position with the draft's state
+                v_logits = row.constraint.mask_verify(v_logits[0])[None]
+            p = filtered_probs(v_logits[0], row.request.params)
+            w.ratio, w.candidates = row.acceptance_arrays(p, w.q, w.draft_tokens, row.rng)
+            evaluate += [w.ratio, w.candidates, w.hidden, *w.lp.arrays]
+        self._fill_prompt_rows(prefill, prompt_ids, hidden, where[len(decoding):])
+        for w, at in zip(prefill, rows_at[len(decoding):]):
+            row = w.row
+            evaluate += row.cache.arrays()
+            if at is not None:
+                last = logits[:, at[0] : at[1]][:, -1]
+                w.lp = row.logprobs.rows(last)  # raw logits: logprobs are the model's, not the grammar's
+                masked = last if row.constraint is None else row.constraint.mask(last)
+                w.first, _ = sample_logits(masked, row.request.params, row.rng)
+                evaluate += [w.first, *w.lp.arrays]
+        mx.eval(evaluate)
+        for w in prefill:
+            end = w.chunk[1] - w.row.reused
+            if end in w.row.stops and w.row.at_stop is not None:
+                w.row.at_stop(end)
+
+    def _fill_prompt_rows(self, prefill: list[_Work], prompt_ids: dict, hidden: mx.array, where: list) -> None:
+        """Head rows of the prompt pieces (as steps.prefill): hidden at i with token i+1, the
+        piece's last hidden waiting in the backlog for the token after it."""
+        if not self.model.has_mtp:
+            return
+        fills = []
+        for w, (s, e) in zip(prefill, where):
+            cache, ids = w.row.cache, prompt_ids[id(w)]
+            h = hidden[:, s:e]
+            if cache.backlog is None:  # nothing consumed yet: the first row is this piece's first
+                rows_h, successors = h, ids[1:]
+            else:
+                rows_h, successors = mx.concatenate([cache.backlog, h], axis=1), cache.backlog_tokens + ids
+            if successors:
+                fills.append((rows_h[:, :-1], mx.array(successors)[None], cache))
+            cache.backlog, cache.backlog_tokens = rows_h[:, -1:], []
+        if fills:
+            self.model.fill_head_rows(*(list(x) for x in zip(*fills)))
+
+    def _first(self, w: _Work) -> Emitted:
+        """A row's prompt is in: its first token (sampled from the prompt's last logits)."""
+        row = w.row
+        row.pending = int(w.first.item())
+        if row.constraint is not None:
+            row.constraint.advance(row.pending)
+        kept = row.budget.take([row.pending])
+        Engine._record(row, 0, 0, kept)  # the one-row engine's accounting, shared
+        row.emitted += kept
+        return Emitted(kept, 0, 0, w.lp.take(kept))
+
+    def _decide(self, w: _Work) -> Verdict:
+        """Host side of the row's acceptance test, with the row's own uniforms."""
+        return decide(w.ratio, w.candidates, w.row.rng)
+
+    def _accept(self, w: _Work, draft_s: float, verify_s: float) -> Emitted:
+        """Accept, then commit the row's caches to what it keeps (speculative.py's step 3-4)."""
+        row, model = w.row, self.model
+        t3 = time.perf_counter()
+        verdict = self._decide(w)
+        a = verdict.accepted
+        proposed = w.draft_tokens[:a].tolist() + [verdict.next_token]
+        kept = row.budget.take(proposed)
+        if row.constraint is not None:  # constraint: roll back to the accepted prefix, advance by the next token
+            row.constraint.commit(a, verdict.next_token)
+        t4 = time.perf_counter()
+        # Normally the accepted drafts; on the last step, only as far as the output goes, so the
+        # caches hold exactly the tokens emitted.
+        keep = min(a, len(kept))
+        cache = row.cache
+        steps.commit(cache, w.record, accepted=keep)
+        if model.has_mtp:
+            if w.depth:
+                cache.backlog, cache.backlog_tokens = w.hidden[:, : keep + 1], proposed[:keep]
+            else:  # nothing drafted, so the head consumed no rows: this position joins the backlog
+                _extend_backlog(model, cache, w.hidden[:, :1], row.pending)
+        row.fed += [row.pending] + proposed[:keep]
+        row.pending = verdict.next_token
+        t5 = time.perf_counter()
+        seconds = row.stats.seconds
+        seconds["draft"] += draft_s
+        seconds["verify"] += verify_s
+        seconds["sample"] += t4 - t3
+        seconds["rollback"] += t5 - t4
+        Engine._record(row, w.depth, a, kept)  # the one-row engine's accounting, shared
+        row.policy.observe(w.depth, a)
+        row.emitted += kept
+        return Emitted(kept, w.depth, a, w.lp.take(kept))
