@@ -152,3 +152,44 @@ def test_row_bytes_match_a_real_cache_and_the_default_batch(bf16) -> None:
     cap = Capacity(model, budget=row_bytes(model, min(8192, model.max_context)) * 3 + 1)
     assert cap.default_max_batch() == 3 and Capacity(model, 0).default_max_batch() == 1
     assert cap.fits(cap.budget + 1, 0, 0) and not cap.fits(cap.budget, 1, 1) and cap.fits(10, 10, 1)
+
+
+def test_grammar_logprobs_and_prompt_cache_rows_inside_a_batch(bf16) -> None:
+    """Rows with a response_format grammar, logprobs, and a prompt-cache hit, sent together with a
+    plain one: each answers as with --max-batch 1 (text, logprobs, cached tokens)."""
+    model, tok = bf16
+    turn1 = [{"role": "user", "content": "def add(a, b):"}]
+    base = {"temperature": 0, "max_tokens": 20, "chat_template_kwargs": {"enable_thinking": False}}
+
+    def bodies(reply: str) -> list[dict]:
+        turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "class C:"}]
+        return [{**base, "messages": turn2},  # extends the cached conversation
+                {**base, "messages": [{"role": "user", "content": "Give a JSON object."}],
+                 "response_format": {"type": "json_object"}, "max_tokens": 24},
+                {**base, "messages": [{"role": "user", "content": "Hello"}], "logprobs": True, "top_logprobs": 2},
+                {**base, "messages": [{"role": "user", "content": PROMPTS[1]}], "temperature": 0.7, "seed": 5}]
+
+    def run(max_batch: int) -> list[dict]:
+        app = create_app(model, tok, served_model_names=["m"], prompt_cache_bytes=1 << 28, max_batch=max_batch)
+        with running(app, model, tok) as s:
+            first = s.http.post("/v1/chat/completions", json={**base, "messages": turn1}).json()
+            reply = first["choices"][0]["message"]["content"]
+            wait_idle(s)
+
+            async def go() -> list[dict]:
+                async with httpx.AsyncClient(base_url=s.base, timeout=TIMEOUT) as c:
+                    rs = await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies(reply)))
+                return [r.json() for r in rs]
+            return asyncio.run(asyncio.wait_for(go(), 240))
+
+    alone, together = run(1), run(4)
+    for a, b in zip(alone, together):
+        assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
+        assert b["choices"][0]["finish_reason"] == a["choices"][0]["finish_reason"]
+        assert b["usage"]["prompt_tokens_details"] == a["usage"]["prompt_tokens_details"]
+    assert together[0]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    if together[1]["choices"][0]["finish_reason"] == "stop":  # a finished json_object parses
+        assert isinstance(json.loads(together[1]["choices"][0]["message"]["content"]), dict)
+    lp_a, lp_b = (r["choices"][0]["logprobs"]["content"] for r in (alone[2], together[2]))
+    assert [x["token"] for x in lp_b] == [x["token"] for x in lp_a] and len(lp_b) > 0
+    assert [x["logprob"] for x in lp_b] == pytest.approx([x["logprob"] for x in lp_a], abs=1e-4)

@@ -13,6 +13,10 @@ ends), per-stream tokens/s (each stream's tokens over the time from its first to
 averaged), and time to first token (mean over the streams, from the common arrival). A warm-up
 of each depth precedes the measurements. ``identical``: every stream's tokens are the same both
 ways (a row's output depends on its own prompt, settings and seed only).
+
+``join_cost``: with the largest B less one rows decoding (at the largest depth), a prompt of
+``join_tokens`` (4096, less where the model's context is shorter) joins; the running rows' step
+time before it and while its prompt is prefilled in their steps (``prefill_chunk`` tokens per step).
 """
 
 from __future__ import annotations
@@ -101,9 +105,40 @@ def one_at_a_time(model: Any, requests: list[Any]) -> Streams:
     return out
 
 
+def join_cost(model: Any, requests: list[Any], prompt_tokens: int, steps: int = 6) -> dict[str, Any]:
+    """What a long prompt joining costs the rows already decoding: their step time (ms) before it
+    joins and while its prompt is prefilled, chunk by chunk, in their steps (``requests`` decode;
+    the joining prompt repeats the first one's tokens to ``prompt_tokens``)."""
+    from dataclasses import replace
+
+    from mtplx.engine.batch import BatchDecoder
+
+    decoder = BatchDecoder(model, max_batch=len(requests) + 1)
+    for r in requests:
+        decoder.add(replace(r, max_tokens=10**6))
+    while any(row.prefilling for row in decoder.rows):
+        decoder.step()
+
+    def timed() -> float:
+        t = time.perf_counter()
+        decoder.step()
+        return 1000 * (time.perf_counter() - t)
+
+    before = [timed() for _ in range(steps)]
+    first = requests[0].prompt
+    long_prompt = (first * (prompt_tokens // len(first) + 1))[:prompt_tokens]
+    joining = decoder.add(replace(requests[0], prompt=long_prompt, max_tokens=4))
+    during = []
+    while joining.prefilling or not during:
+        during.append(timed())
+    return {"running_rows": len(requests), "prompt_tokens": prompt_tokens, "prefill_chunk": decoder.prefill_chunk,
+            "step_ms_before": round(statistics.median(before), 2), "step_ms_while_joining": round(statistics.mean(during), 2),
+            "steps_while_joining": len(during)}
+
+
 def run_concurrency(model: Any, tokenizer: Any, prompts: list[str], streams: list[int], depths: list[int],
                     max_tokens: int, params: SamplingParams, draft: SamplingParams | None = None, seed: int = 0,
-                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[str], None] | None = None, join_tokens: int = 4096) -> dict[str, Any]:
     """{"streams": {B: {depth: {"batched": ..., "one_at_a_time": ..., "speedup": ..., "identical": ...}}}}."""
     say = progress or (lambda _: None)
     for d in depths:  # warm-up: first calls compile kernels and allocate
@@ -121,7 +156,14 @@ def run_concurrency(model: Any, tokenizer: Any, prompts: list[str], streams: lis
             out.setdefault(str(b), {})[str(d)] = cell
             say(f"{b} streams, depth {d}: {together.aggregate_tps:.1f} tok/s batched, "
                 f"{alone.aggregate_tps:.1f} one at a time ({cell['speedup']}x)")
-    return {"streams": out, "max_tokens": max_tokens, "prompts": len(prompts),
+    join = None
+    n = min(join_tokens, model.max_context - 64)  # the context must hold it and a few tokens more
+    if n > 0 and max(streams) > 1:
+        b = max(streams) - 1
+        join = join_cost(model, _requests(model, tokenizer, prompts, b, max(depths), max_tokens, params, draft, seed), n)
+        say(f"a {n}-token prompt joining {b} rows: {join['step_ms_before']:.1f} ms per step before, "
+            f"{join['step_ms_while_joining']:.1f} ms over the {join['steps_while_joining']} steps of its prefill")
+    return {"streams": out, "join_cost": join, "max_tokens": max_tokens, "prompts": len(prompts),
             "how": "B requests arrive together; batched = one BatchDecoder (max_batch B); one at a time = the "
                    "single-sequence engine in arrival order (mtplx serve --max-batch 1)"}
 
@@ -137,4 +179,9 @@ def table(report: dict[str, Any]) -> str:
                          f"{(c['speedup'] or 0):>7.2f}x {x['per_stream_tokens_per_s']:>17.1f} "
                          f"{y['per_stream_tokens_per_s']:>14.1f} {x['ttft_s']:>7.2f} {y['ttft_s']:>14.2f} "
                          f"{'yes' if c['identical'] else 'NO':>5}")
+    j = report.get("join_cost")
+    if j:
+        lines.append(f"a {j['prompt_tokens']}-token prompt joining {j['running_rows']} decoding rows: their step takes "
+                     f"{j['step_ms_while_joining']:.1f} ms for {j['steps_while_joining']} steps ({j['prefill_chunk']} "
+                     f"prompt tokens per step) against {j['step_ms_before']:.1f} ms before")
     return "\n".join(lines)

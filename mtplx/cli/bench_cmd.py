@@ -120,7 +120,7 @@ def _project_shape(shape, trunk_bits, prompt_tokens, acceptance, max_depth, draf
 
 
 def _run_concurrency(model_ref, streams, depths, max_tokens, prompts_file, temperature, top_p, top_k,
-                     draft_temperature, seed, force, json_out) -> None:
+                     draft_temperature, seed, force, json_out, join_tokens=4096) -> None:
     from mtplx.bench.concurrency import run_concurrency, table
     from mtplx.bench.prompts import DEFAULT_PROMPTS, read_prompts
     from mtplx.bench.runner import device_name
@@ -131,7 +131,7 @@ def _run_concurrency(model_ref, streams, depths, max_tokens, prompts_file, tempe
     draft = SamplingParams(temperature=draft_temperature, top_p=top_p, top_k=top_k) if draft_temperature is not None else None
     prompts = read_prompts(prompts_file) if prompts_file else DEFAULT_PROMPTS
     report = run_concurrency(model, tokenizer, prompts, streams, depths, max_tokens, params, draft, seed,
-                             progress=lambda s: click.echo(s, err=True))
+                             progress=lambda s: click.echo(s, err=True), join_tokens=join_tokens)
     click.echo(f"mtplx bench --concurrency: {model_ref} on {device_name()}; B requests arriving together, "
                f"{max_tokens} tokens each, temperature {temperature}; batched (one BatchDecoder) against one at a time")
     click.echo(table(report))
@@ -168,6 +168,9 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
 @click.option("--concurrency", default=None, callback=_concurrency, metavar="B1,B2,..",
               help="Streams decoding at once. --model: run them concurrently and compare with one at a time; "
                    "--shape: project B rows per step on the memory-bound device (roofline).")
+@click.option("--join-tokens", type=click.IntRange(min=0), default=4096, show_default=True,
+              help="--model --concurrency: also time the decoding rows' steps while a prompt of N tokens joins "
+                   "(0: skip).")
 @_shape_options
 @force_option
 @json_option
@@ -177,7 +180,7 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
                    "the prompt cache (depth: the largest of --depths).")
 @click.pass_context
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
-          no_reference, concurrency, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab,
+          no_reference, concurrency, join_tokens, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab,
           bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, force, json_out, distributed, chat_turns):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
 
@@ -211,7 +214,7 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
             if given(name):
                 raise click.UsageError(f"--concurrency decodes several streams in one process; drop {flag}")
         _run_concurrency(model_ref, concurrency, _depths(depths), max_tokens, prompts_file, temperature, top_p, top_k,
-                         draft_temperature, seed, force, json_out)
+                         draft_temperature, seed, force, json_out, join_tokens)
         return
     if chat_turns is not None:
         if distributed is not None:
