@@ -27,8 +27,9 @@ from mtplx.engine.stats import DecodeStats
 from mtplx.errors import ContextOverflowError, MtplxError
 from mtplx.model.mtp_model import MTPModel
 from mtplx.prompts import EncodedPrompt, check_prompt
+from mtplx.rows import RowSpec, RowText
 from mtplx.speculation import default_depth, depth_policy, draft_params
-from mtplx.stops import StopScanner, check_stop
+from mtplx.stops import check_stop
 
 Prompt = Union[str, Sequence[int], Sequence[dict[str, Any]], "EncodedPrompt"]
 
@@ -127,6 +128,38 @@ def sampling_from(model: MTPModel, temperature: float | None, top_p: float | Non
     )
 
 
+def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+             temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+             min_p: float | None = None, depth: int | str | None = None, draft_temperature: float | None = None,
+             seed: int | None = None, stop: Sequence[str] | None = None, enable_thinking: bool | None = None,
+             prompt_cache: PromptCache | None = None, response_format: dict[str, Any] | None = None,
+             logprobs: int | None = None) -> RowSpec:
+    """A generation request checked and resolved for the engine (arguments as for
+    :func:`stream_generate`, which documents them and the errors raised)."""
+    k = knobs.check_all(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                        depth=depth, draft_temperature=draft_temperature, seed=seed)
+    max_tokens = DEFAULT_MAX_TOKENS if k["max_tokens"] is None else k["max_tokens"]
+    temperature, top_p, top_k, min_p = k["temperature"], k["top_p"], k["top_k"], k["min_p"]
+    depth, draft_temperature, seed = k["depth"], k["draft_temperature"], k["seed"]
+    stop = check_stop(stop)
+    if prompt_cache is not None:
+        check_prompt_cache(prompt_cache)
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    constraint = Constraint.from_response_format(response_format, tokenizer, model.vocab_size, eos)
+    if constraint is not None:
+        if enable_thinking:
+            raise MtplxError("enable_thinking=True cannot be combined with response_format: the grammar applies "
+                             "from the first generated token, so the model could not think first",
+                             fix="drop enable_thinking or response_format")
+        enable_thinking = False
+    ids = prompt_ids(model, tokenizer, prompt, enable_thinking)
+    boundaries = reuse_boundaries(tokenizer, prompt, ids, enable_thinking) if prompt_cache is not None else ()
+    params = sampling_from(model, temperature, top_p, top_k, min_p)
+    draft = draft_params(model, params, draft_temperature)
+    # Each row gets a policy of its own: depth auto learns from this row's acceptance only.
+    policy = depth_policy(model, default_depth(model) if depth is None else depth, params)
+    return RowSpec(ids, max_tokens, params, policy, draft, seed, frozenset(eos), constraint, logprobs, prompt_cache,
+                   tuple(boundaries), list(stop))
 
 
 def stream_generate(
@@ -173,75 +206,21 @@ def stream_generate(
     Every argument is checked before the model runs (a bad one raises :class:`MtplxError`, a
     knob out of range :class:`~mtplx.knobs.KnobError`, a prompt over the context
     :class:`~mtplx.errors.ContextOverflowError`), when the first response is asked for."""
-    k = knobs.check_all(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                        depth=depth, draft_temperature=draft_temperature, seed=seed)
-    max_tokens = DEFAULT_MAX_TOKENS if k["max_tokens"] is None else k["max_tokens"]
-    temperature, top_p, top_k, min_p = k["temperature"], k["top_p"], k["top_k"], k["min_p"]
-    depth, draft_temperature, seed = k["depth"], k["draft_temperature"], k["seed"]
-    stop = check_stop(stop)
-    if prompt_cache is not None:
-        check_prompt_cache(prompt_cache)
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
-    constraint = Constraint.from_response_format(response_format, tokenizer, model.vocab_size, eos)
-    if constraint is not None:
-        if enable_thinking:
-            raise MtplxError("enable_thinking=True cannot be combined with response_format: the grammar applies "
-                             "from the first generated token, so the model could not think first",
-                             fix="drop enable_thinking or response_format")
-        enable_thinking = False
-    ids = prompt_ids(model, tokenizer, prompt, enable_thinking)
-    boundaries = reuse_boundaries(tokenizer, prompt, ids, enable_thinking) if prompt_cache is not None else ()
-    params = sampling_from(model, temperature, top_p, top_k, min_p)
-    draft = draft_params(model, params, draft_temperature)
-    policy = depth_policy(model, default_depth(model) if depth is None else depth, params)
-    engine = Engine(model, policy, params, draft, seed, constraint, logprobs=logprobs)
-    detok = tokenizer.detokenizer
-    detok.reset()
-    scanner = StopScanner(stop)
+    spec = row_spec(model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                    top_k=top_k, min_p=min_p, depth=depth, draft_temperature=draft_temperature, seed=seed, stop=stop,
+                    enable_thinking=enable_thinking, prompt_cache=prompt_cache, response_format=response_format,
+                    logprobs=logprobs)
+    engine = Engine(model, spec.depth, spec.params, spec.draft_params, spec.seed, spec.constraint,
+                    logprobs=spec.logprobs)
+    text = RowText(tokenizer, spec)
     stats = engine.stats
-    finish = None
-    for step in engine.generate(ids, max_tokens, eos, prompt_cache=prompt_cache, snapshot_at=boundaries):
+    for step in engine.generate(spec.prompt, spec.max_tokens, spec.eos, prompt_cache=prompt_cache,
+                                snapshot_at=spec.snapshot_at):
         stats = engine.stats
-        text_tokens = [t for t in step.tokens if t not in eos]
-        for t in text_tokens:
-            detok.add_token(t)
-        if step.tokens and step.tokens[-1] in eos:
-            finish = "stop"
-            detok.finalize()
-        segment, stopped = scanner.feed(detok.last_segment, final=finish is not None)
-        if stopped:
-            finish = "stop"
-        elif finish is None and stats.generated >= max_tokens:
-            finish = "length"
-            detok.finalize()
-            tail, stopped = scanner.feed(detok.last_segment, final=True)
-            segment += tail
-        yield _response(segment, step.tokens, stats, finish, step.logprobs, scanner.matched)
-        if finish:
+        yield text.feed(step.tokens, stats, step.logprobs)
+        if text.finish:
             return
-    if finish is None:
-        detok.finalize()
-        tail, _ = scanner.feed(detok.last_segment, final=True)
-        yield _response(tail, [], stats, "length", [] if logprobs is not None else None)
-
-
-def _response(text: str, tokens: list[int], stats: DecodeStats, finish: str | None,
-              logprobs: list[TokenLogprob] | None = None, stop_sequence: str | None = None) -> GenerationResponse:
-    return GenerationResponse(
-        text=text,
-        tokens=list(tokens),
-        prompt_tokens=stats.prompt_tokens,
-        cached_tokens=stats.cached_tokens,
-        generation_tokens=stats.generated,
-        generation_tps=stats.tokens_per_second,
-        prompt_tps=stats.prefill_tokens_per_second,
-        acceptance=stats.acceptance,
-        tokens_per_step=stats.tokens_per_step,
-        finish_reason=finish,
-        stop_sequence=stop_sequence,
-        stats=stats,
-        logprobs=logprobs,
-    )
+    yield text.end(stats)
 
 
 def generate(model: MTPModel, tokenizer: Any, prompt: Prompt, *, verbose: bool = False, **kwargs: Any) -> str:
@@ -260,5 +239,5 @@ def generate(model: MTPModel, tokenizer: Any, prompt: Prompt, *, verbose: bool =
 
 
 __all__ = ["EncodedPrompt", "GenerationResponse", "LoadReport", "PromptCache", "default_depth", "encode_prompt",
-           "generate", "load", "load_prompt_cache", "make_prompt_cache", "prompt_ids", "reuse_boundaries",
+           "generate", "load", "load_prompt_cache", "make_prompt_cache", "prompt_ids", "reuse_boundaries", "row_spec",
            "save_prompt_cache", "stream_generate"]

@@ -31,8 +31,9 @@ MAX_BODY = 2**20
 @pytest.fixture(scope="module")
 def server(demo) -> Server:
     model, tokenizer = demo
+    # --max-batch 1: the one-at-a-time server (the batched one is tests/test_server_batch.py).
     app = create_app(model, tokenizer, served_model_names=["demo", "mtplx"], queue_size=8, max_tokens_default=16,
-                     max_body_bytes=MAX_BODY)
+                     max_body_bytes=MAX_BODY, max_batch=1)
     with running(app, model, tokenizer) as s:
         yield s
 

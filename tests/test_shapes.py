@@ -126,7 +126,8 @@ def test_shape_bench_json_composes_to_the_full_model(tmp_path):
     out = tmp_path / "shape.json"
     run = subprocess.run([sys.executable, "-m", "mtplx", "bench", "--shape", str(shape), "--layers", "2",
                           "--prompt-tokens", "24", "--repeats", "1", "--acceptance", "0.8,0.5", "--trunk-bits", "4",
-                          "--draft-vocab", "1024", "--save", str(tmp_path / "art"), "--json", str(out)],
+                          "--draft-vocab", "1024", "--save", str(tmp_path / "art"), "--json", str(out),
+                          "--concurrency", "1,8", "--depths", "0,2"],
                          capture_output=True, text=True, timeout=300,
                          cwd=ROOT)
     assert run.returncode == 0, run.stderr
@@ -138,6 +139,10 @@ def test_shape_bench_json_composes_to_the_full_model(tmp_path):
     assert set(cm) >= {"verify_steps", "draft_steps", "draft_vocab", "rollback_steps", "rollback_bytes", "prefill_ratio"}
     assert set(cm["verify_steps"]) == {"1", "2", "3"} and cm["draft_vocab"] == 1024
     assert set(r["projection"]) == set(r["projection_memory_bound"]) == {"1", "2"}
+    batch = r["projection_memory_bound_batch"]  # --concurrency 1,8 --depths 0,2
+    assert batch["1"]["0"] == 1.0 and set(batch) == {"1", "8"} and set(batch["8"]) == {"0", "2"}
+    assert r["batch_roofline"]["peak_tflops"] == 14.2 and "M3 Max" in r["batch_roofline"]["machine"]
+    assert "streams" in run.stdout
 
     counts = r["layer_kinds"]
     layer = lambda key: {k: m["per_layer"][k][key] for k in (LINEAR, FULL)}  # noqa: E731
@@ -205,6 +210,8 @@ def test_save_round_trip_loads_the_same_model(tmp_path):
     (["--shape", "qwen3.5-4b", "--acceptance", "0.5,0.9"], "acceptance"),
     (["--shape", "qwen3.5-4b", "--layers", "1"], "--layers"),
     (["--shape", "qwen3.5-4b", "--acceptance", "0.8", "--max-depth", "2"], "--max-depth 2"),
+    (["--shape", "qwen3.5-4b", "--concurrency", "0,8"], "stream counts"),
+    (["--shape", "qwen3.5-4b", "--acceptance", "0.8", "--concurrency", "8", "--depths", "0,2"], "--depths 0,2"),
 ])
 def test_bad_shape_options_are_one_clear_error(args, needle):
     from click.testing import CliRunner
@@ -213,3 +220,83 @@ def test_bad_shape_options_are_one_clear_error(args, needle):
 
     result = CliRunner().invoke(cli, ["bench", *args])
     assert result.exit_code != 0 and needle in result.output and "Traceback" not in result.output
+
+
+# -- B rows per step (--concurrency): the roofline projection ------------------------------------
+
+
+def test_batch_bytes_read_weights_once_and_rows_their_own_state():
+    from mtplx.bench.roofline import ShapeFlops, matmul_params, pass_ms
+    from mtplx.bench.shapes import lazy_modules, stored_weight_bytes
+
+    mods = lazy_modules(_tiny_shape())
+    fl = ShapeFlops.from_modules(mods.trunk, mods.head, mods.text_config)
+    layer = mods.trunk.language_model.model.layers[0]  # Gated-DeltaNet: qkv, z, b, a, out; the MLP
+    h, i = TINY["hidden_size"], TINY["intermediate_size"]
+    qkv = 2 * 2 * 32 + 4 * 32
+    assert fl.layer[LINEAR] == h * qkv + h * 4 * 32 + 2 * h * 4 + 4 * 32 * h + 3 * h * i == matmul_params(layer)
+    assert fl.lm_head == h * TINY["vocab_size"] and fl.head > 3 * h * i
+    model = ShapeBytes(TINY, stored_weight_bytes(mods, 4), kind_counts(TINY), 1024, 512)
+    one, eight = model.trunk_pass(3), model.trunk_pass(3, rows=8)
+    assert eight["weights"] == one["weights"]  # dense: the weights are read once for all rows
+    for part in ("kv", "recurrent_state", "logits"):
+        assert eight[part] == 8 * one[part] > 0
+    assert model.draft(8)["weights"] < 8 * model.draft()["weights"] and model.draft(8)["kv"] == 8 * model.draft()["kv"]
+    assert pass_ms(400e9, 1e12, 400, 100) == (1000.0, "memory") and pass_ms(1e9, 1e14, 400, 10)[1] == "compute"
+
+
+def test_stored_bytes_of_lazy_modules_equal_the_built_artifact():
+    from mtplx.bench.shapes import as_artifact, lazy_modules, random_modules, stored_weight_bytes
+
+    shape = _tiny_shape()
+    for bits in (4, 16):
+        _, built = as_artifact(random_modules(shape, None), bits)
+        assert stored_weight_bytes(lazy_modules(shape), bits) == built
+
+
+def test_batch_projection_meets_the_issue_bar_at_qwen35_4b_shapes():
+    """Issue 19's bar: Qwen3.5-4B, 4-bit, acceptance 0.82/0.79, on the default device (an M3 Max):
+    8 streams at depth 2 give >= 5x one AR stream and more than 8 AR streams."""
+    from mtplx.bench.roofline import ShapeFlops, batch_projection
+    from mtplx.bench.shapes import lazy_modules, stored_weight_bytes
+
+    shape = load_shape("qwen3.5-4b")
+    mods = lazy_modules(shape)  # nothing is built: sizes come from the lazy arrays' shapes
+    fl = ShapeFlops.from_modules(mods.trunk, mods.head, mods.text_config)
+    tc = shape.text_config
+    model = ShapeBytes(tc, stored_weight_bytes(mods, 4), kind_counts(tc), 32768, 512)
+    out = batch_projection(model, fl, [0.82, 0.79], [1, 8], [0, 2], cap=16)
+    proj = out["projection"]
+    assert proj["1"]["0"] == 1.0 and set(proj) == {"1", "8"} and set(proj["8"]) == {"0", "2"}
+    assert proj["8"]["2"] >= 5.0 and proj["8"]["2"] > proj["8"]["0"]
+    assert proj["1"]["2"] > 2.0  # one stream at depth 2: the memory-bound speedup of a single sequence
+    assert out["steps"]["1"]["0"]["verify_bound"] == "memory"
+    # Far past the roof: the verify over 64 x 3 tokens is compute-bound, and more rows stop paying.
+    wide = batch_projection(model, fl, [0.82, 0.79], [64, 128], [2], cap=16)
+    assert wide["steps"]["64"]["2"]["verify_bound"] == "compute"
+    assert wide["projection"]["128"]["2"] == pytest.approx(wide["projection"]["64"]["2"], rel=0.1)
+
+
+def _tiny_shape():
+    from mtplx.bench.shapes import Shape
+
+    return Shape("tiny", dict(TINY))
+
+
+def test_no_measure_projects_the_batch_in_seconds(tmp_path):
+    from click.testing import CliRunner
+
+    from mtplx.cli.app import cli
+
+    out = tmp_path / "p.json"
+    args = ["bench", "--shape", "qwen3.5-4b", "--no-measure", "--acceptance", "0.82,0.79", "--concurrency", "1,8",
+            "--depths", "0,2", "--json", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["measured"] is False and 2.3e9 < r["weight_bytes"] < 2.5e9  # the 4-bit trunk an artifact holds
+    batch = r["projection_memory_bound_batch"]
+    assert batch["1"]["0"] == 1.0 and batch["8"]["2"] >= 5.0 and batch["8"]["2"] > batch["8"]["0"]
+    assert batch["1"]["2"] == pytest.approx(r["projection_memory_bound"]["2"], rel=1e-3)  # one row: the one-stream projection
+    bad = CliRunner().invoke(cli, ["bench", "--shape", "qwen3.5-4b", "--no-measure", "--layers", "4"])
+    assert bad.exit_code != 0 and "--no-measure times nothing" in bad.output

@@ -141,16 +141,18 @@ class ShapeBytes:
 
     # -- passes --
 
-    def trunk_pass(self, tokens: int) -> dict[str, float]:
-        """A trunk pass over ``tokens`` new tokens (AR: 1; verify: T), before rollback capture."""
+    def trunk_pass(self, tokens: int, rows: int = 1) -> dict[str, float]:
+        """A trunk pass over ``tokens`` new tokens (AR: 1; verify: T) in each of ``rows`` sequences,
+        before rollback capture: the weights are read once for all rows (MoE: the experts the
+        rows x tokens route to); each row reads and writes its own KV, recurrent state and logits."""
         tc, w, n = self.tc, self.weights, self.counts
-        embed_rows = 0 if tc["tie_word_embeddings"] else tokens * w.embed / tc["vocab_size"]
+        embed_rows = 0 if tc["tie_word_embeddings"] else rows * tokens * w.embed / tc["vocab_size"]
         return {
-            "weights": sum(n[k] * self.layer_weights_read(k, tokens) for k in (LINEAR, FULL)) + w.lm_head + w.final_norm + embed_rows,
-            "kv": n[FULL] * self.kv_row_bytes() * (self.context + 2 * tokens),
-            "recurrent_state": n[LINEAR] * 2 * (self.state_bytes() + self.conv_bytes()),
+            "weights": sum(n[k] * self.layer_weights_read(k, rows * tokens) for k in (LINEAR, FULL)) + w.lm_head + w.final_norm + embed_rows,
+            "kv": rows * n[FULL] * self.kv_row_bytes() * (self.context + 2 * tokens),
+            "recurrent_state": rows * n[LINEAR] * 2 * (self.state_bytes() + self.conv_bytes()),
             "captured_state": 0.0,
-            "logits": tokens * tc["vocab_size"] * LOGIT_DTYPE * 2,
+            "logits": rows * tokens * tc["vocab_size"] * LOGIT_DTYPE * 2,
         }
 
     def captured(self, tokens: int, design: str, pending: Pending | None = None) -> float:
@@ -163,17 +165,18 @@ class ShapeBytes:
         return n * (tokens * per + pending.mean * per
                     + pending.flush_rate * (2 * self.state_bytes() + pending.flush_positions * per))
 
-    def draft(self) -> dict[str, float]:
-        """One draft step: the head (as stored), its KV over the context, the draft vocabulary's
-        rows of the lm_head (gathered as stored) and one embedding row."""
+    def draft(self, rows: int = 1) -> dict[str, float]:
+        """One draft step over ``rows`` sequences: the head (as stored, read once for all rows), each
+        row's head KV over the context, the draft vocabulary's rows of the lm_head (gathered as
+        stored) and one embedding row per sequence."""
         tc, w = self.tc, self.weights
-        head_weights = w.head - w.head_experts + (w.head_experts / int(tc["num_experts"]) * self.experts_touched(1) if w.head_experts else 0)
+        head_weights = w.head - w.head_experts + (w.head_experts / int(tc["num_experts"]) * self.experts_touched(rows) if w.head_experts else 0)
         return {
-            "weights": head_weights + w.lm_head * self.draft_vocab / tc["vocab_size"] + w.embed / tc["vocab_size"],
-            "kv": self.kv_row_bytes() * (self.context + 2),
+            "weights": head_weights + w.lm_head * self.draft_vocab / tc["vocab_size"] + rows * w.embed / tc["vocab_size"],
+            "kv": rows * self.kv_row_bytes() * (self.context + 2),
             "recurrent_state": 0.0,
             "captured_state": 0.0,
-            "logits": self.draft_vocab * LOGIT_DTYPE * 2,
+            "logits": rows * self.draft_vocab * LOGIT_DTYPE * 2,
         }
 
 

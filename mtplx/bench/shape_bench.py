@@ -27,6 +27,8 @@ from typing import Any, Callable
 from mtplx._version import __version__
 from mtplx.bench.bytes_model import ShapeBytes, accepted_law, memory_bound, rollback_bytes, tokens_per_step
 from mtplx.bench.components import PREFILL, Timings
+from mtplx.bench.roofline import DEFAULT_PEAK_TFLOPS, ShapeFlops, batch_projection
+from mtplx.bench.roofline import table as roofline_table
 from mtplx.bench.shapes import FULL, LINEAR, Shape, WeightBytes, kind_counts
 
 
@@ -78,6 +80,11 @@ class ShapeReport:
     end_to_end: dict[str, Any] | None = None
     saved: str | None = None
     notes: list[str] = field(default_factory=list)
+    # --concurrency: B rows per step, projected as a roofline (see roofline.py).
+    flops: ShapeFlops | None = None
+    concurrency: list[int] | None = None
+    batch_depths: list[int] | None = None
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS
 
     @property
     def full_counts(self) -> dict[str, int]:
@@ -122,7 +129,16 @@ class ShapeReport:
             out[str(d)] = round(tokens_per_step(self.acceptance, d) / cost, 4)
         return out
 
+    def batch(self) -> dict[str, Any] | None:
+        """The roofline projection of B rows per step (``--concurrency``), or None."""
+        if not self.concurrency or self.flops is None:
+            return None
+        depths = self.batch_depths if self.batch_depths is not None else list(range(self.max_depth + 1))
+        return batch_projection(self.bytes_model(), self.flops, self.acceptance, self.concurrency, depths,
+                                self.pending_cap, self.bandwidth_gbs, self.peak_tflops)
+
     def as_dict(self) -> dict[str, Any]:
+        batch = self.batch()
         mb = memory_bound(self.bytes_model(), self.acceptance, self.max_depth, self.pending_cap, self.bandwidth_gbs)
         composed = self.composed()
         return {
@@ -152,6 +168,8 @@ class ShapeReport:
             "auto_depth": {"this_machine": auto_choice(self.acceptance, self.projection()),
                            "memory_bound": auto_choice(self.acceptance, mb["projection"])},
             "bytes_model": mb,
+            "projection_memory_bound_batch": batch["projection"] if batch else None,
+            "batch_roofline": batch,
             "end_to_end": self.end_to_end,
             "saved": self.saved,
             "notes": self.notes,
@@ -191,6 +209,9 @@ class ShapeReport:
         lines.append(f"rollback at T=3: {cm['rollback_bytes'] / 1e6:.2f} MB of state traffic (per-position capture: "
                      f"{cm['rollback_bytes_old'] / 1e6:.1f} MB); prefill MTP/AR {cm['prefill_ratio']:.3f}; "
                      f"trunk weights {self.weight_bytes() / 1e9:.2f} GB")
+        batch = self.batch()
+        if batch:
+            lines += ["", roofline_table(batch)]
         return "\n".join(lines)
 
     def weight_bytes(self) -> int:
@@ -269,7 +290,9 @@ def end_to_end(path: str, prompt: list[int], timings: Timings, tokens: int, para
 def run_shape_bench(shape_ref: str, *, trunk_bits: int = 4, layers: int | None = None, prompt_tokens: int = 512,
                     acceptance: list[float] | None = None, max_depth: int | None = None, draft_vocab: int | None = None,
                     bandwidth_gbs: float = 400.0, repeats: int = 3, seed: int = 0, save: str | None = None,
-                    e2e_tokens: int = 24, progress: Callable[[str], None] | None = None) -> ShapeReport:
+                    e2e_tokens: int = 24, progress: Callable[[str], None] | None = None,
+                    concurrency: list[int] | None = None, batch_depths: list[int] | None = None,
+                    peak_tflops: float = DEFAULT_PEAK_TFLOPS) -> ShapeReport:
     """Build the shape with random weights, time its components through the engine, compose."""
     import mlx.core as mx
 
@@ -291,6 +314,9 @@ def run_shape_bench(shape_ref: str, *, trunk_bits: int = 4, layers: int | None =
     if max_depth > len(acceptance):
         raise MtplxError(f"--max-depth {max_depth} needs the acceptance of {max_depth} draft positions, "
                          f"{len(acceptance)} given", fix="pass more values to --acceptance or a smaller --max-depth")
+    if batch_depths is not None and max(batch_depths) > len(acceptance):
+        raise MtplxError(f"--depths {','.join(map(str, batch_depths))} needs the acceptance of {max(batch_depths)} draft "
+                         f"positions, {len(acceptance)} given", fix="pass more values to --acceptance or smaller --depths")
     if draft_vocab is None:
         draft_vocab = min(32768, vocab)
     if draft_vocab == 0 or draft_vocab >= vocab:
@@ -302,6 +328,7 @@ def run_shape_bench(shape_ref: str, *, trunk_bits: int = 4, layers: int | None =
 
     say(f"building a random {shape.name} ({layers or tc['num_hidden_layers']} of {tc['num_hidden_layers']} layers)")
     mods = random_modules(shape, layers, seed)
+    flops = ShapeFlops.from_modules(mods.trunk, mods.head, mods.text_config)  # before quantization
     saved = None
     if save:
         say(f"saving as an artifact in {save}")
@@ -317,7 +344,8 @@ def run_shape_bench(shape_ref: str, *, trunk_bits: int = 4, layers: int | None =
                          prompt_tokens=prompt_tokens, draft_vocab=draft_vocab, acceptance=acceptance,
                          acceptance_source=source, max_depth=max_depth, bandwidth_gbs=bandwidth_gbs,
                          pending_cap=FUSED_PENDING_CAP, repeats=repeats, device=device_name(),
-                         timings=timings, weights=weights, measured_config=mods.text_config, saved=saved)
+                         timings=timings, weights=weights, measured_config=mods.text_config, saved=saved,
+                         flops=flops, concurrency=concurrency, batch_depths=batch_depths, peak_tflops=peak_tflops)
     if kind_counts(mods.text_config)[LINEAR] * kind_counts(tc)[FULL] != kind_counts(mods.text_config)[FULL] * kind_counts(tc)[LINEAR]:
         report.notes.append("the measured layers do not have the full model's mix of layer kinds: their time was "
                             "apportioned between the kinds by one layer of each, timed alone (a multiple of the "
@@ -330,3 +358,44 @@ def run_shape_bench(shape_ref: str, *, trunk_bits: int = 4, layers: int | None =
         del model, mods
         report.end_to_end = end_to_end(str(save), prompt, timings, e2e_tokens, params, say)
     return report
+
+
+def project_shape(shape_ref: str, *, trunk_bits: int = 4, prompt_tokens: int = 512, acceptance: list[float] | None = None,
+                  max_depth: int | None = None, draft_vocab: int | None = None, bandwidth_gbs: float = 400.0,
+                  peak_tflops: float = DEFAULT_PEAK_TFLOPS, concurrency: list[int] | None = None,
+                  batch_depths: list[int] | None = None) -> dict[str, Any]:
+    """``--no-measure``: the memory-bound projections alone, from the stored bytes and the flops of
+    the shape's modules, built lazily (no weight is computed and nothing is timed: seconds, at any size)."""
+    from mtplx.bench.roofline import batch_projection
+    from mtplx.bench.shapes import lazy_modules, load_shape, stored_weight_bytes
+    from mtplx.errors import MtplxError
+    from mtplx.model.gated_delta_cache import FUSED_PENDING_CAP
+
+    shape = load_shape(shape_ref)
+    tc = shape.text_config
+    source = "given with --acceptance"
+    if acceptance is None:
+        acceptance, source = demo_acceptance()
+    max_depth = max_depth or len(acceptance)
+    depths = batch_depths if batch_depths is not None else list(range(max_depth + 1))
+    if max(max_depth, *depths) > len(acceptance):
+        raise MtplxError(f"depth {max(max_depth, *depths)} needs the acceptance of that many draft positions, "
+                         f"{len(acceptance)} given", fix="pass more values to --acceptance or smaller depths")
+    vocab = int(tc["vocab_size"])
+    draft_vocab = min(32768, vocab) if draft_vocab is None else (vocab if draft_vocab == 0 else min(draft_vocab, vocab))
+    mods = lazy_modules(shape)
+    flops = ShapeFlops.from_modules(mods.trunk, mods.head, mods.text_config)
+    weights = stored_weight_bytes(mods, trunk_bits)
+    model = ShapeBytes(tc, weights, kind_counts(tc), draft_vocab, prompt_tokens)
+    mb = memory_bound(model, acceptance, max_depth, FUSED_PENDING_CAP, bandwidth_gbs)
+    out = {"mtplx_version": __version__, "shape": shape.name, "text_config_source": shape.source,
+           "trunk_bits": trunk_bits, "measured": False, "prompt_tokens": prompt_tokens, "draft_vocab": draft_vocab,
+           "acceptance": acceptance, "acceptance_source": source,
+           "weight_bytes": weights.trunk_total(kind_counts(tc), bool(tc["tie_word_embeddings"])),
+           "weight_bytes_by_part": weights.as_dict(), "projection_memory_bound": mb["projection"],
+           "projection_memory_bound_old_rollback": mb["projection_old_rollback"], "bytes_model": mb}
+    if concurrency:
+        batch = batch_projection(model, flops, acceptance, concurrency, depths, FUSED_PENDING_CAP, bandwidth_gbs,
+                                 peak_tflops)
+        out["projection_memory_bound_batch"], out["batch_roofline"] = batch["projection"], batch
+    return out

@@ -197,6 +197,15 @@ def _available_bytes() -> int | None:
         return None
 
 
+def _bf16_cast(module: nn.Module):
+    """bf16 for the floating parameters the module's own predicate casts (A_log stays float32)."""
+    cast = getattr(module, "cast_predicate", lambda _: True)
+
+    def to_bf16(path: str, value: mx.array) -> mx.array:
+        return value.astype(mx.bfloat16) if cast(path) and mx.issubdtype(value.dtype, mx.floating) else value
+    return to_bf16
+
+
 def random_modules(shape: Shape, layers: int | None, seed: int = 0) -> RandomModules:
     """Trunk and head at the shape (``layers`` of them), random bf16 weights, evaluated."""
     tc = reduced(shape.text_config, layers)
@@ -208,16 +217,11 @@ def random_modules(shape: Shape, layers: int | None, seed: int = 0) -> RandomMod
         raise MtplxError(f"a random {shape.name} with {tc['num_hidden_layers']} layers needs about {need / 2**30:.1f} GiB "
                          f"in bf16 and this machine has {free / 2**30:.1f} GiB free",
                          fix="measure fewer layers with --layers N (the cost model composes them to the full depth)")
-    cast = getattr(trunk, "cast_predicate", lambda _: True)
-
-    def to_bf16(path: str, value: mx.array) -> mx.array:
-        return value.astype(mx.bfloat16) if cast(path) and mx.issubdtype(value.dtype, mx.floating) else value
-
     # One module at a time, so the float32 initial values never all exist at once.
-    trunk.update(tree_map_with_path(to_bf16, trunk.parameters()))
+    trunk.update(tree_map_with_path(_bf16_cast(trunk), trunk.parameters()))
     for part in [trunk.language_model.model.embed_tokens, *trunk.layers, trunk.language_model]:
         mx.eval(part.parameters())
-    head.update(tree_map_with_path(to_bf16, head.parameters()))
+    head.update(tree_map_with_path(_bf16_cast(head), head.parameters()))
     mx.eval(head.parameters())
     return RandomModules(shape, tc, trunk, head)
 
@@ -248,9 +252,9 @@ def _nbytes(module: nn.Module, prefix: str = "") -> int:
     return sum(v.nbytes for k, v in tree_flatten(module.parameters()) if k.startswith(prefix))
 
 
-def as_artifact(mods: RandomModules, trunk_bits: int) -> tuple[MTPModel, WeightBytes]:
-    """Quantize as an artifact holds the weights (see the module docstring) and compose the model
-    the engine drives. The modules are changed in place."""
+def _quantize_as_stored(mods: RandomModules, trunk_bits: int, evaluate: bool = True) -> None:
+    """Quantize in place as an artifact holds the weights (see the module docstring); with
+    ``evaluate`` False nothing is computed (the sizes of lazy arrays are known from their shapes)."""
     from mlx_lm.utils import quantize_model
 
     from mtplx.artifact.graft import GROUP_SIZE, quantize_head
@@ -261,16 +265,20 @@ def as_artifact(mods: RandomModules, trunk_bits: int) -> tuple[MTPModel, WeightB
     if trunk_bits < 16:
         with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints its bits per weight
             quantize_model(trunk, {}, group_size=GROUP_SIZE, bits=trunk_bits)
-        for part in [trunk.language_model.model.embed_tokens, *trunk.layers, trunk.language_model]:
-            mx.eval(part.parameters())
+        if evaluate:
+            for part in [trunk.language_model.model.embed_tokens, *trunk.layers, trunk.language_model]:
+                mx.eval(part.parameters())
     quantize_head(mods.head)
-    mx.eval(mods.head.parameters())
+    if evaluate:
+        mx.eval(mods.head.parameters())
 
-    text = trunk.language_model
+
+def _stored_sizes(mods: RandomModules) -> WeightBytes:
+    text = mods.trunk.language_model
     kinds = layer_kinds(mods.text_config)
     first = {k: kinds.index(k) for k in (LINEAR, FULL)}
     embed = _nbytes(text.model.embed_tokens)
-    sizes = WeightBytes(
+    return WeightBytes(
         embed=embed,
         lm_head=embed if text.args.tie_word_embeddings else _nbytes(text.lm_head),
         final_norm=_nbytes(text.model.norm),
@@ -279,10 +287,32 @@ def as_artifact(mods: RandomModules, trunk_bits: int) -> tuple[MTPModel, WeightB
         head=_nbytes(mods.head),
         head_experts=_nbytes(mods.head, "layers.0.mlp.switch_mlp."),
     )
+
+
+def lazy_modules(shape: Shape) -> RandomModules:
+    """The full shape's bf16 trunk and head, nothing computed: enough to count parameters and, with
+    :func:`stored_weight_bytes`, stored bytes, at any size (MLX knows a lazy array's size)."""
+    trunk, head = _modules(shape.text_config)
+    trunk.update(tree_map_with_path(_bf16_cast(trunk), trunk.parameters()))
+    head.update(tree_map_with_path(_bf16_cast(head), head.parameters()))
+    return RandomModules(shape, copy.deepcopy(shape.text_config), trunk, head)
+
+
+def stored_weight_bytes(mods: RandomModules, trunk_bits: int) -> WeightBytes:
+    """The bytes each part would have in an artifact (quantizes ``mods`` in place, lazily)."""
+    _quantize_as_stored(mods, trunk_bits, evaluate=False)
+    return _stored_sizes(mods)
+
+
+def as_artifact(mods: RandomModules, trunk_bits: int) -> tuple[MTPModel, WeightBytes]:
+    """Quantize as an artifact holds the weights (see the module docstring) and compose the model
+    the engine drives. The modules are changed in place."""
+    _quantize_as_stored(mods, trunk_bits)
+    sizes = _stored_sizes(mods)
     if mx.default_device() == mx.cpu:
         dequantize_linears(mods.head)  # what the loader does on the CPU (see load_head)
         mx.eval(mods.head.parameters())
-    return MTPModel(Trunk(trunk), mods.head, contract=None), sizes
+    return MTPModel(Trunk(mods.trunk), mods.head, contract=None), sizes
 
 
 # -- saving as an artifact --------------------------------------------------------------------

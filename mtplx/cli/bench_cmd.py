@@ -25,6 +25,19 @@ def _depths(value: str) -> list[int | str]:
 _FIXED_DEPTH = dataclasses.replace(knobs.KNOBS["depth"], words=())
 
 
+def _concurrency(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        streams = sorted({int(x) for x in value.split(",") if x.strip()})
+    except ValueError:
+        streams = []
+    if not streams or streams[0] < 1 or streams[-1] > 256:
+        raise click.BadParameter(f"{value!r} is not a list of stream counts: give integers in [1, 256] separated by "
+                                 "commas, e.g. 1,2,4,8")
+    return streams
+
+
 def _max_depth(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     if value is None:  # bench --shape: one depth per --acceptance value
         return None
@@ -65,8 +78,13 @@ def _shape_options(f):
         click.option("--draft-vocab", type=int, default=None,
                      help="--shape: draft vocabulary K measured (default 32768 where the vocabulary is larger; 0 = full)."),
         click.option("--bandwidth-gbs", type=FiniteFloatRange(min=0, min_open=True), default=400.0, show_default=True,
-                     help="--shape: memory bandwidth of the memory-bound projection."),
+                     help="--shape: memory bandwidth of the memory-bound projection (400: an M3 Max, 40-core GPU)."),
+        click.option("--peak-tflops", type=FiniteFloatRange(min=0, min_open=True), default=14.2, show_default=True,
+                     help="--shape --concurrency: peak arithmetic of the roofline (14.2: an M3 Max, 40-core GPU, fp16)."),
         click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="--shape: timed calls per component (median)."),
+        click.option("--no-measure", is_flag=True,
+                     help="--shape: only the memory-bound projections, from the shape's stored bytes and flops "
+                          "(nothing is built or timed: seconds at any size)."),
         click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False),
                      help="--shape: also write the random model as an artifact in DIR and run it end to end."),
     ]):
@@ -75,13 +93,14 @@ def _shape_options(f):
 
 
 def _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs, repeats,
-               save_dir, seed, json_out) -> None:
+               save_dir, seed, json_out, concurrency=None, batch_depths=None, peak_tflops=14.2) -> None:
     from mtplx.bench.shape_bench import parse_acceptance, run_shape_bench
 
     report = run_shape_bench(shape, trunk_bits=int(trunk_bits), layers=layers, prompt_tokens=prompt_tokens,
                              acceptance=parse_acceptance(acceptance) if acceptance else None, max_depth=max_depth,
                              draft_vocab=draft_vocab, bandwidth_gbs=bandwidth_gbs, repeats=repeats, seed=seed,
-                             save=save_dir, progress=lambda s: click.echo(s, err=True))
+                             save=save_dir, progress=lambda s: click.echo(s, err=True), concurrency=concurrency,
+                             batch_depths=batch_depths, peak_tflops=peak_tflops)
     data = report.as_dict()
     click.echo(f"mtplx bench --shape {report.shape.name}: {data['trunk_bits']}-bit trunk, random weights, "
                f"{data['layers_measured']} of {data['layers_full']} layers measured on {report.device}")
@@ -92,6 +111,44 @@ def _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, 
                    f"{e['components_ms']:.1f} ms from the components ({e['ratio']:.3f}x, "
                    f"{'within' if e['within_10_percent'] else 'NOT within'} 10%)")
     write_json(data, json_out)
+
+
+def _project_shape(shape, trunk_bits, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs, peak_tflops,
+                   concurrency, batch_depths, json_out) -> None:
+    from mtplx.bench.roofline import table
+    from mtplx.bench.shape_bench import parse_acceptance, project_shape
+
+    data = project_shape(shape, trunk_bits=int(trunk_bits), prompt_tokens=prompt_tokens,
+                         acceptance=parse_acceptance(acceptance) if acceptance else None, max_depth=max_depth,
+                         draft_vocab=draft_vocab, bandwidth_gbs=bandwidth_gbs, peak_tflops=peak_tflops,
+                         concurrency=concurrency, batch_depths=batch_depths)
+    click.echo(f"mtplx bench --shape {data['shape']} --no-measure: {data['trunk_bits']}-bit trunk, "
+               f"{data['weight_bytes'] / 1e9:.2f} GB of trunk weights, context {prompt_tokens}, acceptance "
+               f"{', '.join(f'{a:g}' for a in data['acceptance'])} ({data['acceptance_source']})")
+    for d, x in data["projection_memory_bound"].items():
+        click.echo(f"depth {d}: {x:.2f}x one AR stream at {bandwidth_gbs:g} GB/s (memory-bound, one stream)")
+    if data.get("batch_roofline"):
+        click.echo(table(data["batch_roofline"]))
+    write_json(data, json_out)
+
+
+def _run_concurrency(model_ref, streams, depths, max_tokens, prompts_file, temperature, top_p, top_k,
+                     draft_temperature, seed, force, json_out, join_tokens=4096) -> None:
+    from mtplx.bench.concurrency import run_concurrency, table
+    from mtplx.bench.prompts import DEFAULT_PROMPTS, read_prompts
+    from mtplx.bench.runner import device_name
+    from mtplx.engine.sampling import SamplingParams
+
+    model, tokenizer = load_model(model_ref, mtp=max(depths) > 0, force=force, distributed=None)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    draft = SamplingParams(temperature=draft_temperature, top_p=top_p, top_k=top_k) if draft_temperature is not None else None
+    prompts = read_prompts(prompts_file) if prompts_file else DEFAULT_PROMPTS
+    report = run_concurrency(model, tokenizer, prompts, streams, depths, max_tokens, params, draft, seed,
+                             progress=lambda s: click.echo(s, err=True), join_tokens=join_tokens)
+    click.echo(f"mtplx bench --concurrency: {model_ref} on {device_name()}; B requests arriving together, "
+               f"{max_tokens} tokens each, temperature {temperature}; batched (one BatchDecoder) against one at a time")
+    click.echo(table(report))
+    write_json({"model": model_ref, "device": device_name(), "concurrency": report}, json_out)
 
 
 def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) -> None:
@@ -125,6 +182,12 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
                    "for draft temperatures 0, T/2 and T at targets 0.6 and 1.0 (what `mtplx tune` saves).")
 @click.option("--seed", type=int, default=0, show_default=True, callback=knob("seed"))
 @click.option("--no-reference", is_flag=True, help="Skip timing mlx_lm.generate on the same trunk.")
+@click.option("--concurrency", default=None, callback=_concurrency, metavar="B1,B2,..",
+              help="Streams decoding at once. --model: run them concurrently and compare with one at a time; "
+                   "--shape: project B rows per step on the memory-bound device (roofline).")
+@click.option("--join-tokens", type=click.IntRange(min=0), default=4096, show_default=True,
+              help="--model --concurrency: also time the decoding rows' steps while a prompt of N tokens joins "
+                   "(0: skip).")
 @_shape_options
 @force_option
 @yes_option
@@ -135,8 +198,9 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
                    "the prompt cache (depth: the last of --depths, auto if listed).")
 @click.pass_context
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
-          no_reference, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
-          repeats, save_dir, force, json_out, distributed, chat_turns, yes):
+          no_reference, concurrency, join_tokens, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
+          draft_vocab, bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, force, json_out, distributed, chat_turns,
+          yes):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
 
     With --shape, measure a real model shape instead: random weights at the catalog model's text
@@ -153,8 +217,23 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
         for name, flag in (("model_ref", "--model"), ("chat_turns", "--chat-turns"), ("distributed", "--distributed")):
             if given(name):
                 raise click.UsageError(f"pass either {flag} or --shape, not both")
+        if no_measure:
+            for name, flag in (("layers", "--layers"), ("save_dir", "--save"), ("repeats", "--repeats")):
+                if given(name):
+                    raise click.UsageError(f"--no-measure times nothing; drop {flag}")
+            _project_shape(shape, trunk_bits, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
+                           peak_tflops, concurrency, _depths(depths) if given("depths") else None, json_out)
+            return
         _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
-                   repeats, save_dir, seed, json_out)
+                   repeats, save_dir, seed, json_out, concurrency, _depths(depths) if given("depths") else None,
+                   peak_tflops)
+        return
+    if concurrency is not None:
+        for name, flag in (("chat_turns", "--chat-turns"), ("distributed", "--distributed")):
+            if given(name):
+                raise click.UsageError(f"--concurrency decodes several streams in one process; drop {flag}")
+        _run_concurrency(model_ref, concurrency, _depths(depths), max_tokens, prompts_file, temperature, top_p, top_k,
+                         draft_temperature, seed, force, json_out, join_tokens)
         return
     model_ref = graft_if_needed(model_ref, yes)
     if chat_turns is not None:

@@ -51,7 +51,12 @@ def _check_port(host: str, port: int) -> None:
                    "Requests may override it.")
 @click.option("--no-mtp", is_flag=True, help="Plain autoregressive decoding only (depth 0).")
 @click.option("--queue-size", type=click.IntRange(1, 1024), default=8, show_default=True,
-              help="Requests that may wait behind the running one; beyond that the server answers 429.")
+              help="Requests that may wait beyond the --max-batch decoding ones: the server holds at most "
+                   "max-batch + queue-size requests at once and answers 429 beyond that, however they arrive.")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=None,
+              help="Requests decoded together, each row at its own acceptance (continuous batching: a request "
+                   "joins and leaves at a step boundary). Default: as many rows of 8K tokens as half the memory "
+                   "left after the weights and the prompt caches holds, at most 8. 1: one at a time.")
 @click.option("--max-tokens-default", type=click.IntRange(1), default=512, show_default=True,
               help="max_tokens for requests that do not set it.")
 @click.option("--served-model-name", "served_model_names", multiple=True, metavar="NAME[,NAME...]",
@@ -74,14 +79,15 @@ def _check_port(host: str, port: int) -> None:
 @yes_option
 @distributed_options
 def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp: bool, queue_size: int,
-          max_tokens_default: int, served_model_names: tuple[str, ...], allowed_hosts: tuple[str, ...],
+          max_batch: int | None, max_tokens_default: int, served_model_names: tuple[str, ...],
+          allowed_hosts: tuple[str, ...],
           max_body_mb: float, prompt_cache_gb: float | None, no_prompt_cache: bool, log_level: str,
           force: bool, yes: bool, distributed: DistributedOptions | None) -> None:
     """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and
     Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens), with /health and
     /metrics.
 
-    One generation runs at a time; up to --queue-size more wait their turn. Point any OpenAI
+    Up to --max-batch generations decode together; up to --queue-size more wait their turn. Point any OpenAI
     client at http://HOST:PORT/v1, or an Anthropic client at http://HOST:PORT (the API key is
     not checked).
     """
@@ -98,8 +104,12 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
     if distributed is not None and prompt_cache_gb:
         raise click.UsageError("--prompt-cache-gb is not supported with --distributed (prompt caches stay off)")
     cache_bytes = 0 if no_prompt_cache else None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
+    if distributed is not None and max_batch is not None and max_batch > 1:
+        raise click.UsageError("--max-batch above 1 is not supported with --distributed (every rank would have to "
+                               "step the same rows): drop --max-batch")
     if distributed is not None:  # a prompt cache's forks and snapshots would have to reach every rank
         cache_bytes = 0
+        max_batch = 1
     names = split_names(served_model_names) or default_served_names(model_ref)
     hosts = split_names(allowed_hosts)
     loopback = is_loopback_name(host.strip("[]").lower())
@@ -112,13 +122,15 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
     app = create_app(model, tokenizer, served_model_names=names, depth=0 if no_mtp else depth,
                      queue_size=queue_size, max_tokens_default=max_tokens_default,
                      max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=hosts if loopback or hosts else None,
-                     prompt_cache_bytes=cache_bytes)
+                     prompt_cache_bytes=cache_bytes, max_batch=max_batch)
     shown = f"[{host}]" if ":" in host else host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else shown  # a wildcard is not an address to visit
     base = f"http://{shown}:{port}/v1"
     lru = app.state.core.prompt_caches
     cache = f"prompt cache {lru.max_bytes / 2**30:.1f} GiB" if lru is not None else "no prompt cache"
-    click.echo(f"mtplx serving {', '.join(names)} at {base}  (queue {queue_size}, {cache}, Ctrl-C to stop)")
+    batch = app.state.core.max_batch
+    click.echo(f"mtplx serving {', '.join(names)} at {base}  (batch {batch}, queue {queue_size}, {cache}, "
+               "Ctrl-C to stop)")
     click.echo(f"try: curl {base}/chat/completions -H 'Content-Type: application/json' "
                f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
     # Deadlines for a request to arrive, and a short graceful-shutdown window (server/http.py).

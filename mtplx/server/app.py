@@ -36,7 +36,7 @@ def default_prompt_cache_bytes() -> int:
 def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
                depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int = 512,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: Iterable[str] | None = (),
-               prompt_cache_bytes: int | None = None) -> FastAPI:
+               prompt_cache_bytes: int | None = None, max_batch: int | None = None) -> FastAPI:
     """An app serving ``model``.
 
     ``served_model_names``: the names requests may ask for (the first is the one reported);
@@ -45,11 +45,12 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
     body read (413 beyond); ``allowed_hosts``: Host names accepted besides loopback ones, or
     ``None`` to accept any Host (only for a server bound to a public address);
     ``prompt_cache_bytes``: the bound on the prompt caches of recent conversations (None: a
-    tenth of the machine's memory; 0: no prompt cache)."""
+    tenth of the machine's memory; 0: no prompt cache); ``max_batch``: rows decoded together (None:
+    sized from the memory left for the rows' caches, at most 8; 1: one generation at a time)."""
     if prompt_cache_bytes is None:
         prompt_cache_bytes = default_prompt_cache_bytes()
     core = Core(model, tokenizer, served_model_names=served_model_names, depth=depth, queue_size=queue_size,
-                max_tokens_default=max_tokens_default, prompt_cache_bytes=prompt_cache_bytes)
+                max_tokens_default=max_tokens_default, prompt_cache_bytes=prompt_cache_bytes, max_batch=max_batch)
     model_id = core.model_id
     scheduler, metrics = core.scheduler, core.metrics
 
@@ -108,7 +109,8 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
     async def health() -> JSONResponse:
         ok = scheduler.alive
         return JSONResponse({"status": "ok" if ok else "error", "model": model_id, "busy": scheduler.busy,
-                             "queue_depth": scheduler.depth, "queue_size": queue_size},
+                             "queue_depth": scheduler.depth, "queue_size": queue_size,
+                             "batch_size": scheduler.running, "max_batch": core.max_batch},
                             status_code=200 if ok else 503)
 
     @app.get("/metrics")

@@ -25,6 +25,7 @@ from mtplx.engine.prompt_cache import PromptCacheLRU
 from mtplx.errors import MtplxError
 from mtplx.knobs import KnobError
 from mtplx.server import errors
+from mtplx.server.capacity import Capacity
 from mtplx.server.errors import APIError, knob
 from mtplx.server.metrics import Metrics
 from mtplx.server.queue import Job, QueueFull, Scheduler, ShuttingDown, until_disconnect
@@ -123,7 +124,7 @@ class Core:
 
     def __init__(self, model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
                  depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int = 512,
-                 prompt_cache_bytes: int = 0):
+                 prompt_cache_bytes: int = 0, max_batch: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.served_model_names = list(dict.fromkeys(n for n in served_model_names if n))
         if not self.served_model_names:
@@ -135,8 +136,12 @@ class Core:
         # Prompt caches of recent conversations, bounded in bytes; 0 turns them off.
         self.prompt_caches = PromptCacheLRU(model, prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self.metrics.prompt_caches = self.prompt_caches
+        # Rows decoding together: --max-batch, by default as many as the memory left for their
+        # caches holds (capacity.py); rows wait while the batch's caches would not fit.
+        capacity = Capacity.of_machine(model, prompt_cache_bytes)
+        self.max_batch = capacity.default_max_batch() if max_batch is None else max_batch
         self.scheduler = Scheduler(model, tokenizer, self.metrics, max_queue=queue_size,
-                                   prompt_caches=self.prompt_caches)
+                                   prompt_caches=self.prompt_caches, max_batch=self.max_batch, capacity=capacity)
         self.depth = default_depth(model) if depth is None else depth
         if self.depth != 0 and not model.has_mtp:
             raise MtplxError(f"depth {self.depth} needs an MTP head and this model has none",

@@ -22,6 +22,34 @@ KNOWN_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/
                    "/v1/models", "/health", "/metrics")
 
 
+# Histogram buckets: rows per engine step, and a finished row's decode tokens/s.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+ROW_TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def samples(self) -> list[tuple[str, str, float]]:
+        """(suffix, labels, value) rows of the exposition format."""
+        rows = [("_bucket", f'{{le="{_fmt(b)}"}}', n) for b, n in zip(self.buckets, self.counts)]
+        rows.append(("_bucket", '{le="+Inf"}', self.count))
+        return rows + [("_sum", "", self.sum), ("_count", "", self.count)]
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -34,10 +62,14 @@ class Metrics:
     """Everything /metrics reports. ``queue_depth`` and ``busy`` are read live from callables
     (the scheduler owns that state) so they can never drift from the truth."""
 
-    def __init__(self, queue_depth: Callable[[], int] = lambda: 0, busy: Callable[[], bool] = lambda: False):
+    def __init__(self, queue_depth: Callable[[], int] = lambda: 0, busy: Callable[[], bool] = lambda: False,
+                 running: Callable[[], int] = lambda: 0):
         self._lock = threading.Lock()
         self._queue_depth = queue_depth
         self._busy = busy
+        self._running = running
+        self.batch_sizes = Histogram(BATCH_BUCKETS)  # rows in each engine step
+        self.row_tps = Histogram(ROW_TPS_BUCKETS)  # each finished row's own decode tokens/s
         self.requests: dict[tuple[str, str], int] = defaultdict(int)
         self.generations: dict[str, int] = defaultdict(int)
         self.prompt_tokens = 0
@@ -55,8 +87,14 @@ class Metrics:
         # The prompt-cache LRU, read live at each scrape (None: the server runs without one).
         self.prompt_caches: Any = None
 
-    def bind(self, queue_depth: Callable[[], int], busy: Callable[[], bool]) -> None:
-        self._queue_depth, self._busy = queue_depth, busy
+    def bind(self, queue_depth: Callable[[], int], busy: Callable[[], bool],
+             running: Callable[[], int] = lambda: 0) -> None:
+        self._queue_depth, self._busy, self._running = queue_depth, busy, running
+
+    def record_batch(self, rows: int) -> None:
+        """One engine step over ``rows`` rows."""
+        with self._lock:
+            self.batch_sizes.observe(rows)
 
     def record_request(self, path: str, status: int) -> None:
         if path in KNOWN_ENDPOINTS:
@@ -82,6 +120,7 @@ class Metrics:
             if stats.generated:
                 self.last_tps = stats.tokens_per_second
                 self.last_tokens_per_step = stats.tokens_per_step
+                self.row_tps.observe(stats.tokens_per_second)
             self.acceptance.add(stats)
             for d, n in enumerate(getattr(stats, "depth_steps", ())):
                 self.depth_steps[d] += n
@@ -132,6 +171,18 @@ class Metrics:
                    [(f'{{depth="{d}"}}', n) for d, n in sorted(self.depth_steps.items())])
             family("mtplx_queue_depth", "gauge", "Requests waiting for the engine.", [("", self._queue_depth())])
             family("mtplx_busy", "gauge", "1 while a generation is running.", [("", int(self._busy()))])
+            family("mtplx_batch_size", "gauge", "Rows decoding together now (--max-batch bounds it).",
+                   [("", self._running())])
+
+            def histogram(name: str, help_text: str, h: Histogram) -> None:
+                lines.append(f"# HELP {name} {help_text}")
+                lines.append(f"# TYPE {name} histogram")
+                lines.extend(f"{name}{suffix}{labels} {_fmt(v)}" for suffix, labels, v in h.samples())
+
+            histogram("mtplx_batch_size_rows", "Rows in each engine step.", self.batch_sizes)
+            histogram("mtplx_row_tokens_per_second",
+                      "Each finished generation's own decode throughput (tokens/s while it was in the batch).",
+                      self.row_tps)
             return "\n".join(lines) + "\n"
 
 

@@ -1,16 +1,25 @@
-"""One model, one worker thread, a bounded queue in front of it.
+"""One model, one engine thread stepping a batch of rows, a bounded queue in front of it.
 
-Why one generation at a time: the engine decodes a single sequence, the tokenizer's streaming
-detokenizer is shared state, and on one machine two interleaved generations would each run at
-half speed anyway. Why a dedicated thread rather than the event loop's thread pool: MLX work
-blocks for a whole engine step, and keeping it on one long-lived thread means the event loop
-stays free to accept, reject (429) and stream, and MLX always runs on the same thread.
+Continuous batching: the engine thread owns a decoder (``mtplx.server.decoders``) and loops:
+take waiting jobs into the batch while there is room (``--max-batch`` rows, and the memory
+their caches need, see ``capacity``), run one step of every row, hand each row's new text to its
+request, and let rows leave at once when they finish (end of sequence, max_tokens, a stop
+string) or are cancelled (the client left). A row joins and leaves at a step boundary, so the
+others pause for at most one step. Each row carries its own sampler, seed, grammar, logprobs,
+stop strings and prompt cache; its text is made by its own :class:`~mtplx.rows.RowText`.
 
-Handing results back: the worker pushes :class:`Event` objects into each job's asyncio queue
-with ``loop.call_soon_threadsafe``; the request handler awaits them. Cancelling is a flag the
-worker reads between engine steps (each yielded ``GenerationResponse`` is one step), so a
-client that leaves frees the engine after at most one more step, and a job cancelled while it
-is still queued is removed and never runs.
+Why one thread: MLX work blocks for a whole step, and keeping it on one long-lived thread means
+the event loop stays free to accept, reject (429) and stream, and MLX always runs on the same
+thread. ``--max-batch 1`` is the one-at-a-time server: one row, the single-sequence engine.
+
+Admission is counted once, at submit: a job holds a place from the moment it is admitted until
+it finishes, and at most ``max_batch + max_queue`` places exist, so how many simultaneous
+requests are admitted never depends on how far the engine thread has got (issue 21, row 15).
+
+Handing results back: the engine thread pushes :class:`Event` objects into each job's asyncio
+queue with ``loop.call_soon_threadsafe``; the request handler awaits them. Cancelling is a flag
+the engine thread reads between steps, so a client that leaves frees its row after at most one
+more step, and a job cancelled while it is still queued is removed and never runs.
 """
 
 from __future__ import annotations
@@ -25,8 +34,11 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from mtplx.api import EncodedPrompt, GenerationResponse, stream_generate
+from mtplx.api import EncodedPrompt, GenerationResponse, row_spec
 from mtplx.engine.prompt_cache import PromptCache, PromptCacheLRU
+from mtplx.rows import RowSpec, RowText
+from mtplx.server.capacity import Capacity
+from mtplx.server.decoders import engine_request, make_decoder
 from mtplx.server.metrics import Metrics
 
 log = logging.getLogger("mtplx.server")
@@ -63,6 +75,7 @@ class Job:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.finished = threading.Event()
+        self.need = 0  # bytes its row's caches may take (set when it is taken into the batch)
         self._loop = loop
 
     def emit(self, event: Event) -> None:
@@ -76,42 +89,69 @@ class Job:
         return await self.events.get()
 
 
-class Scheduler:
-    """A bounded FIFO of jobs and the single worker thread that runs them.
+@dataclass
+class _Row:
+    """A job in the batch: its request, its text, the decoder's row and the prompt cache it holds."""
 
-    ``max_queue`` counts jobs waiting, not the one running: with the default 8, nine requests
-    can be in the server at once and the tenth gets a 429.
+    job: Job
+    spec: RowSpec
+    text: RowText
+    row: Any
+    cache: PromptCache | None
+    need: int  # bytes its caches may grow to (capacity)
+    last: GenerationResponse | None = None
+
+
+class Scheduler:
+    """A bounded FIFO of jobs and the engine thread that decodes them in a batch.
+
+    ``max_batch`` rows decode together; ``max_queue`` more may wait. With the defaults (a batch
+    sized from memory, queue 8), ``max_batch + 8`` requests can be in the server at once and the
+    next gets a 429.
     """
 
     def __init__(self, model: Any, tokenizer: Any, metrics: Metrics, max_queue: int = 8,
-                 prompt_caches: PromptCacheLRU | None = None):
+                 prompt_caches: PromptCacheLRU | None = None, max_batch: int = 1,
+                 capacity: Capacity | None = None):
         if max_queue < 1:
             raise ValueError(f"the queue size must be >= 1, got {max_queue}")
+        if max_batch < 1:
+            raise ValueError(f"the batch size must be >= 1, got {max_batch}")
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics
-        # Only the worker thread runs generations, so a cache it checks out is never read by
+        # Only the engine thread runs generations, so a cache it checks out is never read by
         # another request while it is written.
         self.prompt_caches = prompt_caches
         self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.capacity = capacity
         self._pending: deque[Job] = deque()
-        self._running: Job | None = None
+        self._admitted = 0  # jobs holding a place: waiting, joining or in the batch
+        self._batch: list[_Row] = []  # engine thread only (its length is read for metrics)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        metrics.bind(lambda: self.depth, lambda: self.busy)
+        metrics.bind(lambda: self.depth, lambda: self.busy, lambda: self.running)
 
     # -- state ---------------------------------------------------------------------------------
 
     @property
     def depth(self) -> int:
+        """Jobs waiting for a place in the batch."""
         with self._cond:
             return len(self._pending)
 
     @property
+    def running(self) -> int:
+        """Rows in the batch."""
+        with self._cond:
+            return len(self._batch)
+
+    @property
     def busy(self) -> bool:
         with self._cond:
-            return self._running is not None
+            return self._admitted > len(self._pending)
 
     @property
     def alive(self) -> bool:
@@ -128,13 +168,13 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Refuse new jobs, end queued ones with an error, cancel the running one, and wait for
-        the worker (bounded: a daemon thread never keeps the process alive)."""
+        """Refuse new jobs, end queued ones with an error, cancel the running rows, and wait for
+        the engine thread (bounded: a daemon thread never keeps the process alive)."""
         with self._cond:
             self._stopping = True
             pending, self._pending = list(self._pending), deque()
-            if self._running is not None:
-                self._running.cancelled.set()
+            for r in self._batch:
+                r.job.cancelled.set()
             self._cond.notify_all()
         for job in pending:
             job.cancelled.set()
@@ -148,14 +188,16 @@ class Scheduler:
         with self._cond:
             if self._stopping or not self.alive:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            if self._admitted >= self.max_batch + self.max_queue:
+                raise QueueFull(f"the server holds {self.max_batch + self.max_queue} requests "
+                                f"({self.max_batch} decoding, {self.max_queue} waiting)")
+            self._admitted += 1
             self._pending.append(job)
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
         """Idempotent; a no-op for a finished job. A queued job is dropped at once so that it
-        frees its slot; a running one stops at the worker's next check."""
+        frees its place; a row in the batch leaves at the engine thread's next check."""
         if job.finished.is_set():
             return
         job.cancelled.set()
@@ -163,79 +205,124 @@ class Scheduler:
             try:
                 self._pending.remove(job)
             except ValueError:
-                return  # running (the worker will see the flag) or already taken
+                return  # in the batch (the engine thread will see the flag) or already taken
         self._finish(job, "dropped")
 
-    # -- the worker ----------------------------------------------------------------------------
+    # -- the engine thread ---------------------------------------------------------------------
 
     def _work(self) -> None:
+        decoder = make_decoder(self.model, self.max_batch)
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._batch and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
-                    return
-                job = self._pending.popleft()
-                if job.cancelled.is_set():
-                    # Cancelled between its removal check and now: never run it.
-                    self._finish(job, "dropped")
-                    continue
-                self._running = job
-            try:
-                self._execute(job)
-            except Exception as e:  # noqa: BLE001 - the worker must outlive any one request
-                log.exception("mtplx worker: unexpected error")
-                self._finish(job, "error", e)  # whoever waits on this job must still hear "done"
-            finally:
-                with self._cond:
-                    self._running = None
+                    break
+                joining = self._take()
+            for job in joining:
+                self._join(decoder, job)
+            self._leave_cancelled(decoder)
+            if self._batch:
+                decoder = self._step(decoder)
+        for r in list(self._batch):  # stopping: every row still running is cancelled
+            self._leave(decoder, r, "cancelled")
 
-    def _execute(self, job: Job) -> None:
+    def _take(self) -> list[Job]:
+        """Waiting jobs that join now (under the lock): while the batch has room and, past the
+        first row, the rows' caches fit in memory."""
+        joining: list[Job] = []
+        held = sum(r.need for r in self._batch)
+        while self._pending and len(self._batch) + len(joining) < self.max_batch:
+            job = self._pending[0]
+            need = self.capacity.row(len(job.ids), job.kwargs.get("max_tokens") or 0) if self.capacity else 0
+            if self.capacity is not None and not self.capacity.fits(need, held, len(self._batch) + len(joining)):
+                break  # it waits for rows to leave (first in, first served: no overtaking)
+            self._pending.popleft()
+            job.need = need
+            held += need
+            joining.append(job)
+        return joining
+
+    def _join(self, decoder: Any, job: Job) -> None:
+        if job.cancelled.is_set():  # cancelled between its removal check and now: never run it
+            self._finish(job, "dropped")
+            return
         cache = self.prompt_caches.checkout(job.ids) if self.prompt_caches is not None else None
         try:
-            self._run(job, cache)
-        finally:
+            spec = row_spec(self.model, self.tokenizer, EncodedPrompt(job.ids, job.boundaries), prompt_cache=cache,
+                            **job.kwargs)
+            text = RowText(self.tokenizer, spec)
+            row = decoder.add(engine_request(decoder, spec))
+        except Exception as e:  # noqa: BLE001 - reported to the client, the engine thread lives on
             if cache is not None:
                 self.prompt_caches.checkin(cache)
-
-    def _run(self, job: Job, cache: PromptCache | None) -> None:
-        gen = stream_generate(self.model, self.tokenizer, EncodedPrompt(job.ids, job.boundaries), prompt_cache=cache,
-                              **job.kwargs)
-        last: GenerationResponse | None = None
-        outcome, error = "completed", None
-        try:
-            # Check the flag before asking for each step, so a cancelled job costs no more
-            # than the step already under way when the client left.
-            while not job.cancelled.is_set():
-                r = next(gen, None)
-                if r is None:
-                    break
-                last = r
-                job.emit(Event("chunk", response=r))
-                if r.finish_reason:
-                    break
-            else:
-                outcome = "cancelled"
-        except Exception as e:  # noqa: BLE001 - reported to the client, the worker lives on
-            outcome, error = "error", e
             if not _is_user_error(e):
-                log.exception("mtplx worker: generation failed")
-        finally:
-            gen.close()
-        stats = last.stats if last is not None else None
-        if outcome == "completed" and last is not None and not last.finish_reason:
-            outcome = "cancelled"
-        if outcome == "cancelled" and last is None:
-            outcome = "dropped"  # cancelled as the worker took it: no step ran
-        self.metrics.record_generation(outcome, stats)
+                log.exception("mtplx engine: a request could not join the batch")
+            self.metrics.record_generation("error")
+            self._finish(job, "error", e, record=False)
+            return
         with self._cond:
-            self._running = None
-        self._finish(job, outcome, error, record=False)
+            self._batch.append(_Row(job, spec, text, row, cache, job.need))
+
+    def _leave_cancelled(self, decoder: Any) -> None:
+        for r in [r for r in self._batch if r.job.cancelled.is_set()]:
+            self._leave(decoder, r, "cancelled")
+
+    def _step(self, decoder: Any) -> Any:
+        """One step of every row; returns the decoder to use next (a fresh one if this one failed)."""
+        self.metrics.record_batch(len(self._batch))
+        try:
+            out = decoder.step()
+        except Exception as e:  # noqa: BLE001 - a batched step failed: every row in it fails
+            log.exception("mtplx engine: a batched step failed")
+            for r in list(self._batch):
+                self._leave(decoder, r, "error", e)
+            return make_decoder(self.model, self.max_batch)
+        by_row = {id(r.row): r for r in self._batch}
+        for row, emitted in out:
+            r = by_row.get(id(row))
+            if r is None:
+                continue
+            r.last = r.text.feed(emitted.tokens, row.stats, emitted.logprobs)
+            r.job.emit(Event("chunk", response=r.last))
+            if r.text.finish:
+                self._leave(decoder, r, "completed")
+        for r in [r for r in self._batch if r.row.done]:
+            error = getattr(r.row, "error", None)
+            if error is not None:
+                if not _is_user_error(error):
+                    log.error("mtplx engine: generation failed", exc_info=error)
+                self._leave(decoder, r, "error", error)
+            else:  # the engine ended the row without a finish of the text's (the context is full)
+                r.last = r.text.end(r.row.stats)
+                r.job.emit(Event("chunk", response=r.last))
+                self._leave(decoder, r, "completed")
+        return decoder
+
+    def _leave(self, decoder: Any, r: _Row, outcome: str, error: BaseException | None = None) -> None:
+        """``r`` leaves the batch now: its decoder row goes, its prompt cache returns to the LRU,
+        its request hears the outcome."""
+        try:
+            decoder.remove(r.row)
+        except Exception:  # noqa: BLE001 - a row the decoder already dropped
+            pass
+        if r.cache is not None:
+            self.prompt_caches.checkin(r.cache)
+        with self._cond:
+            if r in self._batch:
+                self._batch.remove(r)
+        if outcome == "cancelled" and r.last is None:
+            outcome = "dropped"  # cancelled before any step ran
+        stats = r.last.stats if r.last is not None else None
+        self.metrics.record_generation(outcome, stats)
+        self._finish(r.job, outcome, error, record=False)
 
     def _finish(self, job: Job, outcome: str, error: BaseException | None = None, record: bool = True) -> None:
-        if job.finished.is_set():
-            return
-        job.finished.set()
+        with self._cond:
+            if job.finished.is_set():
+                return
+            job.finished.set()
+            self._admitted -= 1
         if record:
             self.metrics.record_generation(outcome)
         if error is not None:

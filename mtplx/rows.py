@@ -1,0 +1,111 @@
+"""One generation as a row: what it asks the engine for (:class:`RowSpec`) and how its tokens
+become text (:class:`RowText`).
+
+``stream_generate`` drives one row through the single-sequence engine; the server drives many
+through a decoder that steps them together (``mtplx.server.decoders``). Both turn each step's
+tokens into text the same way, here: a detokenizer of the row's own, the stop-string scanner,
+and the finish reason ("stop" at an end-of-sequence token or a stop string, "length" at
+max_tokens or the context's end).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mtplx.engine.sampling import SamplingParams
+from mtplx.engine.stats import DecodeStats
+from mtplx.stops import StopScanner
+
+if TYPE_CHECKING:
+    from mtplx.api import GenerationResponse
+    from mtplx.engine.constraints import Constraint
+    from mtplx.engine.policy import DepthPolicy
+    from mtplx.engine.logprobs import TokenLogprob
+    from mtplx.engine.prompt_cache import PromptCache
+
+
+@dataclass
+class RowSpec:
+    """A checked generation request in the engine's terms (the fields of the batched decoder's
+    ``RowRequest``, plus the stop strings, which are text-level and stay with :class:`RowText`)."""
+
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    depth: int | DepthPolicy  # a policy of this row's own (depth auto learns per row)
+    draft_params: SamplingParams | None = None
+    seed: int | None = None
+    eos: frozenset[int] = frozenset()
+    constraint: Constraint | None = None
+    logprobs: int | None = None
+    prompt_cache: PromptCache | None = None
+    snapshot_at: tuple[int, ...] = ()
+    stop: list[str] = field(default_factory=list)
+
+    def engine_fields(self) -> dict[str, Any]:
+        """Keyword arguments of ``RowRequest`` (everything but the stop strings)."""
+        return {k: getattr(self, k) for k in ("prompt", "max_tokens", "params", "depth", "draft_params", "seed", "eos",
+                                               "constraint", "logprobs", "prompt_cache", "snapshot_at")}
+
+
+class RowText:
+    """A row's text: feed it each step's tokens, it answers the step's response; ``finish`` is
+    set once the row is over (the caller then stops stepping it)."""
+
+    def __init__(self, tokenizer: Any, spec: RowSpec):
+        # mlx-lm's wrapper hands every caller its own copy, so rows never share detokenizer state.
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.scanner = StopScanner(spec.stop)
+        self.eos = spec.eos
+        self.max_tokens = spec.max_tokens
+        self.logprobs = spec.logprobs
+        self.finish: str | None = None
+
+    def feed(self, tokens: list[int], stats: DecodeStats,
+             logprobs: list[TokenLogprob] | None = None) -> GenerationResponse:
+        for t in tokens:
+            if t not in self.eos:
+                self.detok.add_token(t)
+        if tokens and tokens[-1] in self.eos:
+            self.finish = "stop"
+            self.detok.finalize()
+        segment, stopped = self.scanner.feed(self.detok.last_segment, final=self.finish is not None)
+        if stopped:
+            self.finish = "stop"
+        elif self.finish is None and stats.generated >= self.max_tokens:
+            self.finish = "length"
+            self.detok.finalize()
+            tail, _ = self.scanner.feed(self.detok.last_segment, final=True)
+            segment += tail
+        return response(segment, tokens, stats, self.finish, logprobs, self.scanner.matched)
+
+    def end(self, stats: DecodeStats) -> GenerationResponse:
+        """The last response of a row the engine ended without a finish of its own (the context
+        is full): the held-back text, finish "length"."""
+        self.detok.finalize()
+        tail, _ = self.scanner.feed(self.detok.last_segment, final=True)
+        self.finish = "length"
+        return response(tail, [], stats, "length", [] if self.logprobs is not None else None)
+
+
+def response(text: str, tokens: list[int], stats: DecodeStats, finish: str | None,
+             logprobs: list[TokenLogprob] | None = None, stop_sequence: str | None = None) -> GenerationResponse:
+    from mtplx.api import GenerationResponse
+
+    return GenerationResponse(
+        text=text,
+        tokens=list(tokens),
+        prompt_tokens=stats.prompt_tokens,
+        cached_tokens=stats.cached_tokens,
+        generation_tokens=stats.generated,
+        generation_tps=stats.tokens_per_second,
+        prompt_tps=stats.prefill_tokens_per_second,
+        acceptance=stats.acceptance,
+        tokens_per_step=stats.tokens_per_step,
+        finish_reason=finish,
+        stop_sequence=stop_sequence,
+        stats=stats,
+        logprobs=logprobs,
+    )
