@@ -144,6 +144,9 @@ def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int
     stop = check_stop(stop)
     if prompt_cache is not None:
         check_prompt_cache(prompt_cache)
+    if enable_thinking is not None and not isinstance(enable_thinking, bool):
+        raise MtplxError(f"enable_thinking must be None, True or False, got {enable_thinking!r}",
+                         fix="pass a bool (None keeps the chat template's default)")
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     constraint = Constraint.from_response_format(response_format, tokenizer, model.vocab_size, eos)
     if constraint is not None:

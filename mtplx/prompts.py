@@ -20,7 +20,7 @@ from mtplx.stops import check_stop  # noqa: F401 - where the server and older ca
 class EncodedPrompt:
     """A prompt already tokenized: its ids, and the positions where the next prompt of the same
     conversation may start to differ from them (a prompt cache snapshots its state there; see
-    mtplx.api.reuse_boundaries)."""
+    mtplx.chat_template.reuse_boundaries)."""
 
     ids: list[int]
     boundaries: tuple[int, ...] = ()

@@ -105,6 +105,8 @@ def test_stop_scanner_holds_back_partial_stops():
     ({"seed": -5}, "seed must be"),
     ({"draft_temperature": -1}, "draft_temperature must be"),
     ({"stop": [1]}, "stop must be a string or a list of strings"),
+    ({"prompt_cache": {"a": 1}}, "prompt_cache is a dict, not a PromptCache"),  # was an AttributeError
+    ({"enable_thinking": "yes"}, "enable_thinking must be None, True or False"),  # was taken as true
 ])
 def test_bad_knobs_are_mtplx_errors(demo, kwargs, needle):
     model, tok = demo

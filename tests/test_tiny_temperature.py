@@ -81,3 +81,16 @@ def test_api_at_a_tiny_temperature_gives_the_greedy_text(demo, temperature, dept
                                         depth=depth, seed=5))
     assert greedy and "".join(c.text for c in chunks) == greedy
     assert chunks[-1].generation_tokens == 10 and chunks[-1].finish_reason == "length"
+
+
+def test_cli_at_a_tiny_temperature_gives_the_greedy_text():
+    from click.testing import CliRunner
+
+    from mtplx.cli.app import cli
+
+    def run(t):
+        r = CliRunner().invoke(cli, ["run", "--model", "demo", "--raw", "-n", "6", "-t", t, "-q", "def fib(n):"])
+        assert r.exit_code == 0, r.output
+        return r.stdout
+
+    assert run("1e-300") == run("0")
