@@ -134,7 +134,10 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
     click.echo(f"try: curl {base}/chat/completions -H 'Content-Type: application/json' "
                f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
     # Deadlines for a request to arrive, and a short graceful-shutdown window (server/http.py).
-    uvicorn.Server(http.config(app, host, port, log_level)).run()
+    server = uvicorn.Server(http.config(app, host, port, log_level))
+    server.run()
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's startup-failure code (as uvicorn.run exits); it printed why
 
 
 COMMANDS = [serve]
