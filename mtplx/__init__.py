@@ -1,5 +1,10 @@
 """mtplx: exact speculative decoding for Qwen3.5/3.6 on MLX with the model's own MTP head.
 
+Exact means: the output law equals plain decoding's on every backend; greedy output equals
+plain greedy output token for token where the backend rounds a T-row verify pass as T
+single-row steps (MLX's CPU backend, measured by the tests; ``mtplx doctor --exactness``
+measures it on any other).
+
 ``import mtplx`` stays light: the API (and with it MLX, mlx-lm and transformers, about a second
 to import) loads on first use of ``mtplx.load`` and friends (PEP 562). The command line relies
 on this: its entry point must be running, with its Ctrl-C guard in place, before anything

@@ -26,6 +26,25 @@ def _cached_repos() -> list[dict[str, Any]]:
     return out
 
 
+def catalog_models() -> list[dict[str, Any]]:
+    """The catalog alone, from its JSON (no cache scan, no network): every id `--model` takes,
+    and the known models mtplx cannot run yet."""
+    from mtplx.catalog import unsupported
+
+    out = []
+    for m in catalog():
+        tc = m.get("text_config", {})
+        out.append({"id": m["id"], "ref": m["ref"], "where": "bundled" if m.get("bundled") else "catalog",
+                    "title": m["title"], "model_type": m["model_type"], "params_b": m.get("params_b"),
+                    "memory_gb": m.get("memory_gb"), "source": m.get("source"), "trunk": m.get("trunk"),
+                    "layers": tc.get("num_hidden_layers"), "hidden_size": tc.get("hidden_size"),
+                    "mtp_layers": tc.get("mtp_num_hidden_layers"), "supported": True})
+    for m in unsupported():
+        out.append({"id": m["id"], "ref": m["ref"], "where": "catalog", "title": f"{m['title']} (not supported yet)",
+                    "model_type": m["model_type"], "supported": False})
+    return out
+
+
 def list_models() -> list[dict[str, Any]]:
     from mtplx.artifact.loader import demo_path
     from mtplx.artifact.paths import dir_size

@@ -91,3 +91,22 @@ def test_cli_json_shape_exit_code_and_saved_verdict(grafted_bf16, tmp_path):
     assert [v["verdict"] for v in saved.values()] == ["identical"]
     usage = subprocess.run([sys.executable, "-m", "mtplx", "doctor", "--tokens", "4"], capture_output=True, text=True)
     assert usage.returncode == 2 and "--exactness" in usage.stderr
+
+
+def test_bench_json_quotes_the_saved_verdict(grafted_bf16, tmp_path, monkeypatch):
+    from mtplx.bench.runner import run_bench
+    from mtplx.config import save_exactness
+    from mtplx.engine.sampling import SamplingParams
+
+    monkeypatch.setenv("MTPLX_CONFIG", str(tmp_path / "config.json"))
+    model, tok = mtplx.load(str(grafted_bf16[0]))
+
+    def bench():
+        return run_bench(model, tok, ["def f(x):"], [0], 2, SamplingParams(temperature=0.0), cost_model=False,
+                         reference=False).as_dict()
+
+    assert bench()["exactness"] is None  # the doctor never ran for this artifact here
+    r = check_exactness(model, tok, tokens=2, law_samples=200)
+    save_exactness(model, r.verdict_record())
+    quoted = bench()["exactness"]
+    assert quoted["verdict"] == r.verdict and quoted["positions"] == 4 and quoted["backend"] == "cpu"

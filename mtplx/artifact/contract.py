@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -139,11 +140,24 @@ def _semantic_problems(data: dict[str, Any]) -> list[tuple[str, str, str]]:
                          "copy bits and group_size from the trunk's config.json 'quantization' entry"))
     if tq["mode"] == "none" and tq["bits"] != 16:
         problems.append(("trunk.quantization.bits", "an unquantized trunk has bits 16", "set bits to 16"))
+    for name, value in _numbers(data):
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append((name, f"{value} is not a finite number", "give it a finite value"))
     d = data["defaults"]
     if d["depth"] > MAX_DEPTH:
         problems.append(("defaults.depth", f"depth {d['depth']} is above the maximum {MAX_DEPTH}",
                          f"choose a depth between 0 and {MAX_DEPTH}"))
     return problems
+
+
+def _numbers(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted field, value) of every number in a document (NaN compares false with every
+    schema bound, so the schema alone lets it through)."""
+    if isinstance(node, dict):
+        return [n for k, v in node.items() for n in _numbers(v, f"{prefix}{k}.")]
+    if isinstance(node, list):
+        return [n for i, v in enumerate(node) for n in _numbers(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), node)] if isinstance(node, (int, float)) and not isinstance(node, bool) else []
 
 
 def validate(data: Any, path: str | Path = CONTRACT_FILE) -> None:
@@ -156,7 +170,8 @@ def validate(data: Any, path: str | Path = CONTRACT_FILE) -> None:
     if errors:
         e = errors[0]
         more = f" ({len(errors) - 1} more problem(s) after this one)" if len(errors) > 1 else ""
-        raise ContractError(f"field '{_field_name(e)}' is invalid: {e.message}{more}", path=path,
+        message = e.message if len(e.message) <= 200 else e.message[:200] + "..."  # a 4,000-digit value stays one line
+        raise ContractError(f"field '{_field_name(e)}' is invalid: {message}{more}", path=path,
                             fix=_schema_fix(e))
     problems = _semantic_problems(data)
     if problems:
@@ -164,12 +179,41 @@ def validate(data: Any, path: str | Path = CONTRACT_FILE) -> None:
         raise ContractError(f"field '{name}' is invalid: {problem}", path=path, fix=fix)
 
 
-def parse(text: str, path: str | Path = CONTRACT_FILE) -> RuntimeContract:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(text: str, path: str | Path = CONTRACT_FILE) -> Any:
+    """The JSON document, or one line naming the file: malformed JSON, NaN or Infinity, an
+    integer too long for Python to read (over 4,300 digits), nesting too deep to parse."""
+    fix = "repair the JSON or rebuild the artifact with `mtplx graft`"
     try:
-        data = json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
-        raise ContractError(f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})", path=path,
-                            fix="repair the JSON or rebuild the artifact with `mtplx graft`") from None
+        raise ContractError(f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})", path=path, fix=fix) from None
+    except RecursionError:
+        raise ContractError("the JSON is nested too deeply to read", path=path, fix=fix) from None
+    except ValueError as e:  # NaN/Infinity, or an integer over sys.get_int_max_str_digits()
+        raise ContractError(f"not a valid contract ({str(e).split(':')[0]})", path=path, fix=fix) from None
+
+
+def read_json(file: str | Path) -> Any:
+    """:func:`parse_json` of a file that must be UTF-8 text."""
+    try:
+        text = Path(file).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ContractError("no runtime contract here", path=file,
+                            fix="build an artifact with `mtplx graft --source CHECKPOINT --out DIR`") from None
+    except UnicodeDecodeError as e:
+        raise ContractError(f"not UTF-8 text (byte {e.start})", path=file,
+                            fix="repair the file or rebuild the artifact with `mtplx graft`") from None
+    except OSError as e:
+        raise ContractError(f"cannot be read ({e.strerror or e})", path=file, fix="check the file's permissions") from None
+    return parse_json(text, file)
+
+
+def parse(text: str, path: str | Path = CONTRACT_FILE) -> RuntimeContract:
+    data = parse_json(text, path)
     validate(data, path)
     return RuntimeContract(data=data, path=Path(path))
 
@@ -177,12 +221,9 @@ def parse(text: str, path: str | Path = CONTRACT_FILE) -> RuntimeContract:
 def read(artifact_dir: str | Path) -> RuntimeContract:
     """Read and validate ``<artifact_dir>/mtplx_runtime.json`` (format version 1 only)."""
     path = Path(artifact_dir) / CONTRACT_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ContractError("no runtime contract here", path=path,
-                            fix="build an artifact with `mtplx graft --source CHECKPOINT --out DIR`") from None
-    return parse(text, path)
+    data = read_json(path)
+    validate(data, path)
+    return RuntimeContract(data=data, path=path)
 
 
 def write(contract: RuntimeContract | dict[str, Any], artifact_dir: str | Path) -> Path:

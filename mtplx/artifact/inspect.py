@@ -78,7 +78,8 @@ def _from_catalog(out: Inspection, entry: dict[str, Any]) -> Inspection:
 def inspect_ref(ref: str) -> Inspection:
     from mtplx.artifact.loader import read_contract
     from mtplx.artifact.paths import catalog_entry, find_artifact
-    from mtplx.artifact.tensors import weight_files
+    from mtplx.artifact.sidecar import check_layer_count
+    from mtplx.artifact.tensors import check_complete, weight_files
     from mtplx.catalog import check_model_type, refuse_unsupported
     from mtplx.errors import ArtifactError, ContractError, UnsupportedModelError
 
@@ -109,6 +110,11 @@ def inspect_ref(ref: str) -> Inspection:
         out.weights_bytes = int(meta.get("total_size", 0))
     has_contract = (path / "mtplx_runtime.json").is_file()
     check_model_type(config.get("model_type"), config_file)
+    try:
+        check_complete(sorted(path.glob("*.safetensors")))
+    except ArtifactError as e:
+        out.verdict = f"cannot run: {e}"
+        return out
     if has_contract:
         try:
             contract = read_contract(path)
@@ -117,6 +123,8 @@ def inspect_ref(ref: str) -> Inspection:
             out.kind = "other-runtime-artifact" if contract.inferred else "artifact"
             sidecar = path / contract.sidecar_path
             out.mtp_head = sidecar.is_file()
+            if out.mtp_head:
+                check_layer_count(contract, sidecar)
             out.can_run_ar = True
             out.can_run_mtp = out.mtp_head
             d = contract.defaults

@@ -22,7 +22,7 @@ from mtplx.artifact.contract import RuntimeContract
 from mtplx.artifact.hub import RepoRef
 from mtplx.artifact.paths import DEMO_REF, catalog_entry, find_artifact
 from mtplx.artifact.sidecar import load_head, sidecar_file
-from mtplx.artifact.tensors import sha256_file, trunk_dependency_hashes
+from mtplx.artifact.tensors import check_complete, sha256_file, trunk_dependency_hashes
 from mtplx.catalog import check_model_type, refuse_unsupported
 from mtplx.errors import ArtifactError, MtplxError, UnsupportedModelError
 from mtplx.model.mtp_model import MTPModel
@@ -78,15 +78,13 @@ def read_contract(path: Path) -> RuntimeContract:
         raise UnsupportedModelError("no mtplx_runtime.json: this directory is not an mtplx artifact", path=path,
                                     fix="build one with `mtplx graft --source ORIGINAL_CHECKPOINT --out DIR`, "
                                         "or load it without MTP (mtp=False / --no-mtp)")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        data = None
+    data = contract_io.read_json(file)
     if isinstance(data, dict) and "format" not in data and "arch_id" in data:
         from mtplx.artifact.legacy import contract_from_other_runtime
 
         return contract_from_other_runtime(data, path)
-    return contract_io.read(path)
+    contract_io.validate(data, file)
+    return RuntimeContract(data=data, path=file)
 
 
 @dataclass
@@ -173,6 +171,7 @@ def load(ref: str, *, mtp: bool = True, force: bool = False, revision: str | Non
         raise UnsupportedModelError("no config.json: not a model directory", path=path,
                                     fix="pass an mtplx artifact or an MLX Qwen3.5 checkpoint")
     check_model_type(json.loads(config_file.read_text(encoding="utf-8")).get("model_type"), config_file)
+    check_complete(sorted(path.glob("*.safetensors")))
     model, config = load_model(path, lazy=split is not None)
     keep_head = True
     if split is not None:

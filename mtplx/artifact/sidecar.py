@@ -7,6 +7,7 @@ of them imports the other.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +106,31 @@ def draft_vocab_ids(ids: mx.array | None, contract: RuntimeContract, vocab_size:
     return ids
 
 
+def check_layer_count(contract: RuntimeContract, file: Path) -> None:
+    """The contract's ``mtp_num_hidden_layers`` against the layers the sidecar really holds (its
+    header alone), before a head of that many layers is built: a contract saying 10^9 would
+    otherwise allocate until memory runs out."""
+    from mtplx.artifact.tensors import read_header
+
+    indices = {int(m.group(1)) for name in read_header(file)[0] if (m := _LAYER.search(name))}
+    declared = contract.data["architecture"]["mtp_num_hidden_layers"]
+    if indices and declared != max(indices) + 1:
+        raise ArtifactError(f"the contract's architecture.mtp_num_hidden_layers is {declared}, but the sidecar holds "
+                            f"{max(indices) + 1} MTP layer(s)", path=contract.path or file,
+                            fix="set it to the sidecar's layer count, or rebuild the artifact with `mtplx graft`")
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
 def load_head(path: Path, contract: RuntimeContract, args: Any) -> tuple[MTPHead, mx.array | None]:
     """Build the head for the architecture, quantize as the contract says, load strictly.
 
     Returns the head and the sidecar's draft vocabulary ids (``None`` when it has none); the
     ids are kept out of the strict weight load since they are not a parameter of the head."""
-    head = build_head(contract, args)
     file = sidecar_file(path, contract)
+    check_layer_count(contract, file)
+    head = build_head(contract, args)
     weights = {k[len("mtp."):] if k.startswith("mtp.") else k: v for k, v in read_tensors(file).items()}
     ids = weights.pop(DRAFT_VOCAB_TENSOR.removeprefix("mtp."), None)
     for transform in contract.sidecar_transforms:

@@ -29,6 +29,19 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
+def check_complete(files: list[Path]) -> None:
+    """Each safetensors file as long as its header says (headers only, no tensor bytes read): a
+    truncated download is named here, before a loader trips over it mid-load."""
+    for f in files:
+        header, data_start = read_header(f)
+        end = data_start + max((int(e["data_offsets"][1]) for e in header.values() if isinstance(e, dict)
+                                and "data_offsets" in e), default=0)
+        size = f.stat().st_size
+        if size < end:
+            raise ArtifactError(f"the file is truncated: {size} bytes where its header describes {end}", path=f,
+                                fix="re-download it (an interrupted download?) or rebuild the artifact with `mtplx graft`")
+
+
 def weight_files(model_dir: Path) -> dict[str, Path]:
     """Map every tensor name of a (possibly sharded) checkpoint to the file holding it."""
     index = model_dir / "model.safetensors.index.json"

@@ -46,8 +46,11 @@ class MtplxGroup(click.Group):
 def cli() -> None:
     """mtplx: faster local Qwen3.5/3.6 decoding on MLX with the model's own MTP head.
 
-    Speculative decoding with exact rejection sampling: the output law is the model's own.
-    Start with `mtplx start` (interactive) or `mtplx run --model demo "def fib(n):"`.
+    Speculative decoding with exact rejection sampling: the output law is the model's own, on
+    every backend. Greedy output is identical to plain greedy decoding where the backend rounds
+    a T-row verify pass as T single-row steps (true on MLX's CPU backend, measured by the
+    tests); `mtplx doctor --exactness` measures it on yours. Start with `mtplx start`
+    (interactive) or `mtplx run --model demo "def fib(n):"`.
     """
 
 

@@ -36,12 +36,24 @@ def inspect_cmd(ref, json_out):
 
 
 @click.command("models")
+@click.option("--catalog", "catalog_only", is_flag=True,
+              help="Only the catalog (every id --model takes, with its architecture), read offline.")
 @json_option
-def models_cmd(json_out):
+def models_cmd(catalog_only, json_out):
     """List the bundled demo, the catalog, the artifacts grafted into the mtplx cache (MTPLX_CACHE,
     default ~/.cache/mtplx) and models in the local Hugging Face cache."""
-    from mtplx.models import list_models
+    from mtplx.models import catalog_models, list_models
 
+    if catalog_only:
+        entries = catalog_models()
+        if json_out != "-":
+            click.echo(f"{'id':<20} {'architecture':<13} {'layers':>6} {'hidden':>6} {'memory':>8}  title")
+            for e in entries:
+                memory = f"{e['memory_gb']} GB" if e.get("memory_gb") else "-"
+                click.echo(f"{e['id']:<20} {e['model_type']:<13} {e.get('layers') or '-':>6} "
+                           f"{e.get('hidden_size') or '-':>6} {memory:>8}  {e['title']}")
+        write_json(entries, json_out)
+        return
     entries = list_models()
     if json_out != "-":
         click.echo(f"{'ref':<44} {'where':<12} {'size':>10}  description")
