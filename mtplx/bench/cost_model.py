@@ -136,8 +136,13 @@ def measure_step_costs(model: MTPModel, max_depth: int, rounds: int = 3, prompt:
     ``rounds`` rounds of one verify pass at every T = 1..max_depth+1 and one draft step, keeping
     each one's fastest time. Rounds interleave the sizes, so a slow spell on a shared machine
     hits them alike, and the minimum drops first calls and calls another process interrupted
-    (both only ever add time). A depth-0 step of the MTP loop is a 1-token verify, so no
-    separate AR step is timed."""
+    (both only ever add time).
+
+    Where some depth could beat a 1-token verify at full acceptance, the two loops are then
+    timed as the engine runs them (a few tokens each, the faster of two runs): the pipelined AR
+    step, and a depth-1 step, whose excess over a verify of 2 and a draft is the speculative
+    loop's own overhead. Where none could (a 4-bit trunk on a CPU), auto runs plain AR and
+    neither is needed."""
     prompt = prompt or [(7 * i + 1) % model.vocab_size for i in range(16)]
     cache, hidden = _prefilled(model, prompt)
     token = prompt[-1]
@@ -149,4 +154,19 @@ def measure_step_costs(model: MTPModel, max_depth: int, rounds: int = 3, prompt:
     for _ in range(rounds - 1):
         best = [min(b, median_ms(call, 1, warmup=False)) for b, call in zip(best, calls)]
     verify_ms = tuple(best[: max_depth + 1])
-    return StepCosts(verify_ms, best[max_depth + 1] if len(best) > max_depth + 1 else 0.0)
+    draft_ms = best[max_depth + 1] if len(best) > max_depth + 1 else 0.0
+    if not any((d + 1) / (verify_ms[d] + d * draft_ms) > 1 / verify_ms[0] for d in range(1, max_depth + 1)):
+        return StepCosts(verify_ms, draft_ms)
+    ar_ms = min(pipelined_ar_ms(model, prompt, tokens=12) for _ in range(2))
+    step_ms = min(_loop_step_ms(model, prompt, depth=1, tokens=12) for _ in range(2))
+    return StepCosts(verify_ms, draft_ms, max(step_ms - verify_ms[1] - draft_ms, 0.0), ar_ms)
+
+
+def _loop_step_ms(model: MTPModel, prompt: list[int], depth: int, tokens: int) -> float:
+    """One step of the speculative loop at a fixed ``depth``, as the engine runs it."""
+    from mtplx.engine.speculative import Engine
+
+    engine = Engine(model, depth, SamplingParams(), seed=0)
+    for _ in engine.generate(prompt, tokens):
+        pass
+    return 1000 * engine.stats.decode_seconds / max(engine.stats.steps - 1, 1)
