@@ -50,15 +50,27 @@ def test_picks_the_deepest_on_a_memory_bound_device_and_plain_steps_on_a_compute
     # or probed, and max_depth 0 sends the engine to its plain AR loop.
     cpu = AutoDepth(LINEAR, 1.0, 3)
     assert cpu.max_depth == 0 and set(simulate(cpu, lambda i: 1.0, 100)) == {0}
-    # A machine where depth 1 can pay but not at this acceptance: probes cost at most about
-    # PROBE_BUDGET of the throughput of plain steps.
+    # A machine where depth 1 pays at the artifact's acceptance (0.8) but not at what this text
+    # gets (0.3): once the estimate has moved, probes cost at most about PROBE_BUDGET of the
+    # throughput of plain steps.
     costs = StepCosts((100.0, 160.0, 220.0), 5.0)
-    mid = AutoDepth(costs, 0.3, 2)
-    depths = simulate(mid, lambda i: 0.3, 300)
-    assert mid.max_depth == 2 and depths.count(0) > 250 and 1 in depths
+    mid = AutoDepth(costs, 0.8, 2)
+    depths = simulate(mid, lambda i: 0.3, 600)[100:]
+    assert mid.max_depth == 2 and depths.count(0) > 450 and 1 in depths
     tokens = sum(expected_tokens([0.3] * 2, d) for d in depths)
     seconds = sum(costs.step(d) for d in depths)
     assert tokens / seconds >= (1 - 1.5 * AutoDepth.PROBE_BUDGET) / costs.step(0)
+
+
+def test_plain_ar_unless_a_depth_pays_at_the_artifacts_acceptance():
+    """The speculative loop's own overhead, and an AR loop cheaper than a 1-token verify, can
+    make every depth lose at the expected acceptance: then auto is the plain AR loop."""
+    costs = StepCosts((10.0, 12.0, 14.0), 1.0)
+    assert AutoDepth(costs, 0.5, 2).max_depth == 2
+    assert AutoDepth(StepCosts((10.0, 12.0, 14.0), 1.0, overhead_ms=4.0), 0.5, 2).max_depth == 0
+    assert AutoDepth(StepCosts((10.0, 12.0, 14.0), 1.0, ar_ms=7.0), 0.5, 2).max_depth == 0
+    assert AutoDepth(StepCosts((10.0, 12.0, 14.0), 1.0, overhead_ms=4.0), 0.95, 2).max_depth == 2
+    assert StepCosts.from_dict(StepCosts((1.0, 2.0), 0.5, 0.25, 0.9).as_dict()) == StepCosts((1.0, 2.0), 0.5, 0.25, 0.9)
 
 
 def test_reacts_within_tens_of_steps_when_acceptance_drops_and_recovers():
@@ -74,8 +86,10 @@ def test_reacts_within_tens_of_steps_when_acceptance_drops_and_recovers():
 
 
 def test_probe_interval_follows_what_a_probe_may_cost():
-    near = AutoDepth(StepCosts((10.0, 14.0), 1.0), 0.4, 1)  # depth 1 almost pays: probe often
-    far = AutoDepth(StepCosts((10.0, 18.5), 0.4), 0.1, 1)  # pays only near full acceptance: rarely
+    near = AutoDepth(StepCosts((10.0, 14.0), 1.0), 0.9, 1)
+    near.acceptance = [0.4]  # depth 1 almost pays: probe often
+    far = AutoDepth(StepCosts((10.0, 18.5), 0.4), 0.99, 1)
+    far.acceptance = [0.1]  # pays only near full acceptance: rarely
     assert near.best() == 0 and near.probe_interval(0) == AutoDepth.PROBE_MIN
     assert far.max_depth == 1 and 20 < far.probe_interval(0) <= AutoDepth.PROBE_MAX
 

@@ -319,7 +319,7 @@ def tune(model_ref, max_depth, max_tokens, rounds, min_gain, force, json_out, ye
     d = {**knobs.DEFAULTS, **model.contract.defaults}
     params = SamplingParams(temperature=d["temperature"], top_p=d["top_p"], top_k=d["top_k"])
     click.echo(f"Measuring step costs (verify T = 1..{max_depth + 1}, one draft step) ...", err=True)
-    save_step_costs(model, measure_step_costs(model, max_depth, repeats=5), "tune")
+    save_step_costs(model, measure_step_costs(model, max_depth, rounds=7), "tune")
     prompts = DEFAULT_PROMPTS[:2]
     law = measure_draft_law(model, [encode_prompt(tokenizer, p) for p in prompts], max_depth, max_tokens,
                             params.top_p, params.top_k, progress=lambda s: click.echo(s, err=True))

@@ -50,31 +50,49 @@ def as_policy(depth: "int | DepthPolicy") -> DepthPolicy:
 @dataclass(frozen=True)
 class StepCosts:
     """What a step costs on this machine for one artifact: ``verify_ms[t - 1]`` is a verify pass
-    over t tokens (t = 1 .. max depth + 1), ``draft_ms`` one draft step. Only ratios matter."""
+    over t tokens (t = 1 .. max depth + 1), ``draft_ms`` one draft step, ``overhead_ms`` what a
+    real step of the speculative loop costs beyond those (sampling, acceptance, commit, host
+    syncs), ``ar_ms`` a step of the pipelined AR loop (None: unknown, taken as a 1-token verify).
+    Only ratios matter."""
 
     verify_ms: tuple[float, ...]
     draft_ms: float
+    overhead_ms: float = 0.0
+    ar_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not self.verify_ms or not all(math.isfinite(v) and v > 0 for v in self.verify_ms):
             raise ValueError(f"verify costs must be positive, got {self.verify_ms}")
-        if not (math.isfinite(self.draft_ms) and self.draft_ms >= 0):
-            raise ValueError(f"the draft cost must be >= 0, got {self.draft_ms}")
+        for name in ("draft_ms", "overhead_ms"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ar_ms is not None and not (math.isfinite(self.ar_ms) and self.ar_ms > 0):
+            raise ValueError(f"ar_ms must be positive, got {self.ar_ms}")
 
     @property
     def max_depth(self) -> int:
         return len(self.verify_ms) - 1
 
     def step(self, depth: int) -> float:
-        """One step at ``depth``: a verify pass over depth + 1 tokens and ``depth`` draft steps."""
-        return self.verify_ms[depth] + depth * self.draft_ms
+        """One step of the speculative loop at ``depth``: a verify pass over depth + 1 tokens,
+        ``depth`` draft steps and the loop's own overhead."""
+        return self.verify_ms[depth] + depth * self.draft_ms + self.overhead_ms
+
+    @property
+    def ar(self) -> float:
+        """One step of the plain AR loop."""
+        return self.ar_ms if self.ar_ms is not None else self.verify_ms[0]
 
     def as_dict(self) -> dict:
-        return {"verify_ms": [round(v, 4) for v in self.verify_ms], "draft_ms": round(self.draft_ms, 4)}
+        out = {"verify_ms": [round(v, 4) for v in self.verify_ms], "draft_ms": round(self.draft_ms, 4),
+               "overhead_ms": round(self.overhead_ms, 4)}
+        return out | ({"ar_ms": round(self.ar_ms, 4)} if self.ar_ms is not None else {})
 
     @classmethod
     def from_dict(cls, data: dict) -> "StepCosts":
-        return cls(tuple(float(v) for v in data["verify_ms"]), float(data["draft_ms"]))
+        ar = data.get("ar_ms")
+        return cls(tuple(float(v) for v in data["verify_ms"]), float(data["draft_ms"]),
+                   float(data.get("overhead_ms", 0.0)), None if ar is None else float(ar))
 
 
 def expected_tokens(acceptance: Sequence[float], depth: int) -> float:
@@ -102,10 +120,13 @@ class AutoDepth:
     time spent at D, within [``PROBE_MIN``, ``PROBE_MAX``] steps: where the next depth is close
     to paying off it probes often; where it is hopeless (a compute-bound CPU) rarely.
 
-    A depth that cannot beat plain steps even if every draft were accepted ((D + 1) / c(D) <=
-    1 / c(0): a compute-bound CPU verifying a 4-bit trunk) is never drafted nor probed, since no
-    acceptance could change the choice; where no depth can, ``max_depth`` is 0 and the engine
-    runs its plain AR loop.
+    Whether to speculate at all is decided once, before the generation: the engine's plain AR
+    loop (pipelined, no head work) is cheaper than depth-0 steps inside the speculative loop, so
+    auto enters that loop only if, at the artifact's measured acceptance (``prior``), some depth
+    beats the AR loop on this machine. Otherwise ``max_depth`` is 0 and the engine runs plain
+    AR (a compute-bound CPU verifying a 4-bit trunk; a small model whose loop overhead eats the
+    gain). Inside the loop, a depth that could not beat the AR loop even if every draft were
+    accepted is never drafted nor probed.
 
     Every input of :meth:`choose` (step counter, past accept counts, costs measured before the
     generation) is decided before the step draws anything, so the output law stays AR's.
@@ -118,12 +139,15 @@ class AutoDepth:
 
     def __init__(self, costs: StepCosts, prior: float | Sequence[float], max_depth: int):
         self.costs = costs
-        can_win = [d for d in range(1, min(max_depth, costs.max_depth) + 1) if (d + 1) / costs.step(d) > 1 / costs.step(0)]
+        deepest = min(max_depth, costs.max_depth)
+        can_win = [d for d in range(1, deepest + 1) if (d + 1) / costs.step(d) > 1 / costs.ar]
         self.max_depth = max(can_win, default=0)
         priors = [prior] * self.max_depth if isinstance(prior, (int, float)) else list(prior)
         # Deeper positions without a prior of their own start at the last one given.
         priors = (priors + priors[-1:] * self.max_depth)[: self.max_depth] if priors else [0.5] * self.max_depth
         self.acceptance = [min(max(float(a), 0.0), 1.0) for a in priors]
+        if max((self.rate(d) for d in range(1, self.max_depth + 1)), default=0.0) <= 1 / costs.ar:
+            self.max_depth, self.acceptance = 0, []  # no depth pays at the expected acceptance: plain AR
         self._since_probe = 0
 
     def rate(self, depth: int) -> float:
