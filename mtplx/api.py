@@ -205,6 +205,52 @@ class _StopScanner:
         return out, False
 
 
+@dataclass
+class _Prepared:
+    """One request's checked settings, as the engine takes them (stream_generate and
+    batch_generate share the checks)."""
+
+    ids: list[int]
+    params: SamplingParams
+    draft_params: SamplingParams
+    depth: int
+    seed: int | None
+    eos: set[int]
+    constraint: Constraint | None
+    stop: list[str]
+    boundaries: tuple[int, ...]
+    max_tokens: int
+
+
+def _prepare(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int | None, temperature: float | None,
+             top_p: float | None, top_k: int | None, min_p: float | None, depth: int | None,
+             draft_temperature: float | None, seed: int | None, stop: Sequence[str] | None,
+             enable_thinking: bool | None, response_format: dict[str, Any] | None, cached: bool) -> _Prepared:
+    """Check every argument of one request before the model runs (see :func:`stream_generate`)."""
+    k = knobs.check_all(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                        depth=depth, draft_temperature=draft_temperature, seed=seed)
+    max_tokens = DEFAULT_MAX_TOKENS if k["max_tokens"] is None else k["max_tokens"]
+    temperature, top_p, top_k, min_p = k["temperature"], k["top_p"], k["top_k"], k["min_p"]
+    depth, draft_temperature, seed = k["depth"], k["draft_temperature"], k["seed"]
+    stop = check_stop(stop)
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    constraint = Constraint.from_response_format(response_format, tokenizer, model.vocab_size, eos)
+    if constraint is not None:
+        if enable_thinking:
+            raise MtplxError("enable_thinking=True cannot be combined with response_format: the grammar applies "
+                             "from the first generated token, so the model could not think first",
+                             fix="drop enable_thinking or response_format")
+        enable_thinking = False
+    ids = prompt_ids(model, tokenizer, prompt, enable_thinking)
+    boundaries = reuse_boundaries(tokenizer, prompt, ids, enable_thinking) if cached else ()
+    params = sampling_from(model, temperature, top_p, top_k, min_p)
+    defaults = model.contract.defaults if model.contract else {}
+    dt = draft_temperature if draft_temperature is not None else defaults.get("draft_temperature", params.temperature)
+    draft = SamplingParams(temperature=dt, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p)
+    return _Prepared(ids=ids, params=params, draft_params=draft, depth=default_depth(model) if depth is None else depth,
+                     seed=seed, eos=eos, constraint=constraint, stop=stop, boundaries=boundaries, max_tokens=max_tokens)
+
+
 def stream_generate(
     model: MTPModel,
     tokenizer: Any,
@@ -246,28 +292,11 @@ def stream_generate(
     Every argument is checked before the model runs (a bad one raises :class:`MtplxError`, a
     knob out of range :class:`~mtplx.knobs.KnobError`, a prompt over the context
     :class:`~mtplx.errors.ContextOverflowError`), when the first response is asked for."""
-    k = knobs.check_all(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                        depth=depth, draft_temperature=draft_temperature, seed=seed)
-    max_tokens = DEFAULT_MAX_TOKENS if k["max_tokens"] is None else k["max_tokens"]
-    temperature, top_p, top_k, min_p = k["temperature"], k["top_p"], k["top_k"], k["min_p"]
-    depth, draft_temperature, seed = k["depth"], k["draft_temperature"], k["seed"]
-    stop = check_stop(stop)
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
-    constraint = Constraint.from_response_format(response_format, tokenizer, model.vocab_size, eos)
-    if constraint is not None:
-        if enable_thinking:
-            raise MtplxError("enable_thinking=True cannot be combined with response_format: the grammar applies "
-                             "from the first generated token, so the model could not think first",
-                             fix="drop enable_thinking or response_format")
-        enable_thinking = False
-    ids = prompt_ids(model, tokenizer, prompt, enable_thinking)
-    boundaries = reuse_boundaries(tokenizer, prompt, ids, enable_thinking) if prompt_cache is not None else ()
-    params = sampling_from(model, temperature, top_p, top_k, min_p)
-    defaults = model.contract.defaults if model.contract else {}
-    dt = draft_temperature if draft_temperature is not None else defaults.get("draft_temperature", params.temperature)
-    draft = SamplingParams(temperature=dt, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p)
-    engine = Engine(model, default_depth(model) if depth is None else depth, params, draft, seed, constraint,
-                    logprobs=logprobs)
+    r = _prepare(model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                 min_p=min_p, depth=depth, draft_temperature=draft_temperature, seed=seed, stop=stop,
+                 enable_thinking=enable_thinking, response_format=response_format, cached=prompt_cache is not None)
+    max_tokens, stop, eos, ids, boundaries = r.max_tokens, r.stop, r.eos, r.ids, r.boundaries
+    engine = Engine(model, r.depth, r.params, r.draft_params, r.seed, r.constraint, logprobs=logprobs)
     detok = tokenizer.detokenizer
     detok.reset()
     scanner = _StopScanner(stop)
