@@ -191,7 +191,37 @@ def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int
              prompt_cache: PromptCache | None = None, response_format: dict[str, Any] | None = None,
              logprobs: int | None = None) -> RowSpec:
     """A generation request checked and resolved for the engine (arguments as for
-    :func:`stream_generate`, which documents them and the errors raised)."""
+    :func:`stream_generate`, which documents them and the errors raised): :func:`_prepare`'s
+    checks, with what a row of the engine also takes (logprobs, the prompt cache)."""
+    r = _prepare(model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                 min_p=min_p, depth=depth, draft_temperature=draft_temperature, seed=seed, stop=stop,
+                 enable_thinking=enable_thinking, response_format=response_format, cached=prompt_cache is not None)
+    return RowSpec(r.ids, r.max_tokens, r.params, r.depth, r.draft_params, r.seed, frozenset(r.eos), r.constraint,
+                   logprobs, prompt_cache, tuple(r.boundaries), list(r.stop))
+
+
+@dataclass
+class _Prepared:
+    """One request's checked settings, as the engine takes them (stream_generate and
+    batch_generate share the checks)."""
+
+    ids: list[int]
+    params: SamplingParams
+    draft_params: SamplingParams
+    depth: int
+    seed: int | None
+    eos: set[int]
+    constraint: Constraint | None
+    stop: list[str]
+    boundaries: tuple[int, ...]
+    max_tokens: int
+
+
+def _prepare(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int | None, temperature: float | None,
+             top_p: float | None, top_k: int | None, min_p: float | None, depth: int | None,
+             draft_temperature: float | None, seed: int | None, stop: Sequence[str] | None,
+             enable_thinking: bool | None, response_format: dict[str, Any] | None, cached: bool) -> _Prepared:
+    """Check every argument of one request before the model runs (see :func:`stream_generate`)."""
     k = knobs.check_all(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                         depth=depth, draft_temperature=draft_temperature, seed=seed)
     max_tokens = DEFAULT_MAX_TOKENS if k["max_tokens"] is None else k["max_tokens"]
@@ -207,13 +237,13 @@ def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int
                              fix="drop enable_thinking or response_format")
         enable_thinking = False
     ids = prompt_ids(model, tokenizer, prompt, enable_thinking)
-    boundaries = reuse_boundaries(tokenizer, prompt, ids, enable_thinking) if prompt_cache is not None else ()
+    boundaries = reuse_boundaries(tokenizer, prompt, ids, enable_thinking) if cached else ()
     params = sampling_from(model, temperature, top_p, top_k, min_p)
     defaults = model.contract.defaults if model.contract else {}
     dt = draft_temperature if draft_temperature is not None else defaults.get("draft_temperature", params.temperature)
     draft = SamplingParams(temperature=dt, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p)
-    return RowSpec(ids, max_tokens, params, default_depth(model) if depth is None else depth, draft, seed,
-                   frozenset(eos), constraint, logprobs, prompt_cache, tuple(boundaries), list(stop))
+    return _Prepared(ids=ids, params=params, draft_params=draft, depth=default_depth(model) if depth is None else depth,
+                     seed=seed, eos=eos, constraint=constraint, stop=stop, boundaries=boundaries, max_tokens=max_tokens)
 
 
 def stream_generate(

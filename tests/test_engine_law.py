@@ -39,12 +39,12 @@ def model():
     return tiny_model(vocab=VOCAB, embed_scale=0.12)
 
 
-def exact_ar_law(model, prefix: list[int], length: int) -> dict[tuple[int, ...], float]:
+def exact_ar_law(model, prefix: list[int], length: int, params: SamplingParams = PARAMS) -> dict[tuple[int, ...], float]:
     """P(first ``length`` generated tokens) under AR, by enumeration."""
     def next_probs(tokens):
         cache = model.make_cache()
         logits, _ = model.trunk_forward(mx.array([tokens]), cache)
-        return np.array(filtered_probs(logits[0, -1:], PARAMS))[0].astype(np.float64)
+        return np.array(filtered_probs(logits[0, -1:], params))[0].astype(np.float64)
 
     law = {(): 1.0}
     for _ in range(length):

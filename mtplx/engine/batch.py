@@ -40,14 +40,14 @@ from mtplx.engine.policy import DepthPolicy, as_policy
 from mtplx.engine.prompt_cache import PromptCache
 from mtplx.engine.sampling import (Rng, SamplingParams, Verdict, acceptance_arrays, decide, filtered_probs,
                                    sample_logits)
-from mtplx.engine.speculative import BACKLOG_FLUSH, Emitted, Engine, _Budget, _extend_backlog
+from mtplx.engine.speculative import Emitted, Engine, _Budget, _extend_backlog
 from mtplx.engine.stats import DecodeStats
 from mtplx.errors import ContextOverflowError, MtplxError
 from mtplx.model import rows as ragged
 from mtplx.model.mtp_model import ModelCache, MTPModel
 from mtplx.model.trunk import VerifyRecord
 
-__all__ = ["BACKLOG_FLUSH", "BatchDecoder", "Row", "RowRequest"]
+__all__ = ["BatchDecoder", "Row", "RowRequest"]
 
 
 @dataclass
@@ -161,8 +161,9 @@ class BatchDecoder:
         return len(self._active) + len(self._waiting)
 
     def add(self, request: RowRequest) -> Row:
-        """Check ``request`` and queue it; it joins at the next step boundary. A request with
-        nothing to generate (``max_tokens`` 0) comes back already done."""
+        """Check ``request`` and queue it; it joins at the next step boundary (its caches are
+        made now when a slot is free, else when one frees). A request with nothing to generate
+        (``max_tokens`` 0) comes back already done."""
         model = self.model
         prompt = request.prompt
         if not prompt:
@@ -191,7 +192,13 @@ class BatchDecoder:
             row.done = True
             return row
         self._waiting.append(row)
+        self._admit()
         return row
+
+    def _admit(self) -> None:
+        """Start waiting rows while there are free slots (between steps only)."""
+        while self._waiting and len(self._active) < self.max_batch:
+            self._start(self._waiting.pop(0))
 
     def remove(self, row: Row) -> None:
         """``row`` leaves now (cancelled, stop string, client gone). Its prompt cache, if any,
@@ -234,8 +241,7 @@ class BatchDecoder:
     def step(self) -> list[tuple[Row, Emitted]]:
         """One step for every active row; returns what each row emitted (rows still in their
         prompt emit nothing). Rows that finish are marked done and leave after this step."""
-        while self._waiting and len(self._active) < self.max_batch:
-            self._start(self._waiting.pop(0))
+        self._admit()
         if not self._active:
             return []
         t0 = time.perf_counter()

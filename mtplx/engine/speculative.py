@@ -1,4 +1,5 @@
-"""The decode loop: prefill, then AR steps (depth 0) or MTP speculative steps (depth >= 1).
+"""The decode loop: prefill, then AR steps (depth 0) or MTP speculative steps (depth >= 1; the
+step itself lives in batch.py, which runs it over one row or many).
 
 State between MTP steps: the trunk caches hold every committed token but the newest one,
 ``pending`` (already sampled and emitted, not yet fed to the trunk); the head's cache holds one
@@ -34,7 +35,7 @@ from mtplx.engine.constraints import Constraint
 from mtplx.engine.logprobs import LogprobReader, TokenLogprob
 from mtplx.engine.policy import DepthPolicy, FixedDepth, as_policy
 from mtplx.engine.prompt_cache import PromptCache
-from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample_logits
+from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, sample_logits
 from mtplx.engine.stats import DecodeStats
 from mtplx.errors import ContextOverflowError, MtplxError
 from mtplx.model.mtp_model import ModelCache, MTPModel
@@ -130,6 +131,12 @@ class Engine:
         budget = _Budget(min(max_tokens, self.model.max_context - len(prompt)), set(eos))
         if budget.done:
             return
+        # A pinned depth 0 is mlx-lm's pipelined AR loop; any policy that may draft runs the
+        # batched decoder's step on this one row (a depth-0 step there verifies the pending
+        # token alone and keeps the head in step).
+        if not (isinstance(self.policy, FixedDepth) and self.depth == 0):
+            yield from self._mtp(prompt, max_tokens, eos, prompt_cache, snapshot_at)
+            return
         if prompt_cache is not None:
             prompt_cache.check_model(self.model)
             reused = prompt_cache.prepare(self.model, prompt)
@@ -139,14 +146,10 @@ class Engine:
         if self.constraint is not None:  # constraint: every generation starts at the grammar's start
             self.constraint.start()
         self.cache = prompt_cache.cache if prompt_cache is not None else self.model.make_cache()
-        # A pinned depth 0 is mlx-lm's pipelined AR loop; any policy that may draft runs MTP steps
-        # (a depth-0 step there verifies the pending token alone and keeps the head in step).
-        plain = isinstance(self.policy, FixedDepth) and self.depth == 0
-        run = self._ar if plain else self._mtp
         consumed = list(prompt)
         self._snapshot_at = tuple(snapshot_at)
         try:
-            for step, fed in run(prompt, reused, budget, prompt_cache):
+            for step, fed in self._ar(prompt, reused, budget, prompt_cache):
                 consumed += fed
                 yield step
         finally:
@@ -215,91 +218,26 @@ class Engine:
 
     # -- MTP --------------------------------------------------------------------------------
 
-    def _mtp(self, prompt: list[int], reused: int, budget: _Budget, prompt_cache: PromptCache | None):
-        model, cache, seconds, constraint = self.model, self.cache, self.stats.seconds, self.constraint
-        vocab, subset = model.vocab_size, model.draft_vocab
-        logits, _, t0 = self._prefill(prompt, reused, prompt_cache, head=True)
-        lp = self.logprobs.rows(logits)
-        y, _ = sample_logits(self._mask(logits), self.params, self.rng)
-        mx.eval(y, *lp.arrays)
-        pending = y.item()
-        if constraint is not None:
-            constraint.advance(pending)
-        seconds["prefill"] += time.perf_counter() - t0
-        kept = budget.take([pending])
-        self._record(0, 0, kept)
-        yield Emitted(kept, 0, 0, lp.take(kept)), []
-        if budget.done:
-            return
+    def _mtp(self, prompt: list[int], max_tokens: int, eos: Iterable[int], prompt_cache: PromptCache | None,
+             snapshot_at: Iterable[int]) -> Iterator[Emitted]:
+        """Speculative decoding: the batched decoder (batch.py) with this one row, so one step
+        function serves one row and many. The row uses this engine's random stream, policy and
+        acceptance rule, so a later call continues them."""
+        from mtplx.engine.batch import BatchDecoder, RowRequest  # batch.py builds on this module
 
-        while True:
-            # 1. draft: the first call also feeds the rows committed by the last verify.
-            t1 = time.perf_counter()
-            depth = self.policy.choose()
-            drafts, qs = [], []
-            hidden, tokens = cache.backlog, mx.array([cache.backlog_tokens + [pending]])
-            for _ in range(depth):
-                d_logits, chain = steps.draft(model, cache, hidden, tokens)
-                if constraint is not None:  # constraint: mask q with the state after pending, d_1..d_{i-1}
-                    d_logits = constraint.mask_draft(d_logits, subset)
-                d, q = sample_logits(d_logits[0], self.draft_params, self.rng)
-                if subset is not None:
-                    d, q = subset.token_ids(d), subset.scatter(q, vocab)
-                if constraint is not None:
-                    # constraint: the next draft's mask needs this draft (a vocabulary id) on the
-                    # host: one sync per draft, paid only when a grammar is set.
-                    constraint.advance_draft(d.item())
-                drafts.append(d)
-                qs.append(q)
-                hidden, tokens = chain, d[None]
-            if depth:
-                draft_tokens, q = mx.concatenate(drafts), mx.concatenate(qs)
-                mx.eval(draft_tokens, q)
-            else:  # a plain step: nothing drafted; the head's rows wait in the backlog
-                draft_tokens, q = mx.zeros((0,), dtype=mx.int32), mx.zeros((0, vocab), dtype=mx.float32)
-            t2 = time.perf_counter()
-
-            # 2. verify, and the acceptance test's device work in the same evaluation
-            block = mx.concatenate([mx.array([pending]), draft_tokens])[None]
-            v_logits, v_hidden, record = steps.verify(model, cache, block)
-            lp = self.logprobs.rows(v_logits[0])  # row i: the i-th token this step emits (raw logits)
-            if constraint is not None:  # constraint: mask p at each position with the draft's state
-                v_logits = constraint.mask_verify(v_logits[0])[None]
-            p = filtered_probs(v_logits[0], self.params)
-            ratio, candidates = self.acceptance_arrays(p, q, draft_tokens, self.rng)
-            mx.eval(ratio, candidates, v_hidden, *lp.arrays)
-            t3 = time.perf_counter()
-
-            # 3. accept (host side)
-            verdict = decide(ratio, candidates, self.rng)
-            a = verdict.accepted
-            proposed = draft_tokens[:a].tolist() + [verdict.next_token]
-            kept = budget.take(proposed)
-            if constraint is not None:  # constraint: roll back to the accepted prefix, advance by the next token
-                constraint.commit(a, verdict.next_token)
-            t4 = time.perf_counter()
-
-            # 4. commit: normally the accepted drafts; on the last step, only as far as the
-            # output goes, so the caches hold exactly the tokens emitted.
-            keep = min(a, len(kept))
-            steps.commit(cache, record, accepted=keep)
-            if depth:
-                cache.backlog, cache.backlog_tokens = v_hidden[:, : keep + 1], proposed[:keep]
-            else:  # nothing drafted, so the head consumed no rows: this position joins the backlog
-                _extend_backlog(model, cache, v_hidden[:, :1], pending)
-            fed = [pending] + proposed[:keep]
-            pending = verdict.next_token
-            t5 = time.perf_counter()
-
-            seconds["draft"] += t2 - t1
-            seconds["verify"] += t3 - t2
-            seconds["sample"] += t4 - t3
-            seconds["rollback"] += t5 - t4
-            self._record(depth, a, kept)
-            self.policy.observe(depth, a)
-            yield Emitted(kept, depth, a, lp.take(kept)), fed
-            if budget.done:
-                return
+        decoder = BatchDecoder(self.model, max_batch=1, prefill_chunk=steps.PREFILL_CHUNK)
+        row = decoder.add(RowRequest(
+            prompt=prompt, max_tokens=max_tokens, params=self.params, depth=self.policy,
+            draft_params=self.draft_params, eos=frozenset(eos), constraint=self.constraint,
+            logprobs=self.logprobs.k, prompt_cache=prompt_cache, snapshot_at=tuple(snapshot_at)))
+        row.rng, row.acceptance_arrays = self.rng, self.acceptance_arrays
+        self.stats, self.cache = row.stats, row.cache
+        try:
+            while not row.done:
+                for _, emitted in decoder.step():
+                    yield emitted
+        finally:
+            decoder.remove(row)  # leaves the prompt cache holding what the trunk consumed
 
     def _record(self, drafted: int, accepted: int, kept: list[int]) -> None:
         # A step cut short by the budget or EOS counts only the drafts that reached the output.

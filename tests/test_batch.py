@@ -1,0 +1,205 @@
+"""The batched decoder (mtplx/engine/batch.py): a row in a batch decodes as it would alone.
+
+- greedy: every row's tokens equal that prompt's greedy AR output (bf16 graft of the fixture,
+  4 prompts of different lengths, depths 0-3 and mixed; the demo on one short case);
+- batch invariance: a seeded, sampled request gives the same tokens alone and inside a batch
+  of 4 (bf16 graft: a ragged pass computes each row as it would alone);
+- caches: after every step, every cache of every row equals an AR pass over the tokens it
+  consumed, with rows joining mid-run (chunked prefill), leaving, and accepting differently;
+- per row: a grammar constraint, logprobs and a prompt cache give inside a batch exactly what
+  they give alone;
+- bad input is refused with one clear error.
+The law of every row is tested in tests/test_batch_law.py.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+import mtplx
+from cache_compare import compare
+from mtplx.engine.batch import BatchDecoder, RowRequest
+from mtplx.engine.constraints import Constraint
+from mtplx.engine.sampling import SamplingParams
+from mtplx.engine.speculative import Engine
+from mtplx.errors import MtplxError
+from tiny_grammar import PIECES, grammar, grammar_tokenizer
+from tiny_models import tiny_model
+
+GREEDY = SamplingParams(temperature=0.0)
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, top_k=0)
+
+
+@pytest.fixture(scope="module")
+def bf16(grafted_bf16):
+    return mtplx.load(str(grafted_bf16[0]))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(vocab=32, embed_scale=0.12, seed=1)
+
+
+def alone(model, prompt, n, depth, params=GREEDY, seed=0, **kw):
+    engine = Engine(model, depth, params, seed=seed, **{k: v for k, v in kw.items() if k in ("constraint", "logprobs")})
+    steps = list(engine.generate(prompt, n, prompt_cache=kw.get("prompt_cache")))
+    return [t for s in steps for t in s.tokens], steps
+
+
+def run_batch(model, requests, max_batch=8, prefill_chunk=512):
+    decoder = BatchDecoder(model, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    rows = [decoder.add(r) for r in requests]
+    emitted = {r.id: [] for r in rows}
+    while len(decoder):
+        for row, e in decoder.step():
+            emitted[row.id].append(e)
+    return rows, emitted
+
+
+def bf16_prompts(tok):
+    texts = ["def f(x):\n", "import os\nimport sys\n\n\ndef main(argv):\n    ",
+             "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n",
+             "# A list of primes\nprimes = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71]\n"]
+    return [tok.encode(t) for t in texts]
+
+
+@pytest.fixture(scope="module")
+def greedy_ar(bf16):
+    model, tok = bf16
+    prompts = bf16_prompts(tok)
+    assert len({len(p) for p in prompts}) == 4
+    return prompts, [alone(model, p, 16, 0)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("depths", [(0, 0, 0, 0), (1, 1, 1, 1), (2, 2, 2, 2), (3, 3, 3, 3), (0, 1, 2, 3)])
+def test_greedy_rows_equal_greedy_ar(bf16, greedy_ar, depths):
+    model, _ = bf16
+    prompts, ar = greedy_ar
+    rows, _ = run_batch(model, [RowRequest(p, 16, GREEDY, depth=d) for p, d in zip(prompts, depths)])
+    for row, want in zip(rows, ar):
+        assert row.emitted == want, f"row {row.id} at depth {row.depth}"
+    if max(depths):
+        assert any(sum(r.stats.accepted) for r in rows), "no draft was accepted: nothing was tested"
+
+
+@pytest.mark.slow
+def test_greedy_rows_equal_greedy_ar_on_the_demo(demo):
+    model, tok = demo
+    prompts = [tok.encode("def add(a, b):\n"), tok.encode("import numpy as np\n\nx = np.")]
+    ar = [alone(model, p, 8, 0)[0] for p in prompts]
+    rows, _ = run_batch(model, [RowRequest(p, 8, GREEDY, depth=2) for p in prompts])
+    assert [r.emitted for r in rows] == ar
+
+
+def test_a_seeded_request_is_the_same_alone_and_in_a_batch(bf16):
+    model, tok = bf16
+    prompts = bf16_prompts(tok)
+    mine = RowRequest(prompts[1], 20, SAMPLED, depth=2, seed=7)
+    (solo,), _ = run_batch(model, [mine])
+    others = [RowRequest(prompts[0], 24, SamplingParams(temperature=1.2), depth=2, seed=1),
+              RowRequest(prompts[2], 12, GREEDY, depth=2),
+              RowRequest(prompts[3], 20, SamplingParams(temperature=0.6, top_p=0.8), depth=2, seed=3)]
+    rows, _ = run_batch(model, [others[0], RowRequest(**vars(mine)), *others[1:]])
+    assert rows[1].emitted == solo.emitted
+    assert solo.stats.steps > 1 and any(r.emitted != solo.emitted for r in rows if r is not rows[1])
+
+
+class Cycle:
+    """A depth policy that walks through ``depths`` (0 included: plain steps)."""
+
+    def __init__(self, depths):
+        self.depths, self.i, self.max_depth = depths, -1, max(depths)
+
+    def choose(self):
+        self.i += 1
+        return self.depths[self.i % len(self.depths)]
+
+    def observe(self, drafted, accepted):
+        pass
+
+
+def test_every_cache_of_every_row_equals_ar_after_every_step(tiny):
+    model = tiny
+    decoder = BatchDecoder(model, max_batch=3, prefill_chunk=5)
+    rows = [decoder.add(RowRequest([1, 2, 3], 40, SAMPLED, depth=3, seed=1)),
+            decoder.add(RowRequest(list(range(4, 17)), 40, SAMPLED, depth=Cycle([2, 0, 1, 0]), seed=2)),
+            decoder.add(RowRequest([5, 9], 40, GREEDY, depth=1))]
+    late = None
+    accepted: dict[int, set[int]] = {}
+    for step in range(16):
+        if step == 3:  # a long prompt joins mid-run; more rows than slots: it waits for one
+            late = decoder.add(RowRequest(list(range(20, 32)), 40, SAMPLED, depth=2, seed=4))
+            assert late.cache is None and late in decoder.rows
+        if step == 6:
+            decoder.remove(rows[2])  # leaves: its slot goes to the late row
+            assert rows[2].done and rows[2].cache is None
+        for row, e in decoder.step():
+            if e.drafted:
+                accepted.setdefault(row.id, set()).add(e.accepted)
+        for row in decoder.rows:
+            if row.cache is not None and row.consumed:  # (a joining row may not have had a piece yet)
+                compare(model, row.cache, row.consumed)
+    assert late is not None and late.emitted and late.stats.cached_tokens == 0
+    assert any(len(a) > 1 for a in accepted.values()), "every step accepted the same count"
+    assert not decoder.step() or True  # still runs after rows left
+
+
+def test_a_constrained_row_equals_itself_alone(tiny):
+    model = tiny_model(vocab=len(PIECES), seed=0, embed_scale=0.1)
+    want, _ = alone(model, [1, 2, 1], 12, 2, SAMPLED, seed=5, constraint=Constraint(grammar_tokenizer(), grammar()))
+    rows, _ = run_batch(model, [RowRequest([3, 3], 12, SAMPLED, depth=2, seed=1),
+                                RowRequest([1, 2, 1], 12, SAMPLED, depth=2, seed=5,
+                                           constraint=Constraint(grammar_tokenizer(), grammar())),
+                                RowRequest([4], 12, SAMPLED, depth=1, seed=2)])
+    assert rows[1].emitted == want
+
+
+def test_logprobs_of_a_row_equal_the_row_alone(tiny):
+    want_tokens, want_steps = alone(tiny, [1, 2, 3, 4], 10, 2, SAMPLED, seed=3, logprobs=3)
+    rows, emitted = run_batch(tiny, [RowRequest([7, 8], 10, SAMPLED, depth=3, seed=1),
+                                     RowRequest([1, 2, 3, 4], 10, SAMPLED, depth=2, seed=3, logprobs=3)])
+    assert rows[1].emitted == want_tokens
+    got = [lp for e in emitted[rows[1].id] for lp in e.logprobs]
+    assert got == [lp for s in want_steps for lp in s.logprobs]
+    assert all(e.logprobs is None for e in emitted[rows[0].id])
+
+
+def test_a_row_with_a_prompt_cache_equals_itself_alone(tiny):
+    history = [1, 5, 9, 2, 6]
+    prompt = history + [3, 3, 7]
+
+    def warm():
+        cache = mtplx.make_prompt_cache(tiny)
+        alone(tiny, history, 4, 2, prompt_cache=cache)
+        return cache
+
+    solo_cache, batch_cache = warm(), warm()
+    want, _ = alone(tiny, prompt, 12, 2, SAMPLED, seed=9, prompt_cache=solo_cache)
+    rows, _ = run_batch(tiny, [RowRequest([2, 2, 2], 12, SAMPLED, depth=1, seed=1),
+                               RowRequest(prompt, 12, SAMPLED, depth=2, seed=9, prompt_cache=batch_cache)])
+    assert rows[1].emitted == want
+    assert rows[1].stats.cached_tokens == len(history) - 1  # the snapshot before the history's last token
+    assert batch_cache.tokens == solo_cache.tokens == prompt + want[: len(solo_cache.tokens) - len(prompt)]
+    compare(tiny, batch_cache.cache, batch_cache.tokens)
+
+
+@pytest.mark.parametrize("request_kw, needle", [
+    ({"prompt": []}, "empty"),
+    ({"prompt": [1, 99]}, "token ids"),
+    ({"depth": -1}, "depth"),
+    ({"logprobs": -2}, "logprobs"),
+])
+def test_bad_requests_are_refused(tiny, request_kw, needle):
+    kw = {"prompt": [1, 2], "max_tokens": 4, "params": GREEDY} | request_kw
+    with pytest.raises(MtplxError, match=needle):
+        BatchDecoder(tiny).add(RowRequest(**kw))
+
+
+def test_a_prompt_cache_serves_one_row_at_a_time(tiny):
+    decoder = BatchDecoder(tiny)
+    cache = mtplx.make_prompt_cache(tiny)
+    decoder.add(RowRequest([1, 2], 4, GREEDY, prompt_cache=cache))
+    with pytest.raises(MtplxError, match="already in use"):
+        decoder.add(RowRequest([1, 3], 4, GREEDY, prompt_cache=cache))
+    assert BatchDecoder(tiny).add(RowRequest([1], 0, GREEDY)).done
