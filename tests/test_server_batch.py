@@ -193,3 +193,19 @@ def test_grammar_logprobs_and_prompt_cache_rows_inside_a_batch(bf16) -> None:
     lp_a, lp_b = (r["choices"][0]["logprobs"]["content"] for r in (alone[2], together[2]))
     assert [x["token"] for x in lp_b] == [x["token"] for x in lp_a] and len(lp_b) > 0
     assert [x["logprob"] for x in lp_b] == pytest.approx([x["logprob"] for x in lp_a], abs=1e-4)
+
+
+def test_rows_that_do_not_fit_in_memory_wait(bf16) -> None:
+    """A memory budget for one row's caches: three requests at once decode one after another (the
+    batch never holds two rows) and still answer right."""
+    model, tok = bf16
+    app = create_app(model, tok, served_model_names=["m"], prompt_cache_bytes=0, max_batch=4)
+    app.state.core.scheduler.capacity = Capacity(model, budget=row_bytes(model, 200))
+    requests = [(p, False, {"max_tokens": 16, "temperature": 0}) for p in PROMPTS[:3]]
+    with running(app, model, tok) as s:
+        got = _concurrently(s, requests)
+        wait_idle(s)
+        text = s.http.get("/metrics").text
+    assert got == [mtplx.generate(model, tok, p, **kw) for p, _, kw in requests]
+    steps = metric(text, "mtplx_batch_size_rows_count")
+    assert steps and metric(text, "mtplx_batch_size_rows_bucket", 'le="1"') == steps
