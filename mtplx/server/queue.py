@@ -256,8 +256,6 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - reported to the client, the engine thread lives on
             if cache is not None:
                 self.prompt_caches.checkin(cache)
-            if not _is_user_error(e):
-                log.exception("mtplx engine: a request could not join the batch")
             self.metrics.record_generation("error")
             self._finish(job, "error", e, record=False)
             return
@@ -290,8 +288,6 @@ class Scheduler:
         for r in [r for r in self._batch if r.row.done]:
             error = getattr(r.row, "error", None)
             if error is not None:
-                if not _is_user_error(error):
-                    log.error("mtplx engine: generation failed", exc_info=error)
                 self._leave(decoder, r, "error", error)
             else:  # the engine ended the row without a finish of the text's (the context is full)
                 r.last = r.text.end(r.row.stats)
@@ -354,9 +350,3 @@ async def until_disconnect(request: Request) -> None:
     a server sends is http.disconnect; run it as a task beside a non-streamed generation."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _is_user_error(e: BaseException) -> bool:
-    from mtplx.errors import MtplxError
-
-    return isinstance(e, (MtplxError, ValueError))
