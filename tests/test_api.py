@@ -94,8 +94,8 @@ def test_stop_scanner_holds_back_partial_stops():
 # ---------------------------------------------------------------- bad input: one MtplxError, before the model runs
 
 @pytest.mark.parametrize("kwargs,needle", [
-    ({"depth": 2.5}, "depth must be an integer, got 2.5"),
-    ({"depth": 99}, r"depth must be an integer in \[0, 8\], got 99"),
+    ({"depth": 2.5}, "depth must be an integer or 'auto', got 2.5"),
+    ({"depth": 99}, r"depth must be an integer in \[0, 8\] or 'auto', got 99"),
     ({"depth": -1}, "depth must be"),
     ({"max_tokens": 0}, "max_tokens must be"),
     ({"temperature": float("nan")}, "temperature must be a finite number"),

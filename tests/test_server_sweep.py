@@ -238,7 +238,8 @@ def broken_server(tmp_path_factory):
     model, tokenizer = scripted_model(tmp_path_factory.mktemp("broken"))
     lm_head = model.trunk.model.language_model.lm_head
     lm_head.weight = mx.zeros((lm_head.weight.shape[0], lm_head.weight.shape[1] + 1))
-    app = create_app(model, tokenizer, served_model_names=["broken"], prompt_cache_bytes=0)
+    app = create_app(model, tokenizer, served_model_names=["broken"], prompt_cache_bytes=0,
+                     depth=2)  # a pinned depth: "auto" would measure step costs, and fail, at start-up
     with running(app, model, tokenizer) as s:
         yield s
 
