@@ -323,6 +323,11 @@ def test_run_prompt_cache_file_any_name_and_unwritable(tmp_path):
     assert json.loads(second.stdout)["stats"]["cached_tokens"] > 0
     assert_one_line_error(invoke(*args[:-1], "--prompt-cache", "/proc/nope/x", args[-1]),
                           "/proc/nope/x: the prompt cache cannot be written there")
+    # the class: --json PATH was also written only after the work (an hour's bench, say)
+    assert_one_line_error(invoke("run", "--model", "demo", "--json", "/proc/nope/r.json", "x"),
+                          "/proc/nope/r.json: the --json report cannot be written there")
+    assert_one_line_error(invoke("bench", "--model", "demo", "--json", "/proc/nope/r.json"),
+                          "/proc/nope/r.json: the --json report cannot be written there")
 
 
 def test_run_refuses_an_empty_prompt_like_the_api():

@@ -337,13 +337,13 @@ def test_a_prompt_cache_of_the_wrong_type_is_refused(demo, value, tmp_path):
 
 
 def test_an_unwritable_cache_path_is_refused_up_front(model, tmp_path):
-    from mtplx.engine.prompt_cache_file import check_writable
+    from mtplx.cli.options import check_writable
 
     with pytest.raises(MtplxError, match="/proc/nope/x: the prompt cache cannot be written there"):
-        check_writable("/proc/nope/x")
-    with pytest.raises(MtplxError, match="is a directory"):
-        check_writable(tmp_path)
-    assert check_writable(tmp_path / "new" / "c.bin") == tmp_path / "new" / "c.bin"
+        check_writable("/proc/nope/x", "the prompt cache")
+    with pytest.raises(MtplxError, match="the prompt cache path is a directory"):
+        check_writable(tmp_path, "the prompt cache")
+    assert check_writable(tmp_path / "new" / "c.bin", "the prompt cache") == tmp_path / "new" / "c.bin"
     assert list((tmp_path / "new").iterdir()) == []  # the probe file is gone
     cache = mtplx.make_prompt_cache(model)
     run(model, [1, 2, 3], 0, 2, cache)

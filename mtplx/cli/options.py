@@ -117,7 +117,35 @@ def write_json(data: Any, target: str | None) -> None:
         Path(target).write_text(text + "\n", encoding="utf-8")
 
 
-json_option = click.option("--json", "json_out", default=None, metavar="PATH|-",
+def check_writable(path: str | Path, what: str) -> Path:
+    """Refuse, before any work is done, an output path that could not be written once the work
+    is over (a report after an hour's bench, a prompt cache after a reply): a directory, or a
+    place where no file can be created. The check creates the missing parent directories, as
+    the write would, and a temporary file it removes."""
+    import tempfile
+
+    from mtplx.errors import MtplxError
+
+    path = Path(path)
+    if path.is_dir():
+        raise MtplxError(f"{what} path is a directory", path=path, fix="name a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise MtplxError(f"{what} cannot be written there ({e.strerror or e})", path=path,
+                         fix="choose a path in a directory you can write to") from None
+    return path
+
+
+def _json_target(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value not in (None, "-"):
+        check_writable(value, "the --json report")
+    return value
+
+
+json_option = click.option("--json", "json_out", default=None, metavar="PATH|-", callback=_json_target,
                            help="Write the report as JSON to PATH ('-' for stdout).")
 
 

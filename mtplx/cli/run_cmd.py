@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from mtplx.cli.options import (confirm_download, distributed_options, force_option, format_status, json_option, knob,
-                               load_model, model_option, sampling_options, write_json)
+from mtplx.cli.options import (check_writable, confirm_download, distributed_options, force_option, format_status,
+                               json_option, knob, load_model, model_option, sampling_options, write_json)
 from mtplx.errors import MtplxError
 
 
@@ -82,9 +82,7 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
             # template would wrap it into tokens: the model would answer a question nobody asked.
             raise MtplxError("the prompt is empty", fix="give the text to complete as PROMPT, or pipe it on standard input")
     if prompt_cache_file:
-        from mtplx.engine.prompt_cache_file import check_writable
-
-        check_writable(prompt_cache_file)  # before loading and generating, not after
+        check_writable(prompt_cache_file, "the prompt cache")  # before loading and generating, not after
 
     import mtplx
     from mtplx.artifact.store import ensure_artifact

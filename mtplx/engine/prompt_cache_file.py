@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -59,23 +58,6 @@ def _checksum(arrays: dict[str, mx.array], metadata: dict[str, str]) -> str:
         h.update(f"{name}:{a.dtype}:{tuple(a.shape)}\0".encode())
         h.update(memoryview(a))
     return h.hexdigest()
-
-
-def check_writable(path: str | Path) -> Path:
-    """Refuse, before any work is done, a path :func:`save_prompt_cache` could not write: a
-    directory, or a place where no file can be created (the check creates the missing parent
-    directories, as the save would, and a temporary file it removes)."""
-    path = Path(path)
-    if path.is_dir():
-        raise MtplxError("the prompt cache path is a directory", path=path, fix="name a file, e.g. chat.safetensors")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
-            pass
-    except OSError as e:
-        raise MtplxError(f"the prompt cache cannot be written there ({e.strerror or e})", path=path,
-                         fix="choose a path in a directory you can write to") from None
-    return path
 
 
 def save_prompt_cache(path: str | Path, prompt_cache: PromptCache) -> Path:
