@@ -113,6 +113,11 @@ def test_every_catalog_id_is_answered_offline(tmp_path):
 
 
 def test_new_catalog_entries_say_where_each_field_comes_from():
+    from mtplx.bench.shapes import layer_kinds, load_shape, model_args, reduced
+
+    for ref in ("qwen3.6-27b", "qwen3.8-27b"):  # what `mtplx bench --shape ID --layers 2` builds
+        tc = reduced(load_shape(ref).text_config, 2)
+        assert layer_kinds(tc) == ["linear_attention", "full_attention"] and model_args(tc).hidden_size == 5120
     for m in catalog():
         if m["id"] in ("qwen3.6-27b", "qwen3.8-27b"):
             fields = m["text_config_source"]["fields"]

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from scipy import stats
 

@@ -9,7 +9,16 @@ import socket
 import subprocess
 import sys
 
-from test_hub import SOURCE, env, hub, run_cli  # noqa: F401 - fixtures shared with test_hub.py
+import pytest
+
+from test_hub import SOURCE, hub, run_cli  # noqa: F401 - the Hub stand-in shared with test_hub.py
+from test_hub import env as hub_env  # noqa: F401
+
+
+@pytest.fixture
+def env(hub_env, tmp_path):  # noqa: F811
+    """test_hub's environment, with a user config of its own (tune and doctor write there)."""
+    return {**hub_env, "MTPLX_CONFIG": str(tmp_path / "config.json")}
 
 
 def _weights_fetched(hub) -> list[str]:
