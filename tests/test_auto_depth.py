@@ -255,3 +255,19 @@ def test_auto_is_refused_on_a_distributed_pipeline(model):  # noqa: F811
         assert depth_policy(model, 2, SamplingParams()) == 2
     finally:
         model.trunk.stage = None
+
+
+def test_bench_reports_auto_as_a_column(grafted_bf16):
+    import mtplx
+    from mtplx.bench.runner import run_bench
+
+    model, tok = mtplx.load(grafted_bf16[0])
+    report = run_bench(model, tok, ["def add(a, b):"], [0, 1, "auto"], 8, SamplingParams(), cost_model=False,
+                       reference=False)
+    data = report.as_dict()
+    assert list(data["depths"]) == ["0", "1", "auto"] and report.depths == [0, 1, "auto"]
+    auto = data["depths"]["auto"]
+    assert abs(sum(auto["depth_mix"].values()) - 1) < 1e-3 and auto["bound"] is None
+    assert data["best_fixed_depth"] in (0, 1) and data["auto_vs_best_fixed"] > 0
+    assert any(line.startswith("Depth auto chose d") for line in data["verdicts"])
+    assert " auto " in report.table()

@@ -101,7 +101,9 @@ class Engine:
         self.rng = Rng(seed)
         # logprobs: None = off (no device work), k = the token's log-probability and k alternatives.
         self.logprobs = LogprobReader(logprobs, model.vocab_size)
-        self.stats = DecodeStats(depth=depth, adaptive=not isinstance(self.policy, FixedDepth))
+        # A policy other than a pinned depth chooses per step: stats report its mix of depths.
+        self.adaptive = not isinstance(self.policy, FixedDepth)
+        self.stats = DecodeStats(depth=depth, adaptive=self.adaptive)
         # The acceptance rule's device side, swappable so tests can prove they detect a biased one.
         self.acceptance_arrays = acceptance_arrays
         # The live caches of the current generation (inspected by the cache-equality tests).
@@ -124,7 +126,7 @@ class Engine:
         and afterwards it holds the prompt and the reply (as far as the trunk consumed it);
         ``snapshot_at`` adds prompt positions where it keeps a snapshot (see prompt_cache.py)."""
         self._check_prompt(prompt)
-        self.stats = DecodeStats(depth=self.depth, adaptive=not isinstance(self.policy, FixedDepth), prompt_tokens=len(prompt))
+        self.stats = DecodeStats(depth=self.depth, adaptive=self.adaptive, prompt_tokens=len(prompt))
         budget = _Budget(min(max_tokens, self.model.max_context - len(prompt)), set(eos))
         if budget.done:
             return
