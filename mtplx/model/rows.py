@@ -119,9 +119,12 @@ def gated_delta_net(layer: nn.Module, x: mx.array, caches: list[GatedDeltaCache]
     v = v.reshape(B, S, layer.num_v_heads, layer.head_v_dim)
     q, k = normalize_qk(q, k, inv_scale=layer.head_k_dim**-0.5, eps=1e-6)
 
-    ys, records = [], []
-    rows = zip(split(q, where), split(k, where), split(v, where), split(g, where), split(beta, where))
-    for inputs, cache, conv_input, record in zip(rows, caches, conv_inputs, recording):
+    # The recurrence is a loop over positions (a few ops each): rows of the same length with no
+    # pending prefix run it as one batch (axis 0), so a step of B equal blocks costs one loop,
+    # not B. Each row's recurrence is computed on its own either way (per-batch-entry ops).
+    prepared = []  # per row: (inputs, before, pending)
+    for inputs, cache, record in zip(zip(split(q, where), split(k, where), split(v, where), split(g, where),
+                                         split(beta, where)), caches, recording):
         if not record:
             cache.materialize()
         before = cache[1]
@@ -130,7 +133,23 @@ def gated_delta_net(layer: nn.Module, x: mx.array, caches: list[GatedDeltaCache]
         pending = cache.pending_len
         if pending:
             inputs = tuple(mx.concatenate([p, t], axis=1) for p, t in zip(cache.pending, inputs))
-        y, after = gated_delta(*inputs, before)
+        prepared.append((inputs, before, pending))
+    results: list[tuple[mx.array, mx.array] | None] = [None] * len(prepared)
+    groups: dict[int, list[int]] = {}
+    for j, (inputs, _, pending) in enumerate(prepared):
+        groups.setdefault(-1 - j if pending else inputs[0].shape[1], []).append(j)
+    for members in groups.values():
+        if len(members) == 1:
+            inputs, before, _ = prepared[members[0]]
+            results[members[0]] = gated_delta(*inputs, before)
+            continue
+        stacked = [mx.concatenate([prepared[j][0][i] for j in members], axis=0) for i in range(5)]
+        y, after = gated_delta(*stacked, mx.concatenate([prepared[j][1] for j in members], axis=0))
+        for i, j in enumerate(members):
+            results[j] = (y[i : i + 1], after[i : i + 1])
+    ys, records = [], []
+    for (inputs, before, pending), (y, after), cache, conv_input, record in zip(prepared, results, caches,
+                                                                                conv_inputs, recording):
         ys.append(y[:, pending:] if pending else y)
         cache[0] = conv_input[:, -(layer.conv_kernel_size - 1):]
         cache[1] = after
