@@ -25,6 +25,7 @@ from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.errors import MtplxError
 from tiny_grammar import PIECES, grammar, grammar_tokenizer
+from test_moe import moe_artifact  # noqa: F401 - the fixture
 from tiny_models import tiny_model
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -203,3 +204,16 @@ def test_a_prompt_cache_serves_one_row_at_a_time(tiny):
     with pytest.raises(MtplxError, match="already in use"):
         decoder.add(RowRequest([1, 3], 4, GREEDY, prompt_cache=cache))
     assert BatchDecoder(tiny).add(RowRequest([1], 0, GREEDY)).done
+
+
+def test_a_moe_row_is_the_same_alone_and_in_a_batch(moe_artifact):
+    """MoE layers (4-bit experts): a batch's pass routes many more tokens at once (mlx-lm sorts
+    them by expert past 64 routed rows) and a row's result must still not change."""
+    model, tok = mtplx.load(str(moe_artifact))
+    prompts = [tok.encode(t) for t in ("def add(a, b):\n    return", "import os\nimport sys\n\nx = [1, 2, 3, 4, 5]\n",
+                                       "class A:\n    pass\n\n\nclass B(A):\n", "# sum of squares\n")]
+    mine = RowRequest(prompts[0], 12, SAMPLED, depth=2, seed=4)
+    (solo,), _ = run_batch(model, [mine])
+    rows, _ = run_batch(model, [RowRequest(p, 12, SAMPLED, depth=2, seed=i) for i, p in enumerate(prompts[1:])]
+                        + [RowRequest(**vars(mine))])
+    assert rows[-1].emitted == solo.emitted
