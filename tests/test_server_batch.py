@@ -126,6 +126,8 @@ def test_queue_size_admits_exactly_batch_plus_queue(bf16, max_batch: int) -> Non
                 first = [asyncio.create_task(c.post("/v1/completions", json=body)) for _ in range(n)]
                 await asyncio.sleep(0)
                 while s.http.get("/health").json()["queue_depth"] + s.http.get("/health").json()["batch_size"] < n:
+                    refused = [t.result().status_code for t in first if t.done()]
+                    assert not refused, f"one of the first {n} simultaneous requests was answered {refused}"
                     await asyncio.sleep(0.02)  # all n admitted (they hold their places for 600 tokens)
                 extra = await c.post("/v1/completions", json={**body, "max_tokens": 1})
                 for t in first:

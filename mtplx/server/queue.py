@@ -220,10 +220,16 @@ class Scheduler:
                     break
                 joining = self._take()
             for job in joining:
-                self._join(decoder, job)
-            self._leave_cancelled(decoder)
-            if self._batch:
-                decoder = self._step(decoder)
+                self._join(decoder, job)  # a request that cannot join fails alone
+            try:
+                self._leave_cancelled(decoder)
+                if self._batch:
+                    self._step(decoder)
+            except Exception as e:  # noqa: BLE001 - the engine thread must outlive any one step
+                log.exception("mtplx engine: a step failed; every row in it ends with an error")
+                for r in list(self._batch):  # whoever waits on these rows must still hear "done"
+                    self._leave(decoder, r, "error", e)
+                decoder = make_decoder(self.model, self.max_batch)
         for r in list(self._batch):  # stopping: every row still running is cancelled
             self._leave(decoder, r, "cancelled")
 
@@ -266,16 +272,10 @@ class Scheduler:
         for r in [r for r in self._batch if r.job.cancelled.is_set()]:
             self._leave(decoder, r, "cancelled")
 
-    def _step(self, decoder: Any) -> Any:
-        """One step of every row; returns the decoder to use next (a fresh one if this one failed)."""
+    def _step(self, decoder: Any) -> None:
+        """One step of every row (a batched step that raises fails every row in it: see _work)."""
         self.metrics.record_batch(len(self._batch))
-        try:
-            out = decoder.step()
-        except Exception as e:  # noqa: BLE001 - a batched step failed: every row in it fails
-            log.exception("mtplx engine: a batched step failed")
-            for r in list(self._batch):
-                self._leave(decoder, r, "error", e)
-            return make_decoder(self.model, self.max_batch)
+        out = decoder.step()
         by_row = {id(r.row): r for r in self._batch}
         for row, emitted in out:
             r = by_row.get(id(row))
@@ -293,15 +293,11 @@ class Scheduler:
                 r.last = r.text.end(r.row.stats)
                 r.job.emit(Event("chunk", response=r.last))
                 self._leave(decoder, r, "completed")
-        return decoder
 
     def _leave(self, decoder: Any, r: _Row, outcome: str, error: BaseException | None = None) -> None:
         """``r`` leaves the batch now: its decoder row goes, its prompt cache returns to the LRU,
         its request hears the outcome."""
-        try:
-            decoder.remove(r.row)
-        except Exception:  # noqa: BLE001 - a row the decoder already dropped
-            pass
+        decoder.remove(r.row)  # a no-op for a row the decoder already let go (done)
         if r.cache is not None:
             self.prompt_caches.checkin(r.cache)
         with self._cond:
