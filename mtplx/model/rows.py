@@ -12,8 +12,9 @@ A row's result never depends on the other rows: every op run over all N position
 each position on its own (matmuls included: MLX's CPU matmuls give row i of ``x[N] @ W`` bit
 for bit as ``x[i:i+1] @ W``), so a seeded request gives the same tokens alone and in a batch.
 
-The one-row passes (``Trunk.hidden``, ``MTPHead.__call__``, ``verify_block``) are the
-one-segment case of these functions, not a second copy. The layers follow mlx-lm's
+The one-row passes (``Trunk.hidden``, ``MTPHead.__call__`` / ``fill_cache``; the verify
+block's Gated-DeltaNet forward that was ``verify_block``) are the one-segment case of these
+functions, not a second copy. The layers follow mlx-lm's
 (``qwen3_next.Qwen3NextAttention``, ``qwen3_5.GatedDeltaNet`` / ``DecoderLayer``) op for op.
 """
 
