@@ -213,3 +213,10 @@ def test_bad_shape_options_are_one_clear_error(args, needle):
 
     result = CliRunner().invoke(cli, ["bench", *args])
     assert result.exit_code != 0 and needle in result.output and "Traceback" not in result.output
+
+
+def test_accepted_law_past_the_given_acceptance_accepts_nothing():
+    from mtplx.bench.bytes_model import accepted_law
+
+    assert accepted_law([0.7], 2) == pytest.approx([0.3, 0.7, 0.0])  # `--acceptance 0.7` with a T=3 verify measured
+    assert sum(accepted_law([0.8, 0.5], 3)) == pytest.approx(1.0)
