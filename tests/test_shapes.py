@@ -300,3 +300,8 @@ def test_no_measure_projects_the_batch_in_seconds(tmp_path):
     assert batch["1"]["2"] == pytest.approx(r["projection_memory_bound"]["2"], rel=1e-3)  # one row: the one-stream projection
     bad = CliRunner().invoke(cli, ["bench", "--shape", "qwen3.5-4b", "--no-measure", "--layers", "4"])
     assert bad.exit_code != 0 and "--no-measure times nothing" in bad.output
+def test_accepted_law_past_the_given_acceptance_accepts_nothing():
+    from mtplx.bench.bytes_model import accepted_law
+
+    assert accepted_law([0.7], 2) == pytest.approx([0.3, 0.7, 0.0])  # `--acceptance 0.7` with a T=3 verify measured
+    assert sum(accepted_law([0.8, 0.5], 3)) == pytest.approx(1.0)

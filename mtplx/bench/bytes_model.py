@@ -46,7 +46,9 @@ LOGIT_DTYPE = 4
 def accepted_law(acceptance: list[float], depth: int) -> list[float]:
     """P(exactly j of ``depth`` drafts accepted), j = 0..depth, from P(draft k accepted)
     (cumulative, as `mtplx bench` reports it: a draft counts only if all before it did)."""
-    a = [1.0, *acceptance[:depth], 0.0]
+    # Positions past the acceptance given (a verify measured deeper than --acceptance goes) accept nothing.
+    given = list(acceptance[:depth])
+    a = [1.0, *given, *[0.0] * (depth - len(given)), 0.0]
     return [a[j] - a[j + 1] for j in range(depth + 1)]
 
 
