@@ -10,43 +10,28 @@ max_tokens or the context's end).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from mtplx.engine.sampling import SamplingParams
+from mtplx.engine.batch import RowRequest
 from mtplx.engine.stats import DecodeStats
 from mtplx.stops import StopScanner
 
 if TYPE_CHECKING:
     from mtplx.api import GenerationResponse
-    from mtplx.engine.constraints import Constraint
-    from mtplx.engine.policy import DepthPolicy
     from mtplx.engine.logprobs import TokenLogprob
-    from mtplx.engine.prompt_cache import PromptCache
 
 
 @dataclass
-class RowSpec:
-    """A checked generation request in the engine's terms (the fields of the batched decoder's
-    ``RowRequest``, plus the stop strings, which are text-level and stay with :class:`RowText`)."""
+class RowSpec(RowRequest):
+    """A checked generation request: the batched decoder's :class:`RowRequest` plus the stop
+    strings, which are text-level and stay with :class:`RowText`."""
 
-    prompt: list[int]
-    max_tokens: int
-    params: SamplingParams
-    depth: int | DepthPolicy  # a policy of this row's own (depth auto learns per row)
-    draft_params: SamplingParams | None = None
-    seed: int | None = None
-    eos: frozenset[int] = frozenset()
-    constraint: Constraint | None = None
-    logprobs: int | None = None
-    prompt_cache: PromptCache | None = None
-    snapshot_at: tuple[int, ...] = ()
     stop: list[str] = field(default_factory=list)
 
     def engine_fields(self) -> dict[str, Any]:
         """Keyword arguments of ``RowRequest`` (everything but the stop strings)."""
-        return {k: getattr(self, k) for k in ("prompt", "max_tokens", "params", "depth", "draft_params", "seed", "eos",
-                                               "constraint", "logprobs", "prompt_cache", "snapshot_at")}
+        return {f.name: getattr(self, f.name) for f in fields(RowRequest)}
 
 
 class RowText:
