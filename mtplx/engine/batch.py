@@ -398,10 +398,10 @@ class BatchDecoder:
         row.pending = int(w.first.item())
         if row.constraint is not None:
             row.constraint.advance(row.pending)
-        kept = row.budget.take([row.pending])
-        Engine._record(row, 0, 0, kept)  # the one-row engine's accounting, shared
-        row.emitted += kept
-        return Emitted(kept, 0, 0, w.lp.take(kept))
+        emitted = row.budget.take([row.pending])
+        Engine._count_step(row, 0, 0, emitted)  # the one-row engine's accounting, shared
+        row.emitted += emitted
+        return Emitted(emitted, 0, 0, w.lp.take(emitted))
 
     def _decide(self, w: _Work) -> Verdict:
         """Host side of the row's acceptance test, with the row's own uniforms."""
@@ -414,21 +414,21 @@ class BatchDecoder:
         verdict = self._decide(w)
         a = verdict.accepted
         proposed = w.draft_tokens[:a].tolist() + [verdict.next_token]
-        kept = row.budget.take(proposed)
+        emitted = row.budget.take(proposed)
         if row.constraint is not None:  # constraint: roll back to the accepted prefix, advance by the next token
             row.constraint.commit(a, verdict.next_token)
         t4 = time.perf_counter()
         # Normally the accepted drafts; on the last step, only as far as the output goes, so the
         # caches hold exactly the tokens emitted.
-        keep = min(a, len(kept))
+        committed = min(a, len(emitted))
         cache = row.cache
-        steps.commit(cache, w.record, accepted=keep)
+        steps.commit(cache, w.record, accepted=committed)
         if model.has_mtp:
             if w.depth:
-                cache.backlog, cache.backlog_tokens = w.hidden[:, : keep + 1], proposed[:keep]
+                cache.backlog, cache.backlog_tokens = w.hidden[:, : committed + 1], proposed[:committed]
             else:  # nothing drafted, so the head consumed no rows: this position joins the backlog
                 _extend_backlog(model, cache, w.hidden[:, :1], row.pending)
-        row.fed += [row.pending] + proposed[:keep]
+        row.fed += [row.pending] + proposed[:committed]
         row.pending = verdict.next_token
         t5 = time.perf_counter()
         seconds = row.stats.seconds
@@ -436,7 +436,7 @@ class BatchDecoder:
         seconds["verify"] += verify_s
         seconds["sample"] += t4 - t3
         seconds["rollback"] += t5 - t4
-        Engine._record(row, w.depth, a, kept)  # the one-row engine's accounting, shared
+        Engine._count_step(row, w.depth, a, emitted)  # the one-row engine's accounting, shared
         row.policy.observe(w.depth, a)
-        row.emitted += kept
-        return Emitted(kept, w.depth, a, w.lp.take(kept))
+        row.emitted += emitted
+        return Emitted(emitted, w.depth, a, w.lp.take(emitted))

@@ -212,7 +212,7 @@ class Engine:
             else:
                 self.stats.seconds["verify"] += now - t1
             kept = budget.take([token])
-            self._record(0, 0, kept)
+            self._count_step(0, 0, kept)
             yield Emitted(kept, 0, 0, lp.take(kept)), [token]
             if budget.done:
                 return
@@ -241,7 +241,7 @@ class Engine:
         finally:
             decoder.remove(row)  # leaves the prompt cache holding what the trunk consumed
 
-    def _record(self, drafted: int, accepted: int, kept: list[int]) -> None:
+    def _count_step(self, drafted: int, accepted: int, kept: list[int]) -> None:
         # A step cut short by the budget or EOS counts only the drafts that reached the output:
         # ``kept`` is the accepted drafts, then the step's own token; a cut inside the drafts
         # leaves only drafts, all accepted.
