@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from mtplx.device import backend, gpu_name
 from mtplx.engine import steps
 from mtplx.engine.prompt_cache import make_prompt_cache
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample
@@ -59,12 +60,9 @@ _CHUNK = 64  # rows of a [rows, V] array at a time: 64 x 248,320 float32 is 64 M
 
 
 def backend_name() -> str:
-    dev = mx.default_device()
-    if dev == mx.gpu and mx.metal.is_available():
-        return f"metal ({mx.metal.device_info().get('device_name', 'unknown')})"
-    if dev == mx.gpu:
-        return "cuda"
-    return "cpu"
+    """``cpu``, ``cuda``, or ``metal (GPU name)``: the doctor's ``backend`` field."""
+    b = backend()
+    return f"metal ({gpu_name()})" if b == "metal" else b
 
 
 @dataclass

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from mtplx.errors import MtplxError
-from mtplx.stops import check_stop  # noqa: F401 - where the server and older callers find it
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def machine() -> dict[str, str]:
     """What step costs depend on besides the artifact: the mlx version and the device."""
     import mlx.core as mx
 
-    from mtplx.bench.runner import device_name
+    from mtplx.device import device_name
 
     return {"mlx": mx.__version__, "device": device_name()}
 

@@ -140,7 +140,7 @@ def test_prompt_forms_that_work(demo):
     import numpy as np
 
     from mtplx.api import prompt_ids
-    from mtplx.prompts import check_stop
+    from mtplx.stops import check_stop
 
     model, tok = demo
     ids = encode_prompt(tok, "def f(x):")

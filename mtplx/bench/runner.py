@@ -18,11 +18,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Union
 
-import mlx.core as mx
 
 from mtplx import knobs
 from mtplx._version import __version__
 from mtplx.bench.cost_model import CostModel, measure
+from mtplx.device import device_name
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.engine.stats import PHASES, AcceptanceTally, DecodeStats
@@ -194,15 +194,6 @@ class BenchReport:
             "verdicts": self.verdicts(),
             "exactness": self.exactness,
         }
-
-
-def device_name() -> str:
-    dev = mx.default_device()
-    if dev == mx.gpu and mx.metal.is_available():
-        return f"Apple GPU (Metal): {mx.metal.device_info().get('device_name', 'unknown')}"
-    if dev == mx.gpu:
-        return "NVIDIA GPU (CUDA)"
-    return f"CPU: {platform.processor() or platform.machine()}"
 
 
 def mlx_lm_reference(model: MTPModel, tokenizer: Any, prompts: list[list[int]], params: SamplingParams,

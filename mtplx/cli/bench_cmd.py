@@ -136,7 +136,7 @@ def _run_concurrency(model_ref, streams, depths, max_tokens, prompts_file, tempe
                      draft_temperature, seed, force, json_out, join_tokens=4096) -> None:
     from mtplx.bench.concurrency import run_concurrency, table
     from mtplx.bench.prompts import DEFAULT_PROMPTS, read_prompts
-    from mtplx.bench.runner import device_name
+    from mtplx.device import device_name
     from mtplx.engine.sampling import SamplingParams
 
     model, tokenizer = load_model(model_ref, mtp=max(depths) > 0, force=force, distributed=None)

@@ -49,7 +49,7 @@ def check(schema: Any, fail: Callable[[str, str], Exception]) -> None:
     depth = nesting(schema)
     if depth > MAX_SCHEMA_DEPTH:
         raise fail(f"is nested {depth} levels deep (objects and arrays inside each other); mtplx takes at most "
-                   f"{MAX_SCHEMA_DEPTH}", f"flatten the schema, or move repeated parts into $defs and $ref them")
+                   f"{MAX_SCHEMA_DEPTH}", "flatten the schema, or move repeated parts into $defs and $ref them")
     for where, pattern in _patterns(schema):
         weight = pattern_repeat(pattern)
         if weight > MAX_PATTERN_REPEAT:
