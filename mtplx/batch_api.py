@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from mtplx import api
 from mtplx.api import GenerationResponse
-from mtplx.engine.batch import BatchDecoder, Row, RowRequest
+from mtplx.engine.batch import BatchDecoder, Row
 from mtplx.engine.logprobs import TokenLogprob
 from mtplx.engine.stats import DecodeStats
 from mtplx.rows import RowText
@@ -92,7 +92,7 @@ def batch_generate(model: Any, tokenizer: Any, prompts: Sequence[api.Prompt], *,
     for i, prompt in enumerate(prompts):
         specs.append(api.row_spec(model, tokenizer, prompt, **{name: settings[name][i] for name in PER_PROMPT}))
     decoder = BatchDecoder(model, max_batch=max_batch, prefill_chunk=prefill_chunk)
-    rows: list[Row] = [decoder.add(RowRequest(**spec.engine_fields())) for spec in specs]
+    rows: list[Row] = [decoder.add(spec) for spec in specs]
     # The same per-step text path as stream_generate and the server: a row's own detokenizer,
     # stop scanner and finish reason.
     texts = {row.id: RowText(tokenizer, spec) for row, spec in zip(rows, specs)}

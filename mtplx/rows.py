@@ -10,7 +10,7 @@ max_tokens or the context's end).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mtplx.engine.batch import RowRequest
@@ -28,10 +28,6 @@ class RowSpec(RowRequest):
     strings, which are text-level and stay with :class:`RowText`."""
 
     stop: list[str] = field(default_factory=list)
-
-    def engine_fields(self) -> dict[str, Any]:
-        """Keyword arguments of ``RowRequest`` (everything but the stop strings)."""
-        return {f.name: getattr(self, f.name) for f in fields(RowRequest)}
 
 
 class RowText:

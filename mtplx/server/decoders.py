@@ -2,9 +2,9 @@
 
 ``make_decoder`` picks the batched decoder (``mtplx.engine.batch.BatchDecoder``: one verify pass
 over every row per step) for ``--max-batch`` above 1, and :class:`SerialDecoder` for
-``--max-batch 1`` (today's one-at-a-time server, bit for bit) or where the batched decoder is not
-available. Both take the same requests and answer the same ``(row, Emitted)`` pairs, so the loop
-(``mtplx.server.queue``) does not know which one it drives.
+``--max-batch 1`` (today's one-at-a-time server, bit for bit). Both take the same requests (a
+:class:`~mtplx.rows.RowSpec` is the batched decoder's ``RowRequest``) and answer the same
+``(row, Emitted)`` pairs, so the loop (``mtplx.server.queue``) does not know which it drives.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Iterator
 
+from mtplx.engine.batch import BatchDecoder
 from mtplx.engine.speculative import Emitted, Engine
 from mtplx.engine.stats import DecodeStats
 from mtplx.rows import RowSpec
@@ -85,25 +86,5 @@ class SerialDecoder:
         return out
 
 
-def batch_decoder_class() -> Any | None:
-    """The batched decoder, where this build has one."""
-    try:
-        from mtplx.engine.batch import BatchDecoder
-    except ImportError:
-        return None
-    return BatchDecoder
-
-
 def make_decoder(model: Any, max_batch: int) -> Any:
-    cls = batch_decoder_class() if max_batch > 1 else None
-    return SerialDecoder(model, max_batch) if cls is None else cls(model, max_batch=max_batch)
-
-
-def engine_request(decoder: Any, spec: RowSpec) -> Any:
-    """What ``decoder.add`` takes: the spec itself for the serial decoder, a ``RowRequest`` for
-    the batched one."""
-    if isinstance(decoder, SerialDecoder):
-        return spec
-    from mtplx.engine.batch import RowRequest
-
-    return RowRequest(**spec.engine_fields())
+    return BatchDecoder(model, max_batch=max_batch) if max_batch > 1 else SerialDecoder(model, max_batch)

@@ -38,7 +38,7 @@ from mtplx.api import EncodedPrompt, GenerationResponse, row_spec
 from mtplx.engine.prompt_cache import PromptCache, PromptCacheLRU
 from mtplx.rows import RowSpec, RowText
 from mtplx.server.capacity import Capacity
-from mtplx.server.decoders import engine_request, make_decoder
+from mtplx.server.decoders import make_decoder
 from mtplx.server.metrics import Metrics
 
 log = logging.getLogger("mtplx.server")
@@ -258,7 +258,7 @@ class Scheduler:
             spec = row_spec(self.model, self.tokenizer, EncodedPrompt(job.ids, job.boundaries), prompt_cache=cache,
                             **job.kwargs)
             text = RowText(self.tokenizer, spec)
-            row = decoder.add(engine_request(decoder, spec))
+            row = decoder.add(spec)
         except Exception as e:  # noqa: BLE001 - reported to the client, the engine thread lives on
             if cache is not None:
                 self.prompt_caches.checkin(cache)
