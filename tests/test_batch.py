@@ -24,6 +24,7 @@ from mtplx.engine.constraints import Constraint
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.errors import MtplxError
+from mtplx.model.mtp_model import ModelCache
 from tiny_grammar import PIECES, grammar, grammar_tokenizer
 from test_moe import moe_artifact  # noqa: F401 - the fixture
 from tiny_models import tiny_model
@@ -217,3 +218,66 @@ def test_a_moe_row_is_the_same_alone_and_in_a_batch(moe_artifact):
     rows, _ = run_batch(model, [RowRequest(p, 12, SAMPLED, depth=2, seed=i) for i, p in enumerate(prompts[1:])]
                         + [RowRequest(**vars(mine))])
     assert rows[-1].emitted == solo.emitted
+
+
+def test_plain_rows_decode_as_alone_and_leave_caches_as_ar(tiny):
+    """Plain rows (depth 0, the pipelined lane: a token is fed before the host reads it) give
+    the tokens, logprobs and prompt cache of Engine's own AR loop alone, beside a drafting row,
+    and after every step their caches equal an AR pass over what they consumed; a row with a
+    prompt cache keeps the head in step, so a later MTP call on that cache decodes as alone."""
+    history = [1, 5, 9, 2, 6]
+
+    def warm():
+        cache = mtplx.make_prompt_cache(tiny)
+        alone(tiny, history, 4, 0, prompt_cache=cache)
+        return cache
+
+    solo_cache, batch_cache = warm(), warm()
+    prompt = history + [3, 3, 7]
+    want_lp_tokens, want_lp_steps = alone(tiny, [4, 4, 8], 9, 0, SAMPLED, seed=3, logprobs=2)
+    want_pc, _ = alone(tiny, prompt, 11, 0, SAMPLED, seed=9, prompt_cache=solo_cache)
+    want_greedy, _ = alone(tiny, [2, 7], 13, 0)
+    eos = want_greedy[5]
+    want_eos = want_greedy[: want_greedy.index(eos) + 1]
+
+    decoder = BatchDecoder(tiny, max_batch=4, prefill_chunk=4)
+    rows = [decoder.add(RowRequest([4, 4, 8], 9, SAMPLED, depth=0, seed=3, logprobs=2)),
+            decoder.add(RowRequest(prompt, 11, SAMPLED, depth=0, seed=9, prompt_cache=batch_cache)),
+            decoder.add(RowRequest([2, 7], 13, GREEDY, depth=0, eos=frozenset({eos}))),
+            decoder.add(RowRequest([1, 2, 3], 20, SAMPLED, depth=2, seed=1))]
+    assert [r.plain for r in rows] == [True, True, True, False]
+    got_lp = []
+    while len(decoder):
+        for row, e in decoder.step():
+            if row is rows[0]:
+                got_lp += e.logprobs
+        for row in decoder.rows:
+            if row.plain and row.cache is not None and not row.prefilling:
+                # the head is compared only where it is kept (the prompt-cache row)
+                compare_flushed(tiny, row.cache, row.consumed) if row.keeps_head else compare_trunk(tiny, row)
+    assert rows[0].emitted == want_lp_tokens
+    assert got_lp == [lp for s in want_lp_steps for lp in s.logprobs]
+    assert rows[1].emitted == want_pc
+    assert batch_cache.tokens == solo_cache.tokens == prompt + want_pc
+    assert rows[2].emitted == want_eos and rows[2].stats.generated == len(want_eos)
+    # the prompt cache's head is in step: an MTP call on it decodes as the same call alone
+    follow = batch_cache.tokens + [5, 1]
+    again, _ = alone(tiny, follow, 8, 2, SAMPLED, seed=4, prompt_cache=solo_cache)
+    rows2, _ = run_batch(tiny, [RowRequest(follow, 8, SAMPLED, depth=2, seed=4, prompt_cache=batch_cache)])
+    assert rows2[0].emitted == again
+    compare_flushed(tiny, batch_cache.cache, batch_cache.tokens)
+
+
+def compare_flushed(model, cache, consumed):
+    """Every cache, the head's rows waiting in the backlog written first: the head then holds a
+    row for every consumed position but the last, as an AR pass leaves it."""
+    c = cache.fork()
+    if c.backlog_tokens:
+        model.fill_head(c.backlog[:, :-1], mx.array([c.backlog_tokens]), c)
+    assert c.head[0].offset == len(consumed) - 1
+    compare(model, c, consumed)
+
+
+def compare_trunk(model, row):
+    """A plain row without a prompt cache: the trunk's caches only (its head is never read)."""
+    compare(model, ModelCache(trunk=row.cache.trunk, head=[]), row.consumed)

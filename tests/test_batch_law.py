@@ -85,8 +85,8 @@ def test_a_leaky_batch_is_detected(model, laws, monkeypatch):
     the other kind), as far as both drafted: one row's acceptance leaks into its neighbour's."""
     verify = BatchDecoder._verify
 
-    def leaky(self, decoding, prefill):
-        verify(self, decoding, prefill)
+    def leaky(self, decoding, prefill, plain):
+        verify(self, decoding, prefill, plain)
         own = [w.ratio for w in decoding]
         for prev, w, mine in zip(own[-1:] + own[:-1], decoding, own):
             n = min(prev.shape[0], mine.shape[0])

@@ -22,6 +22,13 @@ snapshot positions), never by what else the step carries.
 
 Depth: each row has its own policy (policy.py), asked before every step; a row at depth 0 only
 verifies its pending token. The cost of a step grows with the sum of the rows' blocks.
+
+Plain rows: a row that never drafts (a pinned depth 0, or "auto" where no depth pays) and has no
+grammar needs nothing from the host to take its next step, so it runs mlx-lm's pipelined loop
+inside the batch: its token is sampled on the device and fed to the next pass unread, and the
+host reads it while that pass runs. A step of plain rows only is queued, not waited for, so the
+host's work between steps (detokenizing, streaming) overlaps the next pass. A plain row keeps
+the head's cache in step only when a prompt cache will carry it to a later call.
 """
 
 from __future__ import annotations
@@ -96,6 +103,15 @@ class Row:
         self.at_stop: Callable[[int], None] | None = None
         self.stops: set[int] = set()
         self.reused = 0
+        # A row that never drafts and has no grammar (whose mask needs each token on the host)
+        # runs the pipelined plain lane: see BatchDecoder._plain.
+        self.plain = self.depth == 0 and request.constraint is None
+        # The head's cache is kept in step with the trunk only where it will be read: by a row
+        # that may draft, or by a later call on the row's prompt cache (Engine._ar's rule).
+        self.keeps_head = self.depth > 0 or request.prompt_cache is not None
+        self.feed: mx.array | None = None  # plain lane: the token the next pass feeds (device)
+        self.feed_lp: LogprobRows | None = None  # ... its logprob rows, when it is still unread
+        self.unread = False  # ... whether ``feed`` is still to be read and emitted
 
     @property
     def prefilling(self) -> bool:
@@ -131,6 +147,7 @@ class _Work:
     ratio: mx.array | None = None
     candidates: mx.array | None = None
     first: mx.array | None = None  # prefill rows whose prompt ends here: the first token
+    next: mx.array | None = None  # plain rows: the token sampled after the fed one
 
 
 class BatchDecoder:
@@ -241,20 +258,31 @@ class BatchDecoder:
 
     def step(self) -> list[tuple[Row, Emitted]]:
         """One step for every active row; returns what each row emitted (rows still in their
-        prompt emit nothing). Rows that finish are marked done and leave after this step."""
+        prompt, and a plain row's first step, emit nothing). Rows that finish are marked done
+        and leave after this step."""
         self._admit()
         if not self._active:
             return []
         t0 = time.perf_counter()
-        decoding = [_Work(r, depth=r.policy.choose()) for r in self._active if not r.prefilling]
+        ready = [r for r in self._active if not r.prefilling]
+        decoding = [_Work(r, depth=r.policy.choose()) for r in ready if not r.plain]
+        plain = [_Work(r) for r in ready if r.plain]
         prefill = self._prefill_work()
         self._draft(decoding)
         t1 = time.perf_counter()
-        self._verify(decoding, prefill)
+        self._verify(decoding, prefill, plain)
         t2 = time.perf_counter()
         out: list[tuple[Row, Emitted]] = []
         for w in decoding:
             out.append((w.row, self._accept(w, t1 - t0, t2 - t1)))
+        unread = [w.row.feed for w in plain if w.row.unread]
+        if unread:  # the previous step's tokens: waits for that step's pass only
+            mx.eval(unread)
+        t3 = time.perf_counter()
+        for w in plain:
+            emitted = self._plain(w, t3 - t0)
+            if emitted is not None:
+                out.append((w.row, emitted))
         for w in prefill:
             w.row.stats.seconds["prefill"] += t2 - t0
             if w.first is not None:
@@ -313,15 +341,22 @@ class BatchDecoder:
         if drafted:
             mx.eval(drafted)
 
-    def _verify(self, decoding: list[_Work], prefill: list[_Work]) -> None:
-        """One trunk pass over the verify blocks and the prompt pieces, the acceptance test's
-        device work and the prompt rows' head fill and first tokens, evaluated together."""
+    def _verify(self, decoding: list[_Work], prefill: list[_Work], plain: list[_Work]) -> None:
+        """One trunk pass over the verify blocks, the plain rows' tokens and the prompt pieces,
+        with the acceptance test's device work, the plain rows' next tokens and the prompt
+        rows' head fill and first tokens. Evaluated at once when a row needs its results on the
+        host now (a verdict, a first token); a step of plain rows only is queued and not waited
+        for: its tokens are read at the next step, while that step's pass runs (mlx-lm's
+        pipelined loop, over rows)."""
         model = self.model
         segments, wanted = [], []  # wanted: per segment, whether logits are needed at all positions
         for w in decoding:
             w.record = VerifyRecord()
             block = mx.concatenate([mx.array([w.row.pending]), w.draft_tokens])[None]
             segments.append(ragged.Segment(block, w.row.cache.trunk, w.record))
+            wanted.append("all")
+        for w in plain:  # no record: a plain row never rolls back
+            segments.append(ragged.Segment(w.row.feed[None], w.row.cache.trunk))
             wanted.append("all")
         prompt_ids = {}
         for w in prefill:
@@ -347,6 +382,7 @@ class BatchDecoder:
                 n += e - s
             logits = model.trunk.lm_head(ragged.join(picks)) if picks else None
         evaluate: list[mx.array] = []
+        n_dec, n_plain = len(decoding), len(plain)
         for w, (s, e), at in zip(decoding, where, rows_at):
             row = w.row
             v_logits = logits[:, at[0] : at[1]]
@@ -357,8 +393,15 @@ class BatchDecoder:
             p = filtered_probs(v_logits[0], row.request.params)
             w.ratio, w.candidates = row.acceptance_arrays(p, w.q, w.draft_tokens, row.rng)
             evaluate += [w.ratio, w.candidates, w.hidden, *w.lp.arrays]
-        self._fill_prompt_rows(prefill, prompt_ids, hidden, where[len(decoding):])
-        for w, at in zip(prefill, rows_at[len(decoding):]):
+        for w, (s, e), at in zip(plain, where[n_dec:], rows_at[n_dec:]):
+            row = w.row
+            last = logits[:, at[0] : at[1]][:, -1]
+            w.hidden = hidden[:, s:e]
+            w.lp = row.logprobs.rows(last)
+            w.next, _ = sample_logits(last, row.request.params, row.rng)  # as Engine._ar samples
+            evaluate += [w.next, w.hidden, *w.lp.arrays, *row.cache.arrays()]
+        self._fill_prompt_rows(prefill, prompt_ids, hidden, where[n_dec + n_plain:])
+        for w, at in zip(prefill, rows_at[n_dec + n_plain:]):
             row = w.row
             evaluate += row.cache.arrays()
             if at is not None:
@@ -367,7 +410,10 @@ class BatchDecoder:
                 masked = last if row.constraint is None else row.constraint.mask(last)
                 w.first, _ = sample_logits(masked, row.request.params, row.rng)
                 evaluate += [w.first, *w.lp.arrays]
-        mx.eval(evaluate)
+        if decoding or prefill:
+            mx.eval(evaluate)
+        else:
+            mx.async_eval(evaluate)
         for w in prefill:
             end = w.chunk[1] - w.row.reused
             if end in w.row.stops and w.row.at_stop is not None:
@@ -380,6 +426,8 @@ class BatchDecoder:
             return
         fills = []
         for w, (s, e) in zip(prefill, where):
+            if not w.row.keeps_head:
+                continue
             cache, ids = w.row.cache, prompt_ids[id(w)]
             h = hidden[:, s:e]
             if cache.backlog is None:  # nothing consumed yet: the first row is this piece's first
@@ -399,9 +447,36 @@ class BatchDecoder:
         if row.constraint is not None:
             row.constraint.advance(row.pending)
         emitted = row.budget.take([row.pending])
+        if row.plain:  # the plain lane feeds it at the next step
+            row.feed, row.unread = mx.array([row.pending], dtype=mx.int32), False
         Engine._count_step(row, 0, 0, emitted)  # the one-row engine's accounting, shared
         row.emitted += emitted
         return Emitted(emitted, 0, 0, w.lp.take(emitted))
+
+    def _plain(self, w: _Work, step_s: float) -> Emitted | None:
+        """A plain row's step: read the token the previous step sampled (computed while this
+        step's pass was being queued) and emit it; the token fed in this step was it (or, on the
+        row's first plain step, the prompt's first token, already emitted). As in Engine._ar, the
+        trunk has consumed every token a plain row emitted, its last one included."""
+        row, model = w.row, self.model
+        if row.unread:
+            token = int(row.feed.item())
+            emitted = row.budget.take([token])
+            logprobs = row.feed_lp.take(emitted)
+        else:
+            token, emitted, logprobs = row.pending, [], None
+        row.fed.append(token)
+        if model.has_mtp and row.keeps_head:  # the head stays in step for a later MTP call
+            _extend_backlog(model, row.cache, w.hidden, token)
+        row.feed, row.feed_lp, row.unread = w.next, w.lp, True
+        row.pending = token
+        row.stats.seconds["verify"] += step_s
+        if not emitted:
+            return None
+        Engine._count_step(row, 0, 0, emitted)  # the one-row engine's accounting, shared
+        row.policy.observe(0, 0)
+        row.emitted += emitted
+        return Emitted(emitted, 0, 0, logprobs)
 
     def _decide(self, w: _Work) -> Verdict:
         """Host side of the row's acceptance test, with the row's own uniforms."""
@@ -426,7 +501,7 @@ class BatchDecoder:
         if model.has_mtp:
             if w.depth:
                 cache.backlog, cache.backlog_tokens = w.hidden[:, : committed + 1], proposed[:committed]
-            else:  # nothing drafted, so the head consumed no rows: this position joins the backlog
+            elif row.keeps_head:  # nothing drafted, so the head consumed no rows: this position joins the backlog
                 _extend_backlog(model, cache, w.hidden[:, :1], row.pending)
         row.fed += [row.pending] + proposed[:committed]
         row.pending = verdict.next_token
