@@ -281,3 +281,32 @@ def compare_flushed(model, cache, consumed):
 def compare_trunk(model, row):
     """A plain row without a prompt cache: the trunk's caches only (its head is never read)."""
     compare(model, ModelCache(trunk=row.cache.trunk, head=[]), row.consumed)
+
+
+@pytest.mark.parametrize("lengths", [(1, 1, 1), (3, 3, 3), (1, 3, 2)])
+def test_a_ragged_pass_computes_each_row_as_alone_bit_for_bit(bf16, lengths):
+    """model/rows.py: rows of one length share the Gated-DeltaNet conv and recurrence (stacked
+    on the batch axis), rows of different lengths run them one by one; either way every row's
+    hidden and caches equal that row's pass alone, bit for bit, on this backend."""
+    from mtplx.engine.cache import snapshot
+    from mtplx.model import rows as ragged
+
+    model, _ = bf16
+
+    def prompted():  # three rows at different offsets (built twice: KV buffers are written in place)
+        out = []
+        for i in range(3):
+            c = model.make_cache()
+            model.trunk_hidden(mx.array([list(range(3, 12 + 5 * i))]), c)
+            out.append(c)
+        return out
+
+    caches, solo = prompted(), prompted()
+    blocks = [mx.array([[7 + i + j for j in range(n)]]) for i, n in enumerate(lengths)]
+    together, _ = model.trunk_rows([ragged.Segment(b, c.trunk) for b, c in zip(blocks, caches)])
+    where = ragged.spans(lengths)
+    for (s, e), b, c, alone_cache in zip(where, blocks, caches, solo):
+        hidden, _ = model.trunk_rows([ragged.Segment(b, alone_cache.trunk)])
+        assert mx.array_equal(together[:, s:e], hidden).item()
+        got, want = snapshot(c), snapshot(alone_cache)
+        assert got.keys() == want.keys() and all(mx.array_equal(got[k], want[k]).item() for k in got)

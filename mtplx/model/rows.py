@@ -106,15 +106,21 @@ def gated_delta_net(layer: nn.Module, x: mx.array, caches: list[GatedDeltaCache]
     g = compute_g(layer.A_log, layer.in_proj_a(x), layer.dt_bias)
     beta = mx.sigmoid(layer.in_proj_b(x))
 
-    conv_inputs, conv_outs = [], []
-    for part, cache in zip(split(qkv, where), caches):
-        conv_state = cache[0]
-        if conv_state is None:
-            conv_state = mx.zeros((B, layer.conv_kernel_size - 1, layer.conv_dim), dtype=x.dtype)
-        conv_input = mx.concatenate([conv_state, part], axis=1)
-        conv_inputs.append(conv_input)
-        conv_outs.append(nn.silu(layer.conv1d(conv_input)))
-    q, k, v = mx.split(join(conv_outs), [layer.key_dim, 2 * layer.key_dim], axis=-1)
+    states = [cache[0] if cache[0] is not None
+              else mx.zeros((B, layer.conv_kernel_size - 1, layer.conv_dim), dtype=x.dtype) for cache in caches]
+    uniform = len(where) > 1 and len({e - s for s, e in where}) == 1
+    if uniform:
+        # Rows of one length (a step of plain rows, equal verify blocks): one conv over the rows
+        # stacked on the batch axis (each batch entry is convolved on its own: the same values
+        # as one conv per row), not one conv per row.
+        stacked = mx.concatenate([mx.concatenate(states, axis=0), qkv.reshape(len(where), S // len(where), -1)],
+                                 axis=1)
+        conv_out = nn.silu(layer.conv1d(stacked)).reshape(B, S, -1)
+        conv_inputs = [stacked[j : j + 1] for j in range(len(where))]
+    else:
+        conv_inputs = [mx.concatenate([state, part], axis=1) for state, part in zip(states, split(qkv, where))]
+        conv_out = join([nn.silu(layer.conv1d(c)) for c in conv_inputs])
+    q, k, v = mx.split(conv_out, [layer.key_dim, 2 * layer.key_dim], axis=-1)
     q = q.reshape(B, S, layer.num_k_heads, layer.head_k_dim)
     k = k.reshape(B, S, layer.num_k_heads, layer.head_k_dim)
     v = v.reshape(B, S, layer.num_v_heads, layer.head_v_dim)
@@ -139,6 +145,13 @@ def gated_delta_net(layer: nn.Module, x: mx.array, caches: list[GatedDeltaCache]
     groups: dict[int, list[int]] = {}
     for j, (inputs, _, pending) in enumerate(prepared):
         groups.setdefault(-1 - j if pending else inputs[0].shape[1], []).append(j)
+    y_all = None
+    if uniform and len(groups) == 1:  # every row in one group: the pass's own arrays, reshaped
+        rows = len(where)
+        y_all, after = gated_delta(*(t.reshape(rows, S // rows, *t.shape[2:]) for t in (q, k, v, g, beta)),
+                                   mx.concatenate([before for _, before, _ in prepared], axis=0))
+        results = [(y_all[j : j + 1], after[j : j + 1]) for j in range(rows)]
+        groups = {}
     for members in groups.values():
         if len(members) == 1:
             inputs, before, _ = prepared[members[0]]
@@ -157,7 +170,7 @@ def gated_delta_net(layer: nn.Module, x: mx.array, caches: list[GatedDeltaCache]
         cache.pending = None
         records.append(GatedDeltaRecord(before=before, inputs=inputs, pending_len=pending, conv_input=conv_input,
                                         kernel_size=layer.conv_kernel_size) if record else None)
-    out = layer.norm(join(ys), z)
+    out = layer.norm(join(ys) if y_all is None else y_all.reshape(B, S, *y_all.shape[2:]), z)
     return layer.out_proj(out.reshape(B, S, -1)), records
 
 
