@@ -6,7 +6,9 @@ position at a time (embeddings, norms, the q/k/v/o and Gated-DeltaNet projection
 MoE, the lm_head) runs once over all N positions, so a step reads the weights once however
 many rows it carries. Only what touches a row's own cache is split by row ("segment"):
 attention (rope at that row's offset, its KV update, causal attention within the row) and the
-Gated-DeltaNet conv and recurrence. There is no padding and no mask across rows.
+Gated-DeltaNet conv and recurrence (run once over rows of equal length stacked on the batch
+axis, where each batch entry is still computed on its own). There is no padding and no mask
+across rows.
 
 A row's result never depends on the other rows: every op run over all N positions computes
 each position on its own (matmuls included: MLX's CPU matmuls give row i of ``x[N] @ W`` bit
