@@ -33,7 +33,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from mtplx.engine import steps
+from mtplx.engine import steps, strict
 from mtplx.engine.constraints import Constraint
 from mtplx.engine.logprobs import LogprobReader, LogprobRows
 from mtplx.engine.policy import DepthPolicy, FixedDepth, as_policy
@@ -65,6 +65,9 @@ class RowRequest:
     logprobs: int | None = None
     prompt_cache: PromptCache | None = None
     snapshot_at: tuple[int, ...] = ()
+    # Strict greedy (strict.py): the top-2 margin at or under which a greedy token decided by a
+    # verify row is decided again by a one-row pass; None: off. No effect at temperature > 0.
+    strict_greedy: float | None = None
 
 
 class Row:
@@ -131,6 +134,7 @@ class _Work:
     ratio: mx.array | None = None
     candidates: mx.array | None = None
     first: mx.array | None = None  # prefill rows whose prompt ends here: the first token
+    margins: mx.array | None = None  # strict greedy: each verify row's top-2 margin
 
 
 class BatchDecoder:
@@ -357,6 +361,9 @@ class BatchDecoder:
             p = filtered_probs(v_logits[0], row.request.params)
             w.ratio, w.candidates = row.acceptance_arrays(p, w.q, w.draft_tokens, row.rng)
             evaluate += [w.ratio, w.candidates, w.hidden, *w.lp.arrays]
+            if strict.active(row):  # strict greedy: the margins, read with the acceptance (strict.py)
+                w.margins = strict.margins(v_logits[0])
+                evaluate.append(w.margins)
         self._fill_prompt_rows(prefill, prompt_ids, hidden, where[len(decoding):])
         for w, at in zip(prefill, rows_at[len(decoding):]):
             row = w.row
@@ -412,6 +419,8 @@ class BatchDecoder:
         row, model = w.row, self.model
         t3 = time.perf_counter()
         verdict = self._decide(w)
+        if w.margins is not None:  # strict greedy: a near-tie is decided again by a one-row pass
+            verdict = strict.settle(model, w, verdict)
         a = verdict.accepted
         proposed = w.draft_tokens[:a].tolist() + [verdict.next_token]
         emitted = row.budget.take(proposed)
@@ -422,7 +431,8 @@ class BatchDecoder:
         # caches hold exactly the tokens emitted.
         committed = min(a, len(emitted))
         cache = row.cache
-        steps.commit(cache, w.record, accepted=committed)
+        if w.record is not None:  # (None: strict.settle committed the caches itself)
+            steps.commit(cache, w.record, accepted=committed)
         if model.has_mtp:
             if w.depth:
                 cache.backlog, cache.backlog_tokens = w.hidden[:, : committed + 1], proposed[:committed]
