@@ -12,6 +12,7 @@ strict row in a batch equals itself alone, and temperature > 0 is left alone.
 
 from __future__ import annotations
 
+import json
 import math
 
 import mlx.core as mx
@@ -224,3 +225,69 @@ def test_the_api_takes_the_option(bf16, greedy_ar):
                                  strict_greedy=[math.inf, False])
     assert batch[0].text == ar and batch[0].stats.recomputed > 0 and batch[1].stats.recomputed == 0
     assert batch[1].text == mtplx.generate(model, tok, TEXTS[1], max_tokens=12, temperature=0, depth=0)
+
+
+# -- plumbing: server (OpenAI and Anthropic dialects), CLI run and bench ---------------------------
+
+def test_the_server_takes_the_option_per_request_and_as_default(bf16):
+    from server_helpers import running
+
+    from mtplx.server.app import create_app
+
+    model, tok = bf16
+    want = mtplx.generate(model, tok, TEXTS[0], max_tokens=8, temperature=0, depth=0)
+    for max_batch, default in ((1, False), (4, math.inf)):
+        app = create_app(model, tok, served_model_names=["m"], prompt_cache_bytes=0, max_batch=max_batch,
+                         strict_greedy=default)
+        with running(app, model, tok) as s:
+            body = {"prompt": TEXTS[0], "max_tokens": 8, "temperature": 0, "depth": 2}
+            asked = s.http.post("/v1/completions", json=body | {"strict_greedy": 1e9}).json()
+            assert asked["choices"][0]["text"] == want
+            assert asked["mtplx"]["strict_greedy"] and asked["mtplx"]["recomputed"] > 0
+            plain = s.http.post("/v1/completions", json=body | {"strict_greedy": False}).json()
+            assert not plain["mtplx"]["strict_greedy"] and plain["mtplx"]["recomputed"] == 0
+            server_default = s.http.post("/v1/completions", json=body).json()["mtplx"]
+            assert server_default["strict_greedy"] == (default is not False)
+            msg = {"model": "m", "max_tokens": 8, "temperature": 0, "depth": 2, "strict_greedy": 1e9,
+                   "messages": [{"role": "user", "content": "hi"}]}
+            r = s.http.post("/v1/messages", json=msg)
+            assert r.status_code == 200 and r.json()["mtplx"]["recomputed"] > 0, r.text
+            for bad in (-1, "yes"):
+                r = s.http.post("/v1/completions", json=body | {"strict_greedy": bad})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "strict_greedy", r.text
+                r = s.http.post("/v1/messages", json=msg | {"strict_greedy": bad})
+                assert r.status_code == 400 and "strict_greedy" in r.text, r.text
+
+
+def test_the_cli_takes_the_option(grafted_bf16, tmp_path):
+    from click.testing import CliRunner
+
+    from mtplx.cli.app import cli
+
+    path = str(grafted_bf16[0])
+    runner = CliRunner()
+    common = ["run", "-m", path, "-t", "0", "-n", "8", "--raw", "--json", "-", TEXTS[0]]
+    ar = runner.invoke(cli, common + ["-d", "0"])
+    strict_run = runner.invoke(cli, common + ["-d", "2", "--strict-margin", "inf"])
+    assert ar.exit_code == strict_run.exit_code == 0, strict_run.output
+    got, want = json.loads(strict_run.stdout), json.loads(ar.stdout)
+    assert got["text"] == want["text"] and got["stats"]["recomputed"] == 7
+    bad = runner.invoke(cli, common + ["--strict-margin", "-1"])
+    assert bad.exit_code != 0 and "--strict-margin must be" in bad.stderr and "Traceback" not in bad.output
+    assert "Strict greedy (temperature 0 only)" in runner.invoke(cli, ["serve", "--help"]).output
+    hot = runner.invoke(cli, ["bench", "-m", path, "--strict-greedy"])
+    assert hot.exit_code == 2 and "--temperature 0" in hot.output
+    out = tmp_path / "bench.json"
+    r = runner.invoke(cli, ["bench", "-m", path, "--depths", "0,2", "-t", "0", "-n", "8", "--strict-greedy",
+                            "--no-reference", "--prompts", str(_prompts(tmp_path)), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())["strict_greedy"]
+    assert data["margin"] == strict.NEAR_TIE and set(data["depths"]) == {"2"}
+    assert data["depths"]["2"]["same_tokens"] is True and data["depths"]["2"]["vs_plain"] > 0
+    assert "strict greedy (margin 0.05)" in r.stdout
+
+
+def _prompts(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("def f(x):\n")
+    return p

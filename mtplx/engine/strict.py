@@ -41,7 +41,7 @@ import mlx.core as mx
 
 from mtplx.engine import steps
 from mtplx.engine.sampling import Verdict
-from mtplx.knobs import KnobError
+from mtplx.knobs import NEAR_TIE, KnobError
 from mtplx.errors import MtplxError
 
 if TYPE_CHECKING:
@@ -50,16 +50,11 @@ if TYPE_CHECKING:
 
 __all__ = ["NEAR_TIE", "active", "check", "margins", "settle"]
 
-# A top-2 logit gap at or under this is a near-tie: bf16 logits of a 4-bit trunk round by about
-# 1e-2 between kernels, so a gap this small can flip between a verify row and a decode step.
-# `mtplx doctor --exactness` uses the same number as its floor (exactness.TIE_FLOOR).
-NEAR_TIE = 0.05
-
-
-def check(value: Any, model: MTPModel | None = None) -> float | None:
+def check(value: Any, model: MTPModel | None = None, label: str = "strict_greedy") -> float | None:
     """The user's ``strict_greedy`` as the engine's margin: False or None -> None (off), True ->
     :data:`NEAR_TIE`, a number >= 0 -> that margin (``math.inf``: every decided token is
-    recomputed). Anything else raises :class:`~mtplx.knobs.KnobError`."""
+    recomputed). Anything else raises :class:`~mtplx.knobs.KnobError` (``label``: the option's
+    name as the user wrote it). :data:`NEAR_TIE` lives in mtplx.knobs with the other defaults."""
     if value is None or value is False:
         return None
     if value is True:
@@ -67,8 +62,8 @@ def check(value: Any, model: MTPModel | None = None) -> float | None:
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value) and value >= 0:
         margin = float(value)
     else:
-        raise KnobError("strict_greedy", f"strict_greedy must be true, false or a top-2 logit margin >= 0, got "
-                                         f"{value!r}", fix=f"pass true (margin {NEAR_TIE}) or a number such as 0.1")
+        raise KnobError("strict_greedy", f"{label} must be true, false or a top-2 logit margin >= 0, got {value!r}",
+                        fix=f"pass true (margin {NEAR_TIE}) or a number such as 0.1")
     if model is not None and model.trunk.stage is not None:
         raise MtplxError("strict_greedy is not available with --distributed: the pipeline's ranks roll back only "
                          "to a verified prefix", fix="drop --strict-greedy or --distributed")
