@@ -17,7 +17,8 @@ trunk pass over input i (the pending token for i = 0, else d_i) on the row's own
 and takes that pass's argmax as the next token: the caches then hold inputs 0..i, as if i
 drafts had been committed, and the step emits d_1..d_i and the recomputed token. The margins are
 evaluated with the acceptance arrays (no extra synchronization); a recompute costs one
-one-row trunk pass and one synchronization, only at a near-tie.
+one-row trunk pass and one synchronization, only at a near-tie (its time falls in the step's
+"sample" phase; ``DecodeStats.recomputed`` counts them).
 
 What it guarantees: no emitted greedy token was decided from a multi-row pass with a top-2
 gap within ``eps``. What it does not: the caches themselves (KV rows, recurrent states) are

@@ -114,12 +114,13 @@ def _chars(value: Any) -> int:
 def mtplx_stats(r: GenerationResponse, job: Job) -> dict[str, Any]:
     """The ``mtplx`` field of a response: how the speculation went (``depth_histogram`` counts
     decode steps by the depth they drafted: depth auto's mix), and the token budget the
-    generation ran under (``max_tokens``: the request's, capped at the context left)."""
+    generation ran under (``max_tokens``: the request's, capped at the context left);
+    ``strict_greedy``: whether it ran strict greedy, ``recomputed``: its near-ties re-decided."""
     return {"tokens_per_second": round(r.generation_tps, 3), "prompt_tokens_per_second": round(r.prompt_tps, 3),
             "acceptance": [round(a, 4) for a in r.acceptance], "tokens_per_step": round(r.tokens_per_step, 4),
             "depth": job.kwargs["depth"], "depth_histogram": {str(d): n for d, n in enumerate(r.stats.depth_steps)},
-            "max_tokens": job.kwargs["max_tokens"],
-            "strict_greedy": strict.check(job.kwargs.get("strict_greedy")) is not None, "recomputed": r.stats.recomputed}
+            "max_tokens": job.kwargs["max_tokens"], "recomputed": r.stats.recomputed,
+            "strict_greedy": strict.check(job.kwargs.get("strict_greedy")) is not None}
 
 
 def engine_error(exc: BaseException) -> APIError:
