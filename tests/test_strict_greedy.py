@@ -98,13 +98,28 @@ def test_recomputes_anywhere_in_the_block_equal_ar(bf16, greedy_ar, depth, rando
     assert {0, 1} <= rows_hit, "the recompute never landed past the block's first row"
 
 
-@pytest.mark.parametrize("cap", [0, 16])
+class Cycle:
+    """A depth policy that walks through ``depths`` (0 included: plain steps of the decoder)."""
+
+    def __init__(self, depths):
+        self.depths, self.i, self.max_depth = depths, -1, max(depths)
+
+    def choose(self):
+        self.i += 1
+        return self.depths[self.i % len(self.depths)]
+
+    def observe(self, drafted, accepted):
+        pass
+
+
+@pytest.mark.parametrize("cap, depth", [(0, 3), (16, 3), (0, "cycle")])
 @pytest.mark.parametrize("margin", [math.inf, "random"])
-def test_every_cache_equals_ar_after_every_step(bf16, greedy_ar, margin, cap, monkeypatch, request):
+def test_every_cache_equals_ar_after_every_step(bf16, greedy_ar, margin, cap, depth, monkeypatch, request):
     """The whole-block rollback (i = 0) and rollbacks inside the block leave every cache (KV,
     Gated-DeltaNet conv and recurrent states, head rows) as an AR pass over the consumed tokens
     (bit for bit on this CPU's bf16), with pending Gated-DeltaNet prefixes applied eagerly
-    (cap 0, the CPU's) and deferred (cap 16, a fused kernel's)."""
+    (cap 0, the CPU's) and deferred (cap 16, a fused kernel's); "cycle" mixes in depth-0 steps
+    (the pending token verified alone, its hidden joining the head's backlog)."""
     monkeypatch.setattr("mtplx.model.gated_delta_cache.pending_cap", lambda key_dim: cap)
     if margin == "random":
         request.getfixturevalue("random_near_ties")
@@ -112,7 +127,8 @@ def test_every_cache_equals_ar_after_every_step(bf16, greedy_ar, margin, cap, mo
     where = set()
     prompts, ar = greedy_ar
     for prompt, want in zip(prompts[:1], ar):  # (the AR reference re-runs the whole sequence at every step)
-        engine = Engine(model, 3, GREEDY, strict_greedy=math.inf if margin == math.inf else strict.NEAR_TIE)
+        policy = Cycle([2, 0, 3, 0, 1]) if depth == "cycle" else depth
+        engine = Engine(model, policy, GREEDY, strict_greedy=math.inf if margin == math.inf else strict.NEAR_TIE)
         emitted = []
         for i, step in enumerate(engine.generate(prompt, 20)):
             emitted += step.tokens
