@@ -22,6 +22,7 @@ from mtplx.engine.logprobs import TokenLogprob
 from mtplx.engine.prompt_cache import PromptCache, check_prompt_cache, make_prompt_cache
 from mtplx.engine.prompt_cache_file import load_prompt_cache, save_prompt_cache
 from mtplx.engine.sampling import SamplingParams
+from mtplx.engine import strict
 from mtplx.engine.speculative import Engine
 from mtplx.engine.stats import DecodeStats
 from mtplx.errors import ContextOverflowError, MtplxError
@@ -133,7 +134,7 @@ def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int
              min_p: float | None = None, depth: int | str | None = None, draft_temperature: float | None = None,
              seed: int | None = None, stop: Sequence[str] | None = None, enable_thinking: bool | None = None,
              prompt_cache: PromptCache | None = None, response_format: dict[str, Any] | None = None,
-             logprobs: int | None = None) -> RowSpec:
+             logprobs: int | None = None, strict_greedy: bool | float = False) -> RowSpec:
     """A generation request checked and resolved for the engine (arguments as for
     :func:`stream_generate`, which documents them and the errors raised)."""
     k = knobs.check_all(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -142,6 +143,7 @@ def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int
     temperature, top_p, top_k, min_p = k["temperature"], k["top_p"], k["top_k"], k["min_p"]
     depth, draft_temperature, seed = k["depth"], k["draft_temperature"], k["seed"]
     stop = check_stop(stop)
+    margin = strict.check(strict_greedy, model)
     if prompt_cache is not None:
         check_prompt_cache(prompt_cache)
     if enable_thinking is not None and not isinstance(enable_thinking, bool):
@@ -162,7 +164,7 @@ def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int
     # Each row gets a policy of its own: depth auto learns from this row's acceptance only.
     policy = depth_policy(model, default_depth(model) if depth is None else depth, params)
     return RowSpec(ids, max_tokens, params, policy, draft, seed, frozenset(eos), constraint, logprobs, prompt_cache,
-                   tuple(boundaries), list(stop))
+                   tuple(boundaries), strict_greedy=margin, stop=list(stop))
 
 
 def stream_generate(
@@ -183,6 +185,7 @@ def stream_generate(
     prompt_cache: PromptCache | None = None,
     response_format: dict[str, Any] | None = None,
     logprobs: int | None = None,
+    strict_greedy: bool | float = False,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``depth=0`` is plain AR, ``depth=N`` drafts exactly N tokens every
     step, ``depth="auto"`` chooses each step's depth from this machine's measured step costs and
@@ -192,6 +195,13 @@ def stream_generate(
 
     ``logprobs=k`` attaches to each response the log-probability of each of its tokens and the k
     likeliest alternatives (log-softmax of the trunk's raw logits; see mtplx.engine.logprobs).
+
+    ``strict_greedy=True``: at temperature 0, a token a multi-row verify pass decided with a
+    top-2 logit margin at or under ``mtplx.engine.strict.NEAR_TIE`` (0.05) is decided again by a
+    one-row pass, a plain AR step's arithmetic; a number sets that margin. It makes greedy MTP
+    equal greedy AR on a backend whose verify rows round differently from decode steps (what
+    `mtplx doctor --exactness` measures), at the cost of one one-row pass per near-tie; see
+    :mod:`mtplx.engine.strict` for what it does not cover. No effect at temperature > 0.
 
     ``prompt_cache`` (from :func:`make_prompt_cache`) makes a call whose prompt extends the
     cached tokens prefill only the new suffix, and leaves the cache holding prompt + reply;
@@ -212,9 +222,9 @@ def stream_generate(
     spec = row_spec(model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, min_p=min_p, depth=depth, draft_temperature=draft_temperature, seed=seed, stop=stop,
                     enable_thinking=enable_thinking, prompt_cache=prompt_cache, response_format=response_format,
-                    logprobs=logprobs)
+                    logprobs=logprobs, strict_greedy=strict_greedy)
     engine = Engine(model, spec.depth, spec.params, spec.draft_params, spec.seed, spec.constraint,
-                    logprobs=spec.logprobs)
+                    logprobs=spec.logprobs, strict_greedy=spec.strict_greedy)
     text = RowText(tokenizer, spec)
     stats = engine.stats
     for step in engine.generate(spec.prompt, spec.max_tokens, spec.eos, prompt_cache=prompt_cache,

@@ -26,6 +26,11 @@ AUTO = "auto"
 # model is measured at T = 1..AUTO_MAX_DEPTH+1, and deeper drafts are rarely accepted.
 AUTO_MAX_DEPTH = 3
 
+# Strict greedy's default near-tie margin (mtplx.engine.strict): a top-2 logit gap at or under this
+# can flip between a verify row and a decode step (bf16 logits of a 4-bit trunk round by about 1e-2
+# between kernels). `mtplx doctor --exactness` calls the same gap a near-tie (its TIE_FLOOR).
+NEAR_TIE = 0.05
+
 # What a knob is when neither the request nor the artifact's contract sets it: the one place
 # these numbers are written (CLI help, API, chat, graft, the probe and legacy contracts read it).
 DEFAULTS: dict[str, Any] = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0, "depth": AUTO}

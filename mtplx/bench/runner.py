@@ -7,6 +7,11 @@ verify step, the time split, the cost model, the analytic bound and the share of
 
 Depth "auto" is a column like any depth (a fresh policy per generation, the step costs measured
 or read once before the runs); its row adds the mix of depths it chose.
+
+With a strict-greedy margin (greedy only), every MTP (prompt, depth) run is followed at once by
+the same run with strict greedy (mtplx/engine/strict.py), so both are measured under the same
+conditions: the report adds its tok/s against the plain run's, the recomputes per 100 tokens,
+and whether the tokens are the same.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from mtplx.device import device_name
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.engine.stats import PHASES, AcceptanceTally, DecodeStats
+from mtplx.errors import MtplxError
 from mtplx.model.mtp_model import MTPModel
 from mtplx.speculation import depth_policy
 
@@ -95,6 +101,11 @@ class BenchReport:
     device: str
     # `mtplx doctor --exactness`'s saved verdict for this artifact on this machine, if it ran.
     exactness: dict[str, Any] | None = None
+    # Strict greedy's runs by depth (MTP depths only), its margin, and per depth whether every
+    # strict run emitted the plain run's tokens.
+    strict: dict[Depth, DepthResult] = field(default_factory=dict)
+    strict_margin: float | None = None
+    strict_same: dict[Depth, bool] = field(default_factory=dict)
 
     @property
     def depths(self) -> list[Depth]:
@@ -161,6 +172,24 @@ class BenchReport:
                 + (f"  {r.mix_text}" if isinstance(d, str) else ""))
         return "\n".join(rows)
 
+    def strict_ratio(self, depth: Depth) -> float:
+        plain = self.results[depth].median_tps
+        return self.strict[depth].median_tps / plain if plain else float("nan")
+
+    def recomputed_per_100(self, depth: Depth) -> float:
+        runs = self.strict[depth].runs
+        generated = sum(r.generated for r in runs)
+        return 100 * sum(r.recomputed for r in runs) / generated if generated else 0.0
+
+    def strict_table(self) -> str:
+        head = f"{'depth':>5} {'strict tok/s':>12} {'vs plain':>8} {'recomputed/100 tok':>18} {'same tokens':>11}"
+        rows = [f"strict greedy (margin {self.strict_margin:g}), each run right after the plain one:", head,
+                "-" * len(head)]
+        for d in sorted(self.strict, key=depth_order):
+            rows.append(f"{d:>5} {self.strict[d].median_tps:>12.2f} {self.strict_ratio(d):>7.3f}x "
+                        f"{self.recomputed_per_100(d):>18.2f} {('yes' if self.strict_same[d] else 'NO'):>11}")
+        return "\n".join(rows)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "mtplx_version": __version__,
@@ -193,6 +222,15 @@ class BenchReport:
                                    and self.results[self.best_fixed()].median_tps else None),
             "verdicts": self.verdicts(),
             "exactness": self.exactness,
+            "strict_greedy": None if self.strict_margin is None else {
+                "margin": self.strict_margin,
+                "depths": {str(d): {"median_tps": round(self.strict[d].median_tps, 3),
+                                    "tps": [round(x, 3) for x in self.strict[d].tps],
+                                    "vs_plain": round(self.strict_ratio(d), 4),
+                                    "recomputed_per_100_tokens": round(self.recomputed_per_100(d), 3),
+                                    "same_tokens": self.strict_same[d]}
+                           for d in sorted(self.strict, key=depth_order)},
+            },
         }
 
 
@@ -230,30 +268,49 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
     model_name: str = "",
     around_run: Callable[[int], ContextManager[Any]] | None = None,
+    strict_margin: float | None = None,
 ) -> BenchReport:
     """``around_run(depth)``, if given, wraps every measured generation (a distributed bench
-    reads the ranks' counters around each)."""
+    reads the ranks' counters around each). ``strict_margin``: also run every MTP depth with
+    strict greedy at that margin (greedy ``params`` only), right after its plain run."""
     from mtplx.api import encode_prompt
 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    if strict_margin is not None and not params.greedy:
+        raise MtplxError("strict greedy changes nothing at temperature > 0, so there is nothing to measure",
+                         fix="bench it at temperature 0 (-t 0)")
     results = {d: DepthResult(d) for d in depths}
+    strict = {d: DepthResult(d) for d in depths if d != 0} if strict_margin is not None else {}
+    same = {d: True for d in strict}
+    # Each (depth, strict margin) a run is made with: strict right after plain.
+    variants = {d: [None] + ([strict_margin] if d in strict else []) for d in depths}
     # Warm-up on the first prompt at every depth so no measured run pays first-call costs (and
     # auto's step costs are measured, or read, before any timed run).
     for d in depths:
-        for _ in Engine(model, depth_policy(model, d, params), params, draft_params, seed).generate(encoded[0], 8):
-            pass
+        for margin in variants[d]:
+            for _ in Engine(model, depth_policy(model, d, params), params, draft_params, seed,
+                            strict_greedy=margin).generate(encoded[0], 8):
+                pass
     order = list(depths)
     for r in range(rounds):
         for i, ids in enumerate(encoded):
             for d in order:
-                engine = Engine(model, depth_policy(model, d, params), params, draft_params, seed + 1000 * r + i)
-                with around_run(d) if around_run is not None else nullcontext():
-                    for _ in engine.generate(ids, max_tokens):
-                        pass
-                results[d].runs.append(engine.stats)
-                if progress:
-                    progress(f"round {r + 1}/{rounds} prompt {i + 1}/{len(encoded)} depth {d}: "
-                             f"{engine.stats.tokens_per_second:.2f} tok/s")
+                plain_tokens = None
+                for margin in variants[d]:
+                    engine = Engine(model, depth_policy(model, d, params), params, draft_params, seed + 1000 * r + i,
+                                    strict_greedy=margin)
+                    with around_run(d) if around_run is not None else nullcontext():
+                        tokens = [t for step in engine.generate(ids, max_tokens) for t in step.tokens]
+                    if margin is None:
+                        results[d].runs.append(engine.stats)
+                        plain_tokens = tokens
+                    else:
+                        strict[d].runs.append(engine.stats)
+                        same[d] = same[d] and tokens == plain_tokens
+                    if progress:
+                        label = "" if margin is None else " strict"
+                        progress(f"round {r + 1}/{rounds} prompt {i + 1}/{len(encoded)} depth {d}{label}: "
+                                 f"{engine.stats.tokens_per_second:.2f} tok/s")
             order = order[1:] + order[:1]
     cost = None
     if cost_model:
@@ -264,7 +321,8 @@ def run_bench(
 
     return BenchReport(model=model_name, params=params, max_tokens=max_tokens, prompts=len(encoded), rounds=rounds,
                        results=results, cost=cost, mlx_lm_tps=ref, device=device_name(),
-                       exactness=exactness_verdict(model))
+                       exactness=exactness_verdict(model), strict=strict, strict_margin=strict_margin,
+                       strict_same=same)
 
 
 def now() -> str:

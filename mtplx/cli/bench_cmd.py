@@ -8,7 +8,7 @@ import click
 
 from mtplx import knobs
 from mtplx.cli.options import (FiniteFloatRange, distributed_options, force_option, graft_if_needed, json_option, knob,
-                               load_model, model_option, write_json, yes_option)
+                               load_model, model_option, strict_options, write_json, yes_option)
 
 
 def _depths(value: str) -> list[int | str]:
@@ -188,6 +188,7 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
 @click.option("--join-tokens", type=click.IntRange(min=0), default=4096, show_default=True,
               help="--model --concurrency: also time the decoding rows' steps while a prompt of N tokens joins "
                    "(0: skip).")
+@strict_options
 @_shape_options
 @force_option
 @yes_option
@@ -198,7 +199,7 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
                    "the prompt cache (depth: the last of --depths, auto if listed).")
 @click.pass_context
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
-          no_reference, concurrency, join_tokens, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
+          strict_greedy, no_reference, concurrency, join_tokens, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
           draft_vocab, bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, force, json_out, distributed, chat_turns,
           yes):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
@@ -213,6 +214,12 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
     With --distributed (under mlx.launch), each rank holds part of the trunk; the report adds
     each rank's memory and splits the time per step into each rank's compute and communication."""
     given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE  # noqa: E731
+    if strict_greedy is not False:
+        if shape is not None or concurrency is not None or chat_turns is not None:
+            raise click.UsageError("--strict-greedy adds strict columns to the plain bench; drop --shape, "
+                                   "--concurrency or --chat-turns")
+        if temperature != 0:
+            raise click.UsageError("--strict-greedy changes nothing at temperature > 0: add --temperature 0")
     if shape is not None:
         for name, flag in (("model_ref", "--model"), ("chat_turns", "--chat-turns"), ("distributed", "--distributed")):
             if given(name):
@@ -246,6 +253,7 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
     from mtplx.bench.prompts import DEFAULT_PROMPTS, read_prompts
     from mtplx.bench.runner import run_bench
     from mtplx.engine.sampling import SamplingParams
+    from mtplx.engine.strict import check as strict_check
 
     depth_list = _depths(depths)
     model, tokenizer = load_model(model_ref, mtp=depth_list != [0], force=force, distributed=distributed)
@@ -261,12 +269,15 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
         timer = PipelineTimer(model)
     report = run_bench(model, tokenizer, prompts, depth_list, max_tokens, params, draft, rounds=rounds, seed=seed,
                        cost_model=timer is None, reference=not no_reference and timer is None,
-                       progress=lambda s: click.echo(s, err=True), model_name=model_ref, around_run=timer)
+                       progress=lambda s: click.echo(s, err=True), model_name=model_ref, around_run=timer,
+                       strict_margin=strict_check(strict_greedy, model))
     click.echo(f"mtplx bench: {model_ref} on {report.device}; {len(prompts)} prompts x {rounds} round(s), "
                f"{max_tokens} tokens, temperature {temperature}, top_p {top_p}, top_k {top_k}")
     click.echo(report.table())
     for line in report.verdicts():
         click.echo(line)
+    if report.strict:
+        click.echo(report.strict_table())
     data = report.as_dict()
     if sweep:
         from mtplx.api import encode_prompt

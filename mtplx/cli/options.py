@@ -64,6 +64,38 @@ def sampling_options(f: Callable) -> Callable:
     return f
 
 
+STRICT_GREEDY_HELP = (
+    "Strict greedy (temperature 0 only): a token that a multi-row verify pass decided with a top-2 logit margin "
+    "at or under --strict-margin is decided again by a one-row pass with plain decoding's arithmetic, so greedy "
+    "MTP output equals greedy AR output even on a backend whose verify rows round differently from decode steps "
+    "(`mtplx doctor --exactness` measures yours; on MLX's CPU backend they are equal without it). Cost: one "
+    "one-row pass per near-tie, counted as 'recomputed'. Not covered: caches written by multi-row passes, and "
+    "the first token (the prompt's prefill, as in AR). No effect at temperature > 0, whose law is exact anyway.")
+
+
+def _strict_margin(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    from mtplx.engine import strict
+
+    return None if value is None else strict.check(value, label="--strict-margin")
+
+
+def strict_options(f: Callable) -> Callable:
+    """--strict-greedy and --strict-margin; the command gets ``strict_greedy`` (False, True or a
+    margin: what the API takes)."""
+    @functools.wraps(f)
+    def command(*args: Any, strict_greedy: bool, strict_margin: float | None, **kwargs: Any) -> Any:
+        return f(*args, strict_greedy=strict_margin if strict_margin is not None else strict_greedy, **kwargs)
+
+    for opt in reversed([
+        click.option("--strict-greedy", is_flag=True, help=STRICT_GREEDY_HELP),
+        click.option("--strict-margin", type=float, default=None, metavar="LOGITS", callback=_strict_margin,
+                     help=f"The near-tie margin of --strict-greedy (default {knobs.NEAR_TIE:g}, the rounding of bf16 "
+                          "logits between kernels; 'inf' re-decides every token); implies --strict-greedy."),
+    ]):
+        command = opt(command)
+    return command
+
+
 def format_status(r: Any, *, prefill: bool = False) -> str:
     """The one-line summary after a completion (`mtplx run`, each chat reply), from the last
     GenerationResponse: the mode and depth first (``MTP d2``, ``AR``), then the rates."""
@@ -76,6 +108,9 @@ def format_status(r: Any, *, prefill: bool = False) -> str:
         mode = f"MTP d{len(r.acceptance)}" if r.acceptance else "AR"
         acc = " ".join(f"{a:.2f}" for a in r.acceptance) if r.acceptance else "-"
     rates = f"{r.generation_tps:.1f} tok/s" + (f" | prefill {r.prompt_tps:.1f} tok/s" if prefill else "")
+    recomputed = getattr(stats, "recomputed", 0)
+    if recomputed:  # strict greedy re-decided these near-ties with a one-row pass
+        rates += f" | {recomputed} recomputed"
     cached = getattr(r, "cached_tokens", 0)
     if cached:  # a prompt cache served these: the prefill rate is over the rest
         rates += f" | {cached} of {r.prompt_tokens} prompt tokens cached"

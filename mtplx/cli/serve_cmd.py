@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from mtplx.cli.options import (DistributedOptions, FiniteFloatRange, distributed_options, force_option, graft_if_needed,
-                               knob, load_model, model_option, yes_option)
+                               knob, load_model, model_option, strict_options, yes_option)
 from mtplx.errors import MtplxError
 
 
@@ -75,6 +75,7 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--no-prompt-cache", is_flag=True, help="Prefill every request in full (no prompt cache).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
+@strict_options
 @force_option
 @yes_option
 @distributed_options
@@ -82,7 +83,7 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
           max_batch: int | None, max_tokens_default: int, served_model_names: tuple[str, ...],
           allowed_hosts: tuple[str, ...],
           max_body_mb: float, prompt_cache_gb: float | None, no_prompt_cache: bool, log_level: str,
-          force: bool, yes: bool, distributed: DistributedOptions | None) -> None:
+          strict_greedy: bool | float, force: bool, yes: bool, distributed: DistributedOptions | None) -> None:
     """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and
     Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens), with /health and
     /metrics.
@@ -122,7 +123,7 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
     app = create_app(model, tokenizer, served_model_names=names, depth=0 if no_mtp else depth,
                      queue_size=queue_size, max_tokens_default=max_tokens_default,
                      max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=hosts if loopback or hosts else None,
-                     prompt_cache_bytes=cache_bytes, max_batch=max_batch)
+                     prompt_cache_bytes=cache_bytes, max_batch=max_batch, strict_greedy=strict_greedy)
     shown = f"[{host}]" if ":" in host else host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else shown  # a wildcard is not an address to visit
     base = f"http://{shown}:{port}/v1"

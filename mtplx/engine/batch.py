@@ -40,7 +40,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from mtplx.engine import steps
+from mtplx.engine import steps, strict
 from mtplx.engine.constraints import Constraint
 from mtplx.engine.logprobs import LogprobReader, LogprobRows
 from mtplx.engine.policy import DepthPolicy, FixedDepth, as_policy
@@ -72,6 +72,9 @@ class RowRequest:
     logprobs: int | None = None
     prompt_cache: PromptCache | None = None
     snapshot_at: tuple[int, ...] = ()
+    # Strict greedy (strict.py): the top-2 margin at or under which a greedy token decided by a
+    # verify row is decided again by a one-row pass; None: off. No effect at temperature > 0.
+    strict_greedy: float | None = None
 
 
 class Row:
@@ -105,7 +108,10 @@ class Row:
         self.reused = 0
         # A row that never drafts and has no grammar (whose mask needs each token on the host)
         # runs the pipelined plain lane: see BatchDecoder._plain.
-        self.plain = self.depth == 0 and request.constraint is None
+        # Nor is a strict-greedy one: in a batch a plain row's token comes from a multi-row pass,
+        # where strict.py must check its near-ties.
+        strict_greedy = request.strict_greedy is not None and request.params.greedy
+        self.plain = self.depth == 0 and request.constraint is None and not strict_greedy
         # The head's cache is kept in step with the trunk only where it will be read: by a row
         # that may draft, or by a later call on the row's prompt cache (Engine._ar's rule).
         self.keeps_head = self.depth > 0 or request.prompt_cache is not None
@@ -148,6 +154,7 @@ class _Work:
     candidates: mx.array | None = None
     first: mx.array | None = None  # prefill rows whose prompt ends here: the first token
     next: mx.array | None = None  # plain rows: the token sampled after the fed one
+    margins: mx.array | None = None  # strict greedy: each verify row's top-2 margin
 
 
 class BatchDecoder:
@@ -393,6 +400,9 @@ class BatchDecoder:
             p = filtered_probs(v_logits[0], row.request.params)
             w.ratio, w.candidates = row.acceptance_arrays(p, w.q, w.draft_tokens, row.rng)
             evaluate += [w.ratio, w.candidates, w.hidden, *w.lp.arrays]
+            if strict.active(row):  # strict greedy: the margins, read with the acceptance (strict.py)
+                w.margins = strict.margins(v_logits[0])
+                evaluate.append(w.margins)
         for w, (s, e), at in zip(plain, where[n_dec:], rows_at[n_dec:]):
             row = w.row
             last = logits[:, at[0] : at[1]][:, -1]
@@ -487,6 +497,8 @@ class BatchDecoder:
         row, model = w.row, self.model
         t3 = time.perf_counter()
         verdict = self._decide(w)
+        if w.margins is not None:  # strict greedy: a near-tie is decided again by a one-row pass
+            verdict = strict.settle(model, w, verdict)
         a = verdict.accepted
         proposed = w.draft_tokens[:a].tolist() + [verdict.next_token]
         emitted = row.budget.take(proposed)
@@ -497,7 +509,8 @@ class BatchDecoder:
         # caches hold exactly the tokens emitted.
         committed = min(a, len(emitted))
         cache = row.cache
-        steps.commit(cache, w.record, accepted=committed)
+        if w.record is not None:  # (None: strict.settle committed the caches itself)
+            steps.commit(cache, w.record, accepted=committed)
         if model.has_mtp:
             if w.depth:
                 cache.backlog, cache.backlog_tokens = w.hidden[:, : committed + 1], proposed[:committed]

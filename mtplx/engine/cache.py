@@ -23,7 +23,9 @@ from mtplx.model.trunk import VerifyRecord, materialize
 
 def commit(cache: ModelCache, record: VerifyRecord, accepted: int) -> None:
     """Keep the verified block up to position ``accepted`` (the first ``accepted`` drafts
-    after the pending token) and drop the head rows the drafts after the first one added."""
+    after the pending token) and drop the head rows the drafts after the first one added.
+    ``accepted = -1`` keeps none of the block, not even the pending token (strict greedy
+    decides it again with a one-row pass: engine/strict.py)."""
     record.accepted = accepted  # a distributed leader sends this to the ranks holding the other layers
     drafted = record.tokens - 1
     rejected = drafted - accepted

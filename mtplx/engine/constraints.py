@@ -334,6 +334,13 @@ class Constraint:
         bonus = np.ones(self.vocab_size, dtype=bool) if self._dead else self.allowed()
         return self._apply(logits, np.stack(self._step_masks + [bonus]))
 
+    def mask_row(self, logits: mx.array, row: int) -> mx.array:
+        """Logits ``[..., V]`` masked as :meth:`mask_verify` masked verify row ``row`` (strict
+        greedy decides that row's token again with a one-row pass, before :meth:`commit`)."""
+        if row < len(self._step_masks):
+            return self._apply(logits, self._step_masks[row])
+        return logits if self._dead else self._apply(logits, self.allowed())
+
     def commit(self, accepted: int, next_token: int) -> None:
         """Keep the first ``accepted`` drafts, roll back the rest, advance by the residual or
         bonus token."""

@@ -49,6 +49,20 @@ class LogprobRows:
             self.top_values = mx.take_along_axis(self.logprobs, self.top_ids, axis=-1)
             self.arrays += [self.top_ids, self.top_values]
 
+    def splice(self, at: int, other: LogprobRows) -> LogprobRows:
+        """Rows ``0..at-1`` of these, then ``other``'s (strict greedy: a one-row recompute
+        replaces verify row ``at``, and the rows after it emit nothing)."""
+        if not self.arrays:
+            return self
+        out = LogprobRows(None, self.k)
+        out.logprobs = mx.concatenate([self.logprobs[:at], other.logprobs])
+        out.arrays = [out.logprobs]
+        if self.k:
+            out.top_ids = mx.concatenate([self.top_ids[:at], other.top_ids])
+            out.top_values = mx.concatenate([self.top_values[:at], other.top_values])
+            out.arrays += [out.top_ids, out.top_values]
+        return out
+
     def take(self, tokens: list[int]) -> list[TokenLogprob] | None:
         """Row i's values for ``tokens[i]``; None when logprobs are off."""
         if not self.arrays:

@@ -85,6 +85,7 @@ class Engine:
         seed: int | None = None,
         constraint: Constraint | None = None,
         logprobs: int | None = None,
+        strict_greedy: float | None = None,
     ):
         self.policy = as_policy(depth)
         depth = self.policy.max_depth
@@ -110,6 +111,9 @@ class Engine:
         self.cache: ModelCache | None = None
         # A grammar that masks p and q (response_format); None decodes unconstrained.
         self.constraint = constraint
+        # Strict greedy's margin (engine/strict.py; None: off). The plain AR path decodes one row
+        # at a time already, so only speculative steps use it.
+        self.strict_greedy = strict_greedy
 
     def _check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
@@ -231,7 +235,8 @@ class Engine:
         row = decoder.add(RowRequest(
             prompt=prompt, max_tokens=max_tokens, params=self.params, depth=self.policy,
             draft_params=self.draft_params, eos=frozenset(eos), constraint=self.constraint,
-            logprobs=self.logprobs.k, prompt_cache=prompt_cache, snapshot_at=tuple(snapshot_at)))
+            logprobs=self.logprobs.k, prompt_cache=prompt_cache, snapshot_at=tuple(snapshot_at),
+            strict_greedy=self.strict_greedy))
         row.rng, row.acceptance_arrays = self.rng, self.acceptance_arrays
         self.stats, self.cache = row.stats, row.cache
         try:

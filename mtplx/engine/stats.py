@@ -21,6 +21,8 @@ class DecodeStats:
     # Steps per drafted depth 0..depth; the first token (sampled from the prefill, not a
     # decode step) is left out.
     depth_steps: list[int] = field(default_factory=list)
+    # Strict greedy (engine/strict.py): tokens decided again by a one-row pass at a near-tie.
+    recomputed: int = 0
 
     def __post_init__(self) -> None:
         self.drafted = self.drafted or [0] * self.depth
@@ -88,6 +90,7 @@ class DecodeStats:
             "prefill_tokens_per_second": round(self.prefill_tokens_per_second, 3),
             "tokens_per_step": round(self.tokens_per_step, 4),
             "acceptance": [round(a, 4) for a in self.acceptance],
+            "recomputed": self.recomputed,
             "seconds": {k: round(v, 5) for k, v in self.seconds.items()},
         }
 

@@ -94,12 +94,14 @@ class GatedDeltaRecord:
     kernel_size: int
 
     def rollback(self, cache: GatedDeltaCache, keep: int) -> None:
-        """Leave ``cache`` as it would be after only the first ``keep`` block positions."""
+        """Leave ``cache`` as it would be after only the first ``keep`` block positions (0: as
+        before the block)."""
         block = self.conv_input.shape[1] - (self.kernel_size - 1)
         if keep == block:
             return  # the verify pass already left the state after the whole block
         cache[0] = self.conv_input[:, keep : keep + self.kernel_size - 1]
         cache[1] = self.before
-        cache.pending = tuple(x[:, : self.pending_len + keep] for x in self.inputs)
+        # keep = 0 (strict greedy drops the whole block): only the prefix pending before it, if any.
+        cache.pending = tuple(x[:, : self.pending_len + keep] for x in self.inputs) if self.pending_len + keep else None
         if cache.pending_len > pending_cap(self.inputs[1].shape[-1]):
             cache.materialize()

@@ -186,7 +186,7 @@ class AnthropicRoutes:
         model = core.resolve_model(body.model)
         g = checked_generation(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                top_k=body.top_k, min_p=body.min_p, seed=body.seed, depth=body.depth,
-                               stop=list(body.stop_sequences or []))
+                               stop=list(body.stop_sequences or []), strict_greedy=body.strict_greedy)
         tools = _tools(body, fmt)
         g.ids, g.boundaries = await core.encode_chat(_template_messages(body, fmt), tools=tools,
                                                      template_kwargs=_thinking(body, body.max_tokens))

@@ -101,3 +101,4 @@ class MessagesRequest(PromptRequest):
     min_p: float | None = None
     seed: int | None = None
     depth: int | str | None = None  # mtplx extension: "auto", 0 = plain AR, or N
+    strict_greedy: bool | float | None = None  # mtplx extension: true or a margin (mtplx.engine.strict)

@@ -36,7 +36,8 @@ def default_prompt_cache_bytes() -> int:
 def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
                depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int = 512,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: Iterable[str] | None = (),
-               prompt_cache_bytes: int | None = None, max_batch: int | None = None) -> FastAPI:
+               prompt_cache_bytes: int | None = None, max_batch: int | None = None,
+               strict_greedy: bool | float = False) -> FastAPI:
     """An app serving ``model``.
 
     ``served_model_names``: the names requests may ask for (the first is the one reported);
@@ -46,11 +47,13 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
     ``None`` to accept any Host (only for a server bound to a public address);
     ``prompt_cache_bytes``: the bound on the prompt caches of recent conversations (None: a
     tenth of the machine's memory; 0: no prompt cache); ``max_batch``: rows decoded together (None:
-    sized from the memory left for the rows' caches, at most 8; 1: one generation at a time)."""
+    sized from the memory left for the rows' caches, at most 8; 1: one generation at a time);
+    ``strict_greedy``: the default for requests that do not set it (mtplx.engine.strict)."""
     if prompt_cache_bytes is None:
         prompt_cache_bytes = default_prompt_cache_bytes()
     core = Core(model, tokenizer, served_model_names=served_model_names, depth=depth, queue_size=queue_size,
-                max_tokens_default=max_tokens_default, prompt_cache_bytes=prompt_cache_bytes, max_batch=max_batch)
+                max_tokens_default=max_tokens_default, prompt_cache_bytes=prompt_cache_bytes, max_batch=max_batch,
+                strict_greedy=strict_greedy)
     model_id = core.model_id
     scheduler, metrics = core.scheduler, core.metrics
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from mtplx import knobs
 from mtplx._version import __version__
 from mtplx.api import GenerationResponse, default_depth, reuse_boundaries
+from mtplx.engine import strict
 from mtplx.engine.constraints import Grammar, ResponseFormatError, compile_format
 from mtplx.speculation import step_costs
 from mtplx.engine.prompt_cache import PromptCacheLRU
@@ -62,6 +63,8 @@ class Generation:
     boundaries: tuple[int, ...] = ()  # where the next turn may diverge (prompt-cache snapshots)
     logprobs: int | None = None  # alternatives per token; None = no logprobs
     grammar: Grammar | None = None  # a compiled response_format (Core.compile_format); None = free text
+    # Strict greedy (mtplx.engine.strict): True, False or a margin, checked; None = the server's default.
+    strict_greedy: bool | float | None = None
 
 
 # Stop strings one request may give (OpenAI's API allows 4, Anthropic's more; the scanner's
@@ -70,13 +73,19 @@ MAX_STOPS = 16
 
 
 def checked_generation(*, max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, min_p: Any, seed: Any,
-                       depth: Any, max_tokens_param: str = "max_tokens", **rest: Any) -> Generation:
+                       depth: Any, max_tokens_param: str = "max_tokens", strict_greedy: Any = None,
+                       **rest: Any) -> Generation:
     """A :class:`Generation` with each decoding knob checked by :func:`knob` (ids are filled in
-    later); ``rest`` (stop, logprobs) is taken as given."""
+    later); ``rest`` (stop, logprobs) is taken as given. ``strict_greedy``: absent (None) takes
+    the server's default; false turns it off for this request."""
+    try:
+        strict.check(strict_greedy)
+    except KnobError as e:
+        raise APIError(400, str(e), param="strict_greedy", code="invalid_value") from None
     return Generation([], max_tokens=knob("max_tokens", max_tokens, max_tokens_param),
                       temperature=knob("temperature", temperature), top_p=knob("top_p", top_p),
                       top_k=knob("top_k", top_k), min_p=knob("min_p", min_p), seed=knob("seed", seed),
-                      depth=knob("depth", depth), **rest)
+                      depth=knob("depth", depth), strict_greedy=strict_greedy, **rest)
 
 
 @dataclass
@@ -105,11 +114,13 @@ def _chars(value: Any) -> int:
 def mtplx_stats(r: GenerationResponse, job: Job) -> dict[str, Any]:
     """The ``mtplx`` field of a response: how the speculation went (``depth_histogram`` counts
     decode steps by the depth they drafted: depth auto's mix), and the token budget the
-    generation ran under (``max_tokens``: the request's, capped at the context left)."""
+    generation ran under (``max_tokens``: the request's, capped at the context left);
+    ``strict_greedy``: whether it ran strict greedy, ``recomputed``: its near-ties re-decided."""
     return {"tokens_per_second": round(r.generation_tps, 3), "prompt_tokens_per_second": round(r.prompt_tps, 3),
             "acceptance": [round(a, 4) for a in r.acceptance], "tokens_per_step": round(r.tokens_per_step, 4),
             "depth": job.kwargs["depth"], "depth_histogram": {str(d): n for d, n in enumerate(r.stats.depth_steps)},
-            "max_tokens": job.kwargs["max_tokens"]}
+            "max_tokens": job.kwargs["max_tokens"], "recomputed": r.stats.recomputed,
+            "strict_greedy": strict.check(job.kwargs.get("strict_greedy")) is not None}
 
 
 def engine_error(exc: BaseException) -> APIError:
@@ -125,8 +136,11 @@ class Core:
 
     def __init__(self, model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
                  depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int = 512,
-                 prompt_cache_bytes: int = 0, max_batch: int | None = None):
+                 prompt_cache_bytes: int = 0, max_batch: int | None = None, strict_greedy: bool | float = False):
         self.model, self.tokenizer = model, tokenizer
+        # Strict greedy for requests that do not say (a request's "strict_greedy" overrides it).
+        strict.check(strict_greedy, model)
+        self.strict_greedy = strict_greedy
         self.served_model_names = list(dict.fromkeys(n for n in served_model_names if n))
         if not self.served_model_names:
             raise MtplxError("the server needs at least one model name to answer to",
@@ -260,7 +274,8 @@ class Core:
         left = model.max_context - len(g.ids)
         kwargs = dict(max_tokens=min(g.max_tokens or self.max_tokens_default, left), temperature=g.temperature,
                       top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, depth=depth, seed=g.seed, stop=g.stop,
-                      logprobs=g.logprobs)
+                      logprobs=g.logprobs,
+                      strict_greedy=self.strict_greedy if g.strict_greedy is None else g.strict_greedy)
         if g.grammar is not None:
             kwargs["response_format"] = g.grammar
         job = Job(g.ids, kwargs, asyncio.get_running_loop(), boundaries=g.boundaries)

@@ -27,7 +27,7 @@ class SerialRow:
         self.id = next(self._ids)
         self.request = request
         self.engine = Engine(model, request.depth, request.params, request.draft_params, request.seed,
-                             request.constraint, logprobs=request.logprobs)
+                             request.constraint, logprobs=request.logprobs, strict_greedy=request.strict_greedy)
         self._gen: Iterator[Emitted] = self.engine.generate(request.prompt, request.max_tokens, request.eos,
                                                              prompt_cache=request.prompt_cache,
                                                              snapshot_at=request.snapshot_at)

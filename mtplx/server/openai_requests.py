@@ -98,6 +98,9 @@ class CommonRequest(StrictModel):
     stream_options: StreamOptions | None = None
     depth: int | str | None = Field(None, description="mtplx extension: draft depth, 'auto' (adaptive), "
                                                        "0 = plain AR, or N drafts per step")
+    strict_greedy: bool | float | None = Field(None, description="mtplx extension: at temperature 0, re-decide a "
+                                               "near-tie (top-2 margin <= 0.05, or this number) with a one-row "
+                                               "pass so greedy MTP equals greedy AR on any backend")
     # Refused unless neutral: mtplx samples one choice from the model's own law.
     n: int | None = None
     frequency_penalty: float | None = None
