@@ -185,6 +185,21 @@ def test_a_strict_row_in_a_batch_equals_itself_alone(bf16, greedy_ar):
     assert rows[0].emitted == solo
 
 
+def test_a_strict_depth_0_row_in_a_batch_is_checked_not_plain(bf16, greedy_ar):
+    """A depth-0 row shares the batch's pass, so a strict one stays out of the plain lane (whose
+    token is never looked at on the host before it is fed) and its near-ties are recomputed."""
+    model, _ = bf16
+    prompts, ar = greedy_ar
+    decoder = BatchDecoder(model, max_batch=2)
+    rows = [decoder.add(RowRequest(prompts[2], 12, GREEDY, depth=0, strict_greedy=math.inf)),
+            decoder.add(RowRequest(prompts[0], 12, GREEDY, depth=0))]
+    assert [r.plain for r in rows] == [False, True]
+    while len(decoder):
+        decoder.step()
+    assert rows[0].emitted == ar[2][:12] and rows[1].emitted == ar[0][:12]
+    assert rows[0].stats.recomputed == 11 and rows[1].stats.recomputed == 0
+
+
 @pytest.mark.parametrize("margin", [strict.NEAR_TIE, math.inf])
 def test_temperature_above_zero_is_unchanged(bf16, greedy_ar, margin):
     model, _ = bf16
