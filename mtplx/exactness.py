@@ -13,7 +13,7 @@ mtplx promises two things, and they are of different kinds:
   (the tests measure it); a GPU kernel that picks another reduction order for two or more rows
   can flip a near-tie. The *greedy check* decodes the bundled prompts greedily (4 x 64 = 256
   positions by default) with AR, decoded once per prompt as the reference, and with MTP at
-  depths 1-3; then the first 8 tokens of each prompt again with a prompt cache, AR and each
+  depths 1-3; then the first 4 tokens of each prompt again with a prompt cache, AR and each
   depth (a cache hit's first token comes from a one-token pass instead of the last row of a
   prefill; every later step is the same step code, see PROMPT_CACHE_TOKENS), and reports
   where the outputs part. On the demo on this 2-core CPU the whole check takes about two
@@ -60,11 +60,12 @@ DEFAULT_TOKENS = 64
 # Tokens per prompt decoded again with a prompt cache (AR and each depth). A prompt cache changes
 # only how the caches reach the end of the prompt: they are prefilled up to its last token and
 # the first logits come from a one-row pass over that token instead of the last row of one
-# prefill. Every later step is the same step code on those caches, so the divergences a cache
-# can cause start at its first tokens: the first 8 cover the first token and, at depth 3, two
-# or three verify passes after it, at an eighth of the cost of decoding everything twice (on a
-# CPU a 4-bit verify of T tokens costs about T decode steps).
-PROMPT_CACHE_TOKENS = 8
+# prefill. Every later step is the same step code on caches holding the same tokens, so where
+# a cache makes a difference it shows from the first tokens: the first 4 cover the first token
+# and the verify passes that decide the next three (up to three passes: a head drafts worst
+# right after a prompt), at a sixteenth of the cost of decoding all 64 again (on a CPU a 4-bit
+# verify of T tokens costs about T decode steps, and the check must stay near two minutes).
+PROMPT_CACHE_TOKENS = 4
 DEPTHS = (1, 2, 3)
 # bf16 logits of a 4-bit trunk: a top-2 gap below this is within rounding on any backend.
 TIE_FLOOR = 0.05

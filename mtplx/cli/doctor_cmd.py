@@ -20,7 +20,7 @@ from mtplx.cli.options import force_option, json_option, write_json
               help="With --exactness: the artifact to check ('demo', a directory, a catalog id or a repo id).")
 @click.option("--tokens", type=click.IntRange(1, 4096), default=None, metavar="N",
               help="With --exactness: greedy tokens per bundled prompt (default 64: 4 prompts, 256 positions, "
-                   "each decoded by AR and MTP at depths 1-3; the first 8 of each again with a prompt cache).")
+                   "each decoded by AR and MTP at depths 1-3; the first 4 of each again with a prompt cache).")
 @force_option
 @json_option
 def doctor_cmd(exactness: bool, model_ref: str, tokens: int | None, force: bool, json_out: str | None) -> None:
