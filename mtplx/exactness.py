@@ -433,20 +433,18 @@ def check_exactness(model: MTPModel, tokenizer: Any, *, tokens: int = DEFAULT_TO
         # one-row pass over that token, exactly as on a hit; the later ones run on copies of it
         # cut back to that snapshot (real hits), and so does the arithmetic check below.
         base = make_prompt_cache(model)
-        served = 0
         for depth, cached in configs:
             n = cached_n if cached else tokens
-            cache = (base.copy_prefix(served) if served else base) if cached else None
+            cache = (base.copy_prefix(base.reusable(ids)) if base.tokens else base) if cached else None
             other = greedy_tokens(model, ids, depth, n, cache)
-            served = base.reusable(ids) if cached else served
             at = first_divergence(ar, other)
             say(f"{where}: {_label(depth, cached)}, {n} tokens: " + ("identical" if at is None else f"differs at {at}"))
             if at is not None:
                 gap, top2 = margin_at(model, ids + ar[:at], (ar[at], other[at]))
                 divergences.append(Divergence(i, depth, cached, at, ar[at], other[at], gap, top2))
-        if not served:  # no configuration with a prompt cache: fill it with one AR token
+        if not base.tokens:  # no configuration with a prompt cache: fill it with one AR token
             greedy_tokens(model, ids, 0, 1, base)
-            served = base.reusable(ids)
+        served = base.reusable(ids)
         # T-row verify vs T decode steps over the prompt's last token and the first AR tokens,
         # after the rest of the prompt (a copy of the prompt cache: no prefill of its own)
         prefix = base.copy_prefix(served).cache

@@ -75,6 +75,13 @@ def test_a_divergence_with_a_prompt_cache_is_reported_as_such(grafted_bf16, monk
     assert r.as_json()["exactness"]["diverged_at"] == [1] and not r.greedy_identical
 
 
+def test_without_prompt_cache_configurations_the_arithmetic_check_still_runs(grafted_bf16):
+    model, tok = mtplx.load(str(grafted_bf16[0]))
+    r = check_exactness(model, tok, prompts=PROMPTS[:1], tokens=2, prompt_cache_tokens=0, law_samples=200)
+    assert r.configurations == ["MTP d1", "MTP d2", "MTP d3"] and r.prompt_cache_positions == 0
+    assert set(r.verify_vs_decode) == {1, 2, 3} and r.ok  # T up to the tokens there: the prompt's last + 2
+
+
 def _biased(p, q, drafts, rng):
     """The commonest bug: the residual drawn from p instead of norm(max(0, p - q))."""
     depth = q.shape[0]
