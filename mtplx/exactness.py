@@ -11,9 +11,13 @@ mtplx promises two things, and they are of different kinds:
 - **Greedy** MTP output equals greedy AR output token for token only where the backend rounds
   a T-row verify pass exactly as T single-row decode steps. That holds on MLX's CPU backend
   (the tests measure it); a GPU kernel that picks another reduction order for two or more rows
-  can flip a near-tie. The *greedy check* decodes the bundled prompts greedily with AR and
-  with MTP at depths 1-3, with and without a prompt cache (whose first token comes from a
-  one-token pass instead of the last row of a prefill), and reports where the outputs part.
+  can flip a near-tie. The *greedy check* decodes the bundled prompts greedily (4 x 64 = 256
+  positions by default) with AR, decoded once per prompt as the reference, and with MTP at
+  depths 1-3; then the first 4 tokens of each prompt again with a prompt cache, AR and each
+  depth (a cache hit's first token comes from a one-token pass instead of the last row of a
+  prefill; every later step is the same step code, see PROMPT_CACHE_TOKENS), and reports
+  where the outputs part. On the demo on this 2-core CPU the whole check takes about two
+  minutes (README, "How exactness is tested").
   Underneath, the *arithmetic check* compares the logits of a T-row verify pass with T
   single-row decode steps over the same tokens (max abs difference per T, argmax agreement).
 
@@ -35,21 +39,33 @@ import numpy as np
 
 from mtplx.device import backend, gpu_name
 from mtplx.engine import steps
-from mtplx.engine.prompt_cache import make_prompt_cache
+from mtplx.engine.prompt_cache import PromptCache, make_prompt_cache
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample
 from mtplx.engine.speculative import Engine
 from mtplx.errors import MtplxError
-from mtplx.model.mtp_model import MTPModel
+from mtplx.model.mtp_model import ModelCache, MTPModel
 
-# Bundled prompts: code and prose, where a head drafts well and where it drafts less well.
+# Bundled prompts: code, prose, a chat-style question and JSON-ish text. Short, since every
+# configuration prefills its prompt anew, and ones the demo's head drafts at 1.7-1.9 tokens per
+# depth-1 step: on a CPU a verify pass costs a decode step per token, so a prompt that drafts
+# badly costs up to half as much again at depth 3 and tests nothing more.
 PROMPTS = (
-    "import os\nimport sys\n\n\ndef main(argv):\n",
-    "The history of the printing press begins in the fifteenth century, when",
+    "def add(a, b):\n",
+    "The river",
+    "Q: What is a list?\nA:",
+    '{"items": [',
 )
-# Greedy tokens per prompt. Chosen so the whole check runs in under two minutes on the bundled
-# demo on MLX's CPU backend (a 4-bit verify of T tokens costs about T decode steps there);
-# on a GPU, or for a longer look, pass --tokens 256.
-DEFAULT_TOKENS = 24
+# Greedy tokens per prompt: 4 x 64 = 256 positions, each decoded by AR and by MTP at depths 1-3.
+DEFAULT_TOKENS = 64
+# Tokens per prompt decoded again with a prompt cache (AR and each depth). A prompt cache changes
+# only how the caches reach the end of the prompt: they are prefilled up to its last token and
+# the first logits come from a one-row pass over that token instead of the last row of one
+# prefill. Every later step is the same step code on caches holding the same tokens, so where
+# a cache makes a difference it shows from the first tokens: the first 4 cover the first token
+# and the verify passes that decide the next three (up to three passes: a head drafts worst
+# right after a prompt), at a sixteenth of the cost of decoding all 64 again (on a CPU a 4-bit
+# verify of T tokens costs about T decode steps, and the check must stay near two minutes).
+PROMPT_CACHE_TOKENS = 4
 DEPTHS = (1, 2, 3)
 # bf16 logits of a 4-bit trunk: a top-2 gap below this is within rounding on any backend.
 from mtplx.knobs import NEAR_TIE as TIE_FLOOR  # noqa: E402 - one number with strict greedy's margin
@@ -108,6 +124,7 @@ class ExactnessReport:
     verify_vs_decode: dict[int, float]
     argmax_agrees: dict[int, bool]
     law: LawCheck
+    prompt_cache_tokens: int = 0  # per prompt, for the configurations with a prompt cache
     seconds: float = 0.0
     model: str = ""
 
@@ -117,7 +134,13 @@ class ExactnessReport:
 
     @property
     def positions(self) -> int:
+        """Greedy positions compared for AR vs MTP at each depth without a prompt cache."""
         return self.tokens * self.prompts
+
+    @property
+    def prompt_cache_positions(self) -> int:
+        """Of those, the ones compared again with a prompt cache (AR and each depth)."""
+        return self.prompt_cache_tokens * self.prompts
 
     @property
     def greedy_identical(self) -> bool:
@@ -147,6 +170,7 @@ class ExactnessReport:
                 "backend": self.backend,
                 "greedy_identical": self.greedy_identical,
                 "positions": self.positions,
+                "prompt_cache_positions": self.prompt_cache_positions,
                 "diverged_at": [d.position for d in self.divergences],
                 "min_margin_at_divergence": round(min(margins), 6) if margins else None,
                 "verify_vs_decode": {str(t): v for t, v in sorted(self.verify_vs_decode.items())},
@@ -157,6 +181,7 @@ class ExactnessReport:
                 "verdict": self.verdict,
                 "ok": self.ok,
                 "tokens_per_prompt": self.tokens,
+                "prompt_cache_tokens_per_prompt": self.prompt_cache_tokens,
                 "prompts": self.prompts,
                 "configurations": self.configurations,
                 "near_tie_threshold": self.threshold,
@@ -181,17 +206,12 @@ class ExactnessReport:
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def greedy_tokens(model: MTPModel, ids: list[int], depth: int, n: int, prompt_cache: bool) -> list[int]:
-    """``n`` greedy tokens (no EOS stop, so every run covers the same positions). With
-    ``prompt_cache`` the cache first holds the prompt (one AR token generated over it), so the
-    measured run prefills only the prompt's last token: its first logits come from a one-row pass."""
-    cache = None
-    if prompt_cache:
-        cache = make_prompt_cache(model)
-        for _ in Engine(model, 0, GREEDY, seed=0).generate(ids, 1, prompt_cache=cache):
-            pass
+def greedy_tokens(model: MTPModel, ids: list[int], depth: int, n: int,
+                  prompt_cache: PromptCache | None = None) -> list[int]:
+    """``n`` greedy tokens (no EOS stop, so every run covers the same positions), through the
+    engine as `mtplx.generate` runs it, with ``prompt_cache`` if given (it is advanced)."""
     engine = Engine(model, depth, GREEDY, seed=0)
-    return [t for step in engine.generate(ids, n, prompt_cache=cache) for t in step.tokens]
+    return [t for step in engine.generate(ids, n, prompt_cache=prompt_cache) for t in step.tokens]
 
 
 def margin_at(model: MTPModel, context: list[int], tokens: tuple[int, int]) -> tuple[float, bool]:
@@ -209,14 +229,13 @@ def first_divergence(ar: list[int], other: list[int]) -> int | None:
 
 # -- arithmetic: T-row verify vs T single-row decode steps --------------------------------------
 
-def verify_vs_decode(model: MTPModel, ids: list[int], continuation: list[int], max_t: int) -> dict[int, tuple[float, bool]]:
-    """Per T in 1..max_t: (max |verify logits - decode logits|, argmax agrees on every row).
-
-    The prompt is prefilled once; each pass runs on a fork of that cache (the forks are used one
-    after the other and the prefilled cache itself is never advanced, as ModelCache.fork asks)."""
-    prefilled = model.make_cache()
-    steps.prefill(model, ids, prefilled, head=False)
-    cache = prefilled.fork()
+def verify_vs_decode(model: MTPModel, prefix: ModelCache, continuation: list[int],
+                     max_t: int) -> dict[int, tuple[float, bool]]:
+    """Per T in 1..max_t: (max |verify logits - decode logits|, argmax agrees on every row), over
+    the first T tokens of ``continuation`` fed after ``prefix`` (a cache holding what precedes
+    them). Each pass runs on a fork of ``prefix``, one after the other, and ``prefix`` itself is
+    never advanced, as ModelCache.fork asks."""
+    cache = prefix.fork()
     rows = []
     for t in continuation[:max_t]:
         rows.append(steps.ar_step(model, cache, mx.array([t])).astype(mx.float32))
@@ -224,7 +243,7 @@ def verify_vs_decode(model: MTPModel, ids: list[int], continuation: list[int], m
     decode = mx.concatenate(rows, axis=0)  # [max_t, V]
     out = {}
     for t in range(1, min(max_t, len(continuation)) + 1):
-        logits, _, _ = steps.verify(model, prefilled.fork(), mx.array([continuation[:t]]))
+        logits, _, _ = steps.verify(model, prefix.fork(), mx.array([continuation[:t]]))
         block = logits[0].astype(mx.float32)
         diff = float(mx.abs(block - decode[:t]).max().item())
         agree = bool(mx.all(mx.argmax(block, axis=-1) == mx.argmax(decode[:t], axis=-1)).item())
@@ -384,46 +403,72 @@ def law_check(model: MTPModel, ids: list[int], samples: int = LAW_SAMPLES, seed:
 
 # -- the whole check -------------------------------------------------------------------------
 
+def _label(depth: int, cached: bool) -> str:
+    return f"{'AR' if depth == 0 else f'MTP d{depth}'}{' + prompt cache' if cached else ''}"
+
+
 def check_exactness(model: MTPModel, tokenizer: Any, *, tokens: int = DEFAULT_TOKENS,
-                    prompts: Sequence[str] = PROMPTS, depths: Sequence[int] = DEPTHS,
-                    law_samples: int = LAW_SAMPLES, progress: Callable[[str], None] | None = None,
-                    model_name: str = "") -> ExactnessReport:
+                    prompt_cache_tokens: int = PROMPT_CACHE_TOKENS, prompts: Sequence[str] = PROMPTS,
+                    depths: Sequence[int] = DEPTHS, law_samples: int = LAW_SAMPLES,
+                    progress: Callable[[str], None] | None = None, model_name: str = "") -> ExactnessReport:
+    """Per prompt: greedy AR (the reference, decoded once), MTP at each depth over the same
+    ``tokens`` positions, then AR and each depth again with a prompt cache over the first
+    ``prompt_cache_tokens`` of them, and the arithmetic check; then the law check."""
     if not model.has_mtp:
         raise MtplxError("the exactness check compares MTP with AR, and this model has no MTP head",
                          fix="load an mtplx artifact (not --no-mtp), e.g. `mtplx doctor --exactness --model demo`")
     t0 = time.perf_counter()
     say = (lambda msg: progress(f"[{time.perf_counter() - t0:5.1f} s] {msg}")) if progress else (lambda _msg: None)
     encoded = [list(tokenizer.encode(p)) for p in prompts]
-    configs = [(0, True)] + [(d, c) for d in depths for c in (False, True)]
+    cached_n = min(prompt_cache_tokens, tokens)
+    configs = [(d, False) for d in depths] + ([(d, True) for d in (0, *depths)] if cached_n else [])
     divergences: list[Divergence] = []
     arithmetic: dict[int, tuple[float, bool]] = {}
     for i, ids in enumerate(encoded):
-        ar = greedy_tokens(model, ids, 0, tokens, prompt_cache=False)
-        say(f"prompt {i + 1}/{len(encoded)}: AR reference, {len(ar)} tokens")
+        where = f"prompt {i + 1}/{len(encoded)}"
+        ar = greedy_tokens(model, ids, 0, tokens)
+        say(f"{where}: AR reference, {len(ar)} tokens")
+        # The first configuration with a prompt cache fills a fresh one. Its prefill stops before
+        # the prompt's last token (the end-of-prompt snapshot) and its first logits come from a
+        # one-row pass over that token, exactly as on a hit; the later ones run on copies of it
+        # cut back to that snapshot (real hits), and so does the arithmetic check below.
+        base = make_prompt_cache(model)
         for depth, cached in configs:
-            other = greedy_tokens(model, ids, depth, tokens, prompt_cache=cached)
+            n = cached_n if cached else tokens
+            cache = (base.copy_prefix(base.reusable(ids)) if base.tokens else base) if cached else None
+            other = greedy_tokens(model, ids, depth, n, cache)
             at = first_divergence(ar, other)
-            label = f"{'AR' if depth == 0 else f'MTP d{depth}'} {'with' if cached else 'without'} a prompt cache"
-            say(f"prompt {i + 1}/{len(encoded)}: {label}: " + ("identical" if at is None else f"differs at {at}"))
+            say(f"{where}: {_label(depth, cached)}, {n} tokens: " + ("identical" if at is None else f"differs at {at}"))
             if at is not None:
                 gap, top2 = margin_at(model, ids + ar[:at], (ar[at], other[at]))
                 divergences.append(Divergence(i, depth, cached, at, ar[at], other[at], gap, top2))
-        for t, (diff, agree) in verify_vs_decode(model, ids, ar, max(depths) + 1).items():
+        if not base.tokens:  # no configuration with a prompt cache: fill it with one AR token
+            greedy_tokens(model, ids, 0, 1, base)
+        served = base.reusable(ids)
+        # T-row verify vs T decode steps over the prompt's last token and the first AR tokens,
+        # after the rest of the prompt (a copy of the prompt cache: no prefill of its own)
+        prefix = base.copy_prefix(served).cache
+        for t, (diff, agree) in verify_vs_decode(model, prefix, ids[served:] + ar, max(depths) + 1).items():
             old = arithmetic.get(t, (0.0, True))
             arithmetic[t] = (max(old[0], diff), old[1] and agree)
     say(f"law check: {law_samples} samples per side")
     law = law_check(model, encoded[0], law_samples)
     return ExactnessReport(
         backend=backend_name(), tokens=tokens, prompts=len(encoded),
-        configurations=[f"{'AR' if d == 0 else f'MTP d{d}'}{' + prompt cache' if c else ''}" for d, c in configs],
+        configurations=[_label(d, c) for d, c in configs],
         divergences=divergences, verify_vs_decode={t: v[0] for t, v in arithmetic.items()},
-        argmax_agrees={t: v[1] for t, v in arithmetic.items()}, law=law,
+        argmax_agrees={t: v[1] for t, v in arithmetic.items()}, law=law, prompt_cache_tokens=cached_n,
         seconds=time.perf_counter() - t0, model=model_name)
 
 
 def format_report(r: ExactnessReport, command: str) -> str:
     lines = [f"backend            {r.backend}",
-             f"greedy             {r.prompts} prompts x {r.tokens} tokens, AR vs {', '.join(r.configurations)}"]
+             f"greedy             {r.positions} positions ({r.prompts} prompts x {r.tokens} tokens), AR vs "
+             f"{', '.join(c for c in r.configurations if 'cache' not in c)}"]
+    cached = [c for c in r.configurations if "cache" in c]
+    if cached:
+        lines.append(f"  prompt cache     the first {r.prompt_cache_positions} of them ({r.prompts} x "
+                     f"{r.prompt_cache_tokens}), AR vs {', '.join(cached)}")
     if r.greedy_identical:
         lines.append("greedy identical   yes: every configuration equals greedy AR token for token")
     else:

@@ -14,8 +14,10 @@ from scipy import stats
 
 import mtplx
 from mtplx.engine.sampling import sample
-from mtplx.exactness import (TIE_FLOOR, Divergence, ExactnessReport, LawCheck, check_exactness, chi2_critical,
-                             chi2_sf, law_check)
+import mtplx.exactness as exactness
+from mtplx.engine.prompt_cache import make_prompt_cache
+from mtplx.exactness import (PROMPTS, TIE_FLOOR, Divergence, ExactnessReport, LawCheck, check_exactness,
+                             chi2_critical, chi2_sf, greedy_tokens, law_check)
 from tiny_models import tiny_model
 
 
@@ -28,12 +30,56 @@ def test_chi2_sf_matches_scipy(df):
 
 def test_doctor_on_a_grafted_model_reports_identical_greedy_output(grafted_bf16):
     model, tok = mtplx.load(str(grafted_bf16[0]))
-    r = check_exactness(model, tok, tokens=6, law_samples=1000)
+    r = check_exactness(model, tok, tokens=6, prompt_cache_tokens=3, law_samples=1000)
     assert r.greedy_identical and not r.divergences and r.ok, r.as_json()
-    assert r.positions == 12 and set(r.verify_vs_decode) == {1, 2, 3, 4}
+    assert r.positions == 6 * len(PROMPTS) and r.prompt_cache_positions == 3 * len(PROMPTS)
+    assert r.configurations == ["MTP d1", "MTP d2", "MTP d3", "AR + prompt cache", "MTP d1 + prompt cache",
+                                "MTP d2 + prompt cache", "MTP d3 + prompt cache"]
+    assert set(r.verify_vs_decode) == {1, 2, 3, 4}
     # MLX's CPU backend rounds a T-row verify exactly as T decode steps (the suite's premise)
     assert all(v == 0.0 for v in r.verify_vs_decode.values()) and all(r.argmax_agrees.values())
     assert r.law.passed and r.law.samples == 1000 and 0 < r.law.acceptance <= 1
+
+
+def test_the_prompt_cache_configurations_run_on_a_hit_that_prefills_one_token(grafted_bf16):
+    """What the doctor's cached configurations rest on: a copy of the cache the first one fills
+    serves all but the prompt's last token, so a generation on it prefills one token."""
+    model, tok = mtplx.load(str(grafted_bf16[0]))
+    ids = list(tok.encode(PROMPTS[0]))
+    base = make_prompt_cache(model)
+    first = greedy_tokens(model, ids, 0, 4, base)
+    served = base.reusable(ids)
+    assert served == len(ids) - 1
+    engine = exactness.Engine(model, 3, exactness.GREEDY, seed=0)
+    again = [t for step in engine.generate(ids, 4, prompt_cache=base.copy_prefix(served)) for t in step.tokens]
+    assert engine.stats.cached_tokens == len(ids) - 1 and again == first
+    assert base.reusable(ids) == served  # the copy left the base as it was
+
+
+def test_a_divergence_with_a_prompt_cache_is_reported_as_such(grafted_bf16, monkeypatch):
+    """The plumbing: a cached run that parts from AR is found, placed and judged (its margin
+    measured on the AR context); here the parting is forced by swapping one token."""
+    model, tok = mtplx.load(str(grafted_bf16[0]))
+    real = exactness.greedy_tokens
+
+    def swapped(model, ids, depth, n, prompt_cache=None):
+        out = real(model, ids, depth, n, prompt_cache)
+        if prompt_cache is not None and depth == 2:
+            out[1] = (out[1] + 1) % model.vocab_size
+        return out
+
+    monkeypatch.setattr(exactness, "greedy_tokens", swapped)
+    r = check_exactness(model, tok, prompts=PROMPTS[:1], tokens=4, prompt_cache_tokens=2, law_samples=200)
+    [d] = r.divergences
+    assert (d.prompt, d.depth, d.prompt_cache, d.position) == (0, 2, True, 1) and d.margin >= 0
+    assert r.as_json()["exactness"]["diverged_at"] == [1] and not r.greedy_identical
+
+
+def test_without_prompt_cache_configurations_the_arithmetic_check_still_runs(grafted_bf16):
+    model, tok = mtplx.load(str(grafted_bf16[0]))
+    r = check_exactness(model, tok, prompts=PROMPTS[:1], tokens=2, prompt_cache_tokens=0, law_samples=200)
+    assert r.configurations == ["MTP d1", "MTP d2", "MTP d3"] and r.prompt_cache_positions == 0
+    assert set(r.verify_vs_decode) == {1, 2, 3} and r.ok  # T up to the tokens there: the prompt's last + 2
 
 
 def _biased(p, q, drafts, rng):
@@ -80,9 +126,10 @@ def test_cli_json_shape_exit_code_and_saved_verdict(grafted_bf16, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "greedy identical   yes" in run.stdout
     ex = json.loads(out.read_text())["exactness"]
-    assert set(ex) == {"backend", "greedy_identical", "positions", "diverged_at", "min_margin_at_divergence",
-                       "verify_vs_decode", "law_check"}
-    assert ex["backend"] == "cpu" and ex["greedy_identical"] is True and ex["positions"] == 8
+    assert set(ex) == {"backend", "greedy_identical", "positions", "prompt_cache_positions", "diverged_at",
+                       "min_margin_at_divergence", "verify_vs_decode", "law_check"}
+    assert ex["backend"] == "cpu" and ex["greedy_identical"] is True
+    assert ex["positions"] == 4 * len(PROMPTS) and ex["prompt_cache_positions"] == 4 * len(PROMPTS)
     assert ex["diverged_at"] == [] and ex["min_margin_at_divergence"] is None
     assert set(ex["verify_vs_decode"]) == {"1", "2", "3", "4"} and set(ex["law_check"]) == {"p_value", "samples"}
     assert ex["law_check"]["p_value"] >= 1e-3 and ex["law_check"]["samples"] == 4000
@@ -105,7 +152,7 @@ def test_bench_json_quotes_the_saved_verdict(grafted_bf16, tmp_path, monkeypatch
                          reference=False).as_dict()
 
     assert bench()["exactness"] is None  # the doctor never ran for this artifact here
-    r = check_exactness(model, tok, tokens=2, law_samples=200)
+    r = check_exactness(model, tok, prompts=PROMPTS[:1], tokens=2, law_samples=200)
     save_exactness(model, r.verdict_record())
     quoted = bench()["exactness"]
-    assert quoted["verdict"] == r.verdict and quoted["positions"] == 4 and quoted["backend"] == "cpu"
+    assert quoted["verdict"] == r.verdict and quoted["positions"] == 2 and quoted["backend"] == "cpu"

@@ -19,8 +19,8 @@ from mtplx.cli.options import force_option, json_option, write_json
 @click.option("--model", "-m", "model_ref", default="demo", show_default=True,
               help="With --exactness: the artifact to check ('demo', a directory, a catalog id or a repo id).")
 @click.option("--tokens", type=click.IntRange(1, 4096), default=None, metavar="N",
-              help="With --exactness: greedy tokens per bundled prompt (default 24, sized for the demo on a CPU "
-                   "in under two minutes; 256 looks further).")
+              help="With --exactness: greedy tokens per bundled prompt (default 64: 4 prompts, 256 positions, "
+                   "each decoded by AR and MTP at depths 1-3; the first 4 of each again with a prompt cache).")
 @force_option
 @json_option
 def doctor_cmd(exactness: bool, model_ref: str, tokens: int | None, force: bool, json_out: str | None) -> None:
