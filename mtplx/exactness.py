@@ -497,4 +497,6 @@ def format_report(r: ExactnessReport, command: str) -> str:
     else:
         lines.append("verdict            exact up to rounding: greedy output differs only at near-ties (this backend "
                      "rounds a multi-row verify unlike a single-row step); the sampled law matches")
+        lines.append(f"                   to have greedy MTP decide near-ties as AR does, pass --strict-greedy to run "
+                     f"or serve (--strict-margin {r.threshold:.3g}: this check's near-tie threshold)")
     return "\n".join(lines)

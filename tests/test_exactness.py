@@ -17,7 +17,7 @@ from mtplx.engine.sampling import sample
 import mtplx.exactness as exactness
 from mtplx.engine.prompt_cache import make_prompt_cache
 from mtplx.exactness import (PROMPTS, TIE_FLOOR, Divergence, ExactnessReport, LawCheck, check_exactness,
-                             chi2_critical, chi2_sf, greedy_tokens, law_check)
+                             chi2_critical, chi2_sf, format_report, greedy_tokens, law_check)
 from tiny_models import tiny_model
 
 
@@ -110,6 +110,8 @@ def test_a_divergence_is_a_near_tie_only_below_the_threshold_and_in_the_top_two(
     stranger = Divergence(0, 3, False, 3, 10, 13, margin=0.0, in_top2=False)
     assert _report([]).ok and _report([]).verdict == "identical"
     assert _report([tie]).ok and _report([tie]).verdict == "near-ties-only"
+    assert "--strict-greedy" in format_report(_report([tie]), "mtplx doctor --exactness")  # the choice, offered
+    assert "--strict-greedy" not in format_report(_report([]), "mtplx doctor --exactness")
     assert not _report([tie, wide]).ok and _report([tie, wide]).bugs == [wide]
     assert not _report([stranger]).ok
     # the threshold follows the rounding measured: 2 x the largest verify-vs-decode difference
