@@ -21,6 +21,7 @@ import pytest
 
 import mtplx
 from cache_compare import compare
+from test_batch import Cycle, bf16, tiny  # noqa: F401 - a depth policy; the fixtures
 from mtplx.engine import steps, strict
 from mtplx.engine.batch import BatchDecoder, RowRequest
 from mtplx.engine.constraints import Constraint
@@ -34,16 +35,6 @@ GREEDY = SamplingParams(temperature=0.0)
 SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, top_k=0)
 TEXTS = ["def f(x):\n", "import os\nimport sys\n\n\ndef main(argv):\n    ",
          "class Stack:\n    def __init__(self):\n        self.items = []\n"]
-
-
-@pytest.fixture(scope="module")
-def bf16(grafted_bf16):
-    return mtplx.load(str(grafted_bf16[0]))
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model(vocab=32, embed_scale=0.12, seed=1)
 
 
 def decode(model, prompt, n, depth, params=GREEDY, margin=None, seed=0, **kw):
@@ -96,20 +87,6 @@ def test_recomputes_anywhere_in_the_block_equal_ar(bf16, greedy_ar, depth, rando
         rows_hit |= {s.accepted for s in steps[1:]}
         assert engine.stats.recomputed > 0
     assert {0, 1} <= rows_hit, "the recompute never landed past the block's first row"
-
-
-class Cycle:
-    """A depth policy that walks through ``depths`` (0 included: plain steps of the decoder)."""
-
-    def __init__(self, depths):
-        self.depths, self.i, self.max_depth = depths, -1, max(depths)
-
-    def choose(self):
-        self.i += 1
-        return self.depths[self.i % len(self.depths)]
-
-    def observe(self, drafted, accepted):
-        pass
 
 
 @pytest.mark.parametrize("cap, depth", [(0, 3), (16, 3), (0, "cycle")])
