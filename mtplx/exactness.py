@@ -476,9 +476,8 @@ def format_report(r: ExactnessReport, command: str) -> str:
                      f"{r.threshold:.3g})")
         for d in r.divergences:
             kind = "near-tie (rounding)" if d.near_tie(r.threshold) else "NOT a near-tie"
-            lines.append(f"  prompt {d.prompt + 1}, {'AR' if d.depth == 0 else f'MTP d{d.depth}'}"
-                         f"{' + prompt cache' if d.prompt_cache else ''}: token {d.position}, {d.ar_token} vs "
-                         f"{d.other_token}, top-2 margin {d.margin:.4g}: {kind}")
+            lines.append(f"  prompt {d.prompt + 1}, {_label(d.depth, d.prompt_cache)}: token {d.position}, "
+                         f"{d.ar_token} vs {d.other_token}, top-2 margin {d.margin:.4g}: {kind}")
     for t in sorted(r.verify_vs_decode):
         lines.append(f"verify vs decode   T={t}: max |diff| {r.verify_vs_decode[t]:.3g}, argmax "
                      f"{'agrees' if r.argmax_agrees[t] else 'DIFFERS'}")
