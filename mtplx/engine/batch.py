@@ -110,8 +110,7 @@ class Row:
         # runs the pipelined plain lane: see BatchDecoder._plain.
         # Nor is a strict-greedy one: in a batch a plain row's token comes from a multi-row pass,
         # where strict.py must check its near-ties.
-        strict_greedy = request.strict_greedy is not None and request.params.greedy
-        self.plain = self.depth == 0 and request.constraint is None and not strict_greedy
+        self.plain = self.depth == 0 and request.constraint is None and not strict.active(self)
         # The head's cache is kept in step with the trunk only where it will be read: by a row
         # that may draft, or by a later call on the row's prompt cache (Engine._ar's rule).
         self.keeps_head = self.depth > 0 or request.prompt_cache is not None
