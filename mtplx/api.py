@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence, Union
 
-from mtplx import knobs
+from mtplx.core import knobs
 from mtplx.artifact.loader import LoadReport
 from mtplx.artifact.loader import load as load_artifact
 from mtplx.chat_template import chat_ids, is_chat, reuse_boundaries
@@ -217,7 +217,7 @@ def stream_generate(
     response_format is refused. A malformed format or schema raises :class:`MtplxError`.
 
     Every argument is checked before the model runs (a bad one raises :class:`MtplxError`, a
-    knob out of range :class:`~mtplx.knobs.KnobError`, a prompt over the context
+    knob out of range :class:`~mtplx.core.knobs.KnobError`, a prompt over the context
     :class:`~mtplx.errors.ContextOverflowError`), when the first response is asked for."""
     spec = row_spec(model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, min_p=min_p, depth=depth, draft_temperature=draft_temperature, seed=seed, stop=stop,

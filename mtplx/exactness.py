@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mtplx.device import backend, gpu_name
+from mtplx.core.device import backend, gpu_name
 from mtplx.engine import steps
 from mtplx.engine.prompt_cache import PromptCache, make_prompt_cache
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample
@@ -68,7 +68,7 @@ DEFAULT_TOKENS = 64
 PROMPT_CACHE_TOKENS = 4
 DEPTHS = (1, 2, 3)
 # bf16 logits of a 4-bit trunk: a top-2 gap below this is within rounding on any backend.
-from mtplx.knobs import NEAR_TIE as TIE_FLOOR  # noqa: E402 - one number with strict greedy's margin
+from mtplx.core.knobs import NEAR_TIE as TIE_FLOOR  # noqa: E402 - one number with strict greedy's margin
 LAW_SAMPLES = 4000  # per side (AR and MTP)
 LAW_ALPHA = 1e-3
 LAW_SEED = 0

@@ -4,7 +4,7 @@ A prompt is a string, a list of token ids, or a list of chat messages. A malform
 a message without text, an unknown role, text that is not valid Unicode, a stop that is not a
 string) raises one :class:`MtplxError` naming the problem, instead of whatever the tokenizer or
 the chat template would raise. Token ids are checked against the vocabulary by
-:func:`mtplx.knobs.check_token_ids`, which needs the model.
+:func:`mtplx.core.knobs.check_token_ids`, which needs the model.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from mtplx import knobs
-from mtplx.config import model_key, save_tuned, tuned_depth, tuned_entry
+from mtplx.core import knobs
+from mtplx.core.clock import now
+from mtplx.core.config import model_key, save_tuned, tuned_depth, tuned_entry
 from mtplx.engine.policy import AutoDepth, StepCosts
 from mtplx.engine.sampling import SamplingParams
 
@@ -30,7 +31,7 @@ def machine() -> dict[str, str]:
     """What step costs depend on besides the artifact: the mlx version and the device."""
     import mlx.core as mx
 
-    from mtplx.device import device_name
+    from mtplx.core.device import device_name
 
     return {"mlx": mx.__version__, "device": device_name()}
 
@@ -66,8 +67,6 @@ def _saved(model: Any, max_depth: int) -> StepCosts | None:
 
 def save_step_costs(model: Any, costs: StepCosts, source: str) -> None:
     """Keep ``costs`` for this model on this machine (``source``: "tune" or "first use")."""
-    from mtplx.bench.runner import now
-
     model._mtplx_step_costs = costs
     if model_key(model) is not None:
         save_tuned(model, {"step_costs": {**costs.as_dict(), **machine(), "source": source, "measured_at": now()}})

@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from mtplx import knobs
+from mtplx.core import knobs
 from mtplx.engine.policy import AutoDepth, StepCosts, expected_tokens
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
@@ -176,7 +176,7 @@ def test_step_costs_cached_per_artifact_mlx_and_device(grafted_bf16, tmp_path, m
 
 def test_tuned_depth_is_checked_like_any_depth(grafted_bf16, tmp_path, monkeypatch):
     import mtplx
-    from mtplx.config import model_key
+    from mtplx.core.config import model_key
     from mtplx.speculation import default_depth
 
     config = tmp_path / "config.json"
@@ -193,7 +193,7 @@ def test_tuned_depth_is_checked_like_any_depth(grafted_bf16, tmp_path, monkeypat
 
 def test_draft_law_follows_the_target_unless_tuned(grafted_bf16, tmp_path, monkeypatch):
     import mtplx
-    from mtplx.config import model_key
+    from mtplx.core.config import model_key
     from mtplx.speculation import draft_params
 
     config = tmp_path / "config.json"
@@ -235,7 +235,7 @@ def test_one_head_on_two_trunks_is_two_config_entries(demo, grafted_bf16):
     """The demo and the fixture grafted onto a bf16 trunk share the sidecar's bytes; their step
     costs differ by an order of magnitude, so what is tuned or cached must not be shared."""
     import mtplx
-    from mtplx.config import model_key
+    from mtplx.core.config import model_key
 
     bf16, _ = mtplx.load(grafted_bf16[0])
     assert demo[0].contract.provenance["sidecar_sha256"] == bf16.contract.provenance["sidecar_sha256"]

@@ -157,7 +157,7 @@ def test_run_refuses_bad_knobs(args, needle):
     (("tune", "--max-depth", "0"), "--max-depth must be at least 1, got 0"),
     (("tune", "-n", "0"), "--max-tokens must be"),
     (("start", "--depth", "99"), "--depth must be an integer in [0, 8] or 'auto', got 99"),
-    # serve's --depth is checked by mtplx.knobs like every other surface's (it was click.IntRange)
+    # serve's --depth is checked by mtplx.core.knobs like every other surface's (it was click.IntRange)
     (("serve", "--depth", "99"), "--depth must be an integer in [0, 8] or 'auto', got 99"),
     (("serve", "-d", "x"), "--depth must be an integer or 'auto', got 'x'"),
     (("start", "-n", "0"), "--max-tokens must be"),

@@ -143,7 +143,7 @@ def test_cli_json_shape_exit_code_and_saved_verdict(grafted_bf16, tmp_path):
 
 def test_bench_json_quotes_the_saved_verdict(grafted_bf16, tmp_path, monkeypatch):
     from mtplx.bench.runner import run_bench
-    from mtplx.config import save_exactness
+    from mtplx.core.config import save_exactness
     from mtplx.engine.sampling import SamplingParams
 
     monkeypatch.setenv("MTPLX_CONFIG", str(tmp_path / "config.json"))

@@ -1,4 +1,4 @@
-"""mtplx.knobs: the one definition of every decoding knob's limits, and SamplingParams on top."""
+"""mtplx.core.knobs: the one definition of every decoding knob's limits, and SamplingParams on top."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mtplx import knobs
+from mtplx.core import knobs
 from mtplx.engine.sampling import SamplingParams
 from mtplx.errors import MtplxError
 

@@ -81,7 +81,7 @@ def test_slash_commands():
     assert "plain AR (depth 0)" in s.command("depth", "0") and s.depth == 0
     assert "MTP, adaptive depth (auto)" in s.command("depth", "auto") and s.depth == "auto"
     assert "MTP depth 3" in s.command("depth", "3") and s.depth == 3
-    # out-of-range and malformed values: mtplx.knobs' sentence, naming the command; nothing changes
+    # out-of-range and malformed values: mtplx.core.knobs' sentence, naming the command; nothing changes
     assert s.command("depth", "x") == ("/depth must be an integer or 'auto', got 'x'. Fix: pass an integer in "
                                        "[0, 8] or 'auto' (0 = plain autoregressive decoding, 'auto' = chosen each "
                                        "step by measured cost and acceptance).")
@@ -320,7 +320,7 @@ def test_one_mode_menu_whatever_tune_saved(tmp_path, monkeypatch, tuned, default
         from types import SimpleNamespace
 
         from mtplx.artifact.loader import read_contract
-        from mtplx.config import model_key
+        from mtplx.core.config import model_key
 
         key = model_key(SimpleNamespace(contract=read_contract(Path(info.path)), path=info.path))
         config.write_text(json.dumps({"tuned": {key: {"depth": tuned}}}))

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mtplx import knobs
+from mtplx.core import knobs
 from mtplx._version import __version__
 from mtplx.artifact import contract as contract_io
 from mtplx.artifact.sidecar import DRAFT_VOCAB_TENSOR, check_finite, check_head_shapes, load_head

@@ -16,7 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from mtplx import knobs
+from mtplx.core import knobs
 from mtplx.artifact import contract as contract_io
 from mtplx.artifact.contract import RuntimeContract
 from mtplx.artifact.tensors import read_header, sha256_file, trunk_dependency_hashes

@@ -16,7 +16,7 @@ import mlx.core as mx
 from mtplx.engine.sampling import SamplingParams, filtered_probs
 from mtplx.model.mtp_model import MTPModel
 
-DEFAULT_SAMPLER = SamplingParams()  # mtplx.knobs.DEFAULTS
+DEFAULT_SAMPLER = SamplingParams()  # mtplx.core.knobs.DEFAULTS
 # MLX's CPU backend runs a 4-bit prefill at the cost of one decode step per token (~50 ms for
 # the demo), so the probe stays short enough for a graft in seconds.
 MAX_PROBE_TOKENS = 256

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import platform
 import statistics
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Union
 
 
-from mtplx import knobs
+from mtplx.core import knobs
 from mtplx._version import __version__
 from mtplx.bench.cost_model import CostModel, measure
-from mtplx.device import device_name
+from mtplx.core.device import device_name
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.engine.stats import PHASES, AcceptanceTally, DecodeStats
@@ -317,13 +316,10 @@ def run_bench(
         deepest = max(knobs.AUTO_MAX_DEPTH if d == knobs.AUTO else d for d in depths)
         cost = measure(model, encoded[0], deepest + 1)
     ref = mlx_lm_reference(model, tokenizer, encoded, params, max_tokens) if reference and 0 in depths else None
-    from mtplx.config import exactness_verdict
+    from mtplx.core.config import exactness_verdict
 
     return BenchReport(model=model_name, params=params, max_tokens=max_tokens, prompts=len(encoded), rounds=rounds,
                        results=results, cost=cost, mlx_lm_tps=ref, device=device_name(),
                        exactness=exactness_verdict(model), strict=strict, strict_margin=strict_margin,
                        strict_same=same)
 
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")

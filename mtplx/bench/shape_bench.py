@@ -298,7 +298,7 @@ def run_shape_bench(shape_ref: str, *, trunk_bits: int = 4, layers: int | None =
 
     from mtplx.model.gated_delta_cache import FUSED_PENDING_CAP, pending_cap
     from mtplx.bench.components import measure, random_prompt
-    from mtplx.device import device_name
+    from mtplx.core.device import device_name
     from mtplx.bench.shapes import as_artifact, load_shape, random_modules, save_artifact
     from mtplx.engine.sampling import SamplingParams
     from mtplx.errors import MtplxError

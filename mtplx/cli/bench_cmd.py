@@ -6,7 +6,7 @@ import dataclasses
 
 import click
 
-from mtplx import knobs
+from mtplx.core import knobs
 from mtplx.cli.options import (FiniteFloatRange, distributed_options, force_option, graft_if_needed, json_option, knob,
                                load_model, model_option, strict_options, write_json, yes_option)
 
@@ -136,7 +136,7 @@ def _run_concurrency(model_ref, streams, depths, max_tokens, prompts_file, tempe
                      draft_temperature, seed, force, json_out, join_tokens=4096) -> None:
     from mtplx.bench.concurrency import run_concurrency, table
     from mtplx.bench.prompts import DEFAULT_PROMPTS, read_prompts
-    from mtplx.device import device_name
+    from mtplx.core.device import device_name
     from mtplx.engine.sampling import SamplingParams
 
     model, tokenizer = load_model(model_ref, mtp=max(depths) > 0, force=force, distributed=None)
@@ -319,8 +319,9 @@ def tune(model_ref, max_depth, max_tokens, rounds, min_gain, force, json_out, ye
     from mtplx.bench.cost_model import measure_step_costs
     from mtplx.bench.draft_law import measure_draft_law
     from mtplx.bench.prompts import DEFAULT_PROMPTS
-    from mtplx.bench.runner import now, run_bench
-    from mtplx.config import save_tuned
+    from mtplx.bench.runner import run_bench
+    from mtplx.core.clock import now
+    from mtplx.core.config import save_tuned
     from mtplx.engine.sampling import SamplingParams
     from mtplx.speculation import save_step_costs
 

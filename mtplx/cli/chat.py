@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import click
 
-from mtplx import knobs
+from mtplx.core import knobs
 from mtplx.cli.options import format_status
 from mtplx.engine.stats import AcceptanceTally
 from mtplx.errors import ContextOverflowError, MtplxError
@@ -124,7 +124,7 @@ class ChatSession:
         if name == "reset":
             self._forget()
             return "History cleared."
-        # The knobs' limits and messages are mtplx.knobs', the same as the flags' and the API's.
+        # The knobs' limits and messages are mtplx.core.knobs', the same as the flags' and the API's.
         if name == "depth":
             try:
                 n = knobs.parse("depth", arg, label="/depth")

@@ -50,7 +50,7 @@ def offer_exactness(ref: str) -> None:
 def run_exactness(model_ref: str, tokens: int | None, force: bool, json_out: str | None) -> bool:
     """The check, its report printed (and written as JSON); whether it passed."""
     import mtplx
-    from mtplx.config import save_exactness
+    from mtplx.core.config import save_exactness
     from mtplx.exactness import DEFAULT_TOKENS, check_exactness, format_report
 
     command = "mtplx doctor --exactness" + (f" --model {model_ref}" if model_ref != "demo" else "")
@@ -78,7 +78,7 @@ def _installation(json_out: str | None) -> None:
     from mtplx._version import __version__
     from mtplx.artifact.inspect import machine_memory_bytes
     from mtplx.artifact.paths import cache_root
-    from mtplx.config import config_path
+    from mtplx.core.config import config_path
     from mtplx.kernels import backend
 
     def version(pkg):

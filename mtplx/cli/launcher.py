@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import click
 
-from mtplx import knobs
+from mtplx.core import knobs
 from mtplx.errors import MtplxError
 
 # Sentinels for the two menu entries that ask a follow-up question instead of naming a model.
@@ -140,7 +140,7 @@ def saved_depths(info: Any) -> tuple[int | str | None, int]:
     if not info.can_run_mtp or not info.path:
         return None, knobs.CONTRACT_DEPTH
     from mtplx.artifact.loader import read_contract
-    from mtplx.config import tuned_depth
+    from mtplx.core.config import tuned_depth
 
     try:
         contract = read_contract(Path(info.path))
@@ -190,7 +190,7 @@ def ask_depth(info: Any, *, depth: int | str | None, no_mtp: bool, yes: bool) ->
     saved only moves the default (Enter) to its entry and says so."""
     if no_mtp:
         return 0
-    if depth is not None:  # already checked by start's --depth callback (mtplx.knobs)
+    if depth is not None:  # already checked by start's --depth callback (mtplx.core.knobs)
         if depth != 0 and not info.can_run_mtp:
             raise MtplxError(f"--depth {depth} needs an MTP head and {info.ref} has no usable one",
                              fix="drop --depth, or pass --no-mtp for plain AR decoding")

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import click
 
-from mtplx import knobs
+from mtplx.core import knobs
 
 model_option = click.option("--model", "-m", "model_ref", default="demo", show_default=True,
                             help="Artifact: 'demo', a directory, or a Hugging Face repo id.")
@@ -31,10 +31,10 @@ class FiniteFloatRange(click.FloatRange):
 
 
 def knob(name: str, text: bool = False) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """A click callback validating an option through :mod:`mtplx.knobs`, the one definition of
-    every decoding knob's limits. A refused value raises :class:`~mtplx.knobs.KnobError` (an
+    """A click callback validating an option through :mod:`mtplx.core.knobs`, the one definition of
+    every decoding knob's limits. A refused value raises :class:`~mtplx.core.knobs.KnobError` (an
     MtplxError), which the group prints as one line naming the flag, before anything loads.
-    ``text``: the option is a string that :func:`mtplx.knobs.parse` reads (``--depth auto``)."""
+    ``text``: the option is a string that :func:`mtplx.core.knobs.parse` reads (``--depth auto``)."""
     check = knobs.parse if text else knobs.check
 
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

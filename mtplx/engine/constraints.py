@@ -54,7 +54,7 @@ from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from mtplx.engine import schema_limits
 from mtplx.errors import MtplxError
-from mtplx.knobs import KnobError
+from mtplx.core.knobs import KnobError
 
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 _JSON_SCHEMA_KEYS = {"name", "schema", "strict", "description"}

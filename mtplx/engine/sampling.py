@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from mtplx import knobs
+from mtplx.core import knobs
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class SamplingParams:
     min_p: float = knobs.DEFAULTS["min_p"]
 
     def __post_init__(self) -> None:
-        # The limits live in mtplx.knobs (KnobError is a ValueError); values come back as plain
+        # The limits live in mtplx.core.knobs (KnobError is a ValueError); values come back as plain
         # float/int, so a numpy scalar or a bool cannot slip into the filters.
         for name in ("temperature", "top_p", "top_k", "min_p"):
             object.__setattr__(self, name, knobs.KNOBS[name].check(getattr(self, name)))

@@ -42,7 +42,7 @@ import mlx.core as mx
 
 from mtplx.engine import steps
 from mtplx.engine.sampling import Verdict
-from mtplx.knobs import NEAR_TIE, KnobError
+from mtplx.core.knobs import NEAR_TIE, KnobError
 from mtplx.errors import MtplxError
 
 if TYPE_CHECKING:
@@ -54,8 +54,8 @@ __all__ = ["NEAR_TIE", "active", "check", "margins", "settle"]
 def check(value: Any, model: MTPModel | None = None, label: str = "strict_greedy") -> float | None:
     """The user's ``strict_greedy`` as the engine's margin: False or None -> None (off), True ->
     :data:`NEAR_TIE`, a number >= 0 -> that margin (``math.inf``: every decided token is
-    recomputed). Anything else raises :class:`~mtplx.knobs.KnobError` (``label``: the option's
-    name as the user wrote it). :data:`NEAR_TIE` lives in mtplx.knobs with the other defaults."""
+    recomputed). Anything else raises :class:`~mtplx.core.knobs.KnobError` (``label``: the option's
+    name as the user wrote it). :data:`NEAR_TIE` lives in mtplx.core.knobs with the other defaults."""
     if value is None or value is False:
         return None
     if value is True:

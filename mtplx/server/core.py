@@ -17,7 +17,7 @@ import jinja2
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict
 
-from mtplx import knobs
+from mtplx.core import knobs
 from mtplx._version import __version__
 from mtplx.api import GenerationResponse, default_depth, reuse_boundaries
 from mtplx.engine import strict
@@ -25,7 +25,7 @@ from mtplx.engine.constraints import Grammar, ResponseFormatError, compile_forma
 from mtplx.speculation import step_costs
 from mtplx.engine.prompt_cache import PromptCacheLRU
 from mtplx.errors import MtplxError
-from mtplx.knobs import KnobError
+from mtplx.core.knobs import KnobError
 from mtplx.server import errors
 from mtplx.server.capacity import Capacity
 from mtplx.server.errors import APIError, knob

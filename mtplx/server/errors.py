@@ -2,7 +2,7 @@
 and Anthropic's), and which exceptions are the client's fault.
 
 The line between a 400 and a 500: only :class:`~mtplx.errors.MtplxError` (which includes
-:class:`~mtplx.knobs.KnobError`) says the request was wrong. Anything else raised while a
+:class:`~mtplx.core.knobs.KnobError`) says the request was wrong. Anything else raised while a
 request is served (a ``ValueError`` from MLX about shapes or dtypes, an ``AttributeError``)
 is a fault of the server: it is logged with its traceback and answered 500, never passed off
 as a bad request.
@@ -17,9 +17,9 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from mtplx import knobs
+from mtplx.core import knobs
 from mtplx.errors import MtplxError
-from mtplx.knobs import KnobError
+from mtplx.core.knobs import KnobError
 
 log = logging.getLogger("mtplx.server")
 
@@ -70,7 +70,7 @@ def unsupported(param: str, why: str) -> APIError:
 
 
 def knob(name: str, value: Any, param: str | None = None) -> Any:
-    """A decoding knob checked by :mod:`mtplx.knobs` (the one definition of its limits);
+    """A decoding knob checked by :mod:`mtplx.core.knobs` (the one definition of its limits);
     ``param`` names the request field when it differs from the knob's name."""
     try:
         return knobs.check(name, value)

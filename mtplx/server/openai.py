@@ -60,7 +60,7 @@ def _refuse_unsupported(body: CommonRequest) -> None:
 
 
 def _generation(body: CommonRequest) -> Generation:
-    """The request's decoding knobs, each checked by mtplx.knobs (ids and the response_format's
+    """The request's decoding knobs, each checked by mtplx.core.knobs (ids and the response_format's
     grammar are filled in later)."""
     _refuse_unsupported(body)
     max_tokens, param = body.max_tokens, "max_tokens"

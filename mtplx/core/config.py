@@ -61,7 +61,7 @@ def tuned_entry(model: Any) -> dict[str, Any]:
 def tuned_depth(model: Any) -> int | str | None:
     """The depth `mtplx tune` saved for this artifact ("auto" or an integer), checked like any
     depth a user types: a hand-edited or damaged value is one clear error naming the file."""
-    from mtplx import knobs
+    from mtplx.core import knobs
 
     entry = tuned_entry(model)
     if "depth" not in entry:
