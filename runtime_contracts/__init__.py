@@ -1,1 +1,1 @@
-"""Data only: the runtime contract schema and the catalog (read through mtplx.catalog)."""
+"""Data only: the runtime contract schema and the catalog (read through mtplx.artifact.catalog)."""

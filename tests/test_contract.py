@@ -103,7 +103,7 @@ def test_missing_contract(tmp_path):
 def test_schema_file_is_the_one_shipped():
     from pathlib import Path
 
-    from mtplx.catalog import schema
+    from mtplx.artifact.catalog import schema
 
     repo_schema = Path(__file__).resolve().parents[1] / "runtime_contracts" / "schema.json"
     assert json.loads(repo_schema.read_text()) == schema()

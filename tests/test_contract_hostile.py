@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from mtplx.artifact.loader import demo_path
-from mtplx.catalog import catalog, unsupported
+from mtplx.artifact.catalog import catalog, unsupported
 from mtplx.cli.app import cli
 
 

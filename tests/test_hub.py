@@ -198,7 +198,7 @@ def test_models_lists_cached_artifacts_and_rm_removes_one(tmp_path, monkeypatch)
 
 def test_catalog_pairs_each_original_with_an_mlx_trunk():
     from mtplx.artifact.paths import artifact_name, catalog_entry
-    from mtplx.catalog import catalog
+    from mtplx.artifact.catalog import catalog
 
     for m in catalog():
         if not m.get("bundled"):

@@ -15,7 +15,7 @@ from mtplx.bench.bytes_model import ShapeBytes, accepted_law, pending_chain, tok
 from mtplx.bench.shape_bench import compose, parse_acceptance
 from mtplx.bench.shapes import (FULL, LINEAR, REQUIRED_KEYS, WeightBytes, estimated_bytes, kind_counts, layer_kinds,
                                 load_shape, reduced)
-from mtplx.catalog import catalog
+from mtplx.artifact.catalog import catalog
 from mtplx.errors import MtplxError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jsonschema
 
 from mtplx.errors import ContractError
-from mtplx.catalog import schema
+from mtplx.artifact.catalog import schema
 
 CONTRACT_FILE = "mtplx_runtime.json"
 SIDECAR_DEFAULT_PATH = "mtp/weights.safetensors"

@@ -32,7 +32,7 @@ from mtplx.artifact.paths import cache_root
 from mtplx.artifact.progress import Progress
 from mtplx.artifact.tensors import checkpoint_digest, sha256_file, trunk_dependency_hashes, weight_files
 from mtplx.artifact.vocab import choose_draft_vocab, subset_size
-from mtplx.catalog import check_model_type
+from mtplx.artifact.catalog import check_model_type
 from mtplx.errors import ArtifactError, MtplxError, UnsupportedModelError
 from mtplx.model.mtp_head import MTPHead, body_linear_predicate
 

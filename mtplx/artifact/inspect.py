@@ -80,7 +80,7 @@ def inspect_ref(ref: str) -> Inspection:
     from mtplx.artifact.paths import catalog_entry, find_artifact
     from mtplx.artifact.sidecar import check_layer_count
     from mtplx.artifact.tensors import check_complete, weight_files
-    from mtplx.catalog import check_model_type, refuse_unsupported
+    from mtplx.artifact.catalog import check_model_type, refuse_unsupported
     from mtplx.errors import ArtifactError, ContractError, UnsupportedModelError
 
     refuse_unsupported(ref)

@@ -23,7 +23,7 @@ from mtplx.artifact.hub import RepoRef
 from mtplx.artifact.paths import DEMO_REF, catalog_entry, find_artifact
 from mtplx.artifact.sidecar import load_head, sidecar_file
 from mtplx.artifact.tensors import check_complete, sha256_file, trunk_dependency_hashes
-from mtplx.catalog import check_model_type, refuse_unsupported
+from mtplx.artifact.catalog import check_model_type, refuse_unsupported
 from mtplx.errors import ArtifactError, MtplxError, UnsupportedModelError
 from mtplx.model.mtp_model import MTPModel
 from mtplx.model.trunk import Trunk

@@ -37,7 +37,7 @@ def artifacts_dir() -> Path:
 
 def catalog_entry(ref: str) -> dict | None:
     """The catalog model a ref names: by its id (qwen3.5-4b), its ref or its source repo id."""
-    from mtplx.catalog import catalog
+    from mtplx.artifact.catalog import catalog
 
     repo = ref.partition("@")[0]
     for entry in catalog():

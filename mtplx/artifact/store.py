@@ -22,7 +22,7 @@ from mtplx.artifact.hub import RepoRef
 from mtplx.artifact.paths import (DEMO_REF, artifact_name, artifacts_dir, cache_root, catalog_entry, dir_size,
                                   find_artifact)
 from mtplx.artifact.progress import Progress
-from mtplx.catalog import check_model_type, refuse_unsupported
+from mtplx.artifact.catalog import check_model_type, refuse_unsupported
 from mtplx.errors import MtplxError
 
 

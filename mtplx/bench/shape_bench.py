@@ -253,7 +253,7 @@ def parse_acceptance(text: str) -> list[float]:
 
 def demo_acceptance() -> tuple[list[float], str]:
     """The demo head's measured acceptance per position, recorded in the catalog."""
-    from mtplx.catalog import catalog
+    from mtplx.artifact.catalog import catalog
 
     demo = next(m for m in catalog() if m["id"] == "demo")
     rec = demo["measured_acceptance"]

@@ -76,7 +76,7 @@ class Shape:
 def load_shape(ref: str) -> Shape:
     """A catalog id (``qwen3.5-4b``) or a JSON file: a config.json (with ``text_config``) or a
     bare text config."""
-    from mtplx.catalog import catalog
+    from mtplx.artifact.catalog import catalog
 
     entries = {m["id"]: m for m in catalog() if "text_config" in m}
     if ref in entries:

@@ -42,7 +42,7 @@ def inspect_cmd(ref, json_out):
 def models_cmd(catalog_only, json_out):
     """List the bundled demo, the catalog, the artifacts grafted into the mtplx cache (MTPLX_CACHE,
     default ~/.cache/mtplx) and models in the local Hugging Face cache."""
-    from mtplx.models import catalog_models, list_models
+    from mtplx.artifact.models import catalog_models, list_models
 
     if catalog_only:
         entries = catalog_models()

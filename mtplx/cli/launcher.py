@@ -86,7 +86,7 @@ def model_choices(entries: list[dict[str, Any]]) -> list[Choice]:
 
 
 def ask_model() -> str:
-    from mtplx.models import list_models
+    from mtplx.artifact.models import list_models
 
     value = choose("Which model?", model_choices(list_models()))
     if value == LOCAL_PATH:
@@ -97,7 +97,7 @@ def ask_model() -> str:
 
 
 def _catalog_source(ref: str) -> str | None:
-    from mtplx.catalog import catalog
+    from mtplx.artifact.catalog import catalog
 
     for m in catalog():
         if m["ref"] == ref and m.get("source"):

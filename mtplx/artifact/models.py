@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtplx.catalog import catalog
+from mtplx.artifact.catalog import catalog
 
 
 def _cached_repos() -> list[dict[str, Any]]:
@@ -29,7 +29,7 @@ def _cached_repos() -> list[dict[str, Any]]:
 def catalog_models() -> list[dict[str, Any]]:
     """The catalog alone, from its JSON (no cache scan, no network): every id `--model` takes,
     and the known models mtplx cannot run yet."""
-    from mtplx.catalog import unsupported
+    from mtplx.artifact.catalog import unsupported
 
     out = []
     for m in catalog():
