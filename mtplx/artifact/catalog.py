@@ -16,7 +16,7 @@ from typing import Any
 
 
 def _contracts_dir():
-    checkout = Path(__file__).resolve().parents[1] / "runtime_contracts"
+    checkout = Path(__file__).resolve().parents[2] / "runtime_contracts"
     if (checkout / "schema.json").is_file():
         return checkout
     return resources.files("mtplx.runtime_contracts")
