@@ -28,7 +28,7 @@ from mtplx.server.logprobs import TokenText
 from mtplx.server.openai_requests import (ChatCompletionRequest, ChatMessage, CommonRequest, CompletionRequest,
                                           MessageToolCall, NamedToolChoice)
 from mtplx.server.queue import Job, JobStream
-from mtplx.server.tools import Answer, ToolCall, ToolFormat, check_tools, tool_format
+from mtplx.server.tools import Answer, ToolCall, ToolFormat, check_tools, parse_arguments, tool_format
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 # chat_template_kwargs reach the template as variables; these would change what the server
@@ -323,14 +323,3 @@ def _template_tool_call(call: MessageToolCall, param: str) -> dict[str, Any]:
     return {"id": call.id, "type": "function",
             "function": {"name": call.function.name, "arguments": parse_arguments(call.function.arguments,
                                                                                  f"{param}.function.arguments")}}
-
-
-def parse_arguments(text: str, param: str) -> dict[str, Any]:
-    """A tool call's arguments, a JSON object in a string, as the object."""
-    try:
-        value = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"Invalid value for '{param}': not JSON ({e}).", param=param, code="invalid_value") from None
-    if not isinstance(value, dict):
-        raise APIError(400, f"Invalid value for '{param}': expected a JSON object.", param=param, code="invalid_value")
-    return value

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from mtplx.server.errors import unsupported
+from mtplx.server.errors import APIError, unsupported
 
 log = logging.getLogger("mtplx.server")
 
@@ -59,6 +59,17 @@ def check_tools(fmt: ToolFormat | None, *, forced: bool, strict: Sequence[str], 
     if fmt is None:
         raise unsupported("tools", "this model's chat template does not render tools (mlx-lm recognises no "
                                    "tool-call format in it)")
+
+
+def parse_arguments(text: str, param: str) -> dict[str, Any]:
+    """A tool call's arguments, a JSON object in a string, as the object."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"Invalid value for '{param}': not JSON ({e}).", param=param, code="invalid_value") from None
+    if not isinstance(value, dict):
+        raise APIError(400, f"Invalid value for '{param}': expected a JSON object.", param=param, code="invalid_value")
+    return value
 
 
 @dataclass
