@@ -10,57 +10,28 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence, Union
 
 from mtplx.core import knobs
 from mtplx.artifact.loader import LoadReport
 from mtplx.artifact.loader import load as load_artifact
-from mtplx.chat_template import chat_ids, is_chat, reuse_boundaries
+from mtplx.generation.chat_template import chat_ids, is_chat, reuse_boundaries
 from mtplx.engine.constraints import Constraint
-from mtplx.engine.logprobs import TokenLogprob
 from mtplx.engine.prompt_cache import PromptCache, check_prompt_cache, make_prompt_cache
 from mtplx.engine.prompt_cache_file import load_prompt_cache, save_prompt_cache
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine import strict
 from mtplx.engine.speculative import Engine
-from mtplx.engine.stats import DecodeStats
 from mtplx.errors import ContextOverflowError, MtplxError
 from mtplx.model.mtp_model import MTPModel
-from mtplx.prompts import EncodedPrompt, check_prompt
-from mtplx.rows import RowSpec, RowText
-from mtplx.speculation import default_depth, depth_policy, draft_params
-from mtplx.stops import check_stop
+from mtplx.generation.prompts import EncodedPrompt, check_prompt
+from mtplx.generation.row_text import GenerationResponse, RowSpec, RowText
+from mtplx.generation.speculation import default_depth, depth_policy, draft_params
+from mtplx.generation.stops import check_stop
 
 Prompt = Union[str, Sequence[int], Sequence[dict[str, Any]], "EncodedPrompt"]
 
 DEFAULT_MAX_TOKENS = 256
-
-
-@dataclass
-class GenerationResponse:
-    """One streamed chunk: the text it adds and the running statistics."""
-
-    text: str
-    tokens: list[int]
-    prompt_tokens: int
-    cached_tokens: int
-    generation_tokens: int
-    generation_tps: float
-    prompt_tps: float
-    acceptance: list[float]
-    tokens_per_step: float
-    finish_reason: str | None = None
-    # The stop string that ended the generation, on the chunk that ends it ("stop" by a stop
-    # string rather than by an end-of-sequence token).
-    stop_sequence: str | None = None
-    stats: DecodeStats = field(default_factory=DecodeStats, repr=False)
-    # With stream_generate(..., logprobs=k): one entry per token of ``tokens``.
-    logprobs: list[TokenLogprob] | None = None
-
-    @property
-    def token(self) -> int | None:
-        return self.tokens[-1] if self.tokens else None
 
 
 def load(ref: str | os.PathLike[str], *, mtp: bool = True, force: bool = False, revision: str | None = None,
@@ -189,7 +160,7 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``depth=0`` is plain AR, ``depth=N`` drafts exactly N tokens every
     step, ``depth="auto"`` chooses each step's depth from this machine's measured step costs and
-    the acceptance seen so far (see :mod:`mtplx.speculation`); ``None`` takes the depth `mtplx
+    the acceptance seen so far (see :mod:`mtplx.generation.speculation`); ``None`` takes the depth `mtplx
     tune` saved for this model, else "auto". The draft follows the target's law unless
     ``draft_temperature`` is given (or `mtplx tune` found a better one).
 

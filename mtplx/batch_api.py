@@ -17,7 +17,7 @@ from mtplx.api import GenerationResponse
 from mtplx.engine.batch import BatchDecoder, Row
 from mtplx.engine.logprobs import TokenLogprob
 from mtplx.engine.stats import DecodeStats
-from mtplx.rows import RowText
+from mtplx.generation.row_text import RowText
 from mtplx.errors import MtplxError
 
 # Settings that may be given per prompt (a list or tuple, one value per prompt).

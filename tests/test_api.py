@@ -6,7 +6,7 @@ import pytest
 
 import mtplx
 from mtplx.api import encode_prompt
-from mtplx.stops import StopScanner
+from mtplx.generation.stops import StopScanner
 from mtplx.errors import MtplxError
 
 
@@ -140,7 +140,7 @@ def test_prompt_forms_that_work(demo):
     import numpy as np
 
     from mtplx.api import prompt_ids
-    from mtplx.stops import check_stop
+    from mtplx.generation.stops import check_stop
 
     model, tok = demo
     ids = encode_prompt(tok, "def f(x):")

@@ -1,4 +1,4 @@
-"""Depth "auto" (mtplx.engine.policy.AutoDepth, mtplx.speculation).
+"""Depth "auto" (mtplx.engine.policy.AutoDepth, mtplx.generation.speculation).
 
 The policy's arithmetic on synthetic costs and acceptance (no model); exactness with a model:
 the output law under auto equals AR's by enumeration (test_engine_law's helpers and power),
@@ -154,7 +154,7 @@ def test_knobs_take_auto_everywhere_and_parse_text():
 
 def test_step_costs_cached_per_artifact_mlx_and_device(grafted_bf16, tmp_path, monkeypatch):
     import mtplx
-    from mtplx import speculation
+    from mtplx.generation import speculation
 
     config = tmp_path / "config.json"
     monkeypatch.setenv("MTPLX_CONFIG", str(config))
@@ -177,7 +177,7 @@ def test_step_costs_cached_per_artifact_mlx_and_device(grafted_bf16, tmp_path, m
 def test_tuned_depth_is_checked_like_any_depth(grafted_bf16, tmp_path, monkeypatch):
     import mtplx
     from mtplx.core.config import model_key
-    from mtplx.speculation import default_depth
+    from mtplx.generation.speculation import default_depth
 
     config = tmp_path / "config.json"
     monkeypatch.setenv("MTPLX_CONFIG", str(config))
@@ -194,7 +194,7 @@ def test_tuned_depth_is_checked_like_any_depth(grafted_bf16, tmp_path, monkeypat
 def test_draft_law_follows_the_target_unless_tuned(grafted_bf16, tmp_path, monkeypatch):
     import mtplx
     from mtplx.core.config import model_key
-    from mtplx.speculation import draft_params
+    from mtplx.generation.speculation import draft_params
 
     config = tmp_path / "config.json"
     monkeypatch.setenv("MTPLX_CONFIG", str(config))
@@ -246,7 +246,7 @@ def test_auto_is_refused_on_a_distributed_pipeline(model):  # noqa: F811
     """A pipeline stage cannot time forked verify passes: explicit auto is one clear error, and
     no depth pinned means a fixed depth there."""
     from mtplx.errors import MtplxError
-    from mtplx.speculation import depth_policy
+    from mtplx.generation.speculation import depth_policy
 
     model.trunk.stage = object()  # what distributed.session.load sets on every rank
     try:

@@ -197,7 +197,7 @@ def test_conversation_appends_each_turn_to_what_the_model_saw(demo):
     """The terminal chat's tokens only grow: turn 2's prompt is turn 1's prompt, the reply as
     generated (its <think> block kept, which the template would drop), the template's closing of
     the turn, and the new question; a reply cut short gets the end-of-turn token added."""
-    from mtplx.conversation import Conversation
+    from mtplx.generation.conversation import Conversation
 
     _, tok = demo
     conv = Conversation(tok)

@@ -565,8 +565,8 @@ def test_allowed_hosts_and_served_names(tmp_path) -> None:
     assert RequestGuard(None, max_body_bytes=1, allowed_hosts=["*"]).host_ok("anything")
     assert RequestGuard(None, max_body_bytes=1, allowed_hosts=None).host_ok(None)
     assert split_names(("a,b", " c ", ",")) == ["a", "b", "c"]
-    assert default_served_names("demo") == ["demo"]
-    assert default_served_names("Qwen/Qwen3.5-4B") == ["Qwen/Qwen3.5-4B"]
+    assert default_served_names("demo") == ["demo", "claude-*"]
+    assert default_served_names("Qwen/Qwen3.5-4B") == ["Qwen/Qwen3.5-4B", "claude-*"]
     art = tmp_path / "my-artifact"
     art.mkdir()
-    assert default_served_names(str(art)) == ["my-artifact", str(art)]
+    assert default_served_names(str(art)) == ["my-artifact", str(art), "claude-*"]

@@ -110,13 +110,15 @@ BAD = [
     ({"model": "demo", "max_tokens": 4, "messages": ASK, "depth": "deep"}, 400, "invalid_request_error", "'auto'"),
     ({"model": "demo", "max_tokens": 4, "messages": []}, 400, "invalid_request_error", "messages"),
     ({"model": "demo", "max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}, 400,
+     "invalid_request_error", "user or assistant"),
+    ({"model": "demo", "max_tokens": 4, "messages": [{"role": "tool", "content": "x"}]}, 400,
      "invalid_request_error", "role"),
     ({"model": "demo", "max_tokens": 4, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}]}]}, 400,
      "invalid_request_error", "messages[0].content[0]"),
     ({"model": "demo", "max_tokens": 4, "messages": ASK, "tools": [
         {"name": "f", "input_schema": {"type": "object"}}]}, 400, "invalid_request_error", "tools"),
-    ({"model": "demo", "max_tokens": 4, "messages": ASK, "container": "x"}, 400, "invalid_request_error", "container"),
+    ({"model": "demo", "max_tokens": 4, "messages": ASK, "contaner": "x"}, 400, "invalid_request_error", "contaner"),
     ({"model": "demo", "max_tokens": 2000, "messages": ASK, "thinking": {"type": "enabled", "budget_tokens": 10}},
      400, "invalid_request_error", "budget_tokens"),
     ({"model": "demo", "max_tokens": 4, "messages": [{"role": "user", "content": "x" * 2**16}]}, 413,

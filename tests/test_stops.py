@@ -9,7 +9,7 @@ import random
 import pytest
 
 import mtplx
-from mtplx.stops import StopScanner
+from mtplx.generation.stops import StopScanner
 
 
 def scan(stops, chunks):

@@ -1,7 +1,7 @@
 """`mtplx bench --chat-turns N`: time to first token per turn of a conversation, with and
 without the prompt cache, in one run.
 
-The conversation is the terminal chat's (mtplx/conversation.py): each turn appends a question
+The conversation is the terminal chat's (mtplx/generation/conversation.py): each turn appends a question
 to the tokens the model has seen and written. Turn by turn, the cached run answers the question
 with the conversation's prompt cache, then the same prompt ids are prefilled cold, so both
 columns time the same tokens under the same machine conditions. Time to first token is from the
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mtplx.conversation import Conversation
+from mtplx.generation.conversation import Conversation
 
 QUESTIONS = [
     "def fibonacci(n):",

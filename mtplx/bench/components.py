@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
-from mtplx.bench.cost_model import median_ms, pipelined_ar_ms
+from mtplx.engine.cost_model import median_ms, pipelined_ar_ms
 from mtplx.bench.shapes import FULL, LINEAR
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample_logits
 from mtplx.engine import steps

@@ -4,7 +4,7 @@ Drafting by argmax and accepting on an exact match (what match-only runtimes do)
 sampling with a one-hot q: draft temperature 0. Drafting at the target's own temperature is
 the textbook choice. Which accepts more is an empirical question for each head, so `mtplx
 tune` measures tokens per step for draft temperatures {0, T/2, T} at target temperatures 0.6
-and 1.0 and saves the best per target (mtplx.speculation.draft_params applies it); `mtplx
+and 1.0 and saves the best per target (mtplx.generation.speculation.draft_params applies it); `mtplx
 bench --draft-temperature sweep` prints the same table. Tokens per step, not tok/s: the draft
 temperature does not change a step's cost, only how many tokens it yields.
 """

@@ -25,14 +25,14 @@ from typing import Any, Callable, ContextManager, Union
 
 from mtplx.core import knobs
 from mtplx._version import __version__
-from mtplx.bench.cost_model import CostModel, measure
+from mtplx.engine.cost_model import CostModel, measure
 from mtplx.core.device import device_name
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.engine.stats import PHASES, AcceptanceTally, DecodeStats
 from mtplx.errors import MtplxError
 from mtplx.model.mtp_model import MTPModel
-from mtplx.speculation import depth_policy
+from mtplx.generation.speculation import depth_policy
 
 Depth = Union[int, str]  # a fixed depth or "auto"
 

@@ -135,7 +135,7 @@ def _project_shape(shape, trunk_bits, prompt_tokens, acceptance, max_depth, draf
 def _run_concurrency(model_ref, streams, depths, max_tokens, prompts_file, temperature, top_p, top_k,
                      draft_temperature, seed, force, json_out, join_tokens=4096) -> None:
     from mtplx.bench.concurrency import run_concurrency, table
-    from mtplx.bench.prompts import DEFAULT_PROMPTS, read_prompts
+    from mtplx.bench.default_prompts import DEFAULT_PROMPTS, read_prompts
     from mtplx.core.device import device_name
     from mtplx.engine.sampling import SamplingParams
 
@@ -250,7 +250,7 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
         _run_chat_turns(model_ref, chat_turns, listed[-1], max_tokens if given("max_tokens") else 48,
                         seed, force, json_out)
         return
-    from mtplx.bench.prompts import DEFAULT_PROMPTS, read_prompts
+    from mtplx.bench.default_prompts import DEFAULT_PROMPTS, read_prompts
     from mtplx.bench.runner import run_bench
     from mtplx.engine.sampling import SamplingParams
     from mtplx.engine.strict import check as strict_check
@@ -316,14 +316,14 @@ def tune(model_ref, max_depth, max_tokens, rounds, min_gain, force, json_out, ye
     beats it here by --min-gain (then that depth, 0 meaning plain AR)."""
     import mtplx
     from mtplx.api import encode_prompt
-    from mtplx.bench.cost_model import measure_step_costs
+    from mtplx.engine.cost_model import measure_step_costs
     from mtplx.bench.draft_law import measure_draft_law
-    from mtplx.bench.prompts import DEFAULT_PROMPTS
+    from mtplx.bench.default_prompts import DEFAULT_PROMPTS
     from mtplx.bench.runner import run_bench
     from mtplx.core.clock import now
     from mtplx.core.config import save_tuned
     from mtplx.engine.sampling import SamplingParams
-    from mtplx.speculation import save_step_costs
+    from mtplx.generation.speculation import save_step_costs
 
     model, tokenizer = mtplx.load(graft_if_needed(model_ref, yes), force=force)
     if not model.has_mtp:

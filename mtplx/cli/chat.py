@@ -95,7 +95,7 @@ class ChatSession:
     messages: list[dict[str, str]] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
     # The conversation's prompt cache (mtplx.make_prompt_cache) and its tokens: each turn
-    # appends the new question to what the model has seen and written (mtplx/conversation.py),
+    # appends the new question to what the model has seen and written (mtplx/generation/conversation.py),
     # so it prefills only that. Set together (run_chat); None: every turn renders and prefills
     # the whole history.
     prompt_cache: Any = None
@@ -298,7 +298,7 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] = input,
 
         generate = mtplx.stream_generate
         if session.conversation is None:
-            from mtplx.conversation import Conversation
+            from mtplx.generation.conversation import Conversation
 
             session.prompt_cache = mtplx.make_prompt_cache(session.model)
             session.conversation = Conversation(session.tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from pathlib import Path
 
@@ -12,19 +13,32 @@ from mtplx.cli.options import (DistributedOptions, FiniteFloatRange, distributed
 from mtplx.errors import MtplxError
 
 
-def split_names(values: tuple[str, ...]) -> list[str]:
-    """Repeatable options that also take comma-separated lists: ('a,b', 'c') -> [a, b, c]."""
-    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+def split_names(values: tuple[str, ...], option: str = "--served-model-name") -> list[str]:
+    """Repeatable options that also take comma-separated lists: ('a,b', 'c') -> [a, b, c]. An
+    empty name ('', ',', 'a,,b') is refused, naming ``option``: dropped silently, an option that
+    names nothing would fall back to the defaults the user meant to replace."""
+    names = [n.strip() for v in values for n in v.split(",")]
+    if not all(names):
+        given = " ".join(repr(v) for v in values)
+        raise click.BadParameter(f"{given} holds an empty name: give NAME or NAME,NAME,... with no empty item",
+                                 param_hint=f"'{option}'")
+    return names
+
+
+# Claude Code asks for its own model names (a Sonnet for the session, a Haiku for background
+# tasks): a server of one model answers them by default, so the agent works unconfigured.
+AGENT_MODEL_PATTERNS = ("claude-*",)
 
 
 def default_served_names(model_ref: str) -> list[str]:
-    """The names a server answers to by default: the --model value as typed, and for a local
-    directory also its last component (what people call the model)."""
+    """The names a server answers to by default: the --model value as typed, for a local
+    directory also its last component (what people call the model), and the coding agents'
+    own model names (AGENT_MODEL_PATTERNS)."""
     names = [model_ref]
     path = Path(model_ref).expanduser()
     if path.is_dir() and path.resolve().name not in names:
         names.insert(0, path.resolve().name)
-    return names
+    return names + list(AGENT_MODEL_PATTERNS)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -37,8 +51,46 @@ def _check_port(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise MtplxError(f"cannot listen on {host}:{port}: {e.strerror or e}",
-                             fix="choose another --port or stop the process using it") from e
+            raise MtplxError(f"cannot listen on {host}:{port}: {e.strerror or e}", fix=_bind_fix(e, host)) from e
+
+
+def _bind_fix(e: OSError, host: str) -> str:
+    """The fix that fits why the bind failed: the address (no such name, not this machine's),
+    the port's privilege, or the port in use."""
+    if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+        return (f"{host!r} is not an address of this machine: pass --host 127.0.0.1 (this machine only), 0.0.0.0 "
+                "(every network interface) or one of this machine's own addresses")
+    if e.errno == errno.EACCES:
+        return "ports below 1024 need administrator rights: choose a --port from 1024 up"
+    if e.errno == errno.EADDRINUSE:
+        return "choose another --port or stop the process using it"
+    return "check --host and --port"
+
+
+def _size(n: int) -> str:
+    """Bytes for the banner in a unit that shows them (--prompt-cache-gb 0.005 is 5.1 MiB, not
+    "0.0 GiB")."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _strict_note(model: object, no_mtp: bool, batch: int, margin: float) -> str:
+    """What --strict-greedy will do on this server, said once at start: it acts on greedy
+    (temperature 0) requests only, and with --no-mtp only on rows decoded together."""
+    from mtplx.api import sampling_from
+
+    default_t = sampling_from(model, None, None, None, None).temperature
+    where = "requests at temperature 0"
+    if no_mtp and batch == 1:
+        return ("note: --strict-greedy changes nothing with --no-mtp at batch 1: every token already comes from a "
+                "one-row decode step")
+    if no_mtp:
+        where += " while they decode together with others (with --no-mtp a lone row decodes one row at a time)"
+    default = ("requests that set no temperature are greedy (this model's default)" if default_t == 0 else
+               f"requests that set no temperature sample at {default_t:g}, whose law is exact without it")
+    return f"strict greedy (margin {margin:g}) applies to {where}; {default}"
 
 
 @click.command("serve")
@@ -61,8 +113,8 @@ def _check_port(host: str, port: int) -> None:
               help="max_tokens for requests that do not set it.")
 @click.option("--served-model-name", "served_model_names", multiple=True, metavar="NAME[,NAME...]",
               help="Model names requests may ask for (repeatable or comma-separated; the first is reported in "
-                   "responses). Other names get 404 model_not_found. Default: --model as given (and a "
-                   "directory's name).")
+                   "responses); a name with * or ? is a pattern ('claude-*'). Other names get 404 model_not_found. "
+                   "Default: --model as given, a directory's name, and 'claude-*' (Claude Code's own names).")
 @click.option("--allowed-hosts", multiple=True, metavar="NAME[,NAME...]",
               help="Host header names accepted besides localhost/127.0.0.1/::1 (repeatable or comma-separated; "
                    "'*' accepts any). A loopback server refuses other names with 403 (DNS rebinding); a server "
@@ -75,6 +127,9 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--no-prompt-cache", is_flag=True, help="Prefill every request in full (no prompt cache).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
+@click.option("--shutdown-timeout", type=FiniteFloatRange(0, 3600), default=30, show_default=True,
+              help="Seconds running generations may take to finish on SIGTERM or Ctrl-C; new requests get 503 and "
+                   "queued ones an error at once, and those still running past this end with an error.")
 @strict_options
 @force_option
 @yes_option
@@ -83,7 +138,7 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
           max_batch: int | None, max_tokens_default: int, served_model_names: tuple[str, ...],
           allowed_hosts: tuple[str, ...],
           max_body_mb: float, prompt_cache_gb: float | None, no_prompt_cache: bool, log_level: str,
-          strict_greedy: bool | float, force: bool, yes: bool, distributed: DistributedOptions | None) -> None:
+          shutdown_timeout: float, strict_greedy: bool | float, force: bool, yes: bool, distributed: DistributedOptions | None) -> None:
     """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and
     Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens), with /health and
     /metrics.
@@ -92,8 +147,7 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
     client at http://HOST:PORT/v1, or an Anthropic client at http://HOST:PORT (the API key is
     not checked).
     """
-    import uvicorn
-
+    from mtplx.engine.strict import check as strict_check
     from mtplx.server import http
     from mtplx.server.app import create_app
     from mtplx.server.guards import is_loopback_name
@@ -112,7 +166,7 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
         cache_bytes = 0
         max_batch = 1
     names = split_names(served_model_names) or default_served_names(model_ref)
-    hosts = split_names(allowed_hosts)
+    hosts = split_names(allowed_hosts, "--allowed-hosts")
     loopback = is_loopback_name(host.strip("[]").lower())
     if not loopback:
         click.echo(f"warning: binding to {host}: anyone who can reach this machine on port {port} can use the "
@@ -128,14 +182,17 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else shown  # a wildcard is not an address to visit
     base = f"http://{shown}:{port}/v1"
     lru = app.state.core.prompt_caches
-    cache = f"prompt cache {lru.max_bytes / 2**30:.1f} GiB" if lru is not None else "no prompt cache"
+    cache = f"prompt cache {_size(lru.max_bytes)}" if lru is not None else "no prompt cache"
     batch = app.state.core.max_batch
     click.echo(f"mtplx serving {', '.join(names)} at {base}  (batch {batch}, queue {queue_size}, {cache}, "
                "Ctrl-C to stop)")
+    margin = strict_check(strict_greedy)
+    if margin is not None:
+        click.echo(_strict_note(model, no_mtp, batch, margin), err=True)
     click.echo(f"try: curl {base}/chat/completions -H 'Content-Type: application/json' "
                f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
-    # Deadlines for a request to arrive, and a short graceful-shutdown window (server/http.py).
-    server = uvicorn.Server(http.config(app, host, port, log_level))
+    # Deadlines for a request to arrive, and a graceful shutdown (server/http.py).
+    server = http.Server(http.config(app, host, port, log_level), app.state.drain, shutdown_timeout)
     server.run()
     if not server.started:
         raise SystemExit(3)  # uvicorn's startup-failure code (as uvicorn.run exits); it printed why

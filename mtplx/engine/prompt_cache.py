@@ -13,7 +13,7 @@ prefix. So the cache keeps snapshots of those states (references to immutable ar
 one copies nothing) at reuse boundaries:
 - before the last token of every prompt, i.e. before the reply: a regenerated reply, or a
   template that renders the previous reply differently, resumes there and prefills from there;
-- at the end of a chat's system/tools prefix (mtplx.chat_template.reuse_boundaries), so
+- at the end of a chat's system/tools prefix (mtplx.generation.chat_template.reuse_boundaries), so
   conversations sharing only that prefix reuse it, however short;
 - every ``snapshot_interval`` tokens of a long prompt, so an edit deep inside a long document
   keeps the part before it.
@@ -168,7 +168,7 @@ class PromptCache:
     def snapshot_stops(self, prompt_len: int, reused: int, extra: Iterable[int] = ()) -> tuple[list[int], Callable[[int], None]]:
         """Where a prefill of ``prompt[reused:]`` stops for snapshots (relative positions) and
         the callback it calls there; ``extra`` adds positions (where a caller knows the next
-        prompt may diverge: see mtplx.chat_template.reuse_boundaries)."""
+        prompt may diverge: see mtplx.generation.chat_template.reuse_boundaries)."""
         wanted = {prompt_len - 1, *(p for p in extra if 0 < p < prompt_len)}
         wanted |= set(range(self.snapshot_interval, prompt_len, self.snapshot_interval))
         if reused == prompt_len - 1 and reused > 0 and reused not in self.snapshots:

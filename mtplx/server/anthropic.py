@@ -19,8 +19,9 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from mtplx.server.anthropic_requests import (CountTokensRequest, MessagesRequest, PromptRequest, TextBlock,
-                                             ThinkingBlock, ToolUseBlock)
+from mtplx.server.anthropic_requests import (ADVISORY, CountTokensRequest, Message, MessagesRequest, PromptRequest,
+                                             RedactedThinkingBlock, TextBlock, ThinkingBlock, ToolReferenceBlock,
+                                             ToolUseBlock)
 from mtplx.server.core import Core, Generation, checked_generation, mtplx_stats
 from mtplx.server.errors import APIError, anthropic_body, unsupported
 from mtplx.server.queue import Job, JobStream
@@ -31,47 +32,52 @@ MIN_THINKING_BUDGET = 1024  # Anthropic's own floor for budget_tokens
 
 # -- request -> template -----------------------------------------------------------------------
 
-def _text(blocks: str | list[TextBlock] | None, param: str) -> str:
+def _text(blocks: str | list[Any] | None, param: str) -> str:
     if blocks is None or isinstance(blocks, str):
         return blocks or ""
+    texts = []
     for i, b in enumerate(blocks):
+        if isinstance(b, ToolReferenceBlock):
+            texts.append(f"Tool loaded: {b.tool_name}")
+            continue
         if b.citations:
             raise unsupported(f"{param}[{i}].citations", "mtplx does not cite documents")
-    return "\n".join(b.text for b in blocks)
+        texts.append(b.text)
+    return "\n".join(texts)
+
+
+def _system_text(m: Message, param: str) -> str:
+    if isinstance(m.content, str):
+        return m.content
+    for j, b in enumerate(m.content):
+        if not isinstance(b, TextBlock):
+            raise APIError(400, f"'{param}[{j}]': a system message holds text blocks only.", param=f"{param}[{j}]")
+    return _text(m.content, param)
 
 
 def _template_messages(body: PromptRequest, fmt: ToolFormat | None) -> list[dict[str, Any]]:
-    """Anthropic's messages -> the chat template's (OpenAI-like) messages."""
+    """Anthropic's messages -> the chat template's (OpenAI-like) messages.
+
+    A ``system`` message inside ``messages`` is system context at its place. Qwen's templates
+    accept a system message only first, so one that comes before any turn joins the system
+    prompt, and a later one is put, unchanged, at the front of the next user turn (or stands as a
+    user turn of its own when no user turn follows): the model reads it where the client put it."""
     out: list[dict[str, Any]] = []
-    system = _text(body.system, "system")
-    if system:
-        out.append({"role": "system", "content": system})
+    system = [_text(body.system, "system")] if body.system else []
+    pending: list[str] = []  # system context waiting for the next user turn
     for i, m in enumerate(body.messages):
         param = f"messages[{i}].content"
-        if isinstance(m.content, str):
-            out.append({"role": m.role, "content": m.content})
+        if m.role == "system":
+            text = _system_text(m, param)
+            (pending if out else system).append(text)
             continue
-        texts, calls, reasoning = [], [], []
-        for j, b in enumerate(m.content):
-            where = f"{param}[{j}]"
-            if isinstance(b, TextBlock):
-                texts.append(_text([b], param))
-            elif isinstance(b, ThinkingBlock):
-                if m.role != "assistant":
-                    raise APIError(400, f"'{where}': thinking blocks belong to assistant messages.", param=where)
-                reasoning.append(b.thinking)
-            elif fmt is None:
-                raise unsupported(where, "this model's chat template does not render tool use or tool results")
-            elif isinstance(b, ToolUseBlock):
-                if m.role != "assistant":
-                    raise APIError(400, f"'{where}': tool_use blocks belong to assistant messages.", param=where)
-                calls.append({"id": b.id, "type": "function", "function": {"name": b.name, "arguments": b.input}})
-            else:  # a tool result answers the previous assistant turn: a message of its own
-                if m.role != "user":
-                    raise APIError(400, f"'{where}': tool_result blocks belong to user messages.", param=where)
-                result = _text(b.content, f"{where}.content")
-                out.append({"role": "tool", "tool_call_id": b.tool_use_id,
-                            "content": f"Error: {result}" if b.is_error else result})
+        if isinstance(m.content, str):
+            texts, calls, reasoning, results = [m.content], [], [], []
+        else:
+            texts, calls, reasoning, results = _blocks(m, param, fmt)
+        out.extend(results)
+        if pending and m.role == "user":
+            texts, pending = pending + texts, []
         message: dict[str, Any] = {"role": m.role, "content": "\n".join(texts)}
         if calls:
             message["tool_calls"] = calls
@@ -79,18 +85,57 @@ def _template_messages(body: PromptRequest, fmt: ToolFormat | None) -> list[dict
             message["reasoning_content"] = "\n".join(reasoning)
         if texts or calls or reasoning:
             out.append(message)
+    if not out:
+        raise APIError(400, "'messages' needs at least one user or assistant message; system context alone "
+                            "asks nothing.", param="messages")
+    if pending:
+        out.append({"role": "user", "content": "\n".join(pending)})
+    if system:
+        out.insert(0, {"role": "system", "content": "\n".join(system)})
     return out
+
+
+def _blocks(m: Message, param: str, fmt: ToolFormat | None) -> tuple[list[str], list[dict[str, Any]], list[str],
+                                                                        list[dict[str, Any]]]:
+    """One message's blocks -> (texts, tool calls, reasoning, tool-result messages)."""
+    texts, calls, reasoning, results = [], [], [], []
+    for j, b in enumerate(m.content):
+        where = f"{param}[{j}]"
+        if isinstance(b, TextBlock):
+            texts.append(_text([b], param))
+        elif isinstance(b, (ThinkingBlock, RedactedThinkingBlock)):
+            if m.role != "assistant":
+                raise APIError(400, f"'{where}': thinking blocks belong to assistant messages.", param=where)
+            if isinstance(b, ThinkingBlock):  # redacted thinking is another model's ciphertext: dropped
+                reasoning.append(b.thinking)
+        elif fmt is None:
+            raise unsupported(where, "this model's chat template does not render tool use or tool results")
+        elif isinstance(b, ToolUseBlock):
+            if m.role != "assistant":
+                raise APIError(400, f"'{where}': tool_use blocks belong to assistant messages.", param=where)
+            calls.append({"id": b.id, "type": "function", "function": {"name": b.name, "arguments": b.input}})
+        else:  # a tool result answers the previous assistant turn: a message of its own
+            if m.role != "user":
+                raise APIError(400, f"'{where}': tool_result blocks belong to user messages.", param=where)
+            result = _text(b.content, f"{where}.content")
+            results.append({"role": "tool", "tool_call_id": b.tool_use_id,
+                            "content": f"Error: {result}" if b.is_error else result})
+    return texts, calls, reasoning, results
 
 
 def _tools(body: PromptRequest, fmt: ToolFormat | None) -> list[dict[str, Any]] | None:
     """The tools in the form chat templates and tool parsers read (OpenAI's)."""
     choice = body.tool_choice.type if body.tool_choice else "auto"
-    if not body.tools or choice == "none":
+    # Anthropic's server tools (web search, code execution, ...) run on Anthropic's servers; a
+    # local server cannot run them, so the model is not offered them (docs/agents.md says so).
+    tools = [t for t in body.tools or [] if t.is_client_tool]
+    if not tools or choice == "none":
         return None
     check_tools(fmt, forced=choice in ("any", "tool"),
-                strict=[f"tools[{i}].strict" for i, t in enumerate(body.tools) if t.strict], response_format=False)
+                strict=[f"tools[{i}].strict" for i, t in enumerate(body.tools or []) if t.strict],
+                response_format=False)
     return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
-                                              "parameters": t.input_schema}} for t in body.tools]
+                                              "parameters": t.input_schema}} for t in tools]
 
 
 def _thinking(body: PromptRequest, max_tokens: int | None) -> dict[str, Any]:
@@ -104,6 +149,29 @@ def _thinking(body: PromptRequest, max_tokens: int | None) -> dict[str, Any]:
             raise APIError(400, f"'thinking.budget_tokens' must be at least {MIN_THINKING_BUDGET} and less than "
                                 "max_tokens.", param="thinking.budget_tokens")
     return {"enable_thinking": t.type != "disabled"}
+
+
+def _advisory(body: PromptRequest) -> list[str]:
+    """The advisory fields a request set (ADVISORY), for the server's log."""
+    seen = [name for name in ("metadata", "service_tier", "container", "inference_geo", "context_management")
+            if getattr(body, name, None) is not None]
+    if body.output_config and body.output_config.effort is not None:
+        seen.append("output_config.effort")
+    if body.thinking and body.thinking.display is not None:
+        seen.append("thinking.display")
+    if body.tools and any(t.defer_loading for t in body.tools):
+        seen.append("defer_loading")
+    if body.tools and any(t.input_examples for t in body.tools):
+        seen.append("input_examples")
+    return seen
+
+
+def _output_format(body: MessagesRequest) -> dict[str, Any] | None:
+    """``output_config.format`` in the shape :meth:`Core.compile_format` reads (OpenAI's)."""
+    fmt = body.output_config.format if body.output_config else None
+    if fmt is None:
+        return None
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.schema_}}
 
 
 # -- the routes --------------------------------------------------------------------------------
@@ -184,24 +252,39 @@ class AnthropicRoutes:
     async def prepare(self, body: MessagesRequest) -> tuple[str, Generation, Answer]:
         core, fmt = self.core, self.fmt
         model = core.resolve_model(body.model)
+        if body.mcp_servers:
+            raise unsupported("mcp_servers", "mtplx connects to no MCP server; the client runs its tools")
+        core.note_advisory(_advisory(body), ADVISORY)
         g = checked_generation(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                top_k=body.top_k, min_p=body.min_p, seed=body.seed, depth=body.depth,
                                stop=list(body.stop_sequences or []), strict_greedy=body.strict_greedy)
         tools = _tools(body, fmt)
+        g.grammar = await core.compile_format(_output_format(body))
+        if g.grammar is not None and tools:
+            raise APIError(400, "'output_config.format' and tools cannot be combined: the answer is either JSON "
+                                "of the schema or free text with tool calls.", param="output_config.format")
         g.ids, g.boundaries = await core.encode_chat(_template_messages(body, fmt), tools=tools,
                                                      template_kwargs=_thinking(body, body.max_tokens))
         return model, g, Answer(fmt if tools else None, tools)
 
     async def stream(self, job: Job, answer: Answer, *, message: dict[str, Any]) -> AsyncIterator[str]:
-        index, open_text = 0, False
+        index, open_text, started = 0, False, False
         last = None
         try:
             # message_start waits for the first step: how many prompt tokens a prompt cache
             # served is known only once the engine has looked (Anthropic sends it after prefill too).
-            async for r in self.core.steps(job):
-                if last is None:
+            async for r in self.core.steps(job, keepalive=True):
+                if r is None:  # nothing for a while (a long prefill): keep the client's idle timer fed
+                    if not started:  # the prompt cache's share is not known yet; message_delta gives it
+                        message["usage"] = _usage(len(job.ids), 0, 0)
+                        yield _event("message_start", {"message": message})
+                        started = True
+                    yield _event("ping", {})
+                    continue
+                if not started:
                     message["usage"] = _usage(len(job.ids), r.cached_tokens, 0)
                     yield _event("message_start", {"message": message})
+                    started = True
                 last = r
                 for piece in answer.feed(r.text, final=bool(r.finish_reason)):
                     if isinstance(piece, str):

@@ -22,7 +22,7 @@ from mtplx._version import __version__
 from mtplx.api import GenerationResponse, default_depth, reuse_boundaries
 from mtplx.engine import strict
 from mtplx.engine.constraints import Grammar, ResponseFormatError, compile_format
-from mtplx.speculation import step_costs
+from mtplx.generation.speculation import step_costs
 from mtplx.engine.prompt_cache import PromptCacheLRU
 from mtplx.errors import MtplxError
 from mtplx.core.knobs import KnobError

@@ -3,7 +3,7 @@
 ``make_decoder`` picks the batched decoder (``mtplx.engine.batch.BatchDecoder``: one verify pass
 over every row per step) for ``--max-batch`` above 1, and :class:`SerialDecoder` for
 ``--max-batch 1`` (today's one-at-a-time server, bit for bit). Both take the same requests (a
-:class:`~mtplx.rows.RowSpec` is the batched decoder's ``RowRequest``) and answer the same
+:class:`~mtplx.generation.row_text.RowSpec` is the batched decoder's ``RowRequest``) and answer the same
 ``(row, Emitted)`` pairs, so the loop (``mtplx.server.queue``) does not know which it drives.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from mtplx.engine.batch import BatchDecoder
 from mtplx.engine.speculative import Emitted, Engine
 from mtplx.engine.stats import DecodeStats
-from mtplx.rows import RowSpec
+from mtplx.generation.row_text import RowSpec
 
 
 class SerialRow:

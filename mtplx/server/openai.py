@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from mtplx.api import GenerationResponse
-from mtplx.stops import check_stop
+from mtplx.generation.stops import check_stop
 from mtplx.server.core import FINGERPRINT, Core, Generation, checked_generation, mtplx_stats
 from mtplx.server.errors import APIError, openai_body, unsupported
 from mtplx.server.logprobs import TokenText

@@ -6,7 +6,7 @@ their caches need, see ``capacity``), run one step of every row, hand each row's
 request, and let rows leave at once when they finish (end of sequence, max_tokens, a stop
 string) or are cancelled (the client left). A row joins and leaves at a step boundary, so the
 others pause for at most one step. Each row carries its own sampler, seed, grammar, logprobs,
-stop strings and prompt cache; its text is made by its own :class:`~mtplx.rows.RowText`.
+stop strings and prompt cache; its text is made by its own :class:`~mtplx.generation.row_text.RowText`.
 
 Why one thread: MLX work blocks for a whole step, and keeping it on one long-lived thread means
 the event loop stays free to accept, reject (429) and stream, and MLX always runs on the same
@@ -36,7 +36,7 @@ from starlette.responses import StreamingResponse
 
 from mtplx.api import EncodedPrompt, GenerationResponse, row_spec
 from mtplx.engine.prompt_cache import PromptCache, PromptCacheLRU
-from mtplx.rows import RowSpec, RowText
+from mtplx.generation.row_text import RowSpec, RowText
 from mtplx.server.capacity import Capacity
 from mtplx.server.decoders import make_decoder
 from mtplx.server.metrics import Metrics

@@ -82,7 +82,7 @@ def step_costs(model: Any, max_depth: int = knobs.AUTO_MAX_DEPTH,
     if costs is not None:
         model._mtplx_step_costs = costs
         return costs
-    from mtplx.bench.cost_model import measure_step_costs
+    from mtplx.engine.cost_model import measure_step_costs
 
     if progress:
         progress(f"depth auto: measuring this machine's step costs (verify T = 1..{max_depth + 1}, one draft step)")

@@ -2,7 +2,7 @@
 rendering tells a prompt cache (where the next turn's tokens may leave this prompt's).
 
 One place renders templates, for the API (mtplx.api), the terminal chat's growing conversation
-(mtplx.conversation) and the server (through mtplx.api.reuse_boundaries).
+(mtplx.generation.conversation) and the server (through mtplx.api.reuse_boundaries).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from mtplx.engine.prompt_cache import common_prefix
 from mtplx.errors import MtplxError
-from mtplx.prompts import EncodedPrompt
+from mtplx.generation.prompts import EncodedPrompt
 
 _SENTINEL = "\x00mtplx-reply\x00"
 

@@ -1,5 +1,6 @@
-"""One generation as a row: what it asks the engine for (:class:`RowSpec`) and how its tokens
-become text (:class:`RowText`).
+"""One generation as a row: what it asks the engine for (:class:`RowSpec`), how its tokens
+become text (:class:`RowText`), and the chunks that text is streamed in
+(:class:`GenerationResponse`, which ``mtplx.GenerationResponse`` names).
 
 ``stream_generate`` drives one row through the single-sequence engine; the server drives many
 through a decoder that steps them together (``mtplx.server.decoders``). Both turn each step's
@@ -15,11 +16,36 @@ from typing import TYPE_CHECKING, Any
 
 from mtplx.engine.batch import RowRequest
 from mtplx.engine.stats import DecodeStats
-from mtplx.stops import StopScanner
+from mtplx.generation.stops import StopScanner
 
 if TYPE_CHECKING:
-    from mtplx.api import GenerationResponse
     from mtplx.engine.logprobs import TokenLogprob
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed chunk: the text it adds and the running statistics."""
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    generation_tokens: int
+    generation_tps: float
+    prompt_tps: float
+    acceptance: list[float]
+    tokens_per_step: float
+    finish_reason: str | None = None
+    # The stop string that ended the generation, on the chunk that ends it ("stop" by a stop
+    # string rather than by an end-of-sequence token).
+    stop_sequence: str | None = None
+    stats: DecodeStats = field(default_factory=DecodeStats, repr=False)
+    # With stream_generate(..., logprobs=k): one entry per token of ``tokens``.
+    logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def token(self) -> int | None:
+        return self.tokens[-1] if self.tokens else None
 
 
 @dataclass
@@ -73,8 +99,6 @@ class RowText:
 
 def response(text: str, tokens: list[int], stats: DecodeStats, finish: str | None,
              logprobs: list[TokenLogprob] | None = None, stop_sequence: str | None = None) -> GenerationResponse:
-    from mtplx.api import GenerationResponse
-
     return GenerationResponse(
         text=text,
         tokens=list(tokens),

@@ -19,7 +19,7 @@ from mtplx.errors import MtplxError
 class EncodedPrompt:
     """A prompt already tokenized: its ids, and the positions where the next prompt of the same
     conversation may start to differ from them (a prompt cache snapshots its state there; see
-    mtplx.chat_template.reuse_boundaries)."""
+    mtplx.generation.chat_template.reuse_boundaries)."""
 
     ids: list[int]
     boundaries: tuple[int, ...] = ()

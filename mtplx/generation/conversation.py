@@ -33,7 +33,7 @@ class Conversation:
         """The ids to answer ``messages`` (whose last one is the new question) from: the tokens so
         far and the new turn. Then :meth:`add_reply` with the reply's tokens, or :meth:`drop_turn`
         if the turn did not complete."""
-        from mtplx.chat_template import chat_ids
+        from mtplx.generation.chat_template import chat_ids
 
         self._undo = self.ids
         full = chat_ids(self.tokenizer, messages, enable_thinking, generation_prompt=True)
@@ -62,7 +62,7 @@ class Conversation:
     def _assistant_closing(self, messages: list[dict[str, Any]]) -> list[int] | None:
         """The tokens the template puts after an assistant turn's text (e.g. ``<|im_end|>\n``)."""
         if self._closing is None:
-            from mtplx.chat_template import assistant_closing
+            from mtplx.generation.chat_template import assistant_closing
 
             question = next((m for m in messages if m["role"] == "user"), {"role": "user", "content": "x"})
             self._closing = assistant_closing(self.tokenizer, question)
