@@ -1,4 +1,4 @@
-"""The Python API, in mlx-lm's style (what "exact" promises: see :mod:`mtplx.exactness`)::
+"""The Python API, in mlx-lm's style (what "exact" promises: see :mod:`mtplx.bench.exactness`)::
 
     import mtplx
     model, tokenizer = mtplx.load("demo")

@@ -1,4 +1,4 @@
-"""`mtplx doctor --exactness` (mtplx/exactness.py) on small models: the greedy, arithmetic and law
+"""`mtplx doctor --exactness` (mtplx/bench/exactness.py) on small models: the greedy, arithmetic and law
 checks, the statistic without scipy, the verdict rules, and the CLI's JSON shape and exit code."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from scipy import stats
 
 import mtplx
 from mtplx.engine.sampling import sample
-import mtplx.exactness as exactness
+import mtplx.bench.exactness as exactness
 from mtplx.engine.prompt_cache import make_prompt_cache
-from mtplx.exactness import (PROMPTS, TIE_FLOOR, Divergence, ExactnessReport, LawCheck, check_exactness,
+from mtplx.bench.exactness import (PROMPTS, TIE_FLOOR, Divergence, ExactnessReport, LawCheck, check_exactness,
                              chi2_critical, chi2_sf, format_report, greedy_tokens, law_check)
 from tiny_models import tiny_model
 

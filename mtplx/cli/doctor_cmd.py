@@ -1,5 +1,5 @@
 """`mtplx doctor`: the installation check, and with --exactness the exactness check on this
-machine's backend (mtplx/exactness.py)."""
+machine's backend (mtplx/bench/exactness.py)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def run_exactness(model_ref: str, tokens: int | None, force: bool, json_out: str
     """The check, its report printed (and written as JSON); whether it passed."""
     import mtplx
     from mtplx.core.config import save_exactness
-    from mtplx.exactness import DEFAULT_TOKENS, check_exactness, format_report
+    from mtplx.bench.exactness import DEFAULT_TOKENS, check_exactness, format_report
 
     command = "mtplx doctor --exactness" + (f" --model {model_ref}" if model_ref != "demo" else "")
     quiet = json_out == "-"
