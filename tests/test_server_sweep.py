@@ -285,7 +285,7 @@ def test_anthropic_input_tokens_exclude_cached_tokens_everywhere(server):
 
 
 def test_readme_documents_the_request_deadlines():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "server.md").read_text()  # moved from the README
     assert "408" in readme and "header" in readme.lower()
 
 
