@@ -113,7 +113,8 @@ def test_every_catalog_id_is_answered_offline(tmp_path):
 
 
 def test_new_catalog_entries_say_where_each_field_comes_from():
-    from mtplx.bench.shapes import layer_kinds, load_shape, model_args, reduced
+    from mtplx.bench.shape_models import load_shape, model_args, reduced
+    from mtplx.model.shapes import layer_kinds
 
     for ref in ("qwen3.6-27b", "qwen3.8-27b"):  # what `mtplx bench --shape ID --layers 2` builds
         tc = reduced(load_shape(ref).text_config, 2)

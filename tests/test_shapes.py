@@ -11,10 +11,10 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mtplx.bench.bytes_model import ShapeBytes, accepted_law, pending_chain, tokens_per_step
+from mtplx.model.shapes import ShapeBytes, accepted_law, pending_chain, tokens_per_step
 from mtplx.bench.shape_bench import compose, parse_acceptance
-from mtplx.bench.shapes import (FULL, LINEAR, REQUIRED_KEYS, WeightBytes, estimated_bytes, kind_counts, layer_kinds,
-                                load_shape, reduced)
+from mtplx.bench.shape_models import estimated_bytes, load_shape, reduced
+from mtplx.model.shapes import FULL, LINEAR, REQUIRED_KEYS, WeightBytes, kind_counts, layer_kinds
 from mtplx.artifact.catalog import catalog
 from mtplx.errors import MtplxError
 
@@ -180,7 +180,7 @@ def test_shape_bench_json_composes_to_the_full_model(tmp_path):
 def test_save_round_trip_loads_the_same_model(tmp_path):
     """The saved artifact, loaded by the product, computes exactly what the in-memory model does."""
     import mtplx
-    from mtplx.bench.shapes import Shape, as_artifact, random_modules, save_artifact
+    from mtplx.bench.shape_models import Shape, as_artifact, random_modules, save_artifact
     from mtplx.engine.sampling import SamplingParams
     from mtplx.engine.speculative import Engine
 
@@ -227,7 +227,7 @@ def test_bad_shape_options_are_one_clear_error(args, needle):
 
 def test_batch_bytes_read_weights_once_and_rows_their_own_state():
     from mtplx.bench.roofline import ShapeFlops, matmul_params, pass_ms
-    from mtplx.bench.shapes import lazy_modules, stored_weight_bytes
+    from mtplx.bench.shape_models import lazy_modules, stored_weight_bytes
 
     mods = lazy_modules(_tiny_shape())
     fl = ShapeFlops.from_modules(mods.trunk, mods.head, mods.text_config)
@@ -246,7 +246,7 @@ def test_batch_bytes_read_weights_once_and_rows_their_own_state():
 
 
 def test_stored_bytes_of_lazy_modules_equal_the_built_artifact():
-    from mtplx.bench.shapes import as_artifact, lazy_modules, random_modules, stored_weight_bytes
+    from mtplx.bench.shape_models import as_artifact, lazy_modules, random_modules, stored_weight_bytes
 
     shape = _tiny_shape()
     for bits in (4, 16):
@@ -258,7 +258,7 @@ def test_batch_projection_meets_the_issue_bar_at_qwen35_4b_shapes():
     """Issue 19's bar: Qwen3.5-4B, 4-bit, acceptance 0.82/0.79, on the default device (an M3 Max):
     8 streams at depth 2 give >= 5x one AR stream and more than 8 AR streams."""
     from mtplx.bench.roofline import ShapeFlops, batch_projection
-    from mtplx.bench.shapes import lazy_modules, stored_weight_bytes
+    from mtplx.bench.shape_models import lazy_modules, stored_weight_bytes
 
     shape = load_shape("qwen3.5-4b")
     mods = lazy_modules(shape)  # nothing is built: sizes come from the lazy arrays' shapes
@@ -278,7 +278,7 @@ def test_batch_projection_meets_the_issue_bar_at_qwen35_4b_shapes():
 
 
 def _tiny_shape():
-    from mtplx.bench.shapes import Shape
+    from mtplx.bench.shape_models import Shape
 
     return Shape("tiny", dict(TINY))
 
@@ -301,7 +301,7 @@ def test_no_measure_projects_the_batch_in_seconds(tmp_path):
     bad = CliRunner().invoke(cli, ["bench", "--shape", "qwen3.5-4b", "--no-measure", "--layers", "4"])
     assert bad.exit_code != 0 and "--no-measure times nothing" in bad.output
 def test_accepted_law_past_the_given_acceptance_accepts_nothing():
-    from mtplx.bench.bytes_model import accepted_law
+    from mtplx.model.shapes import accepted_law
 
     assert accepted_law([0.7], 2) == pytest.approx([0.3, 0.7, 0.0])  # `--acceptance 0.7` with a T=3 verify measured
     assert sum(accepted_law([0.8, 0.5], 3)) == pytest.approx(1.0)

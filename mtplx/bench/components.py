@@ -24,7 +24,7 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
 from mtplx.engine.cost_model import median_ms, pipelined_ar_ms
-from mtplx.bench.shapes import FULL, LINEAR
+from mtplx.model.shapes import FULL, LINEAR
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays, decide, filtered_probs, sample_logits
 from mtplx.engine import steps
 from mtplx.model.mtp_model import ModelCache, MTPModel

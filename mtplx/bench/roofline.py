@@ -28,8 +28,8 @@ from typing import Any
 
 import mlx.nn as nn
 
-from mtplx.bench.bytes_model import Pending, ShapeBytes, pending_chain, tokens_per_step
-from mtplx.bench.shapes import FULL, LINEAR, layer_kinds
+from mtplx.model.shapes import Pending, ShapeBytes, pending_chain, tokens_per_step
+from mtplx.model.shapes import FULL, LINEAR, layer_kinds
 
 DEFAULT_BANDWIDTH_GBS = 400.0
 DEFAULT_PEAK_TFLOPS = 14.2

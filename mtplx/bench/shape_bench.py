@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mtplx._version import __version__
-from mtplx.bench.bytes_model import ShapeBytes, accepted_law, memory_bound, rollback_bytes, tokens_per_step
+from mtplx.model.shapes import ShapeBytes, accepted_law, memory_bound, rollback_bytes, tokens_per_step
 from mtplx.bench.components import PREFILL, Timings
 from mtplx.bench.roofline import DEFAULT_PEAK_TFLOPS, ShapeFlops, batch_projection
 from mtplx.bench.roofline import table as roofline_table
-from mtplx.bench.shapes import FULL, LINEAR, Shape, WeightBytes, kind_counts
+from mtplx.bench.shape_models import Shape
+from mtplx.model.shapes import FULL, LINEAR, WeightBytes, kind_counts
 
 
 def compose(measured: float, fixed: float, per_layer: dict[str, float], n: dict[str, int], full: dict[str, int]) -> float:
@@ -299,7 +300,7 @@ def run_shape_bench(shape_ref: str, *, trunk_bits: int = 4, layers: int | None =
     from mtplx.model.gated_delta_cache import FUSED_PENDING_CAP, pending_cap
     from mtplx.bench.components import measure, random_prompt
     from mtplx.core.device import device_name
-    from mtplx.bench.shapes import as_artifact, load_shape, random_modules, save_artifact
+    from mtplx.bench.shape_models import as_artifact, load_shape, random_modules, save_artifact
     from mtplx.engine.sampling import SamplingParams
     from mtplx.errors import MtplxError
 
@@ -367,7 +368,7 @@ def project_shape(shape_ref: str, *, trunk_bits: int = 4, prompt_tokens: int = 5
     """``--no-measure``: the memory-bound projections alone, from the stored bytes and the flops of
     the shape's modules, built lazily (no weight is computed and nothing is timed: seconds, at any size)."""
     from mtplx.bench.roofline import batch_projection
-    from mtplx.bench.shapes import lazy_modules, load_shape, stored_weight_bytes
+    from mtplx.bench.shape_models import lazy_modules, load_shape, stored_weight_bytes
     from mtplx.errors import MtplxError
     from mtplx.model.gated_delta_cache import FUSED_PENDING_CAP
 

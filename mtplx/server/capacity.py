@@ -3,7 +3,7 @@
 A row holds its own caches: every full-attention layer's keys and values over its tokens (the
 trunk's and the MTP head's), and every Gated-DeltaNet layer's recurrent state and conv window
 (fixed size, however long the row). The weights are shared by all rows. The per-layer sizes are
-the bytes model's (``mtplx.bench.bytes_model``), read off the loaded model's config.
+the bytes model's (``mtplx.model.shapes``), read off the loaded model's config.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def weight_bytes(model: Any) -> int:
 
 def row_bytes(model: Any, tokens: int) -> int:
     """Bytes one row's caches hold at ``tokens`` tokens."""
-    from mtplx.bench.bytes_model import ShapeBytes
-    from mtplx.bench.shapes import FULL, LINEAR, kind_counts
+    from mtplx.model.shapes import ShapeBytes
+    from mtplx.model.shapes import FULL, LINEAR, kind_counts
 
     args = model.trunk.args
     tc = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))

@@ -1,4 +1,5 @@
-"""Real Qwen3.5 shapes as random-weight models: the subject of `mtplx bench --shape`.
+"""Real Qwen3.5 shapes as random-weight models: the subject of `mtplx bench --shape` (the
+shape's layer kinds, checks and byte model are ``mtplx.model.shapes``, which the runtime uses too).
 
 A shape is a model's text config (the catalog records one per entry, transcribed from the
 official config.json). From it this module builds the trunk with mlx-lm's own qwen3_5 modules
@@ -41,16 +42,10 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mtplx.errors import MtplxError
 from mtplx.model.mtp_head import MTPHead, dequantize_linears
 from mtplx.model.mtp_model import MTPModel
+from mtplx.model.shapes import FULL, LINEAR, WeightBytes, check_text_config, layer_kinds
 from mtplx.model.trunk import Trunk
 
-LINEAR, FULL = "linear_attention", "full_attention"
 TRUNK_BITS = (4, 8, 16)
-# Keys a text config must carry for mlx-lm to build the model at its real widths.
-REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "full_attention_interval", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
-                 "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim", "vocab_size",
-                 "tie_word_embeddings")
-MOE_KEYS = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
 # The artifact a saved shape model is meant for is small; a larger one is refused before it is built.
 SAVE_LIMIT_BYTES = 4 * 2**30
 SAVE_PROBE_TEXT = "def add(a, b):\n    return a + b\n\nThe cache keeps the most recent entries."
@@ -97,36 +92,6 @@ def load_shape(ref: str) -> Shape:
                          fix=f"use one of {', '.join(sorted(entries))}, or a path to a config.json")
     check_text_config(shape.text_config, where=ref)
     return shape
-
-
-def check_text_config(tc: dict[str, Any], where: str = "text config") -> None:
-    """Every field the build needs, layer types that mlx-lm can place, heads that divide."""
-    missing = [k for k in REQUIRED_KEYS if k not in tc]
-    if int(tc.get("num_experts", 0) or 0) > 0:
-        missing += [k for k in MOE_KEYS if k not in tc]
-    elif "intermediate_size" not in tc:
-        missing.append("intermediate_size")
-    if missing:
-        raise MtplxError(f"the text config lacks {', '.join(missing)}", path=where,
-                         fix="copy these fields from the model's config.json")
-    if "layer_types" in tc and list(tc["layer_types"]) != layer_kinds(tc):
-        raise MtplxError("layer_types is not the every-Nth-layer pattern of full_attention_interval, the only "
-                         "placement mlx-lm's qwen3_5 model builds", path=where,
-                         fix="check the config against the model's config.json")
-    if tc["linear_num_value_heads"] % tc["linear_num_key_heads"] or tc["num_attention_heads"] % tc["num_key_value_heads"]:
-        raise MtplxError("value heads must be a multiple of key heads (both attention kinds)", path=where,
-                         fix="check the config against the model's config.json")
-
-
-def layer_kinds(tc: dict[str, Any]) -> list[str]:
-    """Each layer's kind as mlx-lm builds it: every ``full_attention_interval``-th layer is full attention."""
-    interval = int(tc["full_attention_interval"])
-    return [FULL if (i + 1) % interval == 0 else LINEAR for i in range(int(tc["num_hidden_layers"]))]
-
-
-def kind_counts(tc: dict[str, Any]) -> dict[str, int]:
-    kinds = layer_kinds(tc)
-    return {LINEAR: kinds.count(LINEAR), FULL: kinds.count(FULL)}
 
 
 def reduced(tc: dict[str, Any], layers: int | None) -> dict[str, Any]:
@@ -224,28 +189,6 @@ def random_modules(shape: Shape, layers: int | None, seed: int = 0) -> RandomMod
     head.update(tree_map_with_path(_bf16_cast(head), head.parameters()))
     mx.eval(head.parameters())
     return RandomModules(shape, tc, trunk, head)
-
-
-@dataclass
-class WeightBytes:
-    """Bytes of each part as the artifact stores it (trunk at its bits, head body int4)."""
-
-    embed: int
-    lm_head: int  # == embed when tied (the same matrix is read)
-    final_norm: int
-    layers: dict[str, int]  # one layer of each kind
-    experts: dict[str, int]  # of which routed experts (all of them), per layer kind; 0 when dense
-    head: int
-    head_experts: int
-
-    def trunk_total(self, counts: dict[str, int], tied: bool) -> int:
-        return (self.embed + (0 if tied else self.lm_head) + self.final_norm
-                + sum(counts[k] * self.layers[k] for k in counts))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"embed": self.embed, "lm_head": self.lm_head, "final_norm": self.final_norm,
-                "layer": dict(self.layers), "layer_routed_experts": dict(self.experts),
-                "head": self.head, "head_routed_experts": self.head_experts}
 
 
 def _nbytes(module: nn.Module, prefix: str = "") -> int:

@@ -1,4 +1,8 @@
-"""Bytes each piece of a step moves, for a device where decoding is memory-bound.
+"""A model's shape and the bytes a step moves: the text config's layer kinds and checks, and the
+byte model that the server's capacity (``mtplx.server.capacity``) and the bench's real shapes
+(``mtplx.bench.shape_bench``) both price rows with.
+
+Bytes each piece of a step moves, for a device where decoding is memory-bound.
 
 On Apple and NVIDIA GPUs a decode step takes about (bytes read + written) / bandwidth, so the
 speedup of speculation is a ratio of bytes. Per component:
@@ -35,7 +39,68 @@ from typing import Any
 
 import numpy as np
 
-from mtplx.bench.shapes import FULL, LINEAR, WeightBytes
+from mtplx.errors import MtplxError
+
+LINEAR, FULL = "linear_attention", "full_attention"
+# Keys a text config must carry for mlx-lm to build the model at its real widths.
+REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "full_attention_interval", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
+                 "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim", "vocab_size",
+                 "tie_word_embeddings")
+MOE_KEYS = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def check_text_config(tc: dict[str, Any], where: str = "text config") -> None:
+    """Every field the build needs, layer types that mlx-lm can place, heads that divide."""
+    missing = [k for k in REQUIRED_KEYS if k not in tc]
+    if int(tc.get("num_experts", 0) or 0) > 0:
+        missing += [k for k in MOE_KEYS if k not in tc]
+    elif "intermediate_size" not in tc:
+        missing.append("intermediate_size")
+    if missing:
+        raise MtplxError(f"the text config lacks {', '.join(missing)}", path=where,
+                         fix="copy these fields from the model's config.json")
+    if "layer_types" in tc and list(tc["layer_types"]) != layer_kinds(tc):
+        raise MtplxError("layer_types is not the every-Nth-layer pattern of full_attention_interval, the only "
+                         "placement mlx-lm's qwen3_5 model builds", path=where,
+                         fix="check the config against the model's config.json")
+    if tc["linear_num_value_heads"] % tc["linear_num_key_heads"] or tc["num_attention_heads"] % tc["num_key_value_heads"]:
+        raise MtplxError("value heads must be a multiple of key heads (both attention kinds)", path=where,
+                         fix="check the config against the model's config.json")
+
+
+def layer_kinds(tc: dict[str, Any]) -> list[str]:
+    """Each layer's kind as mlx-lm builds it: every ``full_attention_interval``-th layer is full attention."""
+    interval = int(tc["full_attention_interval"])
+    return [FULL if (i + 1) % interval == 0 else LINEAR for i in range(int(tc["num_hidden_layers"]))]
+
+
+def kind_counts(tc: dict[str, Any]) -> dict[str, int]:
+    kinds = layer_kinds(tc)
+    return {LINEAR: kinds.count(LINEAR), FULL: kinds.count(FULL)}
+
+
+@dataclass
+class WeightBytes:
+    """Bytes of each part as the artifact stores it (trunk at its bits, head body int4)."""
+
+    embed: int
+    lm_head: int  # == embed when tied (the same matrix is read)
+    final_norm: int
+    layers: dict[str, int]  # one layer of each kind
+    experts: dict[str, int]  # of which routed experts (all of them), per layer kind; 0 when dense
+    head: int
+    head_experts: int
+
+    def trunk_total(self, counts: dict[str, int], tied: bool) -> int:
+        return (self.embed + (0 if tied else self.lm_head) + self.final_norm
+                + sum(counts[k] * self.layers[k] for k in counts))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"embed": self.embed, "lm_head": self.lm_head, "final_norm": self.final_norm,
+                "layer": dict(self.layers), "layer_routed_experts": dict(self.experts),
+                "head": self.head, "head_routed_experts": self.head_experts}
+
 
 STATE_DTYPE = 4  # float32 recurrent state
 KV_DTYPE = 2  # bf16 caches
