@@ -10,9 +10,13 @@ Gated-DeltaNet conv and recurrence (run once over rows of equal length stacked o
 axis, where each batch entry is still computed on its own). There is no padding and no mask
 across rows.
 
-A row's result never depends on the other rows: every op run over all N positions computes
-each position on its own (matmuls included: MLX's CPU matmuls give row i of ``x[N] @ W`` bit
-for bit as ``x[i:i+1] @ W``), so a seeded request gives the same tokens alone and in a batch.
+On MLX's CPU backend a row's result does not depend on the other rows: every op run over all N
+positions computes each position on its own (matmuls included: MLX's CPU matmuls give row i of
+``x[N] @ W`` bit for bit as ``x[i:i+1] @ W``), so a seeded request gives the same tokens alone
+and in a batch (the batching tests check it). That rests on the kernels, not on this code: a GPU
+matmul may pick another kernel for another N, and mlx-lm's MoE (``SwitchGLU``) sorts the tokens
+by expert once a pass routes 64 or more (token, expert) entries, which runs the sorted
+gather-matmul kernel; on a GPU either can change a row's last bits with the batch around it.
 
 The one-row passes (``Trunk.hidden``, ``MTPHead.__call__`` / ``fill_cache``; the verify
 block's Gated-DeltaNet forward that was ``verify_block``) are the one-segment case of these
