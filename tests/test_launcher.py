@@ -332,11 +332,11 @@ def test_one_mode_menu_whatever_tune_saved(tmp_path, monkeypatch, tuned, default
 
     r = CliRunner().invoke(pick, input="\n\n")
     assert r.exit_code == 0, r.output
-    lines = [l for l in r.output.splitlines() if l.strip()[:2] in ("1)", "2)", "3)")]
-    assert [l.split(")")[1].split()[0] for l in lines] == ["MTP,", "MTP", "Plain"]
+    lines = [line for line in r.output.splitlines() if line.strip()[:2] in ("1)", "2)", "3)")]
+    assert [line.split(")")[1].split()[0] for line in lines] == ["MTP,", "MTP", "Plain"]
     assert f"Choose [{default}]" in r.output
     if tuned is not None:
-        assert "tune" in lines[marked - 1] and sum("tune" in l for l in lines) == 1
+        assert "tune" in lines[marked - 1] and sum("tune" in line for line in lines) == 1
     assert seen["depth"] == {1: "auto", 2: tuned, 3: 0}[default]
 
 
