@@ -191,3 +191,32 @@ def test_streams_send_keepalives_while_the_server_works(agent_server) -> None:
         assert "".join(c.choices[0].delta.content or "" for c in kept if c.choices) == text
     finally:
         s.core.keepalive_s = 5.0
+
+
+# Qwen Code and OpenCode speak OpenAI's Chat Completions: a request of their shape (a system
+# prompt, function tools, streamed with usage), then the turn that sends the tool results back.
+OPENAI_TOOLS = [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
+                                                   "parameters": t["input_schema"]}} for t in CLIENT_TOOLS]
+
+
+def test_chat_completions_agent_turns(agent_server) -> None:
+    s = agent_server
+    first = {"model": "scripted", "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.7,
+             "top_p": 0.8, "max_tokens": 32000, "tools": OPENAI_TOOLS, "tool_choice": "auto",
+             "messages": [{"role": "system", "content": "You are a careful coding assistant."},
+                          {"role": "user", "content": [{"type": "text", "text": "What is the weather in Paris?"}]}]}
+    chunks = list(s.client.chat.completions.create(**first))
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == TOOL_CALLS
+    assert chunks[-1].usage.prompt_tokens > 100 and chunks[-2].choices[0].finish_reason == "tool_calls"
+
+    second = dict(first, messages=first["messages"] + [
+        {"role": "assistant", "content": TOOL_TEXT, "tool_calls": [
+            {"id": tc.id, "type": "function", "function": {"name": tc.function.name,
+                                                           "arguments": tc.function.arguments}} for tc in calls]},
+        *[{"role": "tool", "tool_call_id": tc.id, "content": f"{tc.function.name}: done"} for tc in calls],
+    ])
+    chunks = list(s.client.chat.completions.create(**second))
+    usage = chunks[-1].usage
+    # The second turn extends the first: the prompt cache serves what the first turn prefilled.
+    assert usage.prompt_tokens_details.cached_tokens >= 0.5 * usage.prompt_tokens
