@@ -220,3 +220,32 @@ def test_chat_completions_agent_turns(agent_server) -> None:
     usage = chunks[-1].usage
     # The second turn extends the first: the prompt cache serves what the first turn prefilled.
     assert usage.prompt_tokens_details.cached_tokens >= 0.5 * usage.prompt_tokens
+
+
+def test_claude_code_billing_line_does_not_defeat_the_prompt_cache(agent_server) -> None:
+    """Claude Code's first system block carries a per-request `cch` value: two turns that differ
+    only there must still share their prefix in the prompt cache."""
+    s = agent_server
+
+    def turn(cch: str, messages: list[dict], system_as_blocks: bool) -> dict:
+        billing = f"x-anthropic-billing-header: cc_version=2.1.40; cc_entrypoint=cli; cch={cch};"
+        system = ([{"type": "text", "text": billing}, {"type": "text", "text": "You are a careful coding assistant."}]
+                  if system_as_blocks else f"{billing}\nYou are a careful coding assistant.")
+        r = s.http.post("/v1/messages", json={**AGENT, "system": system, "messages": messages, "max_tokens": 40})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    for blocks in (True, False):
+        ask = [{"role": "user", "content": f"What is the weather in {'Paris' if blocks else 'Rome'}?"}]
+        first = turn("a1b2c", ask, blocks)
+        calls = [b for b in first["content"] if b["type"] == "tool_use"]
+        follow = ask + [{"role": "assistant", "content": first["content"]},
+                        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": c["id"], "content": "sunny"}
+                                                     for c in calls]}]
+        second = turn("f9e8d", follow, blocks)
+        u1, u2 = first["usage"], second["usage"]
+        assert u2["cache_read_input_tokens"] >= 0.9 * (u1["input_tokens"] + u1["cache_read_input_tokens"])
+    n = s.http.post("/v1/messages/count_tokens", json={
+        "model": "claude-haiku-4-5", "messages": ask,
+        "system": "x-anthropic-billing-header: cch=1;\nYou are a careful coding assistant."}).json()["input_tokens"]
+    assert n == len(_template_ids(s, [{"role": "system", "content": "You are a careful coding assistant."}, *ask]))

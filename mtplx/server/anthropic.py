@@ -46,6 +46,25 @@ def _text(blocks: str | list[Any] | None, param: str) -> str:
     return "\n".join(texts)
 
 
+# Claude Code (2.1.36 and later) opens its system prompt with a line of billing metadata whose
+# `cch` value changes on every request. It says nothing to the model, and left in it would make
+# every turn's prompt differ from the previous one at its first tokens: the prompt cache would
+# miss and the whole session be prefilled again each turn. Dropped, as vLLM, vllm-mlx and ollama do.
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
+def _without_billing(text: str) -> str:
+    if BILLING_HEADER not in text:
+        return text
+    return "\n".join(line for line in text.split("\n") if not line.lstrip().startswith(BILLING_HEADER)).lstrip("\n")
+
+
+def _system_prompt(system: str | list[TextBlock] | None) -> str:
+    if isinstance(system, list):
+        system = [b for b in system if not b.text.lstrip().startswith(BILLING_HEADER)]
+    return _without_billing(_text(system, "system"))
+
+
 def _system_text(m: Message, param: str) -> str:
     if isinstance(m.content, str):
         return m.content
@@ -63,7 +82,7 @@ def _template_messages(body: PromptRequest, fmt: ToolFormat | None) -> list[dict
     prompt, and a later one is put, unchanged, at the front of the next user turn (or stands as a
     user turn of its own when no user turn follows): the model reads it where the client put it."""
     out: list[dict[str, Any]] = []
-    system = [_text(body.system, "system")] if body.system else []
+    system = [text] if (text := _system_prompt(body.system)) else []
     pending: list[str] = []  # system context waiting for the next user turn
     for i, m in enumerate(body.messages):
         param = f"messages[{i}].content"
