@@ -10,7 +10,8 @@ import pytest
 import mtplx
 from cache_compare import compare
 from mtplx.engine.sampling import SamplingParams, acceptance_arrays
-from mtplx.engine.speculative import BACKLOG_FLUSH, Engine
+from mtplx.engine.row import BACKLOG_FLUSH
+from mtplx.engine.speculative import Engine
 from mtplx.errors import MtplxError
 from tiny_models import tiny_model
 

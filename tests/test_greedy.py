@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mtplx.engine.reference import ar_generate
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 
@@ -23,6 +24,8 @@ TIE = 0.05  # logits are bf16 on a 4-bit trunk: a gap below this is within round
 
 
 def greedy(model, ids, depth, tokens=TOKENS):
+    if depth == 0:  # the AR reference loop (mlx-lm's own forward), not the decoder under test
+        return [t for step in ar_generate(model, ids, tokens, SamplingParams(temperature=0.0)) for t in step.tokens], None
     engine = Engine(model, depth, SamplingParams(temperature=0.0), seed=0)
     return [t for step in engine.generate(ids, tokens) for t in step.tokens], engine.stats
 

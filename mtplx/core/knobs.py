@@ -31,6 +31,13 @@ AUTO_MAX_DEPTH = 3
 # between kernels). `mtplx doctor --exactness` calls the same gap a near-tie (its TIE_FLOOR).
 NEAR_TIE = 0.05
 
+# Prompt tokens per prefill pass: a long prompt is fed in pieces of at most this many tokens, which
+# bounds a pass's activations and, in a batch, what a joining prompt adds to the running rows'
+# step. The one chunk size of every decoding path (a row's chunking changes no token on the CPU
+# backend, but a GPU's kernels may round pieces of different sizes differently).
+PREFILL_CHUNK = 2048
+MAX_PREFILL_CHUNK = 1 << 16
+
 # What a knob is when neither the request nor the artifact's contract sets it: the one place
 # these numbers are written (CLI help, API, chat, graft, the probe and legacy contracts read it).
 DEFAULTS: dict[str, Any] = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0, "depth": AUTO}
@@ -102,6 +109,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("top_k", int, 0, meaning=" (0 disables it)"),
     Knob("min_p", float, 0.0, 1.0, meaning=" (0 disables it)"),
     Knob("seed", int, 0, MAX_SEED, high_text="2**64-1"),
+    Knob("prefill_chunk", int, 1, MAX_PREFILL_CHUNK, meaning=" (prompt tokens per prefill pass)"),
 )}
 
 

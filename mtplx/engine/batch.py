@@ -1,19 +1,34 @@
-"""The batched decoder: several sequences per step, each with its own acceptance and rollback.
+"""The decoder: the step loop over B rows (B = 1 for the one-row API, speculative.Engine), each
+row with its own acceptance and rollback. Prefill, the plain (pipelined AR) lane and the
+speculative step exist here once, for one row and for many.
 
-Every row keeps its own :class:`~mtplx.model.mtp_model.ModelCache` and decodes exactly as the
-one-row engine does (speculative.py describes a step); a step runs each *pass* once for all
-rows, as a ragged pass (mtplx/model/rows.py: the rows' tokens concatenated, the weights read
-once, only attention and the Gated-DeltaNet recurrence split by row):
+State between steps: a row's trunk caches hold every committed token but the newest one,
+``pending`` (already sampled and emitted, not yet fed to the trunk); the head's cache holds one
+row per committed position except the rows in ``cache.backlog`` (trunk hiddens of the last
+verify), which the next draft feeds in the same call as its first row. Every row keeps its own
+:class:`~mtplx.model.mtp_model.ModelCache`; a step runs each *pass* once for all rows, as a
+ragged pass (mtplx/model/rows.py: the rows' tokens concatenated, the weights read once, only
+attention and the Gated-DeltaNet recurrence split by row):
 
 0. joining rows feed their next prompt chunk (``prefill_chunk`` tokens at most) in the same
    trunk pass as the others' verify blocks, so a long prompt costs the running rows one chunk
    per step, never a stall; a row whose prompt is done samples its first token there;
 1. draft: pass k over the rows drafting at least k tokens this step (pass 1 also feeds each
-   row's backlog), each row sampling with its own draft law and random stream;
-2. verify: one trunk pass over every row's [pending, d_1 .. d_D] (rows of different depths);
-3. accept per row (sampling.py's rule, the row's own uniforms): a row keeps its own accepted
-   prefix and its own residual or bonus token, whatever the others accepted;
-4. commit per row (cache.py), the head's backlog as in the one-row engine.
+   row's backlog): head(backlog rows ..., (h_last, pending)) -> q_1, d_1; head((chain hidden,
+   d_1)) -> q_2 ...; each q over the draft vocabulary (all V tokens, or a reduced subset
+   scattered back to V), each row sampling with its own draft law and random stream;
+2. verify: one trunk pass over every row's [pending, d_1 .. d_D] (rows of different depths),
+   with the acceptance test's device work (target law, ratios, residual draws): a step
+   synchronizes twice, once for the drafts, once for verify + acceptance;
+3. accept per row (sampling.py's rule, the row's own uniforms): d_i while u_i <
+   p_i(d_i)/q_i(d_i), then a residual or bonus token; a row keeps its own accepted prefix and
+   its own residual or bonus token, whatever the others accepted;
+4. commit per row: trim/restore every cache to the accepted prefix (cache.py), the accepted
+   positions' hiddens becoming the head's backlog.
+
+With a prompt cache the prefill covers only the prompt's new suffix, and the caches are left
+holding exactly the tokens the trunk consumed, so the next call can extend them. A grammar
+constraint (constraints.py) masks p and q at the points marked ``# constraint:``.
 
 A row's tokens depend only on its own prompt, settings and seed: its random draws come from its
 own generator in the same order as alone, and a ragged pass computes each row as it would alone.
@@ -35,135 +50,37 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 import mlx.core as mx
 
+from mtplx.core import knobs
 from mtplx.engine import steps, strict
-from mtplx.engine.constraints import Constraint
-from mtplx.engine.logprobs import LogprobReader, LogprobRows
-from mtplx.engine.policy import DepthPolicy, FixedDepth, as_policy
-from mtplx.engine.prompt_cache import PromptCache
-from mtplx.engine.sampling import (Rng, SamplingParams, Verdict, acceptance_arrays, decide, filtered_probs,
-                                   sample_logits)
-from mtplx.engine.speculative import Emitted, Engine, _Budget, _extend_backlog
-from mtplx.engine.stats import DecodeStats
-from mtplx.errors import ContextOverflowError, MtplxError
+from mtplx.engine.row import (
+    Emitted,
+    Row,
+    RowRequest,
+    Work,
+    check_depth,
+    check_prompt,
+    extend_backlog,
+)
+from mtplx.engine.sampling import decide, filtered_probs, sample_logits
+from mtplx.errors import MtplxError
 from mtplx.model import rows as ragged
-from mtplx.model.mtp_model import ModelCache, MTPModel
+from mtplx.model.mtp_model import MTPModel
 from mtplx.model.trunk import VerifyRecord
 
-__all__ = ["BatchDecoder", "Row", "RowRequest"]
-
-
-@dataclass
-class RowRequest:
-    """One sequence to decode: what ``Engine(...)`` and ``Engine.generate(...)`` take for one row."""
-
-    prompt: list[int]
-    max_tokens: int
-    params: SamplingParams
-    depth: int | DepthPolicy = 2
-    draft_params: SamplingParams | None = None
-    seed: int | None = None
-    eos: frozenset[int] = frozenset()
-    constraint: Constraint | None = None
-    logprobs: int | None = None
-    prompt_cache: PromptCache | None = None
-    snapshot_at: tuple[int, ...] = ()
-    # Strict greedy (strict.py): the top-2 margin at or under which a greedy token decided by a
-    # verify row is decided again by a one-row pass; None: off. No effect at temperature > 0.
-    strict_greedy: float | None = None
-
-
-class Row:
-    """A request inside the decoder. ``emitted``: every token it has output so far; ``done``:
-    finished (EOS, budget) or removed; ``cache``: its live caches (None once it has left)."""
-
-    def __init__(self, id: int, request: RowRequest, model: MTPModel):
-        self.id = id
-        self.request = request
-        self.policy = as_policy(request.depth)
-        self.depth = self.policy.max_depth
-        self.stats = DecodeStats(depth=self.depth, adaptive=not isinstance(self.policy, FixedDepth),
-                                 prompt_tokens=len(request.prompt))
-        self.done = False
-        self.cache: ModelCache | None = None
-        self.emitted: list[int] = []
-        params = request.params
-        # Greedy targets draft greedily: any q is exact, the argmax maximizes acceptance.
-        self.draft_params = SamplingParams(temperature=0.0) if params.greedy else (request.draft_params or params)
-        self.rng = Rng(request.seed)
-        self.logprobs = LogprobReader(request.logprobs, model.vocab_size)
-        self.budget = _Budget(min(request.max_tokens, model.max_context - len(request.prompt)), set(request.eos))
-        self.constraint = request.constraint
-        # The acceptance rule's device side, swappable so tests can prove they detect a biased one.
-        self.acceptance_arrays = acceptance_arrays
-        self.pending: int | None = None  # sampled and emitted, not yet fed to the trunk
-        self.fed: list[int] = []  # tokens the trunk consumed after the prompt
-        self.chunks: list[tuple[int, int]] = []  # prompt pieces still to prefill ([start, end) of the prompt)
-        self.at_stop: Callable[[int], None] | None = None
-        self.stops: set[int] = set()
-        self.reused = 0
-        # A row that never drafts and has no grammar (whose mask needs each token on the host)
-        # runs the pipelined plain lane: see BatchDecoder._plain.
-        # Nor is a strict-greedy one: in a batch a plain row's token comes from a multi-row pass,
-        # where strict.py must check its near-ties.
-        self.plain = self.depth == 0 and request.constraint is None and not strict.active(self)
-        # The head's cache is kept in step with the trunk only where it will be read: by a row
-        # that may draft, or by a later call on the row's prompt cache (Engine._ar's rule).
-        self.keeps_head = self.depth > 0 or request.prompt_cache is not None
-        self.feed: mx.array | None = None  # plain lane: the token the next pass feeds (device)
-        self.feed_lp: LogprobRows | None = None  # ... its logprob rows, when it is still unread
-        self.unread = False  # ... whether ``feed`` is still to be read and emitted
-
-    @property
-    def prefilling(self) -> bool:
-        return self.pending is None
-
-    @property
-    def consumed(self) -> list[int]:
-        """The tokens its trunk cache holds."""
-        if self.prefilling:
-            done = self.chunks[0][0] if self.chunks else len(self.request.prompt)
-            return self.request.prompt[:done]
-        return self.request.prompt + self.fed
-
-    def __repr__(self) -> str:
-        state = "done" if self.done else ("prefill" if self.prefilling else "decode")
-        return f"Row({self.id}, {state}, {len(self.emitted)} tokens)"
-
-
-@dataclass
-class _Work:
-    """One row's part of a step (lazy arrays until the step's evaluation)."""
-
-    row: Row
-    depth: int = 0
-    drafts: list[mx.array] = field(default_factory=list)
-    qs: list[mx.array] = field(default_factory=list)
-    draft_tokens: mx.array | None = None
-    q: mx.array | None = None
-    record: VerifyRecord | None = None
-    chunk: tuple[int, int] | None = None  # prefill rows: the prompt piece this step feeds
-    hidden: mx.array | None = None
-    lp: LogprobRows | None = None
-    ratio: mx.array | None = None
-    candidates: mx.array | None = None
-    first: mx.array | None = None  # prefill rows whose prompt ends here: the first token
-    next: mx.array | None = None  # plain rows: the token sampled after the fed one
-    margins: mx.array | None = None  # strict greedy: each verify row's top-2 margin
+__all__ = ["BatchDecoder", "Emitted", "Row", "RowRequest"]
 
 
 class BatchDecoder:
     """Decodes up to ``max_batch`` rows together (more wait for a free slot, first come first
     served). Rows join at the next :meth:`step` and leave when done or on :meth:`remove`."""
 
-    def __init__(self, model: MTPModel, max_batch: int = 8, prefill_chunk: int = 512):
-        if max_batch < 1 or prefill_chunk < 1:
-            raise MtplxError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}",
-                             fix="pass positive values")
+    def __init__(self, model: MTPModel, max_batch: int = 8, prefill_chunk: int = knobs.PREFILL_CHUNK):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise MtplxError(f"max_batch must be an integer >= 1, got {max_batch!r}", fix="pass a positive integer")
+        prefill_chunk = knobs.check("prefill_chunk", prefill_chunk)
         if max_batch > 1 and model.trunk.stage is not None:
             raise MtplxError("a distributed pipeline stage decodes one sequence at a time",
                              fix="use --max-batch 1 with --distributed")
@@ -189,20 +106,8 @@ class BatchDecoder:
         made now when a slot is free, else when one frees). A request with nothing to generate
         (``max_tokens`` 0) comes back already done."""
         model = self.model
-        prompt = request.prompt
-        if not prompt:
-            raise MtplxError("the prompt is empty", fix="pass at least one token")
-        if any(not isinstance(t, int) or not 0 <= t < model.vocab_size for t in prompt):
-            raise MtplxError(f"prompt token ids must be integers in [0, {model.vocab_size})",
-                             fix="encode the prompt with this model's tokenizer")
-        if len(prompt) >= model.max_context:
-            raise ContextOverflowError(len(prompt), model.max_context)
-        depth = as_policy(request.depth).max_depth
-        if depth < 0:
-            raise MtplxError(f"depth must be >= 0, got {depth}", fix="use 0 for plain AR or 1..8 for MTP")
-        if depth > 0 and not model.has_mtp:
-            raise MtplxError("this model has no MTP head, so it cannot draft", path=model.path,
-                             fix="use depth 0 (--no-mtp) or load an mtplx artifact built with `mtplx graft`")
+        request.prompt = check_prompt(model, request.prompt)
+        check_depth(model, request.depth)
         if request.prompt_cache is not None:
             request.prompt_cache.check_model(model)
             if any(r.request.prompt_cache is request.prompt_cache for r in self.rows):
@@ -212,6 +117,12 @@ class BatchDecoder:
             raise MtplxError("this constraint is already in use by a row of the batch",
                              fix="give each concurrent request its own Constraint")
         row = Row(next(self._ids), request, model)
+        # A row that never drafts and has no grammar (whose mask needs each token on the host)
+        # runs the pipelined plain lane (_plain). A strict-greedy one only where every pass has
+        # one row (max_batch 1): in a batch its token comes from a multi-row pass, which strict.py
+        # must check.
+        row.plain = (row.depth == 0 and request.constraint is None
+                     and (not strict.active(row) or self.max_batch == 1))
         if row.budget.done:
             row.done = True
             return row
@@ -271,8 +182,8 @@ class BatchDecoder:
             return []
         t0 = time.perf_counter()
         ready = [r for r in self._active if not r.prefilling]
-        decoding = [_Work(r, depth=r.policy.choose()) for r in ready if not r.plain]
-        plain = [_Work(r) for r in ready if r.plain]
+        decoding = [Work(r, depth=r.policy.choose()) for r in ready if not r.plain]
+        plain = [Work(r) for r in ready if r.plain]
         prefill = self._prefill_work()
         self._draft(decoding)
         t1 = time.perf_counter()
@@ -299,7 +210,7 @@ class BatchDecoder:
                 self._finish(row)
         return out
 
-    def _prefill_work(self) -> list[_Work]:
+    def _prefill_work(self) -> list[Work]:
         """Prompt pieces this step feeds: whole pieces of the joining rows, first come first
         served, up to ``prefill_chunk`` tokens in all (at least one piece), so a step's cost is
         bounded while each row's chunking stays its own."""
@@ -309,11 +220,11 @@ class BatchDecoder:
                 s, e = r.chunks[0]
                 if work and e - s > budget:
                     break
-                work.append(_Work(r, chunk=r.chunks.pop(0)))
+                work.append(Work(r, chunk=r.chunks.pop(0)))
                 budget -= e - s
         return work
 
-    def _draft(self, work: list[_Work]) -> None:
+    def _draft(self, work: list[Work]) -> None:
         """Draft passes over the rows: pass k feeds every row drafting at least k tokens."""
         model = self.model
         vocab, subset = model.vocab_size, model.draft_vocab
@@ -347,7 +258,7 @@ class BatchDecoder:
         if drafted:
             mx.eval(drafted)
 
-    def _verify(self, decoding: list[_Work], prefill: list[_Work], plain: list[_Work]) -> None:
+    def _verify(self, decoding: list[Work], prefill: list[Work], plain: list[Work]) -> None:
         """One trunk pass over the verify blocks, the plain rows' tokens and the prompt pieces,
         with the acceptance test's device work, the plain rows' next tokens and the prompt
         rows' head fill and first tokens. Evaluated at once when a row needs its results on the
@@ -407,7 +318,7 @@ class BatchDecoder:
             last = logits[:, at[0] : at[1]][:, -1]
             w.hidden = hidden[:, s:e]
             w.lp = row.logprobs.rows(last)
-            w.next, _ = sample_logits(last, row.request.params, row.rng)  # as Engine._ar samples
+            w.next, _ = sample_logits(last, row.request.params, row.rng)  # as reference.ar_generate samples
             evaluate += [w.next, w.hidden, *w.lp.arrays, *row.cache.arrays()]
         self._fill_prompt_rows(prefill, prompt_ids, hidden, where[n_dec + n_plain:])
         for w, at in zip(prefill, rows_at[n_dec + n_plain:]):
@@ -428,7 +339,7 @@ class BatchDecoder:
             if end in w.row.stops and w.row.at_stop is not None:
                 w.row.at_stop(end)
 
-    def _fill_prompt_rows(self, prefill: list[_Work], prompt_ids: dict, hidden: mx.array, where: list) -> None:
+    def _fill_prompt_rows(self, prefill: list[Work], prompt_ids: dict, hidden: mx.array, where: list) -> None:
         """Head rows of the prompt pieces (as steps.prefill): hidden at i with token i+1, the
         piece's last hidden waiting in the backlog for the token after it."""
         if not self.model.has_mtp:
@@ -449,7 +360,7 @@ class BatchDecoder:
         if fills:
             self.model.fill_head_rows(*(list(x) for x in zip(*fills)))
 
-    def _first(self, w: _Work) -> Emitted:
+    def _first(self, w: Work) -> Emitted:
         """A row's prompt is in: its first token (sampled from the prompt's last logits)."""
         row = w.row
         row.pending = int(w.first.item())
@@ -458,15 +369,16 @@ class BatchDecoder:
         emitted = row.budget.take([row.pending])
         if row.plain:  # the plain lane feeds it at the next step
             row.feed, row.unread = mx.array([row.pending], dtype=mx.int32), False
-        Engine._count_step(row, 0, 0, emitted)  # the one-row engine's accounting, shared
+        row.count_step(0, 0, emitted)
         row.emitted += emitted
         return Emitted(emitted, 0, 0, w.lp.take(emitted))
 
-    def _plain(self, w: _Work, step_s: float) -> Emitted | None:
+    def _plain(self, w: Work, step_s: float) -> Emitted | None:
         """A plain row's step: read the token the previous step sampled (computed while this
         step's pass was being queued) and emit it; the token fed in this step was it (or, on the
-        row's first plain step, the prompt's first token, already emitted). As in Engine._ar, the
-        trunk has consumed every token a plain row emitted, its last one included."""
+        row's first plain step, the prompt's first token, already emitted). As in
+        reference.ar_generate, the trunk has consumed every token a plain row emitted, its last one
+        included."""
         row, model = w.row, self.model
         if row.unread:
             token = int(row.feed.item())
@@ -476,26 +388,22 @@ class BatchDecoder:
             token, emitted, logprobs = row.pending, [], None
         row.fed.append(token)
         if model.has_mtp and row.keeps_head:  # the head stays in step for a later MTP call
-            _extend_backlog(model, row.cache, w.hidden, token)
+            extend_backlog(model, row.cache, w.hidden, token)
         row.feed, row.feed_lp, row.unread = w.next, w.lp, True
         row.pending = token
         row.stats.seconds["verify"] += step_s
         if not emitted:
             return None
-        Engine._count_step(row, 0, 0, emitted)  # the one-row engine's accounting, shared
+        row.count_step(0, 0, emitted)
         row.policy.observe(0, 0)
         row.emitted += emitted
         return Emitted(emitted, 0, 0, logprobs)
 
-    def _decide(self, w: _Work) -> Verdict:
-        """Host side of the row's acceptance test, with the row's own uniforms."""
-        return decide(w.ratio, w.candidates, w.row.rng)
-
-    def _accept(self, w: _Work, draft_s: float, verify_s: float) -> Emitted:
-        """Accept, then commit the row's caches to what it keeps (speculative.py's step 3-4)."""
+    def _accept(self, w: Work, draft_s: float, verify_s: float) -> Emitted:
+        """Accept, then commit the row's caches to what it keeps (steps 3-4 above)."""
         row, model = w.row, self.model
         t3 = time.perf_counter()
-        verdict = self._decide(w)
+        verdict = decide(w.ratio, w.candidates, row.rng)  # the host side, with the row's own uniforms
         if w.margins is not None:  # strict greedy: a near-tie is decided again by a one-row pass
             verdict = strict.settle(model, w, verdict)
         a = verdict.accepted
@@ -514,7 +422,7 @@ class BatchDecoder:
             if w.depth:
                 cache.backlog, cache.backlog_tokens = w.hidden[:, : committed + 1], proposed[:committed]
             elif row.keeps_head:  # nothing drafted, so the head consumed no rows: this position joins the backlog
-                _extend_backlog(model, cache, w.hidden[:, :1], row.pending)
+                extend_backlog(model, cache, w.hidden[:, :1], row.pending)
         row.fed += [row.pending] + proposed[:committed]
         row.pending = verdict.next_token
         t5 = time.perf_counter()
@@ -523,7 +431,7 @@ class BatchDecoder:
         seconds["verify"] += verify_s
         seconds["sample"] += t4 - t3
         seconds["rollback"] += t5 - t4
-        Engine._count_step(row, w.depth, a, emitted)  # the one-row engine's accounting, shared
+        row.count_step(w.depth, a, emitted)
         row.policy.observe(w.depth, a)
         row.emitted += emitted
         return Emitted(emitted, w.depth, a, w.lp.take(emitted))

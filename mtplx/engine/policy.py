@@ -1,10 +1,10 @@
 """Depth policies: which draft depth the next speculative step uses.
 
-Both engines (the one-row loop in speculative.py and the batched decoder) ask a row's policy
-once before each step (:meth:`DepthPolicy.choose`) and tell it what the step drafted and
-accepted afterwards (:meth:`DepthPolicy.observe`). A policy may only read what is already
-decided (past acceptance, costs measured before the step): the depth of a step then never
-depends on the step's own random draws, so the output law stays AR's whatever it picks.
+The decoder (batch.py, for one row or many) asks a row's policy once before each step
+(:meth:`DepthPolicy.choose`) and tells it what the step drafted and accepted afterwards
+(:meth:`DepthPolicy.observe`). A policy may only read what is already decided (past
+acceptance, costs measured before the step): the depth of a step then never depends on the
+step's own random draws, so the output law stays AR's whatever it picks.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""The engine's step primitives: prefill, verify, draft, commit, AR step.
-
-The decode loop (speculative.py) is built from these, and so are `mtplx bench`'s component
-timings, so a benchmark times exactly the code a generation runs. Everything here is lazy:
-callers evaluate what they need.
+"""Step primitives. The decoder (batch.py) uses :func:`chunks` and :func:`commit`. The others are
+the one-row reference primitives: :func:`prefill`, :func:`verify`, :func:`draft` and
+:func:`ar_step` (mlx-lm's own forward) run one sequence alone. The AR reference loop
+(reference.py), the exactness checks (mtplx/bench/exactness.py) and the bench's component timings
+(bench/components.py, engine/cost_model.py) are built from them; the decoder runs the same
+layers as ragged passes over its rows (mtplx/model/rows.py), of which a one-row pass is the
+one-segment case, so a component timing is a one-row step's piece, not the decoder's own code.
+Everything here is lazy except :func:`prefill`: callers evaluate what they need.
 """
 
 from __future__ import annotations
@@ -11,19 +14,17 @@ from typing import Callable, Iterable
 
 import mlx.core as mx
 
+from mtplx.core import knobs
 from mtplx.engine.cache import commit
 from mtplx.model.mtp_model import ModelCache, MTPModel
 from mtplx.model.trunk import VerifyRecord
 
-# Prompt tokens per trunk pass: bounds the activations of a long prefill.
-PREFILL_CHUNK = 2048
-
-__all__ = ["PREFILL_CHUNK", "ar_step", "chunks", "commit", "draft", "prefill", "verify"]
+__all__ = ["ar_step", "chunks", "commit", "draft", "prefill", "verify"]
 
 
-def chunks(n: int, stops: Iterable[int], size: int = PREFILL_CHUNK) -> list[tuple[int, int]]:
-    """[start, end) pieces of range(n) no longer than ``size``, also cut at ``stops`` (the
-    batched decoder feeds the same pieces, one per step)."""
+def chunks(n: int, stops: Iterable[int], size: int = knobs.PREFILL_CHUNK) -> list[tuple[int, int]]:
+    """[start, end) pieces of range(n) no longer than ``size``, also cut at ``stops`` (prompt-cache
+    snapshot positions): a prompt's prefill passes, the decoder's and the reference's."""
     cuts = sorted({s for s in stops if 0 < s < n} | set(range(size, n, size)) | {n})
     return list(zip([0] + cuts[:-1], cuts))
 
@@ -36,6 +37,7 @@ def prefill(
     head: bool = True,
     stops: Iterable[int] = (),
     at_stop: Callable[[int], None] | None = None,
+    chunk: int = knobs.PREFILL_CHUNK,
 ) -> tuple[mx.array, mx.array]:
     """Feed ``tokens`` to the trunk (and, with ``head``, the head's KV cache) after whatever the
     cache already holds; returns (logits at the last token [1, V], head-input hidden of the
@@ -46,13 +48,13 @@ def prefill(
     pair the hidden at position i with token i+1, so each chunk's last hidden waits in
     ``cache.backlog`` for the token after it (the next chunk's first, or the sampled one).
     ``at_stop(k)`` runs, with the caches evaluated, after the first ``k`` tokens for every k in
-    ``stops`` (prompt-cache snapshots)."""
+    ``stops`` (prompt-cache snapshots). ``chunk``: prompt tokens per pass."""
     if not tokens:
         raise ValueError("prefill needs at least one token")
     stops = set(stops)
     ids = mx.array(tokens)[None]
     post = None
-    for start, end in chunks(len(tokens), stops):
+    for start, end in chunks(len(tokens), stops, chunk):
         hidden, post = model.trunk_hidden(ids[:, start:end], cache)
         if head:
             if cache.backlog is None:  # nothing consumed yet: the first row is this chunk's first
@@ -81,7 +83,7 @@ def verify(model: MTPModel, cache: ModelCache, block: mx.array) -> tuple[mx.arra
 def draft(model: MTPModel, cache: ModelCache, hidden: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
     """One draft step: head rows (hidden [1, r, H], tokens [1, r]) -> logits of the last row over
     the draft vocabulary [1, 1, K] and the hidden the next step chains from [1, 1, H]."""
-    return model.draft(hidden, tokens, cache, last_only=True)
+    return model.draft_rows([hidden], [tokens], [cache])
 
 
 def ar_step(model: MTPModel, cache: ModelCache, token: mx.array) -> mx.array:

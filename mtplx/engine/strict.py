@@ -29,7 +29,8 @@ difference (``mtplx doctor --exactness`` reports it) the flips the doctor finds 
 
 Temperature > 0: the option does nothing (the law is exact on any backend; there is no argmax
 to protect). A depth-0 step of the batched decoder is a row of a ragged pass too, so it is
-checked the same way. The one-row engine's plain AR path decodes one row at a time already.
+checked the same way, except where the decoder holds one row at most (``max_batch`` 1): its
+plain lane's passes have one row already, so it runs there unchecked.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from mtplx.core.knobs import NEAR_TIE, KnobError
 from mtplx.errors import MtplxError
 
 if TYPE_CHECKING:
-    from mtplx.engine.batch import Row, _Work
+    from mtplx.engine.row import Row, Work
     from mtplx.model.mtp_model import MTPModel
 
 __all__ = ["NEAR_TIE", "active", "check", "margins", "settle"]
@@ -89,7 +90,7 @@ def _reaches(row: Row, kept: list[int]) -> bool:
     return budget.remaining > len(kept) and not any(t in budget.eos for t in kept)
 
 
-def settle(model: MTPModel, w: _Work, verdict: Verdict) -> Verdict:
+def settle(model: MTPModel, w: Work, verdict: Verdict) -> Verdict:
     """The step's verdict under strict greedy (module docstring). Without a near-tie among the
     deciding rows it is ``verdict``; with one at row i, the caches hold inputs 0..i afterwards
     (committed here: ``w.record`` is set to None), ``w.hidden`` and ``w.lp`` hold rows 0..i-1
@@ -109,7 +110,7 @@ def settle(model: MTPModel, w: _Work, verdict: Verdict) -> Verdict:
     cache = row.cache
     steps.commit(cache, w.record, accepted=i - 1)  # inputs 0..i-1 (-1: none of the block)
     token = row.pending if i == 0 else kept[-1]
-    # A plain AR step's arithmetic (Engine._ar with a head): this row alone, one token.
+    # A plain AR step's arithmetic (the decoder's plain lane, one row): this row alone, one token.
     hidden, post = model.trunk_hidden(mx.array([[token]]), cache)
     logits = model.trunk.lm_head(post)[:, -1]
     lp = row.logprobs.rows(logits)  # raw logits: logprobs are the model's, not the grammar's

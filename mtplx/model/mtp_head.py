@@ -40,16 +40,6 @@ class MTPHead(nn.Module):
         """Rows ``[1, T, H]`` of (embedding of token t+1, trunk hidden at t) -> (normed, pre-norm) output."""
         return rows.head_pass(self, embeddings, hidden, [cache], [embeddings.shape[1]])
 
-    def fill_cache(self, embeddings: mx.array, hidden: mx.array, cache: list[Any]) -> None:
-        """Append rows to the head's KV cache without computing their outputs.
-
-        Prompt rows are only ever attended to, never drafted from, so for the last layer only
-        its keys and values are needed: no queries, attention, MLP, final norm or lm_head (the
-        MLP alone is most of a block). Earlier layers, if a head had several, run in full since
-        the next one reads their output. The cache ends exactly as :meth:`__call__` leaves it.
-        (The one-row case of mtplx/model/rows.py ``head_fill``.)"""
-        rows.head_fill(self, embeddings, hidden, [cache], [embeddings.shape[1]])
-
 
 def body_linear_predicate(path: str, module: nn.Module) -> bool:
     """The head's body linears stored int4: attention and MLP projections of ``layers.*``.

@@ -148,22 +148,21 @@ class MTPModel:
         rows.head_fill(self.head, self.trunk.embed(rows.join(tokens)), rows.join(hiddens), [c.head for c in caches],
                        [t.shape[1] for t in tokens])
 
-    def draft(self, hidden: mx.array, tokens: mx.array, cache: ModelCache, last_only: bool = False) -> tuple[mx.array, mx.array]:
-        """Head rows (trunk-or-chain hidden at t, token t+1) -> (draft logits, hidden to chain).
+    def draft(self, hidden: mx.array, tokens: mx.array, cache: ModelCache) -> tuple[mx.array, mx.array]:
+        """Head rows (trunk-or-chain hidden at t, token t+1) -> (draft logits, hidden to chain) at
+        every row (the acceptance probe and the cache-equality reference read them all; a
+        decoding step drafts from the last row only: :meth:`draft_rows`).
 
         The logits are over the draft vocabulary: all V tokens, or the K of :attr:`draft_vocab`
-        (column j is token ``draft_vocab.ids[j]``). ``last_only`` projects only the last row:
-        the engine feeds the rows committed by the last verify together with the new one and
-        drafts from the new one (the earlier rows then only fill the head's KV cache)."""
-        if last_only:
-            return self.draft_rows([hidden], [tokens], [cache])
+        (column j is token ``draft_vocab.ids[j]``)."""
         normed, pre = self.head(self.trunk.embed(tokens), hidden, cache.head)
         return self._project(normed, pre)
 
     def draft_rows(self, hiddens: list[mx.array], tokens: list[mx.array], caches: list[ModelCache]) -> tuple[mx.array, mx.array]:
-        """``draft(..., last_only=True)`` for several sequences in one ragged pass: row j's
-        rows (hiddens[j] [1, r_j, H], tokens[j] [1, r_j]) -> draft logits of its last row and
-        its chain hidden, as ``[1, rows, K]`` and ``[1, rows, H]`` (row j at index j)."""
+        """A draft step for several sequences in one ragged pass: row j's rows (hiddens[j]
+        [1, r_j, H], tokens[j] [1, r_j]) -> draft logits of its last row and its chain hidden, as
+        ``[1, rows, K]`` and ``[1, rows, H]`` (row j at index j). The earlier rows (committed by
+        the last verify) only fill the head's KV cache: nothing drafts from them."""
         fill = [j for j, t in enumerate(tokens) if t.shape[1] > 1]
         if fill:
             self.fill_head_rows([hiddens[j][:, :-1] for j in fill], [tokens[j][:, :-1] for j in fill],

@@ -18,7 +18,7 @@ matmul may pick another kernel for another N, and mlx-lm's MoE (``SwitchGLU``) s
 by expert once a pass routes 64 or more (token, expert) entries, which runs the sorted
 gather-matmul kernel; on a GPU either can change a row's last bits with the batch around it.
 
-The one-row passes (``Trunk.hidden``, ``MTPHead.__call__`` / ``fill_cache``; the verify
+The one-row passes (``Trunk.hidden``, ``MTPHead.__call__``, ``MTPModel.fill_head``; the verify
 block's Gated-DeltaNet forward that was ``verify_block``) are the one-segment case of these
 functions, not a second copy. The layers follow mlx-lm's
 (``qwen3_next.Qwen3NextAttention``, ``qwen3_5.GatedDeltaNet`` / ``DecoderLayer``) op for op.
