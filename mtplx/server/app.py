@@ -20,6 +20,7 @@ from mtplx.server.errors import APIError, error_response, from_exception, is_cli
 from mtplx.server.guards import RequestGuard
 from mtplx.server.metrics import CONTENT_TYPE, MetricsMiddleware
 from mtplx.server.openai import openai_routes
+from mtplx.server.responses import responses_routes
 
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
@@ -93,6 +94,7 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
 
     app.include_router(openai_routes(core))
     app.include_router(anthropic_routes(core))
+    app.include_router(responses_routes(core))
 
     created = int(time.time())
 
