@@ -4,9 +4,11 @@ and errors."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,14 +16,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtplx._version import __version__
+from mtplx.generation.speculation import step_costs
 from mtplx.server.anthropic import anthropic_routes
-from mtplx.server.core import Core
+from mtplx.server.core import RETRY_AFTER_S, Core
 from mtplx.server.errors import APIError, error_response, from_exception, is_client_error, validation_error
 from mtplx.server.guards import RequestGuard
 from mtplx.server.metrics import CONTENT_TYPE, MetricsMiddleware
 from mtplx.server.openai import openai_routes
 from mtplx.server.responses import responses_routes
 
+log = logging.getLogger("mtplx.server")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 # Prompt caches may take this share of the machine's memory by default (--prompt-cache-gb).
@@ -57,6 +61,10 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
                 strict_greedy=strict_greedy)
     model_id = core.model_id
     scheduler, metrics = core.scheduler, core.metrics
+    # A request may ask for depth auto whatever the server's default, so its step costs are
+    # measured (or read) now, never by the engine thread inside a running batch's step.
+    if getattr(model, "has_mtp", False) and getattr(getattr(model, "trunk", None), "stage", None) is None:
+        step_costs(model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,8 +74,28 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
         finally:
             core.stop()
 
+    async def drain(timeout: float, give_up: Callable[[], bool] = lambda: False) -> None:
+        """A graceful shutdown's first part (``mtplx.server.http.Server`` awaits it before closing
+        connections): stop admitting (503 with Retry-After), end the queued requests now, let the
+        running ones finish within ``timeout`` seconds (or until ``give_up()``), then end those
+        still running. Every request ended gets its error in its own dialect."""
+        scheduler.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if scheduler.busy:
+            log.warning("mtplx: shutting down: waiting up to %g s for %d running request(s)", timeout, scheduler.running)
+        while scheduler.busy and loop.time() < deadline and not give_up():
+            await asyncio.sleep(0.05)
+        if scheduler.busy:
+            scheduler.end_running()
+            # The rows end at the engine's next step boundary; one step is short, but bounded anyway.
+            until = loop.time() + 10
+            while scheduler.busy and loop.time() < until and not give_up():
+                await asyncio.sleep(0.05)
+
     app = FastAPI(title="mtplx", version=__version__, lifespan=lifespan)
     app.state.core = core
+    app.state.drain = drain
     # The last added is the outermost: metrics count what the guard refuses too.
     app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -112,11 +140,15 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = scheduler.alive
-        return JSONResponse({"status": "ok" if ok else "error", "model": model_id, "busy": scheduler.busy,
-                             "queue_depth": scheduler.depth, "queue_size": queue_size,
-                             "batch_size": scheduler.running, "max_batch": core.max_batch},
-                            status_code=200 if ok else 503)
+        # 200 only while a request would be admitted: not once shutting down, nor with the engine gone.
+        ok = scheduler.accepting
+        status = "ok" if ok else "shutting_down" if scheduler.shutting_down else "error"
+        body = {"status": status, "model": model_id, "busy": scheduler.busy, "queue_depth": scheduler.depth,
+                "queue_size": queue_size, "batch_size": scheduler.running, "max_batch": core.max_batch}
+        if scheduler.died is not None:
+            body["error"] = f"the engine stopped ({type(scheduler.died).__name__}: {scheduler.died}); restart the server"
+        return JSONResponse(body, status_code=200 if ok else 503,
+                            headers=None if ok else {"Retry-After": str(RETRY_AFTER_S)})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

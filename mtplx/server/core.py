@@ -285,7 +285,8 @@ class Core:
             raise APIError(429, f"The server is busy: {e}. Retry shortly.", type_="rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from e
         except ShuttingDown as e:
-            raise APIError(503, str(e), type_="server_error", code="unavailable") from e
+            raise APIError(503, str(e), type_="server_error", code="unavailable",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from e
         return job
 
     async def steps(self, job: Job) -> AsyncIterator[GenerationResponse]:

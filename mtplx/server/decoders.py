@@ -1,90 +1,47 @@
-"""The decoder the server's loop steps: rows join, step together, leave.
+"""The decoder the server's loop steps, and the guard that keeps one row's grammar failure in that row.
 
-``make_decoder`` picks the batched decoder (``mtplx.engine.batch.BatchDecoder``: one verify pass
-over every row per step) for ``--max-batch`` above 1, and :class:`SerialDecoder` for
-``--max-batch 1`` (today's one-at-a-time server, bit for bit). Both take the same requests (a
-:class:`~mtplx.generation.row_text.RowSpec` is the batched decoder's ``RowRequest``) and answer the same
-``(row, Emitted)`` pairs, so the loop (``mtplx.server.queue``) does not know which it drives.
+The server has one driver: ``mtplx.engine.batch.BatchDecoder`` (one verify pass over every row per
+step). ``--max-batch 1`` is the same decoder with room for one row.
+
+A row's grammar (``mtplx.engine.constraints.Constraint``) is host work the batched step does for
+that row alone, between passes. An exception there (a matcher that allows no token) would abort
+the step for every row, although nothing shared went wrong. :class:`GuardedConstraint` catches it,
+remembers it, and answers as if the row had no grammar for the rest of the step: the row's
+garbage stays in its own caches and random stream, every other row's step completes unchanged,
+and the loop (``mtplx.server.queue``) then ends that row with the error.
 """
 
 from __future__ import annotations
 
-import itertools
-from typing import Any, Iterator
+from typing import Any
 
 from mtplx.engine.batch import BatchDecoder
-from mtplx.engine.speculative import Emitted, Engine
-from mtplx.engine.stats import DecodeStats
-from mtplx.generation.row_text import RowSpec
 
 
-class SerialRow:
-    """A row of the serial decoder: its own single-sequence engine and generator."""
+def make_decoder(model: Any, max_batch: int) -> BatchDecoder:
+    return BatchDecoder(model, max_batch=max_batch)
 
-    _ids = itertools.count()
 
-    def __init__(self, model: Any, request: RowSpec):
-        self.id = next(self._ids)
-        self.request = request
-        self.engine = Engine(model, request.depth, request.params, request.draft_params, request.seed,
-                             request.constraint, logprobs=request.logprobs, strict_greedy=request.strict_greedy)
-        self._gen: Iterator[Emitted] = self.engine.generate(request.prompt, request.max_tokens, request.eos,
-                                                             prompt_cache=request.prompt_cache,
-                                                             snapshot_at=request.snapshot_at)
-        self.done = False
+class GuardedConstraint:
+    """A row's constraint whose first exception is kept in ``error`` instead of raised. After it,
+    every call is neutral: a mask returns its logits unmasked, anything else returns None.
+    Unmasked logits are harmless: the row's output is discarded once ``error`` is seen."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
         self.error: BaseException | None = None
 
-    @property
-    def stats(self) -> DecodeStats:
-        return self.engine.stats
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
 
-    @property
-    def cache(self) -> Any:
-        return self.engine.cache
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.error is None:
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - ends this row only (see the module doc)
+                    self.error = e
+            return args[0] if name.startswith("mask") and args else None
 
-    def close(self) -> None:
-        """Ends the engine's generator, which leaves the prompt cache holding what was consumed."""
-        self.done = True
-        self._gen.close()
-
-
-class SerialDecoder:
-    """Rows decoded one after another inside each step, each by the single-sequence engine. With
-    one row this is exactly ``stream_generate``'s engine; with more, rows take turns step by step
-    (no step is shared, so nothing is faster, but a short request no longer waits for a long one)."""
-
-    def __init__(self, model: Any, max_batch: int = 1):
-        self.model = model
-        self.max_batch = max_batch
-        self.rows: list[SerialRow] = []
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def add(self, request: RowSpec) -> SerialRow:
-        row = SerialRow(self.model, request)
-        self.rows.append(row)
-        return row
-
-    def remove(self, row: SerialRow) -> None:
-        if row in self.rows:
-            self.rows.remove(row)
-        row.close()
-
-    def step(self) -> list[tuple[SerialRow, Emitted]]:
-        """One engine step of every row. A row whose engine ends is marked done; one whose engine
-        raises is marked done with ``error`` set (the others are unaffected)."""
-        out = []
-        for row in list(self.rows):
-            try:
-                out.append((row, next(row._gen)))
-            except StopIteration:
-                row.done = True
-            except Exception as e:  # noqa: BLE001 - one row's failure is reported on that row
-                row.error = e
-                row.done = True
-        return out
-
-
-def make_decoder(model: Any, max_batch: int) -> Any:
-    return BatchDecoder(model, max_batch=max_batch) if max_batch > 1 else SerialDecoder(model, max_batch)
+        return call

@@ -1,5 +1,5 @@
 """The HTTP connection layer under the app: uvicorn's h11 protocol with deadlines for a request
-to arrive.
+to arrive, and a server that shuts down gracefully.
 
 uvicorn closes an idle keep-alive connection after ``timeout_keep_alive``, but has no deadline
 for a request that has started to arrive: a client that sends half its headers (or a body
@@ -9,13 +9,22 @@ the connection opening (or of the previous response, on a kept-alive connection)
 within ``body_timeout`` seconds of the headers; past either, the server answers ``408 Request
 Timeout`` and closes the connection. ``mtplx serve`` runs with this protocol (h11 also when
 httptools is installed).
+
+Graceful shutdown (:class:`Server`): on SIGTERM or Ctrl-C, uvicorn closes its listening sockets,
+waits ``timeout_graceful_shutdown`` seconds for open responses, then cancels their tasks (a
+queued request's client got a bare 500 and the log a CancelledError) and only then tells the app.
+:class:`Server` first awaits the app's drain (``app.state.drain``, see ``mtplx.server.app``):
+new requests get 503 with Retry-After, queued ones end at once with an error in their dialect,
+running ones may finish within ``shutdown_timeout`` seconds and end with an error past it. What
+is left for uvicorn's own window is writing those last answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import socket
+from typing import Any, Awaitable, Callable
 
 import h11
 import uvicorn
@@ -23,6 +32,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT_S = 10.0
 BODY_TIMEOUT_S = 60.0
+SHUTDOWN_TIMEOUT_S = 30.0  # --shutdown-timeout: how long running generations may take to finish
 
 log = logging.getLogger("mtplx.server")
 
@@ -93,8 +103,29 @@ def deadline_protocol(header_timeout: float = HEADER_TIMEOUT_S, body_timeout: fl
 
 def config(app: Any, host: str, port: int, log_level: str, **kwargs: Any) -> uvicorn.Config:
     """The uvicorn configuration ``mtplx serve`` runs: the deadline protocol, and a short
-    graceful-shutdown window (open streams are cancelled, which frees the engine, instead of
-    Ctrl-C waiting for a long generation to finish)."""
+    window for uvicorn's own part of a shutdown (after :class:`Server`'s drain, only the last
+    answers are still being written; without the drain, open streams are cancelled, which frees
+    the engine)."""
     kwargs.setdefault("http", DeadlineH11Protocol)
     kwargs.setdefault("timeout_graceful_shutdown", 3)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, **kwargs)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server with a graceful shutdown: ``drain(shutdown_timeout, give_up)`` is awaited
+    before uvicorn closes anything (see the module doc); a second Ctrl-C (uvicorn's force exit)
+    gives up waiting."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[float, Callable[[], bool]], Awaitable[None]] | None,
+                 shutdown_timeout: float = SHUTDOWN_TIMEOUT_S):
+        super().__init__(config)
+        self.drain = drain
+        self.shutdown_timeout = shutdown_timeout
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.drain is not None:
+            try:
+                await self.drain(self.shutdown_timeout, lambda: self.force_exit)
+            except Exception:  # noqa: BLE001 - uvicorn's own shutdown must still run
+                log.exception("mtplx: the graceful part of the shutdown failed")
+        await super().shutdown(sockets)
