@@ -3,7 +3,9 @@ bundled demo artifact and small random models for statistics."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -11,8 +13,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Tests never read or write the user's config (tuned entries, depth auto's cached step costs).
-os.environ.setdefault("MTPLX_CONFIG", os.path.join(tempfile.mkdtemp(prefix="mtplx-test-config-"), "config.json"))
+# Tests never read or write the user's state: the config (tuned entries, depth auto's cached step
+# costs), mtplx's cache of grafted artifacts and the Hugging Face cache. Each points into one
+# directory per test session, whatever the user exported (a setdefault let an exported
+# MTPLX_CONFIG receive the suite's step costs). Set here, at import, rather than in a fixture:
+# test modules import mtplx while they are collected, and subprocesses inherit os.environ.
+USER_STATE = {name: os.environ.get(name) for name in ("MTPLX_CONFIG", "MTPLX_CACHE", "HF_HOME", "HF_HUB_CACHE",
+                                                       "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="mtplx-test-home-"))
+atexit.register(shutil.rmtree, SESSION_HOME, ignore_errors=True)
+os.environ.update({"MTPLX_CONFIG": str(SESSION_HOME / "config" / "mtplx" / "config.json"),
+                   "MTPLX_CACHE": str(SESSION_HOME / "cache" / "mtplx"),
+                   "HF_HOME": str(SESSION_HOME / "cache" / "huggingface"),
+                   "HF_HUB_CACHE": str(SESSION_HOME / "cache" / "huggingface" / "hub"),
+                   "XDG_CONFIG_HOME": str(SESSION_HOME / "config"), "XDG_CACHE_HOME": str(SESSION_HOME / "cache")})
 sys.path.insert(0, str(Path(__file__).parent))
 
 FIXTURE = Path(os.environ.get("MTPLX_FIXTURE", ROOT.parent / "shared" / "fixtures" / "tiny-qwen35-mtp"))
