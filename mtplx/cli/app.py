@@ -1,7 +1,8 @@
 """The `mtplx` click group: every command registered, and what each kind of failure prints.
 
 A mistake the user can fix (an :class:`MtplxError`, a knob out of range) is one line and exit
-1; click's usage errors keep click's form and exit 2; Ctrl-C is one line and exit 130; only an
+1; click's usage errors keep click's form and exit 2; Ctrl-C is one line and exit 130; a reader
+that closed the pipe (`mtplx models | head -1`) ends the command quietly with exit 141; only an
 unexpected exception says "bug" (set MTPLX_DEBUG=1 to see its traceback). The console entry
 point, with its guard around the imports, is :mod:`mtplx.cli.main`.
 """
@@ -14,6 +15,7 @@ import sys
 import click
 
 from mtplx._version import __version__
+from mtplx.cli.broken_pipe import reader_gone
 from mtplx.cli.ctrl_c import from_ctrl_c, interrupted
 from mtplx.errors import MtplxError
 
@@ -27,6 +29,8 @@ class MtplxGroup(click.Group):
             sys.exit(1)
         except KeyboardInterrupt:
             interrupted()
+        except BrokenPipeError:  # before Exception: the reader left, nothing went wrong here
+            reader_gone()
         except click.exceptions.Abort as e:
             if from_ctrl_c(e):
                 interrupted()
@@ -60,7 +64,7 @@ def _register() -> None:
     for module in (run_cmd, bench_cmd, graft_cmd, info_cmd, doctor_cmd):
         for command in module.COMMANDS:
             cli.add_command(command)
-    for optional in ("mtplx.cli.start_cmd", "mtplx.cli.serve_cmd"):
+    for optional in ("mtplx.cli.start_cmd", "mtplx.cli.serve_cmd", "mtplx.cli.launch_cmd"):
         try:
             module = __import__(optional, fromlist=["COMMANDS"])
         except ImportError:

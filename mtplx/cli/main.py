@@ -5,7 +5,9 @@ Ctrl-C at any moment ends the process with one line and exit 130, importing incl
 while this module finishes importing, or as ``main()`` is called, would land outside any
 ``try`` and print a traceback. ``main`` then hands Ctrl-C back to Python as KeyboardInterrupt
 (the chat stops a reply with it) and turns whatever reaches it into the same line and exit.
-Only the interpreter's own start-up comes before this; it takes milliseconds.
+Only the interpreter's own start-up comes before this; it takes milliseconds. A write to a pipe
+whose reader left (`mtplx models | head -1`) ends the process quietly, exit 141
+(:mod:`mtplx.cli.broken_pipe`).
 
 Import this module only to run the CLI (it sets that handler); the click group lives in
 :mod:`mtplx.cli.app`. Nothing here imports more than the standard library until ``main`` runs.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import signal
 import sys
 
+from mtplx.cli.broken_pipe import reader_gone
 from mtplx.cli.ctrl_c import from_ctrl_c, interrupted
 
 try:
@@ -28,9 +31,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if _PREVIOUS is not None:
             signal.signal(signal.SIGINT, _PREVIOUS)
-        sys.exit(_run(argv))
+        code = _run(argv)
+        # What is still buffered is written now, where a closed pipe can be caught, rather
+        # than by the interpreter's last flush (which would print "Exception ignored").
+        sys.stdout.flush()
+        sys.exit(code)
     except KeyboardInterrupt:
         interrupted()
+    except BrokenPipeError:  # the reader went away (`mtplx models | head -1`): stop quietly
+        reader_gone()
 
 
 def _run(argv: list[str] | None) -> int:
