@@ -15,9 +15,10 @@ def _depths(value: str) -> list[int | str]:
     """'0,1,2,auto' -> [0, 1, 2, 'auto']: fixed depths ascending, then auto."""
     from mtplx.bench.runner import depth_order
 
-    items = [x for x in value.split(",") if x.strip()]
-    if not items:
-        raise click.BadParameter("give at least one depth, e.g. 0,1,2,3,auto")
+    items = value.split(",")
+    if not all(x.strip() for x in items):  # '0,,2' or a trailing comma: a list typed wrong, not two depths
+        raise click.BadParameter(f"{value!r} has an empty item: give depths separated by commas, e.g. 0,1,2,3,auto",
+                                 param_hint="'--depths'")
     return sorted({knobs.parse("depth", x, label="--depths") for x in items}, key=depth_order)
 
 
@@ -28,8 +29,8 @@ _FIXED_DEPTH = dataclasses.replace(knobs.KNOBS["depth"], words=())
 def _concurrency(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
     if value is None:
         return None
-    try:
-        streams = sorted({int(x) for x in value.split(",") if x.strip()})
+    try:  # an empty item ('2,,3', a trailing comma) is no integer: refused, not skipped
+        streams = sorted({int(x) for x in value.split(",")})
     except ValueError:
         streams = []
     if not streams or streams[0] < 1 or streams[-1] > 256:
