@@ -260,7 +260,7 @@ BAD_BODIES = [
     ({"messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs.enable_thinking"),
     ({"messages": MESSAGES, "stop": ["x"] * 17}, "stop"),
     ({"messages": MESSAGES, "stop": 5}, "stop"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
     ({"messages": MESSAGES, "seed": -1}, "seed"),
     ({"messages": MESSAGES, "seed": 2**64}, "seed"),
     ({"messages": MESSAGES, "depth": 2.5}, "depth"),
@@ -564,7 +564,7 @@ def test_allowed_hosts_and_served_names(tmp_path) -> None:
         == [True, True, True, True, False, False]
     assert RequestGuard(None, max_body_bytes=1, allowed_hosts=["*"]).host_ok("anything")
     assert RequestGuard(None, max_body_bytes=1, allowed_hosts=None).host_ok(None)
-    assert split_names(("a,b", " c ", ",")) == ["a", "b", "c"]
+    assert split_names(("a,b", " c ")) == ["a", "b", "c"]  # an empty name is refused (test_sweep3)
     assert default_served_names("demo") == ["demo", "claude-*"]
     assert default_served_names("Qwen/Qwen3.5-4B") == ["Qwen/Qwen3.5-4B", "claude-*"]
     art = tmp_path / "my-artifact"

@@ -109,6 +109,10 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         msg = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else str(exc.detail)
         err = APIError(exc.status_code, msg, code=None, headers=getattr(exc, "headers", None))
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body": not UTF-8
+            bad = exc.__cause__
+            err = APIError(400, f"The request body is not valid UTF-8 (byte 0x{bad.object[bad.start]:02x} at offset "
+                                f"{bad.start}). Send JSON encoded as UTF-8.", code="invalid_json")
         return error_response(err, request.url.path)
 
     @app.exception_handler(Exception)

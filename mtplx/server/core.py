@@ -15,11 +15,12 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 import jinja2
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
 
 from mtplx.core import knobs
 from mtplx._version import __version__
-from mtplx.api import GenerationResponse, default_depth, reuse_boundaries
+from mtplx.api import GenerationResponse, default_depth, reuse_boundaries, sampling_from
 from mtplx.engine import strict
 from mtplx.engine.constraints import Grammar, ResponseFormatError, compile_format
 from mtplx.generation.speculation import step_costs
@@ -37,12 +38,48 @@ FINGERPRINT = f"mtplx-{__version__}"
 
 # -- request bodies ----------------------------------------------------------------------------
 
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Where in a decoded JSON value a string holds a lone UTF-16 surrogate (JSON's ``"\\ud800"``
+    decodes to one), as a field path (``messages[0].content``); None when there is none. Such a
+    string is no Unicode text: the tokenizer, the log and even an error message that quotes it
+    fail on it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and lone_surrogate(k) is not None:
+                return path  # the object whose key it is ("": the body's own keys)
+            if (hit := lone_surrogate(v, f"{path}.{k}" if path else str(k))) is not None:
+                return hit
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (hit := lone_surrogate(v, f"{path}[{i}]")) is not None:
+                return hit
+    return None
+
+
 class StrictModel(BaseModel):
     """Base of every request body. strict=True: a string where a number belongs is a 400, not
     silently coerced; extra="forbid": a field mtplx does not know is a 400, not silently
-    dropped (OpenAI answers unknown fields the same way)."""
+    dropped (OpenAI answers unknown fields the same way). Any string anywhere in the body with a
+    lone UTF-16 surrogate is a 400 naming its field (``lone_surrogate``), for every dialect."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        # Checked on the raw body, before any field: free-form fields (metadata, tool schemas,
+        # extra settings) are covered too. The outermost model answers first, so the path is the
+        # whole one from the body; the nested models' own checks then find nothing.
+        where = lone_surrogate(data)
+        if where is not None:  # worded by mtplx.server.errors.validation_error, which has the path
+            raise PydanticCustomError("lone_surrogate", "a string holds a lone UTF-16 surrogate", {"param": where})
+        return data
 
 
 # -- generations -------------------------------------------------------------------------------
@@ -115,7 +152,8 @@ def mtplx_stats(r: GenerationResponse, job: Job) -> dict[str, Any]:
     """The ``mtplx`` field of a response: how the speculation went (``depth_histogram`` counts
     decode steps by the depth they drafted: depth auto's mix), and the token budget the
     generation ran under (``max_tokens``: the request's, capped at the context left);
-    ``strict_greedy``: whether it ran strict greedy, ``recomputed``: its near-ties re-decided."""
+    ``strict_greedy``: whether it ran strict greedy (false at temperature > 0, where it does
+    nothing), ``recomputed``: its near-ties re-decided."""
     return {"tokens_per_second": round(r.generation_tps, 3), "prompt_tokens_per_second": round(r.prompt_tps, 3),
             "acceptance": [round(a, 4) for a in r.acceptance], "tokens_per_step": round(r.tokens_per_step, 4),
             "depth": job.kwargs["depth"], "depth_histogram": {str(d): n for d, n in enumerate(r.stats.depth_steps)},
@@ -272,10 +310,14 @@ class Core:
         if depth != 0 and not model.has_mtp:
             raise APIError(400, "This server's model has no MTP head; only depth 0 is available.", param="depth")
         left = model.max_context - len(g.ids)
+        strict_greedy = self.strict_greedy if g.strict_greedy is None else g.strict_greedy
+        if strict_greedy is not False and not sampling_from(model, g.temperature, None, None, None).greedy:
+            # Strict greedy guards argmax tokens only: at temperature > 0 the engine ignores it,
+            # and the response's mtplx.strict_greedy says it was not applied.
+            strict_greedy = False
         kwargs = dict(max_tokens=min(g.max_tokens or self.max_tokens_default, left), temperature=g.temperature,
                       top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, depth=depth, seed=g.seed, stop=g.stop,
-                      logprobs=g.logprobs,
-                      strict_greedy=self.strict_greedy if g.strict_greedy is None else g.strict_greedy)
+                      logprobs=g.logprobs, strict_greedy=strict_greedy)
         if g.grammar is not None:
             kwargs["response_format"] = g.grammar
         job = Job(g.ids, kwargs, asyncio.get_running_loop(), boundaries=g.boundaries)

@@ -128,6 +128,14 @@ def validation_error(request: Request, exc: RequestValidationError) -> APIError:
         detail = (err.get("ctx") or {}).get("error", "invalid JSON")
         return APIError(400, f"Could not parse the JSON body of the request ({detail}). "
                              "Send a JSON object with Content-Type: application/json.", code="invalid_json")
+    if kind == "lone_surrogate":  # StrictModel's check: the path inside the model it checked
+        where = (err.get("ctx") or {}).get("param") or ""
+        at = _param(tuple(err.get("loc", ()))) or ""
+        param = (f"{at}.{where}" if at and where and not where.startswith("[") else at + where) or None
+        what = f"'{param}' holds" if param else "A key of the request body holds"
+        return APIError(400, f"{what} a lone UTF-16 surrogate (such as \\ud800 without its pair), which is not "
+                             "Unicode text. Send valid text: the character itself, or its escaped surrogate pair.",
+                        param=param, code="invalid_value")
     if param is None:  # the body as a whole
         if "json" not in ctype.lower():
             return APIError(400, f"Unsupported Content-Type {ctype or '(none)'!r}: send the request body as JSON "

@@ -294,10 +294,20 @@ def _message_dict(m: ChatMessage, i: int, fmt: ToolFormat | None) -> dict[str, A
     (vLLM's rule); other parts (images, audio) cannot reach a text-only model. Tool calls carry
     their arguments as an object, which is what templates iterate over."""
     if isinstance(m.content, list):
-        for part in m.content:
-            if part.type != "text" or part.text is None:
-                raise APIError(400, f"Content part type {part.type!r} is not supported; only 'text' parts are.",
-                               param=f"messages[{i}].content", code="invalid_value")
+        for j, part in enumerate(m.content):
+            if part.type != "text":
+                raise APIError(400, f"Content part type {part.type!r} is not supported: this model and server take "
+                                    "text only. Send the content as a string, or as parts "
+                                    "{\"type\": \"text\", \"text\": ...}.",
+                               param=f"messages[{i}].content[{j}]", code="invalid_value")
+            if part.text is None:
+                raise APIError(400, "A 'text' content part needs its 'text'.", param=f"messages[{i}].content[{j}].text",
+                               code="missing_required_parameter")
+            for other in ("image_url", "input_audio", "file"):  # on a text part: a mix-up, never dropped
+                if getattr(part, other) is not None:
+                    raise APIError(400, f"A 'text' content part takes no '{other}': this model and server take "
+                                        "text only.", param=f"messages[{i}].content[{j}].{other}",
+                                   code="invalid_value")
         content = "\n".join(p.text or "" for p in m.content)
     else:
         content = m.content or ""

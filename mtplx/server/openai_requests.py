@@ -15,6 +15,11 @@ from mtplx.server.errors import APIError
 class ContentPart(StrictModel):
     type: str
     text: str | None = None
+    # OpenAI's other parts (an image, audio, a file) are read here so that the route answers
+    # "this model takes text only" (openai._message_dict), not "unrecognized argument" as for a typo.
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
 
 
 class FunctionCall(StrictModel):
