@@ -150,7 +150,7 @@ def test_run_refuses_bad_knobs(args, needle):
     (("bench", "--depths", "0,99"), "--depths must be an integer in [0, 8] or 'auto', got 99"),
     (("bench", "--draft-temperature", "hot"), "--draft-temperature must be a number, got 'hot'"),
     (("bench", "-t", "nan"), "--temperature must be a finite number"),
-    (("bench", "--top-k", "-1"), "--top-k must be"),
+    (("bench", "--top-k", "-2"), "--top-k must be"),  # -1 is vLLM's "no top-k", accepted everywhere (knobs)
     (("bench", "--seed", "-1"), "--seed must be"),
     (("bench", "-n", "0"), "--max-tokens must be"),
     (("tune", "--max-depth", "9"), "--max-depth must be an integer in [0, 8], got 9"),

@@ -53,7 +53,7 @@ def sampling_options(f: Callable) -> Callable:
         click.option("--top-p", type=float, default=None, callback=knob("top_p"),
                      help=f"Nucleus filter (default {knobs.DEFAULTS['top_p']:g})."),
         click.option("--top-k", type=int, default=None, callback=knob("top_k"),
-                     help=f"Top-k filter (default {knobs.DEFAULTS['top_k']}; 0 disables)."),
+                     help=f"Top-k filter (default {knobs.DEFAULTS['top_k']}; 0 or -1 disables)."),
         click.option("--min-p", type=float, default=None, callback=knob("min_p"), help="Min-p filter (default off)."),
         click.option("--draft-temperature", type=float, default=None, callback=knob("draft_temperature"),
                      help="Temperature the head drafts at (default: the target's, or what `mtplx tune` found "

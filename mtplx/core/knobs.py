@@ -63,6 +63,9 @@ class Knob:
     meaning: str = ""
     high_text: str | None = None  # how to print ``high`` when its digits would not help
     words: tuple[str, ...] = ()  # strings accepted besides numbers ("auto" for depth)
+    # Numbers outside the range that mean an in-range value: top_k -1 is "no top-k" in vLLM's API
+    # (and OpenAI clients send it), which mtplx writes 0. Accepted alike by every surface.
+    aliases: tuple[tuple[float, float], ...] = ()
 
     def describe(self) -> str:
         left = "(" if self.low_open else "["
@@ -92,6 +95,9 @@ class Knob:
             value = float(value)
             if not math.isfinite(value):
                 raise KnobError(self.name, f"{who} must be a finite number, got {value}", fix=fix)
+        for alias, meant in self.aliases:
+            if value == alias:
+                return self.kind(meant)
         too_low = value <= self.low if self.low_open else value < self.low
         too_high = self.high is not None and value > self.high
         if too_low or too_high:
@@ -106,7 +112,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("temperature", float, 0.0, meaning=" (0 = greedy)"),
     Knob("draft_temperature", float, 0.0, meaning=" (the law the head drafts from; any value stays exact)"),
     Knob("top_p", float, 0.0, 1.0, low_open=True, meaning=" (1 disables it)"),
-    Knob("top_k", int, 0, meaning=" (0 disables it)"),
+    Knob("top_k", int, 0, meaning=" (0 or -1 disables it)", aliases=((-1, 0),)),
     Knob("min_p", float, 0.0, 1.0, meaning=" (0 disables it)"),
     Knob("seed", int, 0, MAX_SEED, high_text="2**64-1"),
     Knob("prefill_chunk", int, 1, MAX_PREFILL_CHUNK, meaning=" (prompt tokens per prefill pass)"),

@@ -74,7 +74,7 @@ def _generation(body: CommonRequest) -> Generation:
         max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     return checked_generation(
         max_tokens=max_tokens, max_tokens_param=param, temperature=body.temperature,
-        top_p=body.top_p, top_k=0 if body.top_k == -1 else body.top_k, min_p=body.min_p, seed=body.seed,
+        top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
         depth=body.depth, stop=check_stop(body.stop), logprobs=_logprobs(body), strict_greedy=body.strict_greedy)
 
 
