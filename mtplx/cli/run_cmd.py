@@ -91,6 +91,8 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
 
     model_ref = ensure_artifact(model_ref, confirm=confirm_download(yes))
     model, tokenizer = load_model(model_ref, mtp=not no_mtp, force=force, distributed=distributed)
+    if strict_greedy is not False:
+        note_strict_off(model, temperature)
     cache = open_prompt_cache(prompt_cache_file, model) if prompt_cache_file else None
     messages = [{"role": "user", "content": prompt}] if chat else prompt
     text, last = [], None
@@ -110,6 +112,18 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
         write_json({"text": "".join(text), "finish_reason": last.finish_reason, "stats": last.stats.as_dict()}, json_out)
     if cache is not None:
         mtplx.save_prompt_cache(prompt_cache_file, cache)
+
+
+def note_strict_off(model, temperature: float | None) -> None:
+    """--strict-greedy guards greedy tokens only: at temperature > 0 (the contract's default,
+    unless -t 0) it does nothing, and one line on stderr says so rather than leave the user to
+    believe the output was checked."""
+    from mtplx.api import sampling_from
+
+    t = sampling_from(model, temperature, None, None, None).temperature
+    if t > 0:
+        click.echo(f"mtplx: note: --strict-greedy acts at temperature 0 only; this run samples at temperature {t:g}, "
+                   "whose law is exact without it (pass -t 0 for greedy output)", err=True)
 
 
 def open_prompt_cache(path: str, model):

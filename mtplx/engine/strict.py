@@ -63,6 +63,9 @@ def check(value: Any, model: MTPModel | None = None, label: str = "strict_greedy
         return NEAR_TIE
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value) and value >= 0:
         margin = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # a margin out of range
+        raise KnobError("strict_greedy", f"{label} must be a top-2 logit margin >= 0, got {value!r}",
+                        fix=f"pass a margin such as {NEAR_TIE} (the default) or 0.1; 'inf' re-decides every token")
     else:
         raise KnobError("strict_greedy", f"{label} must be true, false or a top-2 logit margin >= 0, got {value!r}",
                         fix=f"pass true (margin {NEAR_TIE}) or a number such as 0.1")
