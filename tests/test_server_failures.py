@@ -224,3 +224,19 @@ def test_depth_auto_costs_are_measured_at_start_whatever_the_default(grafted_bf1
     assert getattr(model, "_mtplx_step_costs", None) is None
     create_app(model, tok, served_model_names=["m"], prompt_cache_bytes=0, max_batch=2, depth=2)
     assert getattr(model, "_mtplx_step_costs", None) is not None
+
+
+def test_a_failing_batched_pass_fails_its_rows_and_the_engine_goes_on(bf16, solo, monkeypatch) -> None:
+    """The shared pass itself raises once (MLX failing inside the model's ragged pass): the rows
+    in that step end with a 500, the engine thread lives on, and the next requests answer with
+    their solo texts."""
+    model, tok = bf16
+    monkeypatch.setattr(model, "trunk_rows", _fail_once(model.trunk_rows, lambda segments: True,
+                                                        RuntimeError("[eval] the batched pass failed (injected)")))
+    with serve(model, tok, max_batch=2, queue_size=4) as s:
+        (st, _, err), = _together(s, [(TARGET, False, {})])
+        assert st == 500 and "RuntimeError" in err["error"]["message"]
+        assert model.trunk_rows.fired
+        results = _together(s, [(p, False, {}) for p in NEIGHBOURS])
+        assert [(code, text) for code, text, _ in results] == [(200, solo[p]) for p in NEIGHBOURS]
+        _after(s, solo)

