@@ -67,6 +67,20 @@ def demo():
 
 
 @pytest.fixture(scope="session")
+def demo_plain_template(tmp_path_factory):
+    """The demo with a chat template that renders no tools (the shared fixture's minimal one)."""
+    import shutil
+
+    import mtplx
+
+    src = Path(mtplx.__file__).parent / "demo" / "tiny-qwen35-mtp"
+    out = tmp_path_factory.mktemp("demo-plain") / "tiny-qwen35-mtp"
+    shutil.copytree(src, out)
+    shutil.copy(FIXTURE / "chat_template.jinja", out / "chat_template.jinja")
+    return mtplx.load(str(out))
+
+
+@pytest.fixture(scope="session")
 def grafted_reduced(fixture_checkpoint, grafted_bf16, tmp_path_factory):
     """The fixture grafted onto the bf16 trunk with a reduced draft vocabulary of 1024 ids."""
     from mtplx.artifact.graft import graft

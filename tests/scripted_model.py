@@ -28,7 +28,8 @@ from mtplx.model.mtp_model import MTPModel
 from mtplx.model.trunk import Trunk
 
 DEMO = Path(__file__).resolve().parents[1] / "mtplx" / "demo" / "tiny-qwen35-mtp"
-TEMPLATE = Path(__file__).parent / "fixtures" / "qwen3_5_chat_template.jinja"
+# The demo ships the official Qwen3.5 chat template (renders tools; Apache-2.0, from Qwen/Qwen3.5-*).
+TEMPLATE = DEMO / "chat_template.jinja"
 IM_END = 2
 # The generation prompt ends with "<think>\n" (thinking on) or "<think>\n\n</think>\n\n" (off):
 # both last tokens start the script.

@@ -95,10 +95,11 @@ def server(tmp_path_factory) -> Server:
         yield s
 
 
-def test_tool_format_from_the_template(demo, server: Server) -> None:
-    assert tool_format(demo[1]) is None  # the demo's template renders no tools
-    fmt = tool_format(server.tokenizer)
-    assert (fmt.start, fmt.end, fmt.parse) == (QWEN.start, QWEN.end, qwen3_coder.parse_tool_call)
+def test_tool_format_from_the_template(demo, demo_plain_template, server: Server) -> None:
+    assert tool_format(demo_plain_template[1]) is None  # a template that renders no tools
+    for tokenizer in (demo[1], server.tokenizer):  # the demo ships Qwen3.5's official template
+        fmt = tool_format(tokenizer)
+        assert (fmt.start, fmt.end, fmt.parse) == (QWEN.start, QWEN.end, qwen3_coder.parse_tool_call)
 
 
 def _prompt_tokens(s: Server, messages: list[dict], tools: list[dict] | None = None) -> int:
