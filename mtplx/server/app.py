@@ -135,12 +135,19 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [card(n) for n in core.served_model_names]}
+        return {"object": "list", "data": [card(n) for n in core.listed_names]}
 
     @app.get("/v1/models/{name:path}")
     async def model_info(name: str) -> dict[str, Any]:
         core.resolve_model(name)
         return card(name)
+
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root() -> dict[str, Any]:
+        # Clients probe the base URL before their first request (Claude Code sends HEAD /).
+        return {"name": "mtplx", "version": __version__, "model": model_id,
+                "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses",
+                              "/v1/models", "/health", "/metrics"]}
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -9,6 +9,8 @@ here knows a dialect: errors are :class:`~mtplx.server.errors.APIError`, shaped 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -33,10 +35,19 @@ from mtplx.server.errors import APIError, knob
 from mtplx.server.metrics import Metrics
 from mtplx.server.queue import Job, QueueFull, Scheduler, ShuttingDown, until_disconnect
 
+log = logging.getLogger("mtplx.server")
+
 RETRY_AFTER_S = 1
+# A stream that has sent nothing for this long (a long prefill, a slow step) sends its dialect's
+# keep-alive, so a client's idle timeout does not fire while the server works.
+KEEPALIVE_S = 5.0
 FINGERPRINT = f"mtplx-{__version__}"
 
 # -- request bodies ----------------------------------------------------------------------------
+
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
 
 def lone_surrogate(value: Any, path: str = "") -> str | None:
     """Where in a decoded JSON value a string holds a lone UTF-16 surrogate (JSON's ``"\\ud800"``
@@ -183,8 +194,15 @@ class Core:
         if not self.served_model_names:
             raise MtplxError("the server needs at least one model name to answer to",
                              fix="pass --served-model-name NAME")
-        self.model_id = self.served_model_names[0]
+        # Patterns (claude-*) answer to names; what is reported and listed are the plain names.
+        self.listed_names = [n for n in self.served_model_names if not _is_pattern(n)]
+        if not self.listed_names:
+            raise MtplxError(f"every served model name is a pattern ({', '.join(self.served_model_names)}); "
+                             "responses need one plain name to report", fix="add --served-model-name NAME")
+        self.model_id = self.listed_names[0]
         self.max_tokens_default = max_tokens_default
+        self.keepalive_s = KEEPALIVE_S
+        self._advised: set[str] = set()
         self.metrics = Metrics()
         # Prompt caches of recent conversations, bounded in bytes; 0 turns them off.
         self.prompt_caches = PromptCacheLRU(model, prompt_cache_bytes) if prompt_cache_bytes > 0 else None
@@ -210,16 +228,33 @@ class Core:
         # Chat templates and BPE run on their own thread: a long prompt must not stall the event
         # loop, and one thread means the tokenizer is never used concurrently.
         self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtplx-tokenize")
+        # transformers warns on every prompt longer than the tokenizer's model_max_length; the
+        # context check above is the model's own, so that warning is noise in the server's log.
+        hf = getattr(tokenizer, "_tokenizer", None)
+        if hf is not None and hasattr(hf, "model_max_length"):
+            hf.model_max_length = max(hf.model_max_length, model.max_context)
 
     def resolve_model(self, name: str | None) -> str:
-        """The served name a request's ``model`` selects (absent: the first one); another name is
-        a 404 ``model_not_found``, as OpenAI answers."""
-        if name is None or name in self.served_model_names:
+        """The served name a request's ``model`` selects (reported in the answer): the first plain
+        name, for an absent name, a served name, or one a served pattern matches (``claude-*``:
+        coding agents ask for their own model names). Another name is a 404 ``model_not_found``,
+        as OpenAI answers, naming the settings that fix it."""
+        if name is None or name in self.served_model_names or any(
+                fnmatch.fnmatchcase(name, p) for p in self.served_model_names if _is_pattern(p)):
             return self.model_id
         served = ", ".join(repr(n) for n in self.served_model_names)
-        raise APIError(404, f"The model '{name}' does not exist; this server serves {served} "
-                            "(mtplx serve --served-model-name sets these names).",
-                       param="model", code="model_not_found")
+        fix = ("ask for one of those names (Claude Code: ANTHROPIC_MODEL and ANTHROPIC_SMALL_FAST_MODEL; Codex: "
+               "model in config.toml; Qwen Code: OPENAI_MODEL), or start the server with --served-model-name "
+               "adding this name or a pattern such as 'claude-*'")
+        raise APIError(404, f"The model {name!r} does not exist; this server serves {served}. "
+                            f"Fix: {fix}.", param="model", code="model_not_found")
+
+    def note_advisory(self, fields: Sequence[str], reasons: dict[str, str]) -> None:
+        """Log, once per field and server, that a request's advisory field changes nothing here."""
+        for f in fields:
+            if f not in self._advised:
+                self._advised.add(f)
+                log.info("mtplx: accepting '%s' without effect (%s); logged once", f, reasons.get(f, "advisory"))
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -331,12 +366,17 @@ class Core:
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from e
         return job
 
-    async def steps(self, job: Job) -> AsyncIterator[GenerationResponse]:
+    async def steps(self, job: Job, keepalive: bool = False) -> AsyncIterator[GenerationResponse | None]:
         """The job's engine steps as they come; an engine failure or a cancellation before the
-        last step raises :class:`APIError`. The job is cancelled however the caller stops."""
+        last step raises :class:`APIError`. The job is cancelled however the caller stops.
+        ``keepalive``: yield None whenever nothing came for ``self.keepalive_s`` seconds (a
+        streaming dialect answers with its keep-alive)."""
         finished = False
         try:
-            while (ev := await job.next_event()).kind != "done":
+            while (ev := await self._next_event(job, keepalive)) is None or ev.kind != "done":
+                if ev is None:
+                    yield None
+                    continue
                 if ev.kind == "chunk":
                     finished = bool(ev.response.finish_reason)
                     yield ev.response
@@ -346,6 +386,14 @@ class Core:
                 raise APIError(503, "The generation was cancelled before it finished.", type_="server_error")
         finally:
             self.scheduler.cancel(job)  # a no-op once finished; frees the engine otherwise
+
+    async def _next_event(self, job: Job, keepalive: bool) -> Any:
+        if not keepalive:
+            return await job.next_event()
+        try:  # asyncio.Queue.get is safe to cancel: a timed-out wait loses no event
+            return await asyncio.wait_for(job.next_event(), self.keepalive_s)
+        except asyncio.TimeoutError:
+            return None
 
     async def collect(self, request: Request, job: Job) -> Outcome:
         """Wait for the whole generation; a client that leaves meanwhile cancels it."""

@@ -217,7 +217,13 @@ class OpenAIRoutes:
         try:
             if chat:
                 yield _sse(chunk({"role": "assistant", "content": ""}))
-            async for last in self.core.steps(job):
+            async for r in self.core.steps(job, keepalive=True):
+                if r is None:
+                    # Nothing for a while (a long prefill): an empty delta, a chunk every client
+                    # parses, keeps an idle timeout that counts chunks (not bytes) from firing.
+                    yield _sse(chunk({"content": ""}))
+                    continue
+                last = r
                 # A step's logprobs ride on its first chunk (or on one of their own).
                 lp = self.logprobs_json(last.logprobs, chat, k, offset)
                 if lp is not None and not chat:
