@@ -182,7 +182,8 @@ class BatchDecoder:
             return []
         t0 = time.perf_counter()
         ready = [r for r in self._active if not r.prefilling]
-        decoding = [Work(r, depth=r.policy.choose()) for r in ready if not r.plain]
+        # A step emits at most depth + 1 tokens: drafting more than the budget's last token needs is waste.
+        decoding = [Work(r, depth=min(r.policy.choose(), r.budget.remaining - 1)) for r in ready if not r.plain]
         plain = [Work(r) for r in ready if r.plain]
         prefill = self._prefill_work()
         self._draft(decoding)
@@ -405,7 +406,10 @@ class BatchDecoder:
         t3 = time.perf_counter()
         verdict = decide(w.ratio, w.candidates, row.rng)  # the host side, with the row's own uniforms
         if w.margins is not None:  # strict greedy: a near-tie is decided again by a one-row pass
-            verdict = strict.settle(model, w, verdict)
+            verdict, verify = strict.settle(model, w, verdict), verdict
+            matched = strict.matched(w, verify, verdict)  # what the statistics count, not the output
+        else:
+            matched = verdict.accepted
         a = verdict.accepted
         proposed = w.draft_tokens[:a].tolist() + [verdict.next_token]
         emitted = row.budget.take(proposed)
@@ -431,7 +435,12 @@ class BatchDecoder:
         seconds["verify"] += verify_s
         seconds["sample"] += t4 - t3
         seconds["rollback"] += t5 - t4
-        row.count_step(w.depth, a, emitted)
-        row.policy.observe(w.depth, a)
+        if matched > a and len(emitted) == len(proposed):
+            # Strict greedy stopped the step at a near-tie the draft won: no budget or EOS cut, so
+            # every draft the verify accepted counts (count_step would count only those emitted).
+            row.stats.record_step(w.depth, matched, len(emitted))
+        else:
+            row.count_step(w.depth, matched, emitted)
+        row.policy.observe(w.depth, matched)
         row.emitted += emitted
         return Emitted(emitted, w.depth, a, w.lp.take(emitted))

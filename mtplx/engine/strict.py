@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from mtplx.engine.row import Row, Work
     from mtplx.model.mtp_model import MTPModel
 
-__all__ = ["NEAR_TIE", "active", "check", "margins", "settle"]
+__all__ = ["NEAR_TIE", "active", "check", "margins", "matched", "settle"]
 
 def check(value: Any, model: MTPModel | None = None, label: str = "strict_greedy") -> float | None:
     """The user's ``strict_greedy`` as the engine's margin: False or None -> None (off), True ->
@@ -91,6 +91,17 @@ def _reaches(row: Row, kept: list[int]) -> bool:
     """Whether the output goes past the drafts ``kept`` (the budget and EOS allow one more)."""
     budget = row.budget
     return budget.remaining > len(kept) and not any(t in budget.eos for t in kept)
+
+
+def matched(w: Work, verify: Verdict, settled: Verdict) -> int:
+    """The drafts of a settled step that matched the target, for the acceptance statistics and
+    depth auto (not for the output, which is ``settled``'s). A recompute at row i ends the step
+    there, but is no rejection of draft i+1 unless the one-row pass chose another token: where it
+    agrees, the drafts the verify accepted count as accepted."""
+    i = settled.accepted
+    if i < w.depth and settled.next_token == int(w.draft_tokens[i].item()):
+        return max(verify.accepted, i + 1)
+    return i
 
 
 def settle(model: MTPModel, w: Work, verdict: Verdict) -> Verdict:
