@@ -412,8 +412,9 @@ class Scheduler:
             else:
                 r.job.emit(Event("chunk", response=r.last))
         for r in list(self._batch):
-            if r.failed is not None:
-                self._leave(decoder, r, "error", r.failed)
+            failed = r.failed or getattr(r.row, "error", None)  # (a decoder may end one row on its own error)
+            if failed is not None:
+                self._leave(decoder, r, "error", failed)
             elif r.row.done:
                 try:  # the engine ended the row without a finish of the text's (the context is full)
                     r.last = r.text.end(r.row.stats)
