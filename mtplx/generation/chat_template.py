@@ -70,14 +70,19 @@ def reuse_boundaries(tokenizer: Any, prompt: Any, ids: list[int], enable_thinkin
     if not is_chat(prompt):  # text, token ids (a list or an array): no such place
         return ()
     out = []
-    try:
-        history = chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": "x"}], enable_thinking,
-                           generation_prompt=False, **template_kwargs)
+    reply = {"role": "assistant", "content": "x"}
+    # The reply as the live turn, and as a past turn once the next question follows it: Qwen's
+    # official templates render a past assistant turn without its <think> block, so the next
+    # turn leaves this prompt right after the assistant's header, before the generation prompt's
+    # own end. A snapshot at each place lets the next turn reuse all it shares.
+    for rendered in ([*prompt, reply], [*prompt, reply, {"role": "user", "content": "y"}]):
+        try:
+            history = chat_ids(tokenizer, rendered, enable_thinking, generation_prompt=False, **template_kwargs)
+        except Exception:  # noqa: BLE001 - a template that refuses this shape: no boundary, no harm
+            continue
         # One token back: the reply's first characters may merge with the last token before them
         # (a reply opening with "\n" turns "assistant\n" + "\n" into one "\n\n" token).
         out.append(max(common_prefix(history, ids) - 1, 0))
-    except Exception:  # noqa: BLE001 - a template that refuses this shape: no boundary, no harm
-        pass
     out.extend(_prefix_boundary(tokenizer, prompt, ids, enable_thinking, **template_kwargs))
     return tuple(sorted(set(b for b in out if b > 0)))
 
