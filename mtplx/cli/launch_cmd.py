@@ -57,8 +57,8 @@ def _codex(url: str, model: str, cap: int | None) -> tuple[dict[str, str], list[
     overrides = {"model": json.dumps(model), "model_provider": '"mtplx"', f"{table}.name": '"mtplx"',
                  f"{table}.base_url": json.dumps(f"{url}/v1"), f"{table}.wire_api": '"responses"',
                  f"{table}.stream_idle_timeout_ms": str(REQUEST_TIMEOUT_MS)}
-    if cap:
-        overrides["model_max_output_tokens"] = str(cap)
+    # Codex sends no output limit (and reads no setting for one): the server's --max-tokens-default
+    # is the cap, which the launcher sets when it starts the server.
     return {}, [a for k, v in overrides.items() for a in ("-c", f"{k}={v}")]
 
 
@@ -139,7 +139,8 @@ def _stop(proc: subprocess.Popen) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--max-output-tokens", type=click.IntRange(1), default=None,
-              help="Cap each answer the agent asks for (Claude Code asks for 32,000 tokens).")
+              help="Cap each answer: passed to the agent where it has a setting (Claude Code, OpenCode) and, when "
+                   "the launcher starts the server, as its --max-tokens-default (Codex sends no limit).")
 @click.option("--serve-arg", "serve_args", multiple=True, metavar="ARG",
               help="Passed to `mtplx serve` when the launcher starts it (repeatable), e.g. --serve-arg=--depth=2.")
 def launch(agent: str, agent_args: tuple[str, ...], model_ref: str, host: str, port: int,
@@ -159,7 +160,8 @@ def launch(agent: str, agent_args: tuple[str, ...], model_ref: str, host: str, p
     proc = None
     model = served_model(url)
     if model is None:
-        proc = _start_server(model_ref, host, port, url, list(serve_args))
+        cap = ["--max-tokens-default", str(max_output_tokens)] if max_output_tokens else []
+        proc = _start_server(model_ref, host, port, url, [*cap, *serve_args])
         model = served_model(url)
     else:
         click.echo(f"mtplx: using the server on {url} (model {model})", err=True)

@@ -109,8 +109,10 @@ def _strict_note(model: object, no_mtp: bool, batch: int, margin: float) -> str:
               help="Requests decoded together, each row at its own acceptance (continuous batching: a request "
                    "joins and leaves at a step boundary). Default: as many rows of 8K tokens as half the memory "
                    "left after the weights and the prompt caches holds, at most 8. 1: one at a time.")
-@click.option("--max-tokens-default", type=click.IntRange(1), default=512, show_default=True,
-              help="max_tokens for requests that do not set it.")
+@click.option("--max-tokens-default", type=click.IntRange(1), default=None,
+              help="max_tokens for requests that do not set it. Default: as many as the context leaves after "
+                   "the prompt, as OpenAI's and Anthropic's APIs do (Codex sends no limit; a 512 default cut its "
+                   "answers short).")
 @click.option("--served-model-name", "served_model_names", multiple=True, metavar="NAME[,NAME...]",
               help="Model names requests may ask for (repeatable or comma-separated; the first is reported in "
                    "responses); a name with * or ? is a pattern ('claude-*'). Other names get 404 model_not_found. "
@@ -135,7 +137,7 @@ def _strict_note(model: object, no_mtp: bool, batch: int, margin: float) -> str:
 @yes_option
 @distributed_options
 def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp: bool, queue_size: int,
-          max_batch: int | None, max_tokens_default: int, served_model_names: tuple[str, ...],
+          max_batch: int | None, max_tokens_default: int | None, served_model_names: tuple[str, ...],
           allowed_hosts: tuple[str, ...],
           max_body_mb: float, prompt_cache_gb: float | None, no_prompt_cache: bool, log_level: str,
           shutdown_timeout: float, strict_greedy: bool | float, force: bool, yes: bool, distributed: DistributedOptions | None) -> None:

@@ -39,7 +39,7 @@ def default_prompt_cache_bytes() -> int:
 
 
 def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
-               depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int = 512,
+               depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int | None = 512,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: Iterable[str] | None = (),
                prompt_cache_bytes: int | None = None, max_batch: int | None = None,
                strict_greedy: bool | float = False) -> FastAPI:

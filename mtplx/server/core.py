@@ -184,7 +184,7 @@ class Core:
     """One model behind a queue: encodes prompts, submits generations and hands back their steps."""
 
     def __init__(self, model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
-                 depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int = 512,
+                 depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int | None = 512,
                  prompt_cache_bytes: int = 0, max_batch: int | None = None, strict_greedy: bool | float = False):
         self.model, self.tokenizer = model, tokenizer
         # Strict greedy for requests that do not say (a request's "strict_greedy" overrides it).
@@ -350,7 +350,7 @@ class Core:
             # Strict greedy guards argmax tokens only: at temperature > 0 the engine ignores it,
             # and the response's mtplx.strict_greedy says it was not applied.
             strict_greedy = False
-        kwargs = dict(max_tokens=min(g.max_tokens or self.max_tokens_default, left), temperature=g.temperature,
+        kwargs = dict(max_tokens=min(g.max_tokens or self.max_tokens_default or left, left), temperature=g.temperature,
                       top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, depth=depth, seed=g.seed, stop=g.stop,
                       logprobs=g.logprobs, strict_greedy=strict_greedy)
         if g.grammar is not None:
