@@ -30,14 +30,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from mtplx.errors import MtplxError
 from mtplx.model.gated_delta_cache import GatedDeltaCache
-from mtplx.model.mtp_model import ModelCache, MTPModel, kv_nbytes
+from mtplx.model.mtp_model import ModelCache, MTPModel
 
 SNAPSHOT_INTERVAL = 4096
 MAX_SNAPSHOTS = 8
@@ -58,6 +58,15 @@ def model_identity(model: MTPModel) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def copy_array(a: mx.array) -> mx.array:
+    """``a`` in a buffer of its own (evaluated). mx.array(a) copies an evaluated array, but of
+    an unevaluated one it makes an alias, which evaluates to a view of the same parent."""
+    mx.eval(a)
+    out = mx.array(a)
+    mx.eval(out)
+    return out
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -74,6 +83,7 @@ class Snapshot:
     head_offset: int
     backlog: mx.array | None
     backlog_tokens: list[int] = field(default_factory=list)
+    owned: bool = False  # its arrays are copies of their own (PromptCache.own), not views
 
     def arrays(self) -> list[mx.array]:
         out = [a for states in self.gated_delta.values() for a in states if a is not None]
@@ -193,6 +203,32 @@ class PromptCache:
 
     # -- copies and size --------------------------------------------------------------------
 
+    def own(self) -> None:
+        """Give every array a buffer of its own. A Gated-DeltaNet conv state or a backlog is a
+        slice of the pass that made it (a prefill chunk's inputs or hiddens), and a slice keeps
+        its whole parent alive: counted at its own size, it held many times that. The copies are
+        evaluated here; a snapshot's states, immutable, are copied once."""
+        copies: dict[int, mx.array] = {}  # an array shared by the cache and a snapshot stays shared
+
+        def mine(a: mx.array | None) -> mx.array | None:
+            if a is None:
+                return None
+            if id(a) not in copies:
+                copies[id(a)] = copy_array(a)
+            return copies[id(a)]
+
+        c = self.cache
+        for layer in c.trunk:
+            if isinstance(layer, GatedDeltaCache):
+                layer.materialize()
+                layer.cache = [mine(a) for a in layer.cache]
+        c.backlog = mine(c.backlog)
+        for snap in self.snapshots.values():
+            if not snap.owned:
+                snap.gated_delta = {i: [mine(a) for a in states] for i, states in snap.gated_delta.items()}
+                snap.backlog, snap.owned = mine(snap.backlog), True
+        mx.eval(list(copies.values()))
+
     def copy_prefix(self, position: int) -> "PromptCache":
         """An independent cache holding the first ``position`` tokens (0, a snapshot's position,
         or all of them), sharing no buffer that either will write."""
@@ -227,7 +263,9 @@ class PromptCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the caches and the snapshots' states (shared arrays counted once)."""
+        """Bytes held: the caches and the snapshots' states (shared arrays counted once), KV
+        buffers whole (they are allocated ahead, in steps, and a restore trims only the offset).
+        Exact once :meth:`own` has run; before, a view's parent is not counted."""
         c = self.cache
         arrays = {id(a): a.nbytes for snap in self.snapshots.values() for a in snap.arrays()}
         for layer in c.trunk:
@@ -235,11 +273,25 @@ class PromptCache:
                 arrays.update({id(a): a.nbytes for a in layer.arrays()})
         if c.backlog is not None:
             arrays[id(c.backlog)] = c.backlog.nbytes
-        kv = sum(kv_nbytes(layer) for layer in c.trunk + c.head if isinstance(layer, KVCache))
-        return kv + sum(arrays.values())
+        for layer in c.trunk + c.head:
+            if isinstance(layer, KVCache) and layer.keys is not None:
+                arrays.update({id(layer.keys): layer.keys.nbytes, id(layer.values): layer.values.nbytes})
+        return sum(arrays.values())
 
     def __repr__(self) -> str:
         return f"PromptCache({len(self.tokens)} tokens, {len(self.snapshots)} snapshots, {self.nbytes / 2**20:.1f} MiB)"
+
+
+class DiskTier(Protocol):
+    """What the LRU needs of its disk tier (mtplx.engine.prompt_cache_disk.PromptCacheDisk)."""
+
+    def load(self, prompt: list[int], model: MTPModel, longer_than: int) -> PromptCache | None: ...
+
+    def put(self, cache: PromptCache) -> None: ...
+
+    def prefetch(self, prompt: list[int]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class PromptCacheLRU:
@@ -248,23 +300,43 @@ class PromptCacheLRU:
     A request checks out the entry serving the longest prefix of its prompt and checks it back
     in when done, so no other request reads a cache while it is written. An entry the prompt
     extends is handed over as it is; one it diverges from inside is left in place for its own
-    conversation and the request gets an independent copy of the reusable prefix."""
+    conversation and the request gets an independent copy of the reusable prefix.
 
-    def __init__(self, model: MTPModel, max_bytes: int, **cache_kwargs: Any):
+    With a ``disk`` tier (mtplx.engine.prompt_cache_disk), every cache checked in is also
+    written to disk (by the tier's own thread), and a checkout whose prompt a file serves
+    further than any entry in memory loads that file: a conversation outlives the server."""
+
+    def __init__(self, model: MTPModel, max_bytes: int, *, disk: DiskTier | None = None, **cache_kwargs: Any):
         self.model = model
         self.max_bytes = max_bytes
+        self.disk = disk
         self.cache_kwargs = cache_kwargs
         self._entries: OrderedDict[int, tuple[PromptCache, int]] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = self.misses = self.evictions = 0
+        self.hits = self.misses = self.evictions = self.disk_hits = 0
+
+    def _best(self, prompt: list[int]) -> tuple[int | None, int]:
+        best, reuse = None, 0
+        for key, (entry, _) in self._entries.items():
+            r = entry.reusable(prompt)
+            if r > reuse:
+                best, reuse = key, r
+        return best, reuse
 
     def checkout(self, prompt: list[int]) -> PromptCache:
+        if self.disk is not None:
+            with self._lock:
+                _, reuse = self._best(prompt)
+            loaded = self.disk.load(prompt, self.model, reuse)  # None unless it serves more than memory
+            if loaded is not None:
+                for k, v in self.cache_kwargs.items():
+                    setattr(loaded, k, v)
+                with self._lock:
+                    self.hits += 1
+                    self.disk_hits += 1
+                return loaded  # the request's own: the file stays for its conversation
         with self._lock:
-            best, reuse = None, 0
-            for key, (entry, _) in self._entries.items():
-                r = entry.reusable(prompt)
-                if r > reuse:
-                    best, reuse = key, r
+            best, reuse = self._best(prompt)
             if best is None:
                 self.misses += 1
                 return PromptCache(self.model, **self.cache_kwargs)
@@ -276,9 +348,18 @@ class PromptCacheLRU:
             self._entries.move_to_end(best)
         return entry.copy_prefix(reuse)
 
+    def prefetch(self, prompt: list[int]) -> None:
+        """A request's prompt, before it joins: the disk tier may read the file it will load
+        meanwhile, on its own thread (any thread may call this)."""
+        if self.disk is not None:
+            self.disk.prefetch(prompt)
+
     def checkin(self, cache: PromptCache) -> None:
         if not cache.tokens or not cache.consistent():
             return
+        cache.own()
+        if self.disk is not None:
+            self.disk.put(cache)  # copies taken now, written by the tier's thread
         size = cache.nbytes
         with self._lock:
             # An entry whose tokens this one extends is superseded by it.
@@ -289,6 +370,11 @@ class PromptCacheLRU:
             while self._entries and self._bytes() > self.max_bytes:
                 self._entries.popitem(last=False)
                 self.evictions += 1
+
+    def close(self) -> None:
+        """Finish the disk tier's pending writes (a server that stops keeps its last turns)."""
+        if self.disk is not None:
+            self.disk.close()
 
     def _bytes(self) -> int:
         return sum(size for _, size in self._entries.values())

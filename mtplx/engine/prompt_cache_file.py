@@ -2,7 +2,7 @@
 
 mlx-lm's ``save_prompt_cache`` stores a list of per-layer caches; an mtplx cache also holds the
 MTP head's KV cache, the head backlog and the Gated-DeltaNet snapshots, so the file has its own
-documented layout (format version 1):
+documented layout (format version 2):
 
 - arrays: ``trunk.{i}.keys`` / ``trunk.{i}.values`` (attention KV rows up to the offset),
   ``trunk.{i}.conv`` / ``trunk.{i}.state`` (Gated-DeltaNet), ``head.{i}.keys`` /
@@ -14,11 +14,12 @@ documented layout (format version 1):
   and ``sha256``: a checksum of everything else (every other metadata field, then each array's
   name, dtype, shape and bytes, in name order), checked at load.
 
-The file is safetensors whatever its name says (it is written and read with an explicit
-format, so ``cache.bin`` works). A file that is damaged (the checksum catches bytes changed
-anywhere in the data, with the header intact), written for another model (or head setting) or
-by another mtplx version is refused with an :class:`MtplxError`; callers start cold then
-(never a wrong answer).
+The file is safetensors whatever its name says (it is read with an explicit format, so
+``cache.bin`` works), written by :func:`write_file` (a temporary file, fsync, os.replace; no
+MLX op, so the disk tier's writer thread writes it: mtplx/engine/prompt_cache_disk.py). A file
+that is damaged (the checksum catches bytes changed anywhere in the data, with the header
+intact), written for another model (or head setting) or by another mtplx version is refused
+with an :class:`MtplxError`; callers start cold then (never a wrong answer).
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+import threading
 from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from mtplx._version import __version__
-from mtplx.engine.prompt_cache import PromptCache, Snapshot, check_prompt_cache, model_identity
+from mtplx.engine.prompt_cache import PromptCache, Snapshot, check_prompt_cache, copy_array, model_identity
 from mtplx.errors import MtplxError
 from mtplx.model.gated_delta_cache import GatedDeltaCache
 from mtplx.model.mtp_model import MTPModel
@@ -42,29 +45,45 @@ FORMAT_VERSION = "2"  # 2: the sha256 checksum
 _REBUILD = "delete it: the next run starts cold and writes a new one"
 
 
-def _kv_arrays(prefix: str, c: KVCache, out: dict[str, mx.array]) -> None:
+def _kv_arrays(prefix: str, c: KVCache, out: dict[str, mx.array], copy: bool = False) -> None:
     if c.keys is not None and c.offset:
-        out[f"{prefix}.keys"] = c.keys[..., : c.offset, :]
-        out[f"{prefix}.values"] = c.values[..., : c.offset, :]
+        keys, values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+        # A copy holds the rows alone; mx.contiguous may return the view of the live buffer.
+        out[f"{prefix}.keys"], out[f"{prefix}.values"] = (copy_array(keys), copy_array(values)) if copy else (keys, values)
 
 
-def _checksum(arrays: dict[str, mx.array], metadata: dict[str, str]) -> str:
+# safetensors' names of MLX dtypes (the file is written here, not by MLX: see write_file).
+_ST_DTYPES = {mx.bool_: "BOOL", mx.uint8: "U8", mx.uint16: "U16", mx.uint32: "U32", mx.uint64: "U64",
+              mx.int8: "I8", mx.int16: "I16", mx.int32: "I32", mx.int64: "I64", mx.float16: "F16",
+              mx.bfloat16: "BF16", mx.float32: "F32", mx.float64: "F64"}
+
+
+def _digest(arrays: dict[str, mx.array], metadata: dict[str, str]) -> str:
+    """The checksum of evaluated, row-contiguous arrays: reads their bytes and runs no MLX op,
+    so a thread other than the engine's may compute it."""
     h = hashlib.sha256()
     for key in sorted(k for k in metadata if k != "sha256"):
         h.update(f"{key}={metadata[key]}\0".encode())
     for name in sorted(arrays):
-        a = mx.contiguous(arrays[name])  # the bytes as the file stores them (a slice is a view)
-        mx.eval(a)
+        a = arrays[name]
         h.update(f"{name}:{a.dtype}:{tuple(a.shape)}\0".encode())
         h.update(memoryview(a))
     return h.hexdigest()
 
 
-def save_prompt_cache(path: str | Path, prompt_cache: PromptCache) -> Path:
-    """Write ``prompt_cache`` to ``path`` (atomically: a crash leaves the old file or none).
-    Any file name works; the format is safetensors."""
+def _checksum(arrays: dict[str, mx.array], metadata: dict[str, str]) -> str:
+    # The bytes as the file stores them (a slice is a view).
+    dense = {name: mx.contiguous(a) for name, a in arrays.items()}
+    mx.eval(list(dense.values()))
+    return _digest(dense, metadata)
+
+
+def cache_arrays(prompt_cache: PromptCache, *, copy: bool = False) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """The arrays and metadata (all but the checksum) of ``prompt_cache``'s file, evaluated and
+    row-contiguous. ``copy``: the KV rows are copies, not slices of the buffers the engine
+    writes into as the cache grows; every other array is immutable (after PromptCache.own, also
+    no slice of a larger one), so another thread may write them all while the cache goes on."""
     check_prompt_cache(prompt_cache)
-    path = Path(path)
     c = prompt_cache.cache
     arrays: dict[str, mx.array] = {}
     for i, layer in enumerate(c.trunk):
@@ -73,9 +92,9 @@ def save_prompt_cache(path: str | Path, prompt_cache: PromptCache) -> Path:
             if layer[0] is not None:
                 arrays[f"trunk.{i}.conv"], arrays[f"trunk.{i}.state"] = layer[0], layer[1]
         else:
-            _kv_arrays(f"trunk.{i}", layer, arrays)
+            _kv_arrays(f"trunk.{i}", layer, arrays, copy)
     for i, layer in enumerate(c.head):
-        _kv_arrays(f"head.{i}", layer, arrays)
+        _kv_arrays(f"head.{i}", layer, arrays, copy)
     if c.backlog is not None:
         arrays["backlog"] = c.backlog
     snapshots = {}
@@ -88,15 +107,52 @@ def save_prompt_cache(path: str | Path, prompt_cache: PromptCache) -> Path:
     layout = {"tokens": prompt_cache.tokens, "backlog_tokens": c.backlog_tokens, "snapshots": snapshots}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "mtplx_version": __version__,
                 "model": prompt_cache.identity, "layout": json.dumps(layout)}
-    metadata["sha256"] = _checksum(arrays, metadata)
-    # MLX appends ".safetensors" to a name without it: the temporary name ends with it.
-    tmp = path.with_name(path.name + ".tmp.safetensors")
+    arrays = {name: mx.contiguous(a) for name, a in arrays.items()}
+    mx.eval(list(arrays.values()))
+    return arrays, metadata
+
+
+def write_file(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str]) -> int:
+    """Write a safetensors file of evaluated, row-contiguous ``arrays`` and ``metadata`` (plus
+    its ``sha256``) at ``path`` atomically: into a temporary file in the same directory, fsync,
+    then os.replace, so a reader (another server sharing the directory too) sees the old file,
+    the new one or none, never a part. Runs no MLX op (the disk tier's writer thread calls it);
+    Python's file writes and hashlib release the GIL. Returns the file's size."""
+    metadata = {**metadata, "sha256": _digest(arrays, metadata)}
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name in sorted(arrays):
+        a = arrays[name]
+        header[name] = {"dtype": _ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors asks
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(tmp), arrays, metadata=metadata)
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name in sorted(arrays):
+                f.write(memoryview(arrays[name]))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # MLX reports a failed write as a RuntimeError
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    return 8 + len(blob) + offset
+
+
+def save_prompt_cache(path: str | Path, prompt_cache: PromptCache) -> Path:
+    """Write ``prompt_cache`` to ``path`` (atomically: a crash leaves the old file or none).
+    Any file name works; the format is safetensors."""
+    check_prompt_cache(prompt_cache)
+    path = Path(path)
+    arrays, metadata = cache_arrays(prompt_cache)
+    try:
+        write_file(path, arrays, metadata)
+    except OSError as e:
         raise MtplxError(f"the prompt cache could not be written ({e})", path=path,
                          fix="choose a path in a directory you can write to, with space left") from None
     return path
