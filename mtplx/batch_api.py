@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from mtplx import api
 from mtplx.api import GenerationResponse
+from mtplx.core import knobs
 from mtplx.engine.batch import BatchDecoder, Row
 from mtplx.engine.logprobs import TokenLogprob
 from mtplx.engine.prompt_cache import PromptCache
@@ -103,7 +104,7 @@ def batch_generate(model: Any, tokenizer: Any, prompts: Sequence[api.Prompt], *,
                    draft_temperature: Any = None, seed: Any = None, stop: Any = None, enable_thinking: Any = None,
                    response_format: Any = None, logprobs: Any = None, strict_greedy: Any = False,
                    prompt_cache: Sequence[PromptCache | None] | None = None, max_batch: int = 8,
-                   prefill_chunk: int = 512, verbose: bool = False) -> list[BatchResponse]:
+                   prefill_chunk: int = knobs.PREFILL_CHUNK, verbose: bool = False) -> list[BatchResponse]:
     """Complete every prompt (text, chat messages or token ids, as for
     :func:`mtplx.stream_generate`); returns one :class:`BatchResponse` per prompt, in order.
 

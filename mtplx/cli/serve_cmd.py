@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from pathlib import Path
 
@@ -76,6 +77,32 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
+def _disk_dir(value: str | None, disk_gb: float | None, no_cache: bool, distributed: bool) -> Path | None:
+    """The prompt caches' disk folder (None: none), checked writable before the model loads."""
+    from mtplx.artifact.paths import prompt_cache_dir
+
+    off = (value is not None and value.strip().lower() == "none") or disk_gb == 0
+    if no_cache or distributed:
+        if (value is not None and not off) or disk_gb:
+            why = "--no-prompt-cache (or --prompt-cache-gb 0)" if no_cache else "--distributed"
+            raise click.UsageError(f"the disk tier keeps the prompt caches' snapshots, and {why} turns them off: "
+                                   "drop --prompt-cache-dir / --prompt-cache-disk-gb")
+        return None
+    if off:
+        return None
+    path = Path(value).expanduser() if value is not None else prompt_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK | os.X_OK)
+    except OSError as e:
+        raise MtplxError(f"the prompt cache folder cannot be created ({e.strerror or e})", path=path,
+                         fix="pass --prompt-cache-dir a folder you can write to, or 'none'") from None
+    if not writable:
+        raise MtplxError("the prompt cache folder is not writable", path=path,
+                         fix="pass --prompt-cache-dir a folder you can write to, or 'none'")
+    return path
+
+
 def _strict_note(model: object, no_mtp: bool, batch: int, margin: float) -> str:
     """What --strict-greedy will do on this server, said once at start: it acts on greedy
     (temperature 0) requests only, and with --no-mtp only on rows decoded together."""
@@ -127,8 +154,19 @@ def _strict_note(model: object, no_mtp: bool, batch: int, margin: float) -> str:
               help="Memory for the prompt caches of recent conversations (a request that extends one prefills "
                    "only its new tokens); least recently used go first. Default: a tenth of the machine's memory.")
 @click.option("--no-prompt-cache", is_flag=True, help="Prefill every request in full (no prompt cache).")
+@click.option("--prompt-cache-dir", default=None, metavar="DIR|none",
+              help="Where prompt caches are also kept on disk, so a conversation resumes after a restart without "
+                   "prefilling again (docs/prompt-cache.md#disk-tier); 'none' keeps them in memory only. "
+                   "Default: prompt-cache/ in mtplx's cache folder (MTPLX_CACHE, ~/.cache/mtplx).")
+@click.option("--prompt-cache-disk-gb", type=FiniteFloatRange(0.0, 1 << 20), default=None,
+              help="Disk for those caches, in GiB; least recently used go first. 0 keeps them in memory only. "
+                   "Default: 10, or a quarter of the free disk space if that is less.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
+@click.option("--prefill-chunk", type=click.IntRange(1, 1 << 16), default=None,
+              help="Prompt tokens a joining request prefills per step; running requests wait that long between "
+                   "their tokens while a long prompt joins. Default: the API's own chunk (docs/batching.md gives "
+                   "the measured trade-off).")
 @click.option("--shutdown-timeout", type=FiniteFloatRange(0, 3600), default=30, show_default=True,
               help="Seconds running generations may take to finish on SIGTERM or Ctrl-C; new requests get 503 and "
                    "queued ones an error at once, and those still running past this end with an error.")
@@ -140,10 +178,11 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
           max_batch: int | None, max_tokens_default: int | None, served_model_names: tuple[str, ...],
           allowed_hosts: tuple[str, ...],
           max_body_mb: float, prompt_cache_gb: float | None, no_prompt_cache: bool, log_level: str,
-          shutdown_timeout: float, strict_greedy: bool | float, force: bool, yes: bool, distributed: DistributedOptions | None) -> None:
-    """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and
-    Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens), with /health and
-    /metrics.
+          prompt_cache_dir: str | None, prompt_cache_disk_gb: float | None,
+          shutdown_timeout: float, prefill_chunk: int | None, strict_greedy: bool | float, force: bool, yes: bool, distributed: DistributedOptions | None) -> None:
+    """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), the
+    Responses API (/v1/responses) and Anthropic's Messages API (/v1/messages,
+    /v1/messages/count_tokens), with /health and /metrics.
 
     Up to --max-batch generations decode together; up to --queue-size more wait their turn. Point any OpenAI
     client at http://HOST:PORT/v1, or an Anthropic client at http://HOST:PORT (the API key is
@@ -161,6 +200,9 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
     if distributed is not None and prompt_cache_gb:
         raise click.UsageError("--prompt-cache-gb is not supported with --distributed (prompt caches stay off)")
     cache_bytes = 0 if no_prompt_cache else None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
+    disk_dir = _disk_dir(prompt_cache_dir, prompt_cache_disk_gb, no_prompt_cache or cache_bytes == 0,
+                         distributed is not None)
+    disk_bytes = None if prompt_cache_disk_gb is None else int(prompt_cache_disk_gb * 2**30)
     if distributed is not None and max_batch is not None and max_batch > 1:
         raise click.UsageError("--max-batch above 1 is not supported with --distributed (every rank would have to "
                                "step the same rows): drop --max-batch")
@@ -179,12 +221,15 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
     app = create_app(model, tokenizer, served_model_names=names, depth=0 if no_mtp else depth,
                      queue_size=queue_size, max_tokens_default=max_tokens_default,
                      max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=hosts if loopback or hosts else None,
-                     prompt_cache_bytes=cache_bytes, max_batch=max_batch, strict_greedy=strict_greedy)
+                     prompt_cache_bytes=cache_bytes, max_batch=max_batch, strict_greedy=strict_greedy,
+                     prefill_chunk=prefill_chunk, prompt_cache_dir=disk_dir, prompt_cache_disk_bytes=disk_bytes)
     shown = f"[{host}]" if ":" in host else host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else shown  # a wildcard is not an address to visit
     base = f"http://{shown}:{port}/v1"
     lru = app.state.core.prompt_caches
     cache = f"prompt cache {_size(lru.max_bytes)}" if lru is not None else "no prompt cache"
+    if lru is not None and lru.disk is not None:
+        cache += f" + {_size(lru.disk.max_bytes)} on disk in {lru.disk.root}"
     batch = app.state.core.max_batch
     click.echo(f"mtplx serving {', '.join(names)} at {base}  (batch {batch}, queue {queue_size}, {cache}, "
                "Ctrl-C to stop)")

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 from fastapi import FastAPI, Request
@@ -42,7 +43,8 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
                depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int | None = 512,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: Iterable[str] | None = (),
                prompt_cache_bytes: int | None = None, max_batch: int | None = None,
-               strict_greedy: bool | float = False) -> FastAPI:
+               strict_greedy: bool | float = False, prefill_chunk: int | None = None,
+               prompt_cache_dir: str | Path | None = None, prompt_cache_disk_bytes: int | None = None) -> FastAPI:
     """An app serving ``model``.
 
     ``served_model_names``: the names requests may ask for (the first is the one reported);
@@ -53,12 +55,16 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
     ``prompt_cache_bytes``: the bound on the prompt caches of recent conversations (None: a
     tenth of the machine's memory; 0: no prompt cache); ``max_batch``: rows decoded together (None:
     sized from the memory left for the rows' caches, at most 8; 1: one generation at a time);
-    ``strict_greedy``: the default for requests that do not set it (mtplx.engine.strict)."""
+    ``strict_greedy``: the default for requests that do not set it (mtplx.engine.strict);
+    ``prompt_cache_dir``: the prompt caches' disk tier (mtplx.engine.prompt_cache_disk; None: in
+    memory only), bounded by ``prompt_cache_disk_bytes`` (None: 10 GiB or a quarter of the free
+    disk, whichever is less)."""
     if prompt_cache_bytes is None:
         prompt_cache_bytes = default_prompt_cache_bytes()
     core = Core(model, tokenizer, served_model_names=served_model_names, depth=depth, queue_size=queue_size,
                 max_tokens_default=max_tokens_default, prompt_cache_bytes=prompt_cache_bytes, max_batch=max_batch,
-                strict_greedy=strict_greedy)
+                strict_greedy=strict_greedy, prefill_chunk=prefill_chunk, prompt_cache_dir=prompt_cache_dir,
+                prompt_cache_disk_bytes=prompt_cache_disk_bytes)
     model_id = core.model_id
     scheduler, metrics = core.scheduler, core.metrics
     # A request may ask for depth auto whatever the server's default, so its step costs are

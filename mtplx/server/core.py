@@ -13,6 +13,7 @@ import fnmatch
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
 import jinja2
@@ -26,7 +27,8 @@ from mtplx.api import GenerationResponse, default_depth, reuse_boundaries, sampl
 from mtplx.engine import strict
 from mtplx.engine.constraints import Grammar, ResponseFormatError, compile_format
 from mtplx.generation.speculation import step_costs
-from mtplx.engine.prompt_cache import PromptCacheLRU
+from mtplx.engine.prompt_cache import PromptCacheLRU, model_identity
+from mtplx.engine.prompt_cache_disk import PromptCacheDisk, default_max_bytes
 from mtplx.errors import MtplxError
 from mtplx.core.knobs import KnobError
 from mtplx.server import errors
@@ -185,7 +187,9 @@ class Core:
 
     def __init__(self, model: Any, tokenizer: Any, *, served_model_names: Sequence[str] = ("mtplx",),
                  depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int | None = 512,
-                 prompt_cache_bytes: int = 0, max_batch: int | None = None, strict_greedy: bool | float = False):
+                 prompt_cache_bytes: int = 0, max_batch: int | None = None, strict_greedy: bool | float = False,
+                 prefill_chunk: int | None = None, prompt_cache_dir: str | Path | None = None,
+                 prompt_cache_disk_bytes: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         # Strict greedy for requests that do not say (a request's "strict_greedy" overrides it).
         strict.check(strict_greedy, model)
@@ -205,14 +209,20 @@ class Core:
         self._advised: set[str] = set()
         self.metrics = Metrics()
         # Prompt caches of recent conversations, bounded in bytes; 0 turns them off.
-        self.prompt_caches = PromptCacheLRU(model, prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        # With a folder, also on disk (mtplx.engine.prompt_cache_disk): a restart keeps them.
+        disk = None
+        if prompt_cache_bytes > 0 and prompt_cache_dir is not None:
+            disk = PromptCacheDisk(prompt_cache_dir, model_identity(model), default_max_bytes(Path(prompt_cache_dir))
+                                   if prompt_cache_disk_bytes is None else prompt_cache_disk_bytes)
+        self.prompt_caches = PromptCacheLRU(model, prompt_cache_bytes, disk=disk) if prompt_cache_bytes > 0 else None
         self.metrics.prompt_caches = self.prompt_caches
         # Rows decoding together: --max-batch, by default as many as the memory left for their
         # caches holds (capacity.py); rows wait while the batch's caches would not fit.
         capacity = Capacity.of_machine(model, prompt_cache_bytes)
         self.max_batch = capacity.default_max_batch() if max_batch is None else max_batch
         self.scheduler = Scheduler(model, tokenizer, self.metrics, max_queue=queue_size,
-                                   prompt_caches=self.prompt_caches, max_batch=self.max_batch, capacity=capacity)
+                                   prompt_caches=self.prompt_caches, max_batch=self.max_batch, capacity=capacity,
+                                   prefill_chunk=knobs.check("prefill_chunk", prefill_chunk))
         self.depth = default_depth(model) if depth is None else depth
         if self.depth != 0 and not model.has_mtp:
             raise MtplxError(f"depth {self.depth} needs an MTP head and this model has none",
@@ -263,6 +273,8 @@ class Core:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        if self.prompt_caches is not None:
+            self.prompt_caches.close()  # the disk tier's queued writes finish
         self._tok_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- prompts -------------------------------------------------------------------------------
@@ -358,6 +370,8 @@ class Core:
         job = Job(g.ids, kwargs, asyncio.get_running_loop(), boundaries=g.boundaries)
         try:
             self.scheduler.submit(job)
+            if self.prompt_caches is not None:
+                self.prompt_caches.prefetch(g.ids)  # a file it will load is read while it waits
         except QueueFull as e:
             raise APIError(429, f"The server is busy: {e}. Retry shortly.", type_="rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from e

@@ -18,8 +18,12 @@ from typing import Any
 from mtplx.engine.batch import BatchDecoder
 
 
-def make_decoder(model: Any, max_batch: int) -> BatchDecoder:
-    return BatchDecoder(model, max_batch=max_batch)
+def make_decoder(model: Any, max_batch: int, prefill_chunk: int | None = None) -> BatchDecoder:
+    """The server's decoder; ``prefill_chunk``: prompt tokens a joining row feeds per step (None: the
+    knob's default, the API's own, so the server and ``mtplx.generate`` chunk a prompt alike)."""
+    if prefill_chunk is None:
+        return BatchDecoder(model, max_batch=max_batch)
+    return BatchDecoder(model, max_batch=max_batch, prefill_chunk=prefill_chunk)
 
 
 class GuardedConstraint:

@@ -139,7 +139,7 @@ class Scheduler:
 
     def __init__(self, model: Any, tokenizer: Any, metrics: Metrics, max_queue: int = 8,
                  prompt_caches: PromptCacheLRU | None = None, max_batch: int = 1,
-                 capacity: Capacity | None = None):
+                 capacity: Capacity | None = None, prefill_chunk: int | None = None):
         if max_queue < 1:
             raise ValueError(f"the queue size must be >= 1, got {max_queue}")
         if max_batch < 1:
@@ -152,6 +152,7 @@ class Scheduler:
         self.prompt_caches = prompt_caches
         self.max_queue = max_queue
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
         self.capacity = capacity
         self._pending: deque[Job] = deque()
         self._admitted = 0  # jobs holding a place: waiting, joining or in the batch
@@ -300,7 +301,7 @@ class Scheduler:
         return f"the server's engine stopped ({type(e).__name__}: {e}); the server must be restarted"
 
     def _loop(self) -> None:
-        decoder = make_decoder(self.model, self.max_batch)
+        decoder = make_decoder(self.model, self.max_batch, self.prefill_chunk)
         while True:
             with self._cond:
                 while not self._pending and not self._batch and not self._stopping:
@@ -396,7 +397,7 @@ class Scheduler:
             log.exception("mtplx engine: a batched step failed; its %d row(s) end with an error", len(self._batch))
             for r in list(self._batch):  # whoever waits on these rows must still hear "done"
                 self._leave(decoder, r, "error", e)
-            return make_decoder(self.model, self.max_batch)
+            return make_decoder(self.model, self.max_batch, self.prefill_chunk)
         by_row = {id(r.row): r for r in self._batch}
         for row, emitted in out:
             r = by_row.get(id(row))
