@@ -282,3 +282,69 @@ def test_counted_bytes_are_the_bytes_held():
     mx.clear_cache()
     freed = before - mx.get_active_memory()
     assert abs(freed - counted) <= 0.02 * counted, (freed, counted)
+
+
+# -- two real servers in sequence over one folder ------------------------------------------------
+
+GREEDY = {"temperature": 0, "max_tokens": 6}
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+def _openai(s, messages):
+    r = s.http.post("/v1/chat/completions", json={"messages": messages, **GREEDY, **NO_THINKING})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return body["choices"][0]["message"]["content"], body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def _anthropic(s, messages):
+    r = s.http.post("/v1/messages", json={"model": "demo", "messages": messages, "thinking": {"type": "disabled"},
+                                          **GREEDY})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return "".join(b["text"] for b in body["content"] if b["type"] == "text"), body["usage"]["cache_read_input_tokens"]
+
+
+def _turns(s, first, second, x_reply=None, y_reply=None):
+    """Turn 1 (``first``) or turn 2 (``second``, given turn 1's replies) of two conversations,
+    one per dialect."""
+    x = [{"role": "user", "content": "def add(a, b):"}]
+    y = [{"role": "user", "content": "class Stack:"}]
+    if first:
+        return _openai(s, x), _anthropic(s, y)
+    x2 = x + [{"role": "assistant", "content": x_reply}, {"role": "user", "content": "def sub(a, b):"}]
+    y2 = y + [{"role": "assistant", "content": y_reply}, {"role": "user", "content": "class Queue:"}]
+    return (_openai(s, x2), _anthropic(s, y2)), (x2, y2)
+
+
+def test_a_restarted_server_answers_a_returning_conversation_from_disk(demo, tmp_path, caplog):
+    from mtplx.server.app import create_app
+    from server_helpers import running, wait_idle
+
+    model, tok = demo
+
+    apps = []
+
+    def serve(folder):
+        apps.append(create_app(model, tok, served_model_names=["demo"], prompt_cache_bytes=1 << 30,
+                               prompt_cache_dir=folder, max_batch=1))
+        return running(apps[-1], model, tok)
+
+    with serve(None) as s:  # memory only, never restarted: what a returning turn reuses
+        (x1, _), (y1, _) = _turns(s, True, False)
+        ((x2_mem, x2_cached_mem), (y2_mem, y2_cached_mem)), (x2, y2) = _turns(s, False, True, x1, y1)
+    assert x2_cached_mem >= 14 and y2_cached_mem >= 10  # each first user turn, at least
+
+    with serve(tmp_path) as s:
+        assert _turns(s, True, False) == ((x1, 0), (y1, 0))
+        wait_idle(s)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2  # written by the time the server stopped
+
+    with caplog.at_level(logging.WARNING, logger="mtplx.prompt_cache"), serve(tmp_path) as s:
+        ((x2_disk, x2_cached), (y2_disk, y2_cached)), _ = _turns(s, False, True, x1, y1)
+    assert not [r for r in caplog.records if r.name == "mtplx.prompt_cache"]
+    kw = dict(max_tokens=6, temperature=0, enable_thinking=False)
+    assert x2_disk == x2_mem == mtplx.generate(model, tok, x2, **kw)
+    assert y2_disk == y2_mem == mtplx.generate(model, tok, y2, **kw)
+    assert (x2_cached, y2_cached) == (x2_cached_mem, y2_cached_mem)
+    assert apps[-1].state.core.prompt_caches.disk_hits == 2

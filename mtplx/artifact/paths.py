@@ -4,7 +4,8 @@ or ``$XDG_CACHE_HOME/mtplx``).
 - ``artifacts/<name>``: artifacts grafted for `mtplx run/start --model REPO_ID` (``mtplx models``
   lists them, ``mtplx rm`` removes one);
 - ``sources/<org>--<name>/<commit>``: the MTP tensors fetched from an original checkpoint by
-  byte range (a few percent of it), so a second graft needs no network.
+  byte range (a few percent of it), so a second graft needs no network;
+- ``prompt-cache/<model>``: prompt caches kept on disk (mtplx/engine/prompt_cache_disk.py).
 
 Whole repositories (MLX trunks) stay in the ordinary Hugging Face cache, shared with mlx-lm.
 """
@@ -33,6 +34,11 @@ def cache_root() -> Path:
 
 def artifacts_dir() -> Path:
     return cache_root() / "artifacts"
+
+
+def prompt_cache_dir() -> Path:
+    """The prompt caches' disk tier by default (`mtplx serve --prompt-cache-dir`)."""
+    return cache_root() / "prompt-cache"
 
 
 def catalog_entry(ref: str) -> dict | None:
