@@ -348,3 +348,21 @@ def test_a_restarted_server_answers_a_returning_conversation_from_disk(demo, tmp
     assert y2_disk == y2_mem == mtplx.generate(model, tok, y2, **kw)
     assert (x2_cached, y2_cached) == (x2_cached_mem, y2_cached_mem)
     assert apps[-1].state.core.prompt_caches.disk_hits == 2
+
+
+def test_the_chat_keeps_its_caches_on_disk(demo, tmp_path):
+    """`mtplx start`'s chat writes each turn's cache to its folder; a later chat that starts as
+    this one did loads it, and answers as the first did."""
+    from mtplx.cli.chat import ChatSession, run_chat
+
+    model, tok = demo
+    chats = []
+    for _ in range(2):
+        s = ChatSession(model, tok, depth=0, thinking=False, max_tokens=4, temperature=0.0, prompt_cache_dir=tmp_path)
+        script = ["def add(a, b):", "/quit"]
+        run_chat(s, read=lambda _prompt: script.pop(0))
+        chats.append(s)
+        assert len(list(tmp_path.rglob("*.safetensors"))) == 1  # the turn's cache, written when the chat ended
+    first, second = chats
+    assert first.prompt_caches.disk_hits == 0 and second.prompt_caches.disk_hits == 1
+    assert second.messages == first.messages

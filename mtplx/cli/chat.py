@@ -100,6 +100,11 @@ class ChatSession:
     # the whole history.
     prompt_cache: Any = None
     conversation: Any = None
+    # Where the prompt caches are also kept on disk (mtplx.engine.prompt_cache_disk), so a
+    # conversation that starts as an earlier one did (the same first question) or a turn after
+    # an interrupted one loads them; None: memory only. run_chat makes ``prompt_caches`` from it.
+    prompt_cache_dir: Any = None
+    prompt_caches: Any = None
 
     @property
     def has_mtp(self) -> bool:
@@ -193,6 +198,8 @@ class ChatSession:
         prompt, cache = self.messages, {}
         if self.conversation is not None:
             prompt = self.conversation.prompt(self.messages, self.thinking)
+            if self.prompt_caches is not None:  # memory, else disk, else a new cache
+                self.prompt_cache = self.prompt_caches.checkout(prompt)
             cache = {"prompt_cache": self.prompt_cache}
         for r in generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens,
                           temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, depth=self.depth,
@@ -204,6 +211,8 @@ class ChatSession:
             started = started or bool(shown)
             click.echo(shown, nl=False)
             last = r
+        if self.prompt_caches is not None:
+            self.prompt_caches.checkin(self.prompt_cache)  # written to disk by the tier's own thread
         click.echo()
         self.messages.append({"role": "assistant", "content": "".join(parts)})
         if self.conversation is not None:
@@ -239,7 +248,8 @@ class ChatSession:
     def _forget(self) -> None:
         self.messages.clear()
         if self.conversation is not None:
-            self.prompt_cache.reset()
+            if self.prompt_caches is None:  # (a checked-in cache stays for a conversation that returns)
+                self.prompt_cache.reset()
             self.conversation.reset()
 
 
@@ -300,8 +310,11 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] = input,
         if session.conversation is None:
             from mtplx.generation.conversation import Conversation
 
-            session.prompt_cache = mtplx.make_prompt_cache(session.model)
             session.conversation = Conversation(session.tokenizer)
+            if session.prompt_cache_dir is not None:
+                session.prompt_caches = disk_store(session.model, session.prompt_cache_dir)
+            else:
+                session.prompt_cache = mtplx.make_prompt_cache(session.model)
     if read is input:
         _readline()
     click.echo(f"Chat: {session.settings()}. Type /help for commands, /quit or Ctrl-D to leave.")
@@ -326,4 +339,19 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] = input,
         except KeyboardInterrupt:  # landed between two replies' bookkeeping: just carry on
             click.echo()
             click.echo(INTERRUPT_HINT)
+    if session.prompt_caches is not None:
+        session.prompt_caches.close()  # the last turn's cache reaches the disk
     click.echo(GOODBYE)
+
+
+def disk_store(model: Any, folder: Any) -> Any:
+    """The chat's prompt caches: in memory (a tenth of the machine's, as `mtplx serve`) and on
+    disk in ``folder`` (10 GiB or a quarter of the free disk, whichever is less)."""
+    from pathlib import Path
+
+    from mtplx.artifact.inspect import machine_memory_bytes
+    from mtplx.engine.prompt_cache import PromptCacheLRU, model_identity
+    from mtplx.engine.prompt_cache_disk import PromptCacheDisk, default_max_bytes
+
+    disk = PromptCacheDisk(folder, model_identity(model), default_max_bytes(Path(folder)))
+    return PromptCacheLRU(model, int(machine_memory_bytes() * 0.1), disk=disk)

@@ -30,11 +30,14 @@ from mtplx.cli.options import knob
               help="Max tokens per reply (change it in the chat with /max N).")
 @click.option("--seed", type=int, default=None, callback=knob("seed"),
               help="Seed for every random draw (each reply reuses it).")
+@click.option("--prompt-cache-dir", default=None, metavar="DIR|none",
+              help="Where the chat also keeps its prompt caches on disk ('none': memory only). Default: "
+                   "prompt-cache/ in mtplx's cache folder (MTPLX_CACHE, ~/.cache/mtplx), as `mtplx serve`.")
 @click.option("--yes", "-y", is_flag=True, help="Accept every default without asking (demo, MTP, chat, thinking off).")
 @click.pass_context
 def start(ctx: click.Context, model_ref: str | None, depth: int | str | None, no_mtp: bool, thinking: bool | None,
           surface: str | None, temperature: float | None, top_p: float | None, top_k: int | None,
-          max_tokens: int, seed: int | None, yes: bool) -> None:
+          max_tokens: int, seed: int | None, prompt_cache_dir: str | None, yes: bool) -> None:
     """Interactive launcher: choose a model, a decoding mode and thinking, check that the model
     fits, then chat in this terminal or start the API server. Every question has a flag that
     skips it; --yes takes all the defaults."""
@@ -46,7 +49,8 @@ def start(ctx: click.Context, model_ref: str | None, depth: int | str | None, no
     if p.surface == "serve":
         _serve(ctx, p.ref, p.depth)
         return
-    _chat(p, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
+    _chat(p, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed,
+          prompt_cache_dir=prompt_cache_dir)
 
 
 def _serve(ctx: click.Context, ref: str, depth: int | str | None) -> None:
@@ -63,7 +67,7 @@ def _serve(ctx: click.Context, ref: str, depth: int | str | None) -> None:
 
 
 def _chat(p, *, temperature: float | None, top_p: float | None, top_k: int | None, max_tokens: int,
-          seed: int | None) -> None:
+          seed: int | None, prompt_cache_dir: str | None = None) -> None:
     import mtplx
     from mtplx.api import default_depth
     from mtplx.cli.chat import ChatSession, run_chat
@@ -75,8 +79,20 @@ def _chat(p, *, temperature: float | None, top_p: float | None, top_k: int | Non
     click.echo(f"Loaded in {time.perf_counter() - t0:.1f} s ({'with' if model.has_mtp else 'without'} the MTP head).")
     depth = default_depth(model) if p.depth is None else p.depth
     session = ChatSession(model, tokenizer, depth=depth, thinking=p.thinking, max_tokens=max_tokens,
-                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                          prompt_cache_dir=_disk_dir(prompt_cache_dir))
     run_chat(session)
+
+
+def _disk_dir(value: str | None):
+    """The chat's prompt-cache folder: ``value``, mtplx's default, or None for 'none'."""
+    from pathlib import Path
+
+    from mtplx.artifact.paths import prompt_cache_dir
+
+    if value is not None and value.strip().lower() == "none":
+        return None
+    return Path(value).expanduser() if value is not None else prompt_cache_dir()
 
 
 COMMANDS = [start]
