@@ -12,7 +12,8 @@
   backlog included, once it is checked in (PromptCache.own);
 - server: two real servers in sequence over one folder: the second answers a returning
   conversation from disk, with the text of a cache-less server and cached_tokens (OpenAI) and
-  cache_read_input_tokens (Anthropic) counting the reused prefix.
+  cache_read_input_tokens (Anthropic) counting the reused prefix; `mtplx start`'s chat keeps its
+  caches there too; `mtplx serve` refuses contradictory disk options before loading a model.
 
 Every test passes its own tmp folder; none writes to the user's cache directory.
 """
@@ -117,11 +118,17 @@ def test_the_bound_evicts_the_least_recently_used_file_first(model, tmp_path):
     p1, p2, p3 = [9, 9, 9, 1, 2], [8, 8, 8, 1, 2], [7, 7, 7, 1, 2]
     turn(store, model, p1)
     one = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    # What else the folder holds is never counted, nor deleted (--prompt-cache-dir ~ must be safe).
+    foreign = [tmp_path / "notes.txt", tmp_path / "photos" / "old.safetensors", store.disk.dir / "mine.json"]
+    for f in foreign:
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"x" * one)
     store.disk.max_bytes = int(one * 2.5)
     turn(store, model, p2)
     assert store.disk.load(p1 + [0], model) is not None  # touches p1's file: p2's is now the oldest
     turn(store, model, p3)
-    assert store.disk.evictions == 1 and len(files(tmp_path)) == 4
+    assert store.disk.evictions == 1 and len(files(tmp_path)) == 4 + len(foreign)
+    assert all(f.read_bytes() == b"x" * one for f in foreign)
     assert store.disk.lookup(p2 + [0]) is None
     assert store.disk.lookup(p1 + [0]) is not None and store.disk.lookup(p3 + [0]) is not None
     store.close()
@@ -366,3 +373,20 @@ def test_the_chat_keeps_its_caches_on_disk(demo, tmp_path):
     first, second = chats
     assert first.prompt_caches.disk_hits == 0 and second.prompt_caches.disk_hits == 1
     assert second.messages == first.messages
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--no-prompt-cache", "--prompt-cache-dir", "{tmp}"], "turns them off: drop --prompt-cache-dir"),
+    (["--prompt-cache-gb", "0", "--prompt-cache-disk-gb", "2"], "turns them off: drop --prompt-cache-dir"),
+    (["--prompt-cache-dir", "{tmp}/file/sub"], "the prompt cache folder cannot be created"),
+])
+def test_serve_refuses_disk_options_before_loading(tmp_path, args, needle):
+    from click.testing import CliRunner
+
+    from mtplx.cli.app import cli
+
+    (tmp_path / "file").write_text("not a folder")
+    r = CliRunner().invoke(cli, ["serve", "--model", "demo", "--port", "1"] +
+                           [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert r.exit_code != 0 and needle in r.output, r.output
+    assert "Traceback" not in r.output

@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import sys
 import threading
@@ -73,6 +74,11 @@ DEFAULT_MAX_BYTES = 10 * 2**30
 DEFAULT_FREE_SHARE = 0.25
 WRITE_QUEUE = 2  # caches waiting for the writer, each a copy of its KV rows
 STALE_TMP_S = 3600  # a temporary file this old is a crashed writer's
+# The only names the tier reads, counts or deletes: whatever else the folder holds (a user may
+# point --prompt-cache-dir at a folder of their own) is left alone.
+_MODEL_DIR = re.compile(r"[0-9a-f]{16}")
+_FILE = re.compile(r"([0-9a-f]{32})\.(safetensors|json)")
+_TMP = re.compile(r"\.[0-9a-f]{32}\.(safetensors|json)\.\d+\.\d+\.tmp")
 
 
 def default_max_bytes(root: Path) -> int:
@@ -90,7 +96,8 @@ def default_max_bytes(root: Path) -> int:
 
 def _root_bytes(root: Path) -> int:
     try:
-        return sum(f.stat().st_size for f in root.glob("*/*") if f.is_file())
+        return sum(f.stat().st_size for f in root.glob("*/*")
+                   if _MODEL_DIR.fullmatch(f.parent.name) and _FILE.fullmatch(f.name) and f.is_file())
     except OSError:
         return 0
 
@@ -145,9 +152,9 @@ class PromptCacheDisk:
         self._reads: queue.Queue[Any] = queue.Queue(maxsize=4)
         self._writer = threading.Thread(target=self._write_loop, name="mtplx-prompt-cache-writer", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="mtplx-prompt-cache-reader", daemon=True)
+        self._closed = False
         self._writer.start()
         self._reader.start()
-        self._closed = False
 
     # -- index -------------------------------------------------------------------------------
 
@@ -170,7 +177,7 @@ class PromptCacheDisk:
         forget those gone."""
         try:
             found = {e.name: e.stat().st_mtime for e in os.scandir(self.dir)
-                     if e.name.endswith(".json") and not e.name.startswith(".")}
+                     if e.name.endswith(".json") and _FILE.fullmatch(e.name)}
         except OSError:
             found = {}
         for name in [n for n in self._seen if n not in found]:
@@ -362,13 +369,16 @@ class PromptCacheDisk:
         """Delete least recently used caches (of any model) until the root is within its bound."""
         groups: dict[tuple[Path, str], list[float]] = {}  # (folder, key) -> [bytes, mtime]
         total, now = 0, time.time()
-        for folder in [d for d in self.root.iterdir() if d.is_dir()]:
+        for folder in [d for d in self.root.iterdir() if _MODEL_DIR.fullmatch(d.name) and d.is_dir()]:
             for e in os.scandir(folder):
+                tmp = _TMP.fullmatch(e.name)
+                if not (tmp or _FILE.fullmatch(e.name)):
+                    continue
                 try:
                     st = e.stat()
                 except FileNotFoundError:
                     continue
-                if e.name.startswith("."):  # a temporary file: a crashed writer's once old
+                if tmp:  # a write in progress, or a crashed writer's once old
                     if now - st.st_mtime > STALE_TMP_S:
                         Path(e.path).unlink(missing_ok=True)
                     else:
