@@ -40,13 +40,37 @@ class Conversation:
         first = not self.ids or len(messages) < 2
         closed = [] if first else chat_ids(self.tokenizer, messages[:-1], enable_thinking, generation_prompt=False)
         closing = None if first else self._assistant_closing(messages)
-        if first or closing is None or full[: len(closed)] != closed:
-            self.ids = full  # a first turn, or a template that does not extend: the full rendering
+        if first or closing is None:
+            self.ids = full  # a first turn, or a template that does not show replies as is: the full rendering
+            return list(full)
+        turn = full[len(closed):] if full[: len(closed)] == closed else self._new_turn(messages, full, closing,
+                                                                                      enable_thinking)
+        if turn is None:
+            self.ids = full  # a template that does not extend: the full rendering (the cache serves its prefix)
             return list(full)
         if closing and self.ids[-1] == closing[0]:
             closing = closing[1:]  # the reply already ended with the template's end-of-turn token
-        self.ids = self.ids + closing + full[len(closed):]
+        self.ids = self.ids + closing + turn
         return list(self.ids)
+
+    def _new_turn(self, messages: list[dict[str, Any]], full: list[int], closing: list[int],
+                  enable_thinking: bool | None) -> list[int] | None:
+        """The new message's turn in ``full`` where the history renders differently once a question
+        follows it (Qwen3.5's template drops the last reply's <think> block then): what follows the
+        last assistant closing before the new message's text. A rendering with a stand-in question
+        shows where that text starts."""
+        from mtplx.engine.prompt_cache import common_prefix
+        from mtplx.generation.chat_template import chat_ids
+
+        if not closing:
+            return None
+        other = chat_ids(self.tokenizer, [*messages[:-1], {**messages[-1], "content": "\x00"}], enable_thinking,
+                         generation_prompt=True)
+        n = len(closing)
+        for i in range(common_prefix(full, other) - n, -1, -1):
+            if full[i:i + n] == closing:
+                return full[i + n:]
+        return None
 
     def add_reply(self, tokens: list[int]) -> None:
         """The reply's tokens as generated (its end-of-turn token included, if it has one)."""
