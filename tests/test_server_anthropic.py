@@ -117,7 +117,7 @@ BAD = [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}]}]}, 400,
      "invalid_request_error", "messages[0].content[0]"),
     ({"model": "demo", "max_tokens": 4, "messages": ASK, "tools": [
-        {"name": "f", "input_schema": {"type": "object"}}]}, 400, "invalid_request_error", "tools"),
+        {"name": "f", "input_schema": {"type": "object"}, "strict": True}]}, 400, "invalid_request_error", "strict"),
     ({"model": "demo", "max_tokens": 4, "messages": ASK, "contaner": "x"}, 400, "invalid_request_error", "contaner"),
     ({"model": "demo", "max_tokens": 2000, "messages": ASK, "thinking": {"type": "enabled", "budget_tokens": 10}},
      400, "invalid_request_error", "budget_tokens"),

@@ -70,7 +70,13 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
     # A request may ask for depth auto whatever the server's default, so its step costs are
     # measured (or read) now, never by the engine thread inside a running batch's step.
     if getattr(model, "has_mtp", False) and getattr(getattr(model, "trunk", None), "stage", None) is None:
-        step_costs(model)
+        try:
+            step_costs(model)
+        except Exception as e:  # noqa: BLE001 - a model whose passes fail: each request will say so
+            if core.depth == "auto":
+                raise
+            log.warning("mtplx: measuring step costs for depth auto failed (%s: %s); requests that ask for "
+                        "depth auto will fail", type(e).__name__, e)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
