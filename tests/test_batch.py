@@ -312,3 +312,41 @@ def test_a_ragged_pass_computes_each_row_as_alone_bit_for_bit(bf16, lengths):
         assert mx.array_equal(together[:, s:e], hidden).item()
         got, want = snapshot(c), snapshot(alone_cache)
         assert got.keys() == want.keys() and all(mx.array_equal(got[k], want[k]).item() for k in got)
+
+
+class _FailingPolicy:
+    """A depth-2 policy whose bookkeeping raises on its third step: host work of one row."""
+
+    max_depth = 2
+
+    def __init__(self):
+        self.steps = 0
+
+    def choose(self) -> int:
+        return 2
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.steps += 1
+        if self.steps == 3:
+            raise RuntimeError("this row's bookkeeping failed")
+
+
+def test_isolated_rows_a_failing_row_ends_alone(tiny) -> None:
+    """With isolate_rows (the server's decoder) a row whose own host work raises ends with the
+    error in row.error; its neighbours' tokens equal their solo tokens. Without it, it raises."""
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    solo = [run_batch(tiny, [RowRequest(p, 12, SAMPLED, depth=2, seed=i)])[1] for i, p in enumerate(prompts)]
+    decoder = BatchDecoder(tiny, max_batch=4, isolate_rows=True)
+    rows = [decoder.add(RowRequest(p, 12, SAMPLED, depth=_FailingPolicy() if i == 1 else 2, seed=i))
+            for i, p in enumerate(prompts)]
+    emitted = {r.id: [] for r in rows}
+    while len(decoder):
+        for row, e in decoder.step():
+            emitted[row.id].append(e)
+    assert isinstance(rows[1].error, RuntimeError) and rows[1].done
+    for i in (0, 2):
+        assert rows[i].error is None
+        assert [t for e in emitted[rows[i].id] for t in e.tokens] == \
+            [t for e in next(iter(solo[i].values())) for t in e.tokens]
+    with pytest.raises(RuntimeError, match="bookkeeping"):
+        run_batch(tiny, [RowRequest(prompts[1], 12, SAMPLED, depth=_FailingPolicy(), seed=1)])

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Any
 
 import mlx.core as mx
 
@@ -75,9 +76,15 @@ __all__ = ["BatchDecoder", "Emitted", "Row", "RowRequest"]
 
 class BatchDecoder:
     """Decodes up to ``max_batch`` rows together (more wait for a free slot, first come first
-    served). Rows join at the next :meth:`step` and leave when done or on :meth:`remove`."""
+    served). Rows join at the next :meth:`step` and leave when done or on :meth:`remove`.
 
-    def __init__(self, model: MTPModel, max_batch: int = 8, prefill_chunk: int = knobs.PREFILL_CHUNK):
+    ``isolate_rows``: a row's own host work after the shared passes (its acceptance, strict
+    greedy's settle, its logprobs, its budget and policy) that raises ends that row alone: the
+    row is done with the exception in ``row.error`` and the others' step completes unchanged
+    (the server). Off, the exception propagates (the one-row API and batch_generate raise it)."""
+
+    def __init__(self, model: MTPModel, max_batch: int = 8, prefill_chunk: int = knobs.PREFILL_CHUNK,
+                 isolate_rows: bool = False):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise MtplxError(f"max_batch must be an integer >= 1, got {max_batch!r}", fix="pass a positive integer")
         prefill_chunk = knobs.check("prefill_chunk", prefill_chunk)
@@ -87,6 +94,7 @@ class BatchDecoder:
         self.model = model
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.isolate_rows = isolate_rows
         self._active: list[Row] = []
         self._waiting: list[Row] = []
         self._ids = itertools.count()
@@ -192,24 +200,37 @@ class BatchDecoder:
         t2 = time.perf_counter()
         out: list[tuple[Row, Emitted]] = []
         for w in decoding:
-            out.append((w.row, self._accept(w, t1 - t0, t2 - t1)))
+            self._host(out, w, self._accept, t1 - t0, t2 - t1)
         unread = [w.row.feed for w in plain if w.row.unread]
         if unread:  # the previous step's tokens: waits for that step's pass only
             mx.eval(unread)
         t3 = time.perf_counter()
         for w in plain:
-            emitted = self._plain(w, t3 - t0)
-            if emitted is not None:
-                out.append((w.row, emitted))
+            self._host(out, w, self._plain, t3 - t0)
         for w in prefill:
             w.row.stats.seconds["prefill"] += t2 - t0
             if w.first is not None:
-                out.append((w.row, self._first(w)))
+                self._host(out, w, self._first)
         for row, _ in out:
             if row.budget.done:
                 self._active.remove(row)
                 self._finish(row)
         return out
+
+    def _host(self, out: list[tuple[Row, Emitted]], w: Work, work: Any, *args: Any) -> None:
+        """One row's host work after the shared passes, its emission appended to ``out``; with
+        ``isolate_rows`` an exception ends that row only (see the class docstring)."""
+        try:
+            emitted = work(w, *args)
+        except Exception as e:  # noqa: BLE001 - ends this row alone; the server reports it
+            if not self.isolate_rows:
+                raise
+            w.row.error = e
+            self._active.remove(w.row)
+            self._finish(w.row)
+            return
+        if emitted is not None:
+            out.append((w.row, emitted))
 
     def _prefill_work(self) -> list[Work]:
         """Prompt pieces this step feeds: whole pieces of the joining rows, first come first

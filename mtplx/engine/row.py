@@ -135,6 +135,7 @@ class Row:
         self.stats = DecodeStats(depth=self.depth, adaptive=not isinstance(self.policy, FixedDepth),
                                  prompt_tokens=len(request.prompt))
         self.done = False
+        self.error: BaseException | None = None  # what ended it, when its own host work raised (isolate_rows)
         self.cache: ModelCache | None = None
         self.emitted: list[int] = []
         params = request.params
