@@ -17,7 +17,7 @@ mtplx promises two things, and they are of different kinds:
   depth (a cache hit's first token comes from a one-token pass instead of the last row of a
   prefill; every later step is the same step code, see PROMPT_CACHE_TOKENS), and reports
   where the outputs part. On the demo on this 2-core CPU the whole check takes about two
-  minutes (README, "How exactness is tested").
+  minutes (docs/exactness.md).
   Underneath, the *arithmetic check* compares the logits of a T-row verify pass with T
   single-row decode steps over the same tokens (max abs difference per T, argmax agreement).
 

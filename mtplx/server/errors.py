@@ -145,6 +145,6 @@ def validation_error(request: Request, exc: RequestValidationError) -> APIError:
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if kind == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: '{param}'. mtplx does not support it "
-                             "(the README lists every supported field).", param=param, code="unsupported_parameter")
+                             "(docs/server.md lists every supported field).", param=param, code="unsupported_parameter")
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return APIError(400, f"Invalid value for '{param}': {msg}.", param=param, code="invalid_value")

@@ -3,7 +3,7 @@ server-sent events or returned whole.
 
 Every field of a request is either honoured or refused with a 400 that names it; none is
 silently dropped. A few fields that only label a request for OpenAI's own bookkeeping (``user``,
-``metadata``, ``service_tier``, ...) are accepted and have no effect; the README lists every
+``metadata``, ``service_tier``, ...) are accepted and have no effect; docs/server.md lists every
 field and what mtplx does with it. ``model`` may be omitted (the server's first name is used);
 a name the server does not answer to is a 404 ``model_not_found``. Validation failures are
 HTTP 400 in OpenAI's error shape, never FastAPI's 422.
