@@ -481,7 +481,8 @@ def test_start_in_a_real_terminal(tmp_path):
         t.wait_for("Now: plain AR (depth 0)")
         t.send("one more")
         text = t.wait(lambda s: "[AR | " in s and _at_prompt(s), "an AR reply")
-        assert re.search(r"\[AR \| \d+ tokens \| [\d.]+ tok/s \| acceptance - \| 1.00 tokens/step \| (length|stop)\]", text)
+        assert re.search(r"\[AR \| \d+ tokens \| [\d.]+ tok/s( \| \d+ of \d+ prompt tokens cached)? \| acceptance - \| "
+                             r"1.00 tokens/step \| (length|stop)\]", text)
 
         t.send("/stats")
         text = t.wait_for("replies |")

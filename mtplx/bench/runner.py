@@ -98,6 +98,8 @@ class BenchReport:
     cost: CostModel | None
     mlx_lm_tps: float | None
     device: str
+    # mlx_lm.generate's tok/s per prompt (the median of which is mlx_lm_tps), to pair with AR's runs.
+    mlx_lm_runs: list[float] = field(default_factory=list)
     # `mtplx doctor --exactness`'s saved verdict for this artifact on this machine, if it ran.
     exactness: dict[str, Any] | None = None
     # Strict greedy's runs by depth (MTP depths only), its margin, and per depth whether every
@@ -118,6 +120,18 @@ class BenchReport:
         """The fastest fixed depth of this run (AR included)."""
         fixed = [d for d in self.results if isinstance(d, int)]
         return max(fixed, key=lambda d: self.results[d].median_tps) if fixed else None
+
+    def ratios(self, a: Depth, b: Depth) -> list[float]:
+        """``a``'s tok/s over ``b``'s, run by run: the same prompt, round and seed (runs are
+        recorded in the same order for every depth), so the prompt's own speed cancels and what
+        is left is the difference plus the machine's noise."""
+        return [x / y for x, y in zip(self.results[a].tps, self.results[b].tps) if y > 0]
+
+    def beats(self, a: Depth, b: Depth) -> bool:
+        """Whether ``a`` is faster than ``b`` in every paired run (two runs at least): a gap the
+        runs' spread does not cover. One run has no spread to judge noise by."""
+        r = self.ratios(a, b)
+        return len(r) >= 2 and min(r) > 1.0
 
     def bound(self, depth: Depth) -> float | None:
         if self.cost is None or not isinstance(depth, int) or depth + 1 not in self.cost.verify_ms:
@@ -147,11 +161,21 @@ class BenchReport:
             vs_best = auto.median_tps / self.results[best].median_tps
             vs_ar = f"{self.speedup('auto'):.2f}x AR, " if 0 in self.results else ""
             lines.append(f"Depth auto chose {auto.mix_text or '-'}: {vs_ar}{vs_best:.2f}x the best fixed depth of "
-                         f"this run ({'AR' if best == 0 else f'depth {best}'}).")
+                         f"this run ({'AR' if best == 0 else f'depth {best}'})"
+                         + "".join(f"; {n}" for n in (self._noise("auto", 0, "AR") if 0 in self.results else None,
+                                                     self._noise("auto", best, "the best fixed depth")
+                                                     if best != 0 else None) if n) + ".")
         if self.results.get(0) and self.mlx_lm_tps:
-            lines.append(f"mtplx AR runs at {self.results[0].median_tps / self.mlx_lm_tps:.3f}x mlx_lm.generate "
-                         f"({self.mlx_lm_tps:.2f} tok/s) on the same trunk and sampler.")
+            ar = self.results[0]
+            ratio = ar.median_tps / self.mlx_lm_tps
+            per_run = [t / ref for t, ref in zip(ar.tps, self.mlx_lm_runs * self.rounds) if ref > 0]
+            noise = noise_note(per_run, "mlx_lm.generate")
+            lines.append(f"mtplx AR runs at {ratio:.3f}x mlx_lm.generate ({self.mlx_lm_tps:.2f} tok/s) on the same "
+                         f"trunk and sampler" + (f"; {noise}" if noise else "") + ".")
         return lines
+
+    def _noise(self, a: Depth, b: Depth, name: str) -> str | None:
+        return noise_note(self.ratios(a, b), name)
 
     def table(self) -> str:
         head = (f"{'depth':>5} {'tok/s':>8} {'spread':>13} {'vs AR':>6} {'tok/step':>8} {'bound':>6} {'reached':>7}  "
@@ -200,6 +224,7 @@ class BenchReport:
             "prompts": self.prompts,
             "rounds": self.rounds,
             "mlx_lm_generate_tps": self.mlx_lm_tps,
+            "mlx_lm_generate_tps_per_prompt": [round(x, 3) for x in self.mlx_lm_runs],
             "cost_model": self.cost.as_dict() if self.cost else None,
             "depths": {
                 str(d): {
@@ -233,9 +258,24 @@ class BenchReport:
         }
 
 
+def noise_note(ratios: list[float], name: str) -> str | None:
+    """What a speed ratio against ``name`` may be read as, from its run-by-run ratios: None when
+    every run agrees on the side of 1.0 (a verdict), else that the difference is within the
+    runs' noise, with their range, so a loaded machine's numbers do not read as a verdict."""
+    if not ratios:
+        return None
+    if len(ratios) < 2:
+        return f"one run against {name}, no spread to tell a difference from noise (add --rounds)"
+    lo, hi = min(ratios), max(ratios)
+    if lo <= 1.0 <= hi:
+        return (f"within noise: run by run it ranged {lo:.2f}-{hi:.2f}x {name}, "
+                f"on both sides of 1.00x, so this is no verdict")
+    return None
+
+
 def mlx_lm_reference(model: MTPModel, tokenizer: Any, prompts: list[list[int]], params: SamplingParams,
-                     max_tokens: int) -> float:
-    """mlx_lm.stream_generate's own generation tok/s on the same trunk (median over prompts).
+                     max_tokens: int) -> list[float]:
+    """mlx_lm.stream_generate's own generation tok/s on the same trunk, per prompt.
 
     Its sampler filters in another order, which changes the law, not the cost: speed only."""
     from mlx_lm import stream_generate
@@ -249,7 +289,7 @@ def mlx_lm_reference(model: MTPModel, tokenizer: Any, prompts: list[list[int]], 
             pass
         if last is not None:
             rates.append(last.generation_tps)
-    return statistics.median(rates) if rates else 0.0
+    return rates
 
 
 def run_bench(
@@ -315,11 +355,12 @@ def run_bench(
     if cost_model:
         deepest = max(knobs.AUTO_MAX_DEPTH if d == knobs.AUTO else d for d in depths)
         cost = measure(model, encoded[0], deepest + 1)
-    ref = mlx_lm_reference(model, tokenizer, encoded, params, max_tokens) if reference and 0 in depths else None
+    ref_runs = mlx_lm_reference(model, tokenizer, encoded, params, max_tokens) if reference and 0 in depths else []
+    ref = statistics.median(ref_runs) if ref_runs else None
     from mtplx.core.config import exactness_verdict
 
     return BenchReport(model=model_name, params=params, max_tokens=max_tokens, prompts=len(encoded), rounds=rounds,
-                       results=results, cost=cost, mlx_lm_tps=ref, device=device_name(),
+                       results=results, cost=cost, mlx_lm_tps=ref, mlx_lm_runs=ref_runs, device=device_name(),
                        exactness=exactness_verdict(model), strict=strict, strict_margin=strict_margin,
                        strict_same=same)
 

@@ -297,6 +297,27 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
     write_json(data, json_out)
 
 
+def tuned_choice(report, best: int, min_gain: float) -> tuple[int | str, float, str]:
+    """The depth tune saves, its median gain over auto, and why auto stays when it does.
+
+    A fixed depth is saved only if it beats auto by --min-gain and in every paired run (same
+    prompt, round and seed): a median gain the runs' spread covers is noise, and pinning on
+    noise is what saved plain AR while auto itself was running depth 0 throughout."""
+    auto = report.results[knobs.AUTO]
+    gain = report.results[best].median_tps / auto.median_tps if auto.median_tps else float("inf")
+    mix = auto.depth_mix
+    if mix and max(mix) == 1.0 and mix.index(1.0) == best:
+        return knobs.AUTO, gain, f"is what auto already ran at every step here ({auto.mix_text})"
+    if gain < min_gain:
+        return knobs.AUTO, gain, f"is {gain:.2f}x auto, not the {min_gain:.2f}x --min-gain asks"
+    if not report.beats(best, knobs.AUTO):
+        ratios = report.ratios(best, knobs.AUTO)
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "-"
+        return knobs.AUTO, gain, (f"is {gain:.2f}x auto, within the runs' spread ({spread} run by run; "
+                                  "more --rounds narrow it)")
+    return best, gain, ""
+
+
 @click.command("tune")
 @model_option
 @click.option("--max-depth", type=int, default=3, show_default=True, callback=_max_depth,
@@ -345,9 +366,7 @@ def tune(model_ref, max_depth, max_tokens, rounds, min_gain, force, json_out, ye
     click.echo(report.table())
     click.echo(law.table())
     best = report.best_fixed()
-    auto_tps = report.results[knobs.AUTO].median_tps
-    gain = report.results[best].median_tps / auto_tps if auto_tps else float("inf")
-    chosen = best if gain >= min_gain else knobs.AUTO
+    chosen, gain, why = tuned_choice(report, best, min_gain)
     record = {"depth": chosen, "best_fixed_depth": best, "speedup": round(report.speedup(best), 4),
               "auto_speedup": round(report.speedup(knobs.AUTO), 4), "draft_temperature": draft_temps,
               "measured_at": now(), "device": report.device, "max_tokens": max_tokens}
@@ -355,7 +374,7 @@ def tune(model_ref, max_depth, max_tokens, rounds, min_gain, force, json_out, ye
     mix = report.results[knobs.AUTO].mix_text
     if chosen == knobs.AUTO:
         click.echo(f"Saved depth auto for {model_ref} in {path}: {report.speedup(knobs.AUTO):.2f}x AR here ({mix}); "
-                   f"the best fixed depth ({best}) is not {min_gain:.2f}x better.")
+                   f"the best fixed depth ({best}) {why}.")
     else:
         click.echo(f"Saved depth {best} for {model_ref} in {path}: {gain:.2f}x depth auto here "
                    f"({'plain AR' if best == 0 else f'{report.speedup(best):.2f}x AR'}).")

@@ -10,6 +10,7 @@ the context offers to start a new conversation with that message.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, TextIO
@@ -18,6 +19,7 @@ import click
 
 from mtplx.core import knobs
 from mtplx.cli.options import format_status
+from mtplx.cli.prefill_progress import PrefillBar
 from mtplx.engine.stats import AcceptanceTally
 from mtplx.errors import ContextOverflowError, MtplxError
 
@@ -31,6 +33,9 @@ REPLY = "mtplx> "
 GOODBYE = "Bye."
 INTERRUPT_HINT = "(Ctrl-C stops a reply while it streams; type /quit or press Ctrl-D to leave)"
 NEW_CONVERSATION = "Start a new conversation with this message? [Y/n] "
+# A turn that prefilled at least this many tokens measures the prefill rate (a few tokens' time is
+# mostly fixed costs, and would make the next long prefill's estimate far too long).
+MEASURED_PREFILL = 64
 
 HELP = """\
 Commands:
@@ -105,6 +110,9 @@ class ChatSession:
     # an interrupted one loads them; None: memory only. run_chat makes ``prompt_caches`` from it.
     prompt_cache_dir: Any = None
     prompt_caches: Any = None
+    # Prompt tokens per second prefilled on an earlier turn: what a long prefill's bar estimates
+    # with (mtplx/cli/prefill_progress.py); None until a turn prefilled enough to measure.
+    prefill_rate: float | None = None
 
     @property
     def has_mtp(self) -> bool:
@@ -201,9 +209,16 @@ class ChatSession:
             if self.prompt_caches is not None:  # memory, else disk, else a new cache
                 self.prompt_cache = self.prompt_caches.checkout(prompt)
             cache = {"prompt_cache": self.prompt_cache}
-        for r in generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens,
-                          temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, depth=self.depth,
-                          seed=self.seed, enable_thinking=self.thinking, **cache):
+        todo = (len(prompt) - self.prompt_cache.reusable(prompt)
+                if self.conversation is not None and self.prompt_cache is not None else 0)
+        responses = iter(generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens,
+                                  temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, depth=self.depth,
+                                  seed=self.seed, enable_thinking=self.thinking, **cache))
+        with PrefillBar(todo, self.prefill_rate) as bar:
+            first = next(responses, None)  # the prefill happens here, before the first token
+        if bar.shown:  # the bar drew over the reply's prefix and erased its line: put the prefix back
+            click.echo(click.style(REPLY, fg="cyan"), nl=False)
+        for r in itertools.chain([] if first is None else [first], responses):
             parts.append(r.text)
             if self.conversation is not None:
                 tokens += r.tokens
@@ -219,6 +234,8 @@ class ChatSession:
             self.conversation.add_reply(tokens)
         if last is not None:
             self.totals.add(last.stats)
+            if last.stats.prompt_tokens - last.stats.cached_tokens >= MEASURED_PREFILL:
+                self.prefill_rate = last.stats.prefill_tokens_per_second or self.prefill_rate
             click.echo(click.style(format_status(last), dim=True))
         return last
 

@@ -152,6 +152,20 @@ def saved_depths(info: Any) -> tuple[int | str | None, int]:
     return tuned, max(fixed, 1)
 
 
+def verdict(info: Any) -> str:
+    """The inspection's verdict, with the default depth it names being the one this machine will
+    use: what `mtplx tune` saved where it saved a fixed depth (`start` and `run` default to it)."""
+    text = info.verdict
+    try:
+        tuned, _ = saved_depths(info)
+    except MtplxError:  # a damaged tuned entry: the load says so, naming the file
+        return text
+    if isinstance(tuned, int):
+        saved = "plain AR (depth 0)" if tuned == 0 else f"depth {tuned}"
+        text = text.replace("depth auto", f"{saved}, saved by `mtplx tune`", 1)
+    return text
+
+
 def report_and_check(info: Any, *, ar_only: bool, yes: bool) -> None:
     """Print what will happen; raise MtplxError (one paragraph, no traceback) if it cannot run."""
     a = info.architecture
@@ -167,7 +181,7 @@ def report_and_check(info: Any, *, ar_only: bool, yes: bool) -> None:
                + ("" if info.contract_valid is not False else "  (contract INVALID: MTP refused)"))
     click.echo(f"  memory:       needs ~{_size(need)} (weights {_size(info.weights_bytes)} + 20%), "
                f"this machine offers {_size(info.memory_bytes)}")
-    click.echo(f"  verdict:      {info.verdict}")
+    click.echo(f"  verdict:      {verdict(info)}")
     if info.kind == "hf-checkpoint":
         raise MtplxError(f"{info.ref} is an original checkpoint: its MTP head has to be grafted onto an MLX trunk "
                          f"before mtplx can run it", fix=f"run `{graft_command(info.ref)}`, then "

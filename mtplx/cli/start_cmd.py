@@ -22,6 +22,8 @@ from mtplx.cli.options import knob
 @click.option("--thinking/--no-thinking", default=None, help="Skip the thinking question.")
 @click.option("--surface", type=click.Choice(["chat", "serve"]), default=None,
               help="Skip the surface question: chat in this terminal, or run the API server.")
+@click.option("--port", "-p", type=click.IntRange(1, 65535), default=None,
+              help="The API server's port (default 8000, as `mtplx serve`); implies --surface serve.")
 @click.option("--temperature", "-t", type=float, default=None, callback=knob("temperature"),
               help="Sampling temperature (default: the contract's).")
 @click.option("--top-p", type=float, default=None, callback=knob("top_p"), help="Nucleus filter (default: the contract's).")
@@ -36,7 +38,7 @@ from mtplx.cli.options import knob
 @click.option("--yes", "-y", is_flag=True, help="Accept every default without asking (demo, MTP, chat, thinking off).")
 @click.pass_context
 def start(ctx: click.Context, model_ref: str | None, depth: int | str | None, no_mtp: bool, thinking: bool | None,
-          surface: str | None, temperature: float | None, top_p: float | None, top_k: int | None,
+          surface: str | None, port: int | None, temperature: float | None, top_p: float | None, top_k: int | None,
           max_tokens: int, seed: int | None, prompt_cache_dir: str | None, yes: bool) -> None:
     """Interactive launcher: choose a model, a decoding mode and thinking, check that the model
     fits, then chat in this terminal or start the API server. Every question has a flag that
@@ -45,15 +47,20 @@ def start(ctx: click.Context, model_ref: str | None, depth: int | str | None, no
 
     if no_mtp and depth not in (None, 0):
         raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
+    if port is not None:  # a port means the server: the chat has none
+        if surface == "chat":
+            raise click.UsageError("--port is the API server's; the chat listens on none: drop --port or "
+                                   "pass --surface serve")
+        surface = "serve"
     p = make_plan(model_ref=model_ref, depth=depth, no_mtp=no_mtp, thinking=thinking, surface=surface, yes=yes)
     if p.surface == "serve":
-        _serve(ctx, p.ref, p.depth)
+        _serve(ctx, p.ref, p.depth, port)
         return
     _chat(p, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed,
           prompt_cache_dir=prompt_cache_dir)
 
 
-def _serve(ctx: click.Context, ref: str, depth: int | str | None) -> None:
+def _serve(ctx: click.Context, ref: str, depth: int | str | None, port: int | None = None) -> None:
     # Imported late: `mtplx serve` is optional and its module may be missing or broken.
     try:
         from mtplx.cli.serve_cmd import serve
@@ -63,7 +70,10 @@ def _serve(ctx: click.Context, ref: str, depth: int | str | None) -> None:
         raise MtplxError(f"the API server is not available in this installation ({e})",
                          fix="choose 'Chat in this terminal', or install a version of mtplx with `mtplx serve`") from None
     click.echo("Starting the API server (sampling and thinking are set per request) ...")
-    ctx.invoke(serve, model_ref=ref, depth=None if depth == 0 else depth, no_mtp=depth == 0)
+    # serve's own port check runs before the model loads, and its "choose another --port" is
+    # start's --port too.
+    extra = {} if port is None else {"port": port}
+    ctx.invoke(serve, model_ref=ref, depth=None if depth == 0 else depth, no_mtp=depth == 0, **extra)
 
 
 def _chat(p, *, temperature: float | None, top_p: float | None, top_k: int | None, max_tokens: int,
