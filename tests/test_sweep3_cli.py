@@ -198,3 +198,30 @@ def test_prefill_that_outlasts_a_second_shows_a_bar_even_without_an_estimate(dem
     s.reply("quick", mtplx.stream_generate)
     if time.perf_counter() - t0 < 0.9:  # under a second (unless the machine is loaded): nothing drawn
         assert "prefill of" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- row 14: long runs say what they will take
+
+def test_bench_announces_its_runs_and_an_estimate_before_timing(demo):
+    from mtplx.bench.runner import run_bench
+
+    model, tok = demo
+    lines: list[str] = []
+    report = run_bench(model, tok, ["Hello", "def f("], [0, 1], 4, SamplingParams(temperature=0.0), rounds=1,
+                       cost_model=False, reference=False, progress=lines.append)
+    assert re.fullmatch(r"4 timed runs of 4 tokens: about \d+ s on this machine \(from 8 tokens at depth 0; .*\)",
+                        lines[0])
+    assert len(lines) == 5 and all(x.startswith("round 1/1 prompt") for x in lines[1:])  # no bar off a terminal
+    assert len(report.results[1].runs) == 2
+    silent = run_bench(model, tok, ["Hello"], [0], 4, SamplingParams(temperature=0.0), cost_model=False,
+                       reference=False)  # no progress: nothing said, nothing drawn
+    assert len(silent.results[0].runs) == 1
+
+
+def test_concurrency_join_is_off_unless_asked(tmp_path):
+    from click.testing import CliRunner
+
+    from mtplx.cli.app import cli
+
+    help_text = CliRunner().invoke(cli, ["bench", "--help"]).output
+    assert re.search(r"--join-tokens INTEGER RANGE\s+.*\(0: skip;.*\[default: 0;", help_text.replace("\n", " "))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Union
@@ -258,6 +259,34 @@ class BenchReport:
         }
 
 
+def _announce(model: MTPModel, ids: list[int], params: SamplingParams, draft_params: SamplingParams | None,
+              seed: int, depth: Depth, runs: int, max_tokens: int, reference_runs: int,
+              progress: Callable[[str], None] | None) -> Any:
+    """Say up front how long the timed runs will take, and return a tqdm bar over them (None
+    without ``progress``: the API stays silent). The estimate times 8 tokens at the first depth
+    once warm; other depths run faster or slower, so it is a scale, not a promise."""
+    if progress is None:
+        return None
+    import time
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    for _ in Engine(model, depth_policy(model, depth, params), params, draft_params, seed).generate(ids, 8):
+        pass
+    per_token = (time.perf_counter() - t0) / 8
+    total = (runs + reference_runs) * max_tokens * per_token
+    reference = f" and {reference_runs} of mlx_lm.generate" if reference_runs else ""
+    progress(f"{runs} timed runs of {max_tokens} tokens{reference}: about {_duration(total)} on this machine "
+             f"(from 8 tokens at depth {depth}; the cost model adds a few seconds)")
+    # disable=None: no bar where standard error is not a terminal (a log keeps its one line per run).
+    return tqdm(total=runs, desc="bench", unit="run", file=sys.stderr, disable=None, leave=False)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 def noise_note(ratios: list[float], name: str) -> str | None:
     """What a speed ratio against ``name`` may be read as, from its run-by-run ratios: None when
     every run agrees on the side of 1.0 (a verdict), else that the difference is within the
@@ -331,6 +360,10 @@ def run_bench(
                             strict_greedy=margin).generate(encoded[0], 8):
                 pass
     order = list(depths)
+    runs = rounds * len(encoded) * sum(len(v) for v in variants.values())
+    bar = _announce(model, encoded[0], params, draft_params, seed, depths[0], runs, max_tokens,
+                    len(encoded) if reference and 0 in depths else 0, progress)
+    say = progress if bar is None or bar.disable else (lambda text: bar.write(text, file=sys.stderr))
     for r in range(rounds):
         for i, ids in enumerate(encoded):
             for d in order:
@@ -348,9 +381,13 @@ def run_bench(
                         same[d] = same[d] and tokens == plain_tokens
                     if progress:
                         label = "" if margin is None else " strict"
-                        progress(f"round {r + 1}/{rounds} prompt {i + 1}/{len(encoded)} depth {d}{label}: "
-                                 f"{engine.stats.tokens_per_second:.2f} tok/s")
+                        say(f"round {r + 1}/{rounds} prompt {i + 1}/{len(encoded)} depth {d}{label}: "
+                            f"{engine.stats.tokens_per_second:.2f} tok/s")
+                    if bar is not None:
+                        bar.update(1)
             order = order[1:] + order[:1]
+    if bar is not None:
+        bar.close()
     cost = None
     if cost_model:
         deepest = max(knobs.AUTO_MAX_DEPTH if d == knobs.AUTO else d for d in depths)
