@@ -37,10 +37,12 @@ NEAR_TIE = 0.05
 # backend, but a GPU's kernels may round pieces of different sizes differently).
 PREFILL_CHUNK = 2048
 MAX_PREFILL_CHUNK = 1 << 16
+# The most tokens one step may copy from the context (mtplx.engine.lookup; the ceiling).
+MAX_LOOKUP = 32
 
 # What a knob is when neither the request nor the artifact's contract sets it: the one place
 # these numbers are written (CLI help, API, chat, graft, the probe and legacy contracts read it).
-DEFAULTS: dict[str, Any] = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0, "depth": AUTO}
+DEFAULTS: dict[str, Any] = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0, "depth": AUTO, "lookup": AUTO}
 # The fixed depth a new artifact's contract records (what "MTP at a depth I choose" starts at).
 CONTRACT_DEPTH = 2
 
@@ -116,6 +118,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("min_p", float, 0.0, 1.0, meaning=" (0 disables it)"),
     Knob("seed", int, 0, MAX_SEED, high_text="2**64-1"),
     Knob("prefill_chunk", int, 1, MAX_PREFILL_CHUNK, meaning=" (prompt tokens per prefill pass)"),
+    Knob("lookup", int, 0, MAX_LOOKUP, words=(AUTO,),
+         meaning=" (tokens copied from the context per step: 0 = off, 'auto' = chosen each step by cost and acceptance)"),
 )}
 
 

@@ -56,6 +56,7 @@ import mlx.core as mx
 
 from mtplx.core import knobs
 from mtplx.engine import steps, strict
+from mtplx.engine.lookup import AUTO, one_hot
 from mtplx.engine.row import (
     Emitted,
     Row,
@@ -116,6 +117,7 @@ class BatchDecoder:
         model = self.model
         request.prompt = check_prompt(model, request.prompt)
         check_depth(model, request.depth)
+        request.lookup = knobs.check("lookup", request.lookup)
         if request.prompt_cache is not None:
             request.prompt_cache.check_model(model)
             if any(r.request.prompt_cache is request.prompt_cache for r in self.rows):
@@ -129,8 +131,14 @@ class BatchDecoder:
         # runs the pipelined plain lane (_plain). A strict-greedy one only where every pass has
         # one row (max_batch 1): in a batch its token comes from a multi-row pass, which strict.py
         # must check.
-        row.plain = (row.depth == 0 and request.constraint is None
+        # A forced lookup (an integer) needs the speculative step to verify its copies; "auto"
+        # copies only where the row speculates anyway (the plain lane is the cheaper loop).
+        forced = row.lookup.active and request.lookup != AUTO
+        row.plain = (row.depth == 0 and request.constraint is None and not forced
                      and (not strict.active(row) or self.max_batch == 1))
+        if row.plain or request.constraint is not None:
+            # A grammar's draft mask is built along the head's drafts: rows under one copy nothing.
+            row.lookup.max_copy = 0
         if row.budget.done:
             row.done = True
             return row
@@ -191,7 +199,7 @@ class BatchDecoder:
         t0 = time.perf_counter()
         ready = [r for r in self._active if not r.prefilling]
         # A step emits at most depth + 1 tokens: drafting more than the budget's last token needs is waste.
-        decoding = [Work(r, depth=min(r.policy.choose(), r.budget.remaining - 1)) for r in ready if not r.plain]
+        decoding = [self._plan(r) for r in ready if not r.plain]
         plain = [Work(r) for r in ready if r.plain]
         prefill = self._prefill_work()
         self._draft(decoding)
@@ -232,6 +240,17 @@ class BatchDecoder:
         if emitted is not None:
             out.append((w.row, emitted))
 
+    @staticmethod
+    def _plan(row: Row) -> Work:
+        """The row's drafts this step: copied from its context (lookup.py) or the head's depth.
+        Decided from committed tokens and past acceptance only, before any of the step's draws."""
+        room = row.budget.remaining - 1
+        depth = min(row.policy.choose(), room)
+        copy = row.lookup.choose(room, row.policy, depth) if row.lookup.active else []
+        if copy:
+            return Work(row, depth=len(copy), copy=copy)
+        return Work(row, depth=depth)
+
     def _prefill_work(self) -> list[Work]:
         """Prompt pieces this step feeds: whole pieces of the joining rows, first come first
         served, up to ``prefill_chunk`` tokens in all (at least one piece), so a step's cost is
@@ -250,9 +269,10 @@ class BatchDecoder:
         """Draft passes over the rows: pass k feeds every row drafting at least k tokens."""
         model = self.model
         vocab, subset = model.vocab_size, model.draft_vocab
-        feed = {id(w): (w.row.cache.backlog, mx.array([w.row.cache.backlog_tokens + [w.row.pending]])) for w in work}
-        for k in range(1, max((w.depth for w in work), default=0) + 1):
-            group = [w for w in work if w.depth >= k]
+        heads = [w for w in work if w.copy is None]
+        feed = {id(w): (w.row.cache.backlog, mx.array([w.row.cache.backlog_tokens + [w.row.pending]])) for w in heads}
+        for k in range(1, max((w.depth for w in heads), default=0) + 1):
+            group = [w for w in heads if w.depth >= k]
             logits, chain = model.draft_rows([feed[id(w)][0] for w in group], [feed[id(w)][1] for w in group],
                                              [w.row.cache for w in group])
             for j, w in enumerate(group):
@@ -271,7 +291,10 @@ class BatchDecoder:
                 feed[id(w)] = (chain[:, j : j + 1], d[None])
         drafted = []
         for w in work:
-            if w.depth:
+            if w.copy is not None:  # copied drafts: no head pass; q is one-hot over all V tokens
+                w.draft_tokens, w.q = mx.array(w.copy, dtype=mx.int32), one_hot(w.copy, vocab)
+                drafted += [w.draft_tokens, w.q]
+            elif w.depth:
                 w.draft_tokens, w.q = mx.concatenate(w.drafts), mx.concatenate(w.qs)
                 drafted += [w.draft_tokens, w.q]
             else:  # a plain step: nothing drafted; the head's rows wait in the backlog
@@ -393,6 +416,8 @@ class BatchDecoder:
             row.feed, row.unread = mx.array([row.pending], dtype=mx.int32), False
         row.count_step(0, 0, emitted)
         row.emitted += emitted
+        if row.lookup.active:
+            row.lookup.start(row.request.prompt + emitted)
         return Emitted(emitted, 0, 0, w.lp.take(emitted))
 
     def _plain(self, w: Work, step_s: float) -> Emitted | None:
@@ -441,10 +466,17 @@ class BatchDecoder:
         # caches hold exactly the tokens emitted.
         committed = min(a, len(emitted))
         cache = row.cache
+        copied = w.copy is not None
         if w.record is not None:  # (None: strict.settle committed the caches itself)
-            steps.commit(cache, w.record, accepted=committed)
+            steps.commit(cache, w.record, accepted=committed, head=not copied)
         if model.has_mtp:
-            if w.depth:
+            if copied:
+                # The head consumed nothing this step: every committed position (the pending
+                # token's and the accepted copies') joins the backlog, as plain steps would add
+                # them one by one, so the next draft leaves the head's cache as a head step would.
+                if row.keeps_head:
+                    extend_backlog(model, cache, w.hidden[:, : committed + 1], [row.pending] + proposed[:committed])
+            elif w.depth:
                 cache.backlog, cache.backlog_tokens = w.hidden[:, : committed + 1], proposed[:committed]
             elif row.keeps_head:  # nothing drafted, so the head consumed no rows: this position joins the backlog
                 extend_backlog(model, cache, w.hidden[:, :1], row.pending)
@@ -459,9 +491,13 @@ class BatchDecoder:
         if matched > a and len(emitted) == len(proposed):
             # Strict greedy stopped the step at a near-tie the draft won: no budget or EOS cut, so
             # every draft the verify accepted counts (count_step would count only those emitted).
-            row.stats.record_step(w.depth, matched, len(emitted))
+            row.stats.record_step(w.depth, matched, len(emitted), copied)
         else:
-            row.count_step(w.depth, matched, emitted)
-        row.policy.observe(w.depth, matched)
+            row.count_step(w.depth, matched, emitted, copied)
+        if copied:
+            row.lookup.observe(w.depth, matched)
+        else:
+            row.policy.observe(w.depth, matched)
+        row.lookup.extend(emitted)
         row.emitted += emitted
         return Emitted(emitted, w.depth, a, w.lp.take(emitted))

@@ -21,11 +21,12 @@ from mtplx.model.mtp_model import ModelCache
 from mtplx.model.trunk import VerifyRecord, materialize
 
 
-def commit(cache: ModelCache, record: VerifyRecord, accepted: int) -> None:
+def commit(cache: ModelCache, record: VerifyRecord, accepted: int, head: bool = True) -> None:
     """Keep the verified block up to position ``accepted`` (the first ``accepted`` drafts
     after the pending token) and drop the head rows the drafts after the first one added.
     ``accepted = -1`` keeps none of the block, not even the pending token (strict greedy
-    decides it again with a one-row pass: engine/strict.py)."""
+    decides it again with a one-row pass: engine/strict.py). ``head`` False: the drafts were
+    copied from the context (engine/lookup.py), the head added no rows, none are dropped."""
     record.accepted = accepted  # a distributed leader sends this to the ranks holding the other layers
     drafted = record.tokens - 1
     rejected = drafted - accepted
@@ -35,7 +36,7 @@ def commit(cache: ModelCache, record: VerifyRecord, accepted: int) -> None:
                 c.trim(rejected)
         for i, layer_record in record.layers.items():
             layer_record.rollback(cache.trunk[i], keep=accepted + 1)
-    if drafted > 1:
+    if drafted > 1 and head:
         for c in cache.head:
             c.trim(drafted - 1)
 

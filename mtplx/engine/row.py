@@ -15,6 +15,7 @@ import mlx.core as mx
 from mtplx.core import knobs
 from mtplx.engine.constraints import Constraint
 from mtplx.engine.logprobs import LogprobReader, LogprobRows, TokenLogprob
+from mtplx.engine.lookup import Lookup
 from mtplx.engine.policy import DepthPolicy, FixedDepth, as_policy
 from mtplx.engine.prompt_cache import PromptCache
 from mtplx.engine.sampling import Rng, SamplingParams, acceptance_arrays
@@ -92,10 +93,11 @@ def check_depth(model: MTPModel, depth: int | DepthPolicy) -> DepthPolicy:
 BACKLOG_FLUSH = 8
 
 
-def extend_backlog(model: MTPModel, cache: ModelCache, hidden: mx.array, token: int) -> None:
-    """Append one committed position (its head-input hidden; ``token`` is the one it followed)."""
+def extend_backlog(model: MTPModel, cache: ModelCache, hidden: mx.array, token: int | list[int]) -> None:
+    """Append committed positions (their head-input hiddens ``[1, r, H]``; ``token``: the r
+    tokens they followed, or the one for r = 1)."""
     cache.backlog = mx.concatenate([cache.backlog, hidden], axis=1)
-    cache.backlog_tokens = cache.backlog_tokens + [token]
+    cache.backlog_tokens = cache.backlog_tokens + ([token] if isinstance(token, int) else list(token))
     if cache.backlog.shape[1] > BACKLOG_FLUSH:
         model.fill_head(cache.backlog[:, :-1], mx.array([cache.backlog_tokens]), cache)
         cache.backlog, cache.backlog_tokens = cache.backlog[:, -1:], []
@@ -121,6 +123,8 @@ class RowRequest:
     # Strict greedy (strict.py): the top-2 margin at or under which a greedy token decided by a
     # verify row is decided again by a one-row pass; None: off. No effect at temperature > 0.
     strict_greedy: float | None = None
+    # Drafts copied from the context (lookup.py): 0 off, N up to N tokens a step, "auto".
+    lookup: int | str = 0
 
 
 class Row:
@@ -145,6 +149,7 @@ class Row:
         self.logprobs = LogprobReader(request.logprobs, model.vocab_size)
         self.budget = Budget(min(request.max_tokens, model.max_context - len(request.prompt)), set(request.eos))
         self.constraint = request.constraint
+        self.lookup = Lookup(request.lookup)
         # The acceptance rule's device side, swappable so tests can prove they detect a biased one.
         self.acceptance_arrays = acceptance_arrays
         self.pending: int | None = None  # sampled and emitted, not yet fed to the trunk
@@ -175,11 +180,11 @@ class Row:
             return self.request.prompt[:done]
         return self.request.prompt + self.fed
 
-    def count_step(self, drafted: int, accepted: int, kept: list[int]) -> None:
+    def count_step(self, drafted: int, accepted: int, kept: list[int], copied: bool = False) -> None:
         """Record a step in the row's stats. A step cut short by the budget or EOS counts only
         the drafts that reached the output: ``kept`` is the accepted drafts, then the step's own
         token; a cut inside the drafts leaves only drafts, all accepted."""
-        self.stats.record_step(drafted, min(accepted, len(kept)), len(kept))
+        self.stats.record_step(drafted, min(accepted, len(kept)), len(kept), copied)
 
     def __repr__(self) -> str:
         state = "done" if self.done else ("prefill" if self.prefilling else "decode")
@@ -205,3 +210,4 @@ class Work:
     first: mx.array | None = None  # prefill rows whose prompt ends here: the first token
     next: mx.array | None = None  # plain rows: the token sampled after the fed one
     margins: mx.array | None = None  # strict greedy: each verify row's top-2 margin
+    copy: list[int] | None = None  # drafts copied from the context (lookup.py) instead of the head's

@@ -28,7 +28,8 @@ __all__ = ["Emitted", "Engine"]
 class Engine:
     """Decodes one sequence at a time. ``depth`` is a pinned integer (0 = plain AR) or a
     :class:`~mtplx.engine.policy.DepthPolicy` asked before every step. ``prefill_chunk``: prompt
-    tokens per prefill pass (:data:`mtplx.core.knobs.PREFILL_CHUNK` by default)."""
+    tokens per prefill pass (:data:`mtplx.core.knobs.PREFILL_CHUNK` by default); ``lookup``: drafts
+    copied from the context (:mod:`mtplx.engine.lookup`)."""
 
     def __init__(
         self,
@@ -41,6 +42,7 @@ class Engine:
         logprobs: int | None = None,
         strict_greedy: float | None = None,
         prefill_chunk: int = knobs.PREFILL_CHUNK,
+        lookup: int | str = 0,
     ):
         self.policy = check_depth(model, depth)
         self.model = model
@@ -63,6 +65,8 @@ class Engine:
         # Strict greedy's margin (engine/strict.py; None: off).
         self.strict_greedy = strict_greedy
         self.prefill_chunk = knobs.check("prefill_chunk", prefill_chunk)
+        # Drafts copied from the context (engine/lookup.py): 0 off, N up to N a step, "auto".
+        self.lookup = knobs.check("lookup", lookup)
 
     def generate(self, prompt: list[int], max_tokens: int, eos: Iterable[int] = (),
                  prompt_cache: PromptCache | None = None, snapshot_at: Iterable[int] = ()) -> Iterator[Emitted]:
@@ -78,7 +82,7 @@ class Engine:
             prompt=prompt, max_tokens=max_tokens, params=self.params, depth=self.policy,
             draft_params=self.draft_params, eos=frozenset(eos), constraint=self.constraint,
             logprobs=self.logprobs.k, prompt_cache=prompt_cache, snapshot_at=tuple(snapshot_at),
-            strict_greedy=self.strict_greedy))
+            strict_greedy=self.strict_greedy, lookup=self.lookup))
         # The row draws from this engine's stream and uses its acceptance rule, so a later call
         # continues them.
         row.rng, row.acceptance_arrays = self.rng, self.acceptance_arrays

@@ -23,17 +23,37 @@ class DecodeStats:
     depth_steps: list[int] = field(default_factory=list)
     # Strict greedy (engine/strict.py): tokens decided again by a one-row pass at a near-tie.
     recomputed: int = 0
+    # Where the emitted tokens came from: accepted drafts copied from the context (lookup.py),
+    # accepted MTP drafts, and tokens sampled by the target (the first, bonus and residual ones).
+    from_lookup: int = 0
+    from_mtp: int = 0
+    from_sampled: int = 0
+    # Copy steps, and copied tokens verified and accepted (the copy source's acceptance).
+    lookup_steps: int = 0
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
 
     def __post_init__(self) -> None:
         self.drafted = self.drafted or [0] * self.depth
         self.accepted = self.accepted or [0] * self.depth
         self.depth_steps = self.depth_steps or [0] * (self.depth + 1)
 
-    def record_step(self, drafted: int, accepted: int, emitted: int) -> None:
+    def record_step(self, drafted: int, accepted: int, emitted: int, copied: bool = False) -> None:
+        """One step: ``drafted`` drafts (by the head, or copied from the context when
+        ``copied``), ``accepted`` of them kept, ``emitted`` tokens out."""
         self.steps += 1
+        self.generated += emitted
+        kept = min(accepted, emitted)
+        self.from_sampled += emitted - kept
+        if copied:
+            self.lookup_steps += 1
+            self.lookup_drafted += drafted
+            self.lookup_accepted += accepted
+            self.from_lookup += kept
+            return
+        self.from_mtp += kept
         if self.steps > 1:
             self.depth_steps[drafted] += 1
-        self.generated += emitted
         for k in range(drafted):
             self.drafted[k] += 1
             if k < accepted:
@@ -43,6 +63,11 @@ class DecodeStats:
     def acceptance(self) -> list[float]:
         """P(draft k accepted) for k = 1..depth: accepted at k over steps that drafted k."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def lookup_acceptance(self) -> float:
+        """Copied tokens accepted over copied tokens verified (0 when nothing was copied)."""
+        return self.lookup_accepted / self.lookup_drafted if self.lookup_drafted else 0.0
 
     @property
     def depth_mix(self) -> list[float]:
@@ -91,6 +116,9 @@ class DecodeStats:
             "tokens_per_step": round(self.tokens_per_step, 4),
             "acceptance": [round(a, 4) for a in self.acceptance],
             "recomputed": self.recomputed,
+            "tokens_from": {"lookup": self.from_lookup, "mtp": self.from_mtp, "sampled": self.from_sampled},
+            "lookup": {"steps": self.lookup_steps, "drafted": self.lookup_drafted,
+                       "accepted": self.lookup_accepted, "acceptance": round(self.lookup_acceptance, 4)},
             "seconds": {k: round(v, 5) for k, v in self.seconds.items()},
         }
 

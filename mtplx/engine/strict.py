@@ -122,7 +122,7 @@ def settle(model: MTPModel, w: Work, verdict: Verdict) -> Verdict:
         # recomputed; the verify's own choice there stands in (the grammar allows it).
         return Verdict(i, int(w.draft_tokens[i].item()) if i < a else verdict.next_token)
     cache = row.cache
-    steps.commit(cache, w.record, accepted=i - 1)  # inputs 0..i-1 (-1: none of the block)
+    steps.commit(cache, w.record, accepted=i - 1, head=w.copy is None)  # inputs 0..i-1 (-1: none of the block)
     token = row.pending if i == 0 else kept[-1]
     # A plain AR step's arithmetic (the decoder's plain lane, one row): this row alone, one token.
     hidden, post = model.trunk_hidden(mx.array([[token]]), cache)
