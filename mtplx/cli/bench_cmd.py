@@ -165,6 +165,80 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
     write_json({"model": model_ref, "chat_turns": report.as_dict()}, json_out)
 
 
+def _run_agent_trace(model_ref, trace_ref, turns, depth, temperature, seed, max_tokens, restart, force,
+                     json_out) -> None:
+    from mtplx.bench.agent_trace import load_trace, replay
+
+    trace = load_trace(trace_ref)  # a bad file is refused before the model loads
+    model, tokenizer = load_model(model_ref, mtp=depth != 0, force=force, distributed=None)
+    report = replay(model, tokenizer, trace, turns=turns, depth=depth, temperature=temperature, seed=seed,
+                    max_tokens=max_tokens, restart=restart, progress=lambda s: click.echo(s, err=True))
+    replies = f"{max_tokens}-token replies" if max_tokens else "each request's max_tokens"
+    click.echo(f"mtplx bench --agent-trace {trace.name}: {model_ref} (context {model.max_context}), "
+               f"{len(trace.requests[:turns])} of {len(trace.requests)} requests, depth {depth}, temperature "
+               f"{temperature}, {replies}; system turn {report.system_tokens} tokens; through the prompt cache as "
+               "the server serves them")
+    click.echo(report.table())
+    write_json({"model": model_ref, "agent_trace": report.as_dict()}, json_out)
+
+
+def _run_context(model_ref, lengths, depths, max_tokens, temperature, seed, rounds, force, json_out) -> None:
+    from mtplx.bench.context_sweep import run_context_sweep
+
+    model, tokenizer = load_model(model_ref, mtp=depths != [0], force=force, distributed=None)
+    report = run_context_sweep(model, tokenizer, lengths, depths, max_tokens=max_tokens, temperature=temperature,
+                               seed=seed, rounds=rounds, model_name=model_ref, progress=lambda s: click.echo(s, err=True))
+    click.echo(f"mtplx bench --context: {model_ref} on {report.device} (context {model.max_context}); {max_tokens} "
+               f"tokens decoded after each context, temperature {temperature}")
+    click.echo(report.table())
+    write_json({"model": model_ref, "context": report.as_dict()}, json_out)
+
+
+def _run_shape_context(shape, lengths, trunk_bits, layers, acceptance, max_depth, draft_vocab, bandwidth_gbs, repeats,
+                       seed, json_out) -> None:
+    from mtplx.bench.context_sweep import run_shape_context_sweep
+    from mtplx.bench.shape_bench import parse_acceptance
+
+    report = run_shape_context_sweep(shape, lengths, trunk_bits=int(trunk_bits), layers=layers,
+                                     acceptance=parse_acceptance(acceptance) if acceptance else None,
+                                     max_depth=max_depth, draft_vocab=draft_vocab, bandwidth_gbs=bandwidth_gbs,
+                                     repeats=repeats, seed=seed, progress=lambda s: click.echo(s, err=True))
+    click.echo(f"mtplx bench --shape {report.model} --context: {trunk_bits}-bit trunk, random weights, on "
+               f"{report.device}; each context prefilled, a step's components timed there and composed")
+    click.echo(report.table())
+    write_json({"shape": report.model, "context": report.as_dict()}, json_out)
+
+
+def _context(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    from mtplx.bench.context_sweep import parse_lengths
+
+    return None if value is None else parse_lengths(value)
+
+
+def _check_workloads(given, shape, strict_greedy) -> None:
+    """--agent-trace, --context, --chat-turns and --concurrency are workloads of their own: one
+    at a time; and their own options need them."""
+    picked = [f for n, f in (("agent_trace", "--agent-trace"), ("context_lengths", "--context"),
+                             ("chat_turns", "--chat-turns"), ("concurrency", "--concurrency")) if given(n)]
+    if len(picked) > 1:
+        raise click.UsageError(f"{' and '.join(picked)} are separate workloads: pass one of them")
+    for name, flag in (("turns", "--turns"), ("no_restart", "--no-restart")):
+        if given(name) and not given("agent_trace"):
+            raise click.UsageError(f"{flag} goes with --agent-trace")
+    ours = [f for f in ("--agent-trace", "--context") if f in picked]
+    if ours and given("distributed"):
+        raise click.UsageError(f"{ours[0]} runs in one process; drop --distributed")
+    if ours and strict_greedy is not False:
+        raise click.UsageError(f"--strict-greedy adds strict columns to the plain bench; drop {ours[0]}")
+    if shape is not None and "--agent-trace" in picked:
+        raise click.UsageError("--agent-trace replays a session on a model: pass --model, not --shape")
+    if shape is not None and "--context" in picked:
+        for name, flag in (("model_ref", "--model"), ("no_measure", "--no-measure"), ("save_dir", "--save"),
+                           ("prompt_tokens", "--prompt-tokens")):
+            if given(name):
+                raise click.UsageError(f"--shape --context measures at each context length; drop {flag}")
+
+
 @click.command("bench")
 @model_option
 @click.option("--depths", default="0,1,2,3,auto", show_default=True,
@@ -198,11 +272,22 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
 @click.option("--chat-turns", type=click.IntRange(min=1), default=None, metavar="N",
               help="Replay an N-turn chat: time to first token and cached tokens per turn, with and without "
                    "the prompt cache (depth: the last of --depths, auto if listed).")
+@click.option("--agent-trace", "agent_trace", default=None, metavar="FILE|sample",
+              help="Replay a recorded agent session (docs/agent-traces.md) through the prompt cache: per turn, prompt "
+                   "and cached tokens, prefill, time to first token, decode tok/s; then again as after a restart. "
+                   "'sample' is the shipped trace. Depth: the last of --depths; -n overrides each request's max_tokens.")
+@click.option("--turns", type=click.IntRange(min=1), default=None, metavar="N",
+              help="--agent-trace: replay only the first N requests.")
+@click.option("--no-restart", is_flag=True, help="--agent-trace: skip the second pass (as after a restart).")
+@click.option("--context", "context_lengths", default=None, callback=_context, metavar="L1,L2,..",
+              help="Decode after contexts of these lengths (1k = 1024 tokens): tok/s for each of --depths and "
+                   "acceptance by draft position, per length; lengths over the model's context are dropped. With "
+                   "--shape, each context is prefilled and the step's components timed there.")
 @click.pass_context
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
           strict_greedy, no_reference, concurrency, join_tokens, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
           draft_vocab, bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, force, json_out, distributed, chat_turns,
-          yes):
+          yes, agent_trace, turns, no_restart, context_lengths):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
 
     With --shape, measure a real model shape instead: random weights at the catalog model's text
@@ -211,6 +296,9 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
 
     With --chat-turns N, replay an N-turn conversation and compare time to first token per turn
     with and without the prompt cache.
+
+    With --agent-trace FILE, replay a recorded coding-agent session through the prompt cache
+    (docs/agent-traces.md); with --context 1k,8k,32k, decode after contexts of those lengths.
 
     With --distributed (under mlx.launch), each rank holds part of the trunk; the report adds
     each rank's memory and splits the time per step into each rank's compute and communication."""
@@ -221,6 +309,11 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
                                    "--concurrency or --chat-turns")
         if temperature != 0:
             raise click.UsageError("--strict-greedy changes nothing at temperature > 0: add --temperature 0")
+    _check_workloads(given, shape, strict_greedy)
+    if shape is not None and context_lengths is not None:
+        _run_shape_context(shape, context_lengths, trunk_bits, layers, acceptance, max_depth, draft_vocab,
+                           bandwidth_gbs, repeats, seed, json_out)
+        return
     if shape is not None:
         for name, flag in (("model_ref", "--model"), ("chat_turns", "--chat-turns"), ("distributed", "--distributed")):
             if given(name):
@@ -244,6 +337,14 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
                          draft_temperature, seed, force, json_out, join_tokens)
         return
     model_ref = graft_if_needed(model_ref, yes)
+    if agent_trace is not None:
+        _run_agent_trace(model_ref, agent_trace, turns, _depths(depths)[-1], temperature, seed,
+                         max_tokens if given("max_tokens") else None, not no_restart, force, json_out)
+        return
+    if context_lengths is not None:
+        _run_context(model_ref, context_lengths, _depths(depths), max_tokens, temperature, seed, rounds, force,
+                     json_out)
+        return
     if chat_turns is not None:
         if distributed is not None:
             raise click.UsageError("--chat-turns measures the prompt cache, which --distributed turns off")

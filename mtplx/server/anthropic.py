@@ -7,7 +7,7 @@ messages; ``thinking`` turns the template's ``enable_thinking`` on or off. The a
 calls (parsed as for OpenAI) come back as ``tool_use`` blocks. Streaming follows Anthropic's
 event sequence: message_start, then per block content_block_start / _delta / _stop, then
 message_delta (stop_reason, usage) and message_stop. Errors have Anthropic's shape
-(``{"type": "error", "error": {"type", "message"}}``; see :func:`mtplx.server.http_errors.anthropic_body`).
+(``{"type": "error", "error": {"type", "message"}}``; see :func:`mtplx.server.errors.anthropic_body`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mtplx.server.anthropic_requests import (ADVISORY, CountTokensRequest, Messa
                                              RedactedThinkingBlock, TextBlock, ThinkingBlock, ToolReferenceBlock,
                                              ToolUseBlock)
 from mtplx.server.core import Core, Generation, checked_generation, mtplx_stats
-from mtplx.server.http_errors import APIError, anthropic_body, unsupported
+from mtplx.server.errors import APIError, anthropic_body, unsupported
 from mtplx.server.queue import Job, JobStream
 from mtplx.server.tools import Answer, ToolCall, ToolFormat, check_tools, tool_format
 

@@ -20,7 +20,7 @@ from mtplx._version import __version__
 from mtplx.generation.speculation import step_costs
 from mtplx.server.anthropic import anthropic_routes
 from mtplx.server.core import RETRY_AFTER_S, Core
-from mtplx.server.http_errors import APIError, error_response, from_exception, is_client_error, validation_error
+from mtplx.server.errors import APIError, error_response, from_exception, is_client_error, validation_error
 from mtplx.server.guards import RequestGuard
 from mtplx.server.metrics import CONTENT_TYPE, MetricsMiddleware
 from mtplx.server.openai import openai_routes

@@ -2,8 +2,8 @@
 queue and the engine. The OpenAI routes (:mod:`mtplx.server.openai`) and the Anthropic routes
 (:mod:`mtplx.server.anthropic`) each turn their request into a :class:`Generation` and their
 answer out of :class:`GenerationResponse` objects; everything between is here, once. Nothing
-here knows a dialect: errors are :class:`~mtplx.server.http_errors.APIError`, shaped per dialect by
-:mod:`mtplx.server.http_errors`, and each dialect writes its own usage.
+here knows a dialect: errors are :class:`~mtplx.server.errors.APIError`, shaped per dialect by
+:mod:`mtplx.server.errors`, and each dialect writes its own usage.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from mtplx.engine.prompt_cache import PromptCacheLRU, model_identity
 from mtplx.engine.prompt_cache_disk import PromptCacheDisk, default_max_bytes
 from mtplx.errors import MtplxError
 from mtplx.core.knobs import KnobError
-from mtplx.server import http_errors as errors
+from mtplx.server import errors
 from mtplx.server.capacity import Capacity
-from mtplx.server.http_errors import APIError, knob
+from mtplx.server.errors import APIError, knob
 from mtplx.server.metrics import Metrics
 from mtplx.server.queue import Job, QueueFull, Scheduler, ShuttingDown, until_disconnect
 
@@ -90,7 +90,7 @@ class StrictModel(BaseModel):
         # extra settings) are covered too. The outermost model answers first, so the path is the
         # whole one from the body; the nested models' own checks then find nothing.
         where = lone_surrogate(data)
-        if where is not None:  # worded by mtplx.server.http_errors.validation_error, which has the path
+        if where is not None:  # worded by mtplx.server.errors.validation_error, which has the path
             raise PydanticCustomError("lone_surrogate", "a string holds a lone UTF-16 surrogate", {"param": where})
         return data
 
@@ -176,7 +176,7 @@ def mtplx_stats(r: GenerationResponse, job: Job) -> dict[str, Any]:
 
 def engine_error(exc: BaseException) -> APIError:
     """An exception raised while generating -> the error the client sees (a server fault is
-    logged, see :func:`mtplx.server.http_errors.from_exception`)."""
+    logged, see :func:`mtplx.server.errors.from_exception`)."""
     if isinstance(exc, ShuttingDown):
         return APIError(503, str(exc), type_="server_error", code="unavailable")
     return errors.from_exception(exc)

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from mtplx.api import GenerationResponse
 from mtplx.generation.stops import check_stop
 from mtplx.server.core import FINGERPRINT, Core, Generation, checked_generation, mtplx_stats
-from mtplx.server.http_errors import APIError, openai_body, unsupported
+from mtplx.server.errors import APIError, openai_body, unsupported
 from mtplx.server.logprob_text import TokenText
 from mtplx.server.openai_requests import (ChatCompletionRequest, ChatMessage, CommonRequest, CompletionRequest,
                                           MessageToolCall, NamedToolChoice)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from mtplx.server.core import MAX_STOPS, StrictModel
-from mtplx.server.http_errors import APIError
+from mtplx.server.errors import APIError
 
 
 class ContentPart(StrictModel):

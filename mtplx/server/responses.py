@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 
 from mtplx.api import GenerationResponse
 from mtplx.server.core import Core, Generation, checked_generation, mtplx_stats
-from mtplx.server.http_errors import APIError, unsupported
+from mtplx.server.errors import APIError, unsupported
 from mtplx.server.queue import Job, JobStream
 from mtplx.server.responses_requests import (ADVISORY, LOGPROBS_INCLUDE, CustomTool, CustomToolCallItem,
                                              CustomToolCallOutputItem, FunctionCallItem, FunctionCallOutputItem,
