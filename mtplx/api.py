@@ -105,11 +105,12 @@ def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int
              min_p: float | None = None, depth: int | str | None = None, draft_temperature: float | None = None,
              seed: int | None = None, stop: Sequence[str] | None = None, enable_thinking: bool | None = None,
              prompt_cache: PromptCache | None = None, response_format: dict[str, Any] | None = None,
-             logprobs: int | None = None, strict_greedy: bool | float = False) -> RowSpec:
+             logprobs: int | None = None, strict_greedy: bool | float = False,
+             lookup: int | str | None = knobs.AUTO) -> RowSpec:
     """A generation request checked and resolved for the engine (arguments as for
     :func:`stream_generate`, which documents them and the errors raised)."""
     k = knobs.check_all(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                        depth=depth, draft_temperature=draft_temperature, seed=seed)
+                        depth=depth, draft_temperature=draft_temperature, seed=seed, lookup=lookup)
     max_tokens = DEFAULT_MAX_TOKENS if k["max_tokens"] is None else k["max_tokens"]
     temperature, top_p, top_k, min_p = k["temperature"], k["top_p"], k["top_k"], k["min_p"]
     depth, draft_temperature, seed = k["depth"], k["draft_temperature"], k["seed"]
@@ -135,7 +136,8 @@ def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int
     # Each row gets a policy of its own: depth auto learns from this row's acceptance only.
     policy = depth_policy(model, default_depth(model) if depth is None else depth, params)
     return RowSpec(ids, max_tokens, params, policy, draft, seed, frozenset(eos), constraint, logprobs, prompt_cache,
-                   tuple(boundaries), strict_greedy=margin, stop=list(stop))
+                   tuple(boundaries), strict_greedy=margin, stop=list(stop),
+                   lookup=knobs.AUTO if k["lookup"] is None else k["lookup"])
 
 
 def stream_generate(
@@ -157,6 +159,7 @@ def stream_generate(
     response_format: dict[str, Any] | None = None,
     logprobs: int | None = None,
     strict_greedy: bool | float = False,
+    lookup: int | str | None = knobs.AUTO,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``depth=0`` is plain AR, ``depth=N`` drafts exactly N tokens every
     step, ``depth="auto"`` chooses each step's depth from this machine's measured step costs and
@@ -173,6 +176,12 @@ def stream_generate(
     equal greedy AR on a backend whose verify rows round differently from decode steps (what
     `mtplx doctor --exactness` measures), at the cost of one one-row pass per near-tie; see
     :mod:`mtplx.engine.strict` for what it does not cover. No effect at temperature > 0.
+
+    ``lookup``: drafts copied from the context (prompt and reply so far; see
+    :mod:`mtplx.engine.lookup`), exact at any temperature: ``0`` never, ``N`` up to N copied
+    tokens whenever the context has a match, ``"auto"`` (the default) where the step's cost
+    model and the copies' running acceptance say a copy beats the head; "auto" copies only in a
+    row that speculates (on a machine where depth auto runs plain AR, pass an integer).
 
     ``prompt_cache`` (from :func:`make_prompt_cache`) makes a call whose prompt extends the
     cached tokens prefill only the new suffix, and leaves the cache holding prompt + reply;
@@ -193,9 +202,9 @@ def stream_generate(
     spec = row_spec(model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, min_p=min_p, depth=depth, draft_temperature=draft_temperature, seed=seed, stop=stop,
                     enable_thinking=enable_thinking, prompt_cache=prompt_cache, response_format=response_format,
-                    logprobs=logprobs, strict_greedy=strict_greedy)
+                    logprobs=logprobs, strict_greedy=strict_greedy, lookup=lookup)
     engine = Engine(model, spec.depth, spec.params, spec.draft_params, spec.seed, spec.constraint,
-                    logprobs=spec.logprobs, strict_greedy=spec.strict_greedy)
+                    logprobs=spec.logprobs, strict_greedy=spec.strict_greedy, lookup=spec.lookup)
     text = RowText(tokenizer, spec)
     stats = engine.stats
     for step in engine.generate(spec.prompt, spec.max_tokens, spec.eos, prompt_cache=prompt_cache,

@@ -25,7 +25,7 @@ from mtplx.errors import MtplxError
 
 # Settings that may be given per prompt (a list or tuple, one value per prompt).
 PER_PROMPT = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "depth", "draft_temperature", "seed", "stop",
-              "enable_thinking", "response_format", "logprobs", "strict_greedy")
+              "enable_thinking", "response_format", "logprobs", "strict_greedy", "lookup")
 
 
 @dataclass
@@ -103,7 +103,7 @@ def batch_generate(model: Any, tokenizer: Any, prompts: Sequence[api.Prompt], *,
                    temperature: Any = None, top_p: Any = None, top_k: Any = None, min_p: Any = None, depth: Any = None,
                    draft_temperature: Any = None, seed: Any = None, stop: Any = None, enable_thinking: Any = None,
                    response_format: Any = None, logprobs: Any = None, strict_greedy: Any = False,
-                   prompt_cache: Sequence[PromptCache | None] | None = None, max_batch: int = 8,
+                   lookup: Any = knobs.AUTO, prompt_cache: Sequence[PromptCache | None] | None = None, max_batch: int = 8,
                    prefill_chunk: int = knobs.PREFILL_CHUNK, verbose: bool = False) -> list[BatchResponse]:
     """Complete every prompt (text, chat messages or token ids, as for
     :func:`mtplx.stream_generate`); returns one :class:`BatchResponse` per prompt, in order.
@@ -123,7 +123,7 @@ def batch_generate(model: Any, tokenizer: Any, prompts: Sequence[api.Prompt], *,
     given = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
              "depth": depth, "draft_temperature": draft_temperature, "seed": seed, "stop": stop,
              "enable_thinking": enable_thinking, "response_format": response_format, "logprobs": logprobs,
-             "strict_greedy": strict_greedy}
+             "strict_greedy": strict_greedy, "lookup": lookup}
     settings = {name: _per_prompt(name, value, n) for name, value in given.items()}
     specs = []
     for i, prompt in enumerate(prompts):

@@ -277,3 +277,38 @@ def test_lookup_choice_follows_the_running_acceptance():
         lk.observe(2, 0)
     picks = [lk.choose(5, Pinned(), 2) for _ in range(lookup.Lookup.PROBE)]
     assert picks[:-1] == [[]] * (lookup.Lookup.PROBE - 1) and picks[-1] == [2]
+
+
+# -- surfaces ----------------------------------------------------------------------------------
+
+LOOP = [{"role": "user", "content": "Repeat: the quick brown fox jumps over the lazy dog. the quick brown fox."}]
+
+
+def test_api_lookup_keeps_greedy_text_and_counts_copies(demo):
+    import mtplx
+
+    model, tok = demo
+    outs = {}
+    for k in (0, 4):
+        last, text = None, []
+        for r in mtplx.stream_generate(model, tok, LOOP, max_tokens=40, temperature=0, depth=2, lookup=k):
+            text.append(r.text)
+            last = r
+        outs[k] = ("".join(text), last.stats)
+    assert outs[4][0] == outs[0][0]
+    assert outs[0][1].from_lookup == 0 and outs[4][1].from_lookup > 0
+    s = outs[4][1]
+    assert s.from_lookup + s.from_mtp + s.from_sampled == s.generated
+    both = mtplx.batch_generate(model, tok, [LOOP, LOOP], max_tokens=40, temperature=0, depth=2, lookup=[0, 4])
+    assert [b.text for b in both] == [outs[0][0]] * 2 and both[1].stats.from_lookup > 0
+    with pytest.raises(KnobError, match="lookup"):
+        mtplx.generate(model, tok, LOOP, max_tokens=4, lookup=-1)
+
+
+def test_run_refuses_a_bad_lookup_before_loading():
+    from click.testing import CliRunner
+
+    from mtplx.cli.commands import cli
+
+    r = CliRunner().invoke(cli, ["run", "hi", "--model", "demo", "--lookup", "40"])
+    assert r.exit_code != 0 and "--lookup must be" in r.output, r.output

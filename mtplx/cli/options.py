@@ -96,6 +96,16 @@ def strict_options(f: Callable) -> Callable:
     return command
 
 
+def lookup_option(f: Callable) -> Callable:
+    """--lookup N|auto: drafts copied from the context (mtplx.engine.lookup); the command gets ``lookup``."""
+    return click.option("--lookup", default=knobs.AUTO, show_default=True, metavar="N|auto",
+                        callback=knob("lookup", text=True),
+                        help="Copy drafts from the prompt and the reply so far (exact at any temperature): 0 = off, "
+                             f"N = up to N tokens a step whenever the context has a match (at most {knobs.MAX_LOOKUP}), "
+                             "auto = where the cost model and the copies' acceptance say it pays, in a row that "
+                             "speculates.")(f)
+
+
 def format_status(r: Any, *, prefill: bool = False) -> str:
     """The one-line summary after a completion (`mtplx run`, each chat reply), from the last
     GenerationResponse: the mode and depth first (``MTP d2``, ``AR``), then the rates."""
@@ -111,6 +121,9 @@ def format_status(r: Any, *, prefill: bool = False) -> str:
     recomputed = getattr(stats, "recomputed", 0)
     if recomputed:  # strict greedy re-decided these near-ties with a one-row pass
         rates += f" | {recomputed} recomputed"
+    copied = getattr(stats, "from_lookup", 0)
+    if copied:  # accepted drafts copied from the context (the rest: MTP drafts and sampled tokens)
+        rates += f" | {copied} copied, {getattr(stats, 'from_mtp', 0)} MTP, {getattr(stats, 'from_sampled', 0)} sampled"
     cached = getattr(r, "cached_tokens", 0)
     if cached:  # a prompt cache served these: the prefill rate is over the rest
         rates += f" | {cached} of {r.prompt_tokens} prompt tokens cached"

@@ -7,7 +7,7 @@ import sys
 import click
 
 from mtplx.cli.options import (check_writable, confirm_download, distributed_options, force_option, format_status,
-                               json_option, knob, load_model, model_option, sampling_options, strict_options,
+                               json_option, knob, load_model, lookup_option, model_option, sampling_options, strict_options,
                                write_json)
 from mtplx.errors import MtplxError
 
@@ -54,6 +54,7 @@ def check_argument(prompt: str) -> str:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @sampling_options
 @strict_options
+@lookup_option
 @force_option
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the completion, no statistics.")
@@ -64,7 +65,7 @@ def check_argument(prompt: str) -> str:
                    "run starts cold.")
 @distributed_options
 def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temperature, top_p, top_k, min_p,
-        draft_temperature, seed, strict_greedy, force, json_out, quiet, yes, prompt_cache_file, distributed):
+        draft_temperature, seed, strict_greedy, lookup, force, json_out, quiet, yes, prompt_cache_file, distributed):
     """Complete PROMPT (or standard input when PROMPT is omitted or '-')."""
     if no_mtp and depth not in (None, 0):
         raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
@@ -99,7 +100,8 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
     for r in mtplx.stream_generate(model, tokenizer, messages, max_tokens=max_tokens, temperature=temperature,
                                    top_p=top_p, top_k=top_k, min_p=min_p, depth=0 if no_mtp else depth,
                                    draft_temperature=draft_temperature, seed=seed, stop=list(stop),
-                                   enable_thinking=thinking, prompt_cache=cache, strict_greedy=strict_greedy):
+                                   enable_thinking=thinking, prompt_cache=cache, strict_greedy=strict_greedy,
+                                   lookup=lookup):
         text.append(r.text)
         if json_out != "-":
             click.echo(r.text, nl=False)
