@@ -138,19 +138,28 @@ def test_replay_reports_each_turn_and_a_restart_pass(long_context, tmp_path):
         assert t["prefilled_tokens"] == t["prompt_tokens"] - t["cached_tokens"] and 1 <= t["generated"] <= 4
     assert t4["prompt_tokens"] > 8192 and "do not fit the model's context of 8192" in t4["skipped"]
     assert first["totals"]["turns"] == 3 and first["totals"]["skipped"] == 1
-    # No disk tier in this build: the restarted server's first turn is cold, and it says why.
-    assert "no disk tier" in restart["note"] and restart["turns"][0]["cached_tokens"] == 0
-    assert restart["turns"][1]["cached_tokens"] == t2["cached_tokens"]
+    # The restarted server (memory dropped, the disk tier's folder kept) serves turn 1 from disk,
+    # as far as the first run's end-of-prompt snapshot, and says so.
+    assert "disk tier kept" in restart["note"] and first["disk"]["writes"] >= 1 and restart["disk"]["loads"] >= 1
+    assert restart["turns"][0]["cached_tokens"] >= t1["prompt_tokens"] - 2
+    # Turn 2 is served further than on the first run: the folder holds the whole first run's
+    # conversation, with a snapshot at the end of each of its prompts.
+    assert restart["turns"][1]["cached_tokens"] >= max(t2["cached_tokens"], t2["prompt_tokens"] - 2)
+    assert any(v.startswith("turn 1 after the restart") for v in r["verdicts"]) and "after the restart" in text
 
 
 def test_a_sample_over_the_context_is_skipped_not_a_crash():
     code, text = _bench("--model", "demo", "--agent-trace", "sample", "--turns", "2", "--no-restart")
     assert code == 0, text
     assert text.count("skipped: the prompt's") == 2 and "after a restart" not in text
+    code, text = _bench("--model", "demo", "--agent-trace", "sample", "--turns", "1", "--prompt-cache-dir", "none")
+    assert code == 0, text
+    assert "memory only" in text and "no disk tier (--prompt-cache-dir none)" in text
 
 
 @pytest.mark.parametrize("args, message", [
     (["--turns", "3"], "--turns goes with --agent-trace"),
+    (["--prompt-cache-dir", "none"], "--prompt-cache-dir goes with --agent-trace"),
     (["--agent-trace", "sample", "--context", "1k"], "separate workloads"),
     (["--agent-trace", "sample", "--shape", "qwen3.5-4b"], "pass --model, not --shape"),
     (["--context", "1k,zz"], "'zz' is not a context length"),

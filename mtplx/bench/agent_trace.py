@@ -13,7 +13,9 @@ recorded), so a turn reuses the previous prompt up to its end-of-prompt snapshot
 recorded reply with what followed it; a live session would also hold the reply's own tokens.
 
 A second pass replays the same requests "as after a restart": the memory tier is dropped and
-the disk tier kept (:func:`restarted_store`).
+the disk tier kept (:func:`restarted_store`): its folder, read afresh by a new disk tier, as a
+restarted server reads it. Time to first token counts the checkout, where a disk tier loads its
+file (on the engine thread, as in the server).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mtplx.api import reuse_boundaries
-from mtplx.engine.prompt_cache import PromptCacheLRU, common_prefix
+from mtplx.engine.prompt_cache import PromptCacheLRU, common_prefix, model_identity
+from mtplx.engine.prompt_cache_disk import PromptCacheDisk, default_max_bytes
 from mtplx.errors import MtplxError
 from mtplx.generation.chat_template import chat_ids
 from mtplx.generation.prompts import EncodedPrompt
@@ -166,6 +169,7 @@ class Turn:
     prompt_tokens: int
     cached_tokens: int = 0
     encode_s: float = 0.0  # the chat template and the reuse boundaries (the server's tokenizer thread)
+    checkout_s: float = 0.0  # the prompt cache's checkout (a disk tier's load)
     prefill_s: float = 0.0
     ttft_s: float = 0.0  # from the call to the first token: prefill of what the cache lacks + first sample
     decode_tps: float = 0.0
@@ -177,7 +181,7 @@ class Turn:
         if self.skipped:
             return {**out, "skipped": self.skipped}
         return {**out, "cached_tokens": self.cached_tokens, "prefilled_tokens": self.prompt_tokens - self.cached_tokens,
-                "encode_s": round(self.encode_s, 4), "prefill_s": round(self.prefill_s, 4),
+                "encode_s": round(self.encode_s, 4), "checkout_s": round(self.checkout_s, 4), "prefill_s": round(self.prefill_s, 4),
                 "ttft_s": round(self.ttft_s, 4), "decode_tps": round(self.decode_tps, 2), "generated": self.generated}
 
 
@@ -186,6 +190,7 @@ class Pass:
     name: str
     note: str
     turns: list[Turn] = field(default_factory=list)
+    disk: dict[str, int] | None = None  # the disk tier's loads and writes during the pass
 
     def ran(self) -> list[Turn]:
         return [t for t in self.turns if not t.skipped]
@@ -215,7 +220,7 @@ class Pass:
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "note": self.note, "turns": [t.as_dict() for t in self.turns],
-                "totals": self.totals()}
+                "totals": self.totals(), "disk": self.disk}
 
 
 @dataclass
@@ -230,28 +235,53 @@ class AgentTraceReport:
     passes: list[Pass] = field(default_factory=list)
 
     def table(self) -> str:
-        return "\n\n".join(p.table() for p in self.passes)
+        return "\n\n".join(p.table() for p in self.passes) + "".join(f"\n{line}" for line in self.verdicts())
+
+    def verdicts(self) -> list[str]:
+        out = [f"{p.name}: disk tier {d['loads']} load(s), {d['writes']} write(s) ({d['writes_dropped']} dropped: "
+               f"its queue was full)" for p in self.passes if (d := p.disk)]
+        if len(self.passes) == 2:
+            first, again = (p.turns[0] for p in self.passes)
+            if not first.skipped and not again.skipped and first.ttft_s > 0:
+                out.append(f"turn 1 after the restart: time to first token {again.ttft_s:.3f} s, {again.cached_tokens} "
+                           f"of {again.prompt_tokens} tokens cached, against {first.ttft_s:.3f} s on the first run "
+                           f"({again.ttft_s / first.ttft_s:.2f}x)")
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {"trace": self.trace, "path": self.path, "requests_in_trace": self.requests, "depth": self.depth,
                 "temperature": self.temperature, "max_context": self.max_context,
-                "system_tokens": self.system_tokens, "passes": [p.as_dict() for p in self.passes]}
+                "system_tokens": self.system_tokens, "passes": [p.as_dict() for p in self.passes],
+                "verdicts": self.verdicts()}
 
 
-def memory_store(model: Any, max_bytes: int = MEMORY_TIER_BYTES) -> PromptCacheLRU:
-    """The prompt caches of a freshly started server: its memory tier, empty."""
-    return PromptCacheLRU(model, max_bytes)
+def make_store(model: Any, max_bytes: int = MEMORY_TIER_BYTES, disk_dir: str | Path | None = None) -> PromptCacheLRU:
+    """The prompt caches of a freshly started server: its memory tier, empty, and with
+    ``disk_dir`` the disk tier in that folder (bounded as the server bounds it)."""
+    if disk_dir is None:
+        return PromptCacheLRU(model, max_bytes)
+    disk = PromptCacheDisk(disk_dir, model_identity(model), default_max_bytes(Path(disk_dir)))
+    return PromptCacheLRU(model, max_bytes, disk=disk)
 
 
 def restarted_store(model: Any, store: PromptCacheLRU, max_bytes: int = MEMORY_TIER_BYTES) -> tuple[PromptCacheLRU, str]:
-    """The store a server restarted after ``store`` starts with: memory dropped, disk kept; and
-    the note the report prints. This build's prompt cache has no disk tier, so nothing survives
-    the restart; where ``store`` has one, this is the call that hands it to the new store."""
-    disk = getattr(store, "disk", None)
-    if disk is not None:
-        return PromptCacheLRU(model, max_bytes, disk=disk), "memory tier dropped, disk tier kept"
-    return memory_store(model, max_bytes), ("the prompt cache has no disk tier in this build, so nothing survives a "
-                                            "restart: this pass starts from an empty cache, as a restarted server does")
+    """The store a server restarted after ``store`` starts with, and the note the report prints:
+    the memory tier dropped, the disk tier's folder kept. ``store`` is stopped as a server stops
+    (its queued disk writes finished); the new tier reads the folder afresh, as a new process."""
+    disk = store.disk
+    store.close()
+    if isinstance(disk, PromptCacheDisk):
+        return (make_store(model, max_bytes, disk.root),
+                f"memory tier dropped, disk tier kept ({disk.root}): the server restarted")
+    return make_store(model, max_bytes), ("no disk tier (--prompt-cache-dir none): nothing survives the restart, "
+                                          "this pass starts from an empty cache")
+
+
+def disk_stats(store: PromptCacheLRU) -> dict[str, int] | None:
+    disk = store.disk
+    if not isinstance(disk, PromptCacheDisk):
+        return None
+    return {"loads": store.disk_hits, "writes": disk.writes, "writes_dropped": disk.dropped, "refused": disk.refused}
 
 
 def encode_request(tokenizer: Any, req: TraceRequest, enable_thinking: bool | None = None) -> EncodedPrompt:
@@ -294,8 +324,9 @@ def replay_pass(model: Any, tokenizer: Any, requests: list[TraceRequest], store:
                 progress(f"{name}, turn {i}: skipped, {n} tokens over the context of {model.max_context}")
             continue
         budget = min(max_tokens or req.max_tokens, model.max_context - n)
+        t0 = time.perf_counter()  # the checkout counts: a disk tier loads its file there
         cache = store.checkout(prompt.ids)
-        t0 = time.perf_counter()
+        checkout_s = time.perf_counter() - t0
         responses = mtplx.stream_generate(model, tokenizer, prompt, max_tokens=budget, temperature=temperature,
                                           depth=depth, seed=seed, prompt_cache=cache)
         last = next(responses)
@@ -304,7 +335,8 @@ def replay_pass(model: Any, tokenizer: Any, requests: list[TraceRequest], store:
             pass
         store.checkin(cache)
         s = last.stats
-        turn = Turn(i, n, cached_tokens=s.cached_tokens, encode_s=encode_s, prefill_s=s.seconds["prefill"],
+        turn = Turn(i, n, cached_tokens=s.cached_tokens, encode_s=encode_s, checkout_s=checkout_s,
+                    prefill_s=s.seconds["prefill"],
                     ttft_s=ttft, decode_tps=s.tokens_per_second, generated=s.generated)
         out.turns.append(turn)
         if progress:
@@ -315,20 +347,30 @@ def replay_pass(model: Any, tokenizer: Any, requests: list[TraceRequest], store:
 
 def replay(model: Any, tokenizer: Any, trace: Trace, *, turns: int | None = None, depth: int | str = 0,
            temperature: float = 0.0, seed: int = 0, max_tokens: int | None = None, restart: bool = True,
-           cache_bytes: int = MEMORY_TIER_BYTES, progress: Callable[[str], None] | None = None) -> AgentTraceReport:
-    """Replay ``trace`` (its first ``turns`` requests) on a fresh prompt cache, then, with
-    ``restart``, again on the store a restarted server would have. ``max_tokens`` overrides
-    each request's own."""
+           cache_bytes: int = MEMORY_TIER_BYTES, disk_dir: str | Path | None = None,
+           progress: Callable[[str], None] | None = None) -> AgentTraceReport:
+    """Replay ``trace`` (its first ``turns`` requests) on a fresh prompt cache (a disk tier in
+    ``disk_dir``, if given), then, with ``restart``, again on the store a restarted server would
+    have: memory empty, the disk folder as the first pass left it. ``max_tokens`` overrides each
+    request's own."""
     if turns is not None and turns < 1:
         raise MtplxError(f"turns is {turns}", fix="replay at least one request")
     requests = trace.requests[:turns]
     report = AgentTraceReport(trace.name, trace.path, len(trace.requests), depth, temperature, model.max_context,
                               system_tokens(tokenizer, requests[0]))
     kw = dict(depth=depth, temperature=temperature, seed=seed, max_tokens=max_tokens, progress=progress)
-    store = memory_store(model, cache_bytes)
-    report.passes.append(replay_pass(model, tokenizer, requests, store, "first run",
-                                     "a server started with an empty prompt cache", **kw))
-    if restart:
-        second, note = restarted_store(model, store, cache_bytes)
-        report.passes.append(replay_pass(model, tokenizer, requests, second, "after a restart", note, **kw))
+    store = make_store(model, cache_bytes, disk_dir)
+    try:
+        where = f" and a disk tier in {disk_dir}" if disk_dir is not None else ", memory only"
+        first = replay_pass(model, tokenizer, requests, store, "first run",
+                            f"a server started with an empty prompt cache{where}", **kw)
+        first.disk = disk_stats(store)
+        report.passes.append(first)
+        if restart:
+            store, note = restarted_store(model, store, cache_bytes)
+            second = replay_pass(model, tokenizer, requests, store, "after a restart", note, **kw)
+            second.disk = disk_stats(store)
+            report.passes.append(second)
+    finally:
+        store.close()
     return report

@@ -165,14 +165,22 @@ def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) 
     write_json({"model": model_ref, "chat_turns": report.as_dict()}, json_out)
 
 
-def _run_agent_trace(model_ref, trace_ref, turns, depth, temperature, seed, max_tokens, restart, force,
+def _run_agent_trace(model_ref, trace_ref, turns, depth, temperature, seed, max_tokens, restart, disk_dir, force,
                      json_out) -> None:
+    import tempfile
+
     from mtplx.bench.agent_trace import load_trace, replay
 
     trace = load_trace(trace_ref)  # a bad file is refused before the model loads
     model, tokenizer = load_model(model_ref, mtp=depth != 0, force=force, distributed=None)
-    report = replay(model, tokenizer, trace, turns=turns, depth=depth, temperature=temperature, seed=seed,
-                    max_tokens=max_tokens, restart=restart, progress=lambda s: click.echo(s, err=True))
+    off = disk_dir is not None and disk_dir.strip().lower() == "none"
+    # By default the disk tier lives in a folder of the bench's own, removed afterwards: the user's
+    # prompt-cache folder neither warms the first pass nor receives the replay's files.
+    with tempfile.TemporaryDirectory(prefix="mtplx-agent-trace-") as tmp:
+        folder = None if off else disk_dir or tmp
+        report = replay(model, tokenizer, trace, turns=turns, depth=depth, temperature=temperature, seed=seed,
+                        max_tokens=max_tokens, restart=restart, disk_dir=folder,
+                        progress=lambda s: click.echo(s, err=True))
     replies = f"{max_tokens}-token replies" if max_tokens else "each request's max_tokens"
     click.echo(f"mtplx bench --agent-trace {trace.name}: {model_ref} (context {model.max_context}), "
                f"{len(trace.requests[:turns])} of {len(trace.requests)} requests, depth {depth}, temperature "
@@ -222,7 +230,7 @@ def _check_workloads(given, shape, strict_greedy) -> None:
                              ("chat_turns", "--chat-turns"), ("concurrency", "--concurrency")) if given(n)]
     if len(picked) > 1:
         raise click.UsageError(f"{' and '.join(picked)} are separate workloads: pass one of them")
-    for name, flag in (("turns", "--turns"), ("no_restart", "--no-restart")):
+    for name, flag in (("turns", "--turns"), ("no_restart", "--no-restart"), ("trace_cache_dir", "--prompt-cache-dir")):
         if given(name) and not given("agent_trace"):
             raise click.UsageError(f"{flag} goes with --agent-trace")
     ours = [f for f in ("--agent-trace", "--context") if f in picked]
@@ -279,6 +287,9 @@ def _check_workloads(given, shape, strict_greedy) -> None:
 @click.option("--turns", type=click.IntRange(min=1), default=None, metavar="N",
               help="--agent-trace: replay only the first N requests.")
 @click.option("--no-restart", is_flag=True, help="--agent-trace: skip the second pass (as after a restart).")
+@click.option("--prompt-cache-dir", "trace_cache_dir", default=None, metavar="DIR|none",
+              help="--agent-trace: the prompt cache's disk tier in DIR ('none': memory only); default: a temporary "
+                   "folder, removed afterwards.")
 @click.option("--context", "context_lengths", default=None, callback=_context, metavar="L1,L2,..",
               help="Decode after contexts of these lengths (1k = 1024 tokens): tok/s for each of --depths and "
                    "acceptance by draft position, per length; lengths over the model's context are dropped. With "
@@ -287,7 +298,7 @@ def _check_workloads(given, shape, strict_greedy) -> None:
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
           strict_greedy, no_reference, concurrency, join_tokens, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
           draft_vocab, bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, force, json_out, distributed, chat_turns,
-          yes, agent_trace, turns, no_restart, context_lengths):
+          yes, agent_trace, turns, no_restart, trace_cache_dir, context_lengths):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
 
     With --shape, measure a real model shape instead: random weights at the catalog model's text
@@ -339,7 +350,7 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
     model_ref = graft_if_needed(model_ref, yes)
     if agent_trace is not None:
         _run_agent_trace(model_ref, agent_trace, turns, _depths(depths)[-1], temperature, seed,
-                         max_tokens if given("max_tokens") else None, not no_restart, force, json_out)
+                         max_tokens if given("max_tokens") else None, not no_restart, trace_cache_dir, force, json_out)
         return
     if context_lengths is not None:
         _run_context(model_ref, context_lengths, _depths(depths), max_tokens, temperature, seed, rounds, force,
