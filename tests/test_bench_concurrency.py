@@ -11,7 +11,7 @@ import pytest
 def test_concurrency_bench_reports_every_cell_and_the_same_tokens(grafted_bf16, tmp_path):
     from click.testing import CliRunner
 
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     out = tmp_path / "c.json"
     result = CliRunner().invoke(cli, ["bench", "--model", str(grafted_bf16[0]), "--concurrency", "1,2",
@@ -35,7 +35,7 @@ def test_concurrency_bench_reports_every_cell_and_the_same_tokens(grafted_bf16, 
 def test_bad_concurrency_is_one_clear_error(args):
     from click.testing import CliRunner
 
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     result = CliRunner().invoke(cli, ["bench", "--model", "demo", *args])
     assert result.exit_code != 0 and "Traceback" not in result.output and "--c" in result.output

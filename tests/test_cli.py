@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from mtplx._version import __version__
-from mtplx.cli.app import cli
+from mtplx.cli.commands import cli
 
 
 def mtplx(*args, input=None, env=None, timeout=300):

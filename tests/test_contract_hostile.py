@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mtplx.artifact.loader import demo_path
 from mtplx.artifact.catalog import catalog, unsupported
-from mtplx.cli.app import cli
+from mtplx.cli.commands import cli
 
 
 def _artifact(tmp_path, name, mutate=None, raw=None):

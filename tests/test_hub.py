@@ -178,7 +178,7 @@ def test_models_lists_cached_artifacts_and_rm_removes_one(tmp_path, monkeypatch)
 
     import mtplx
     from mtplx.artifact.loader import demo_path
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     shutil.copytree(demo_path(), tmp_path / "artifacts" / "qwen3.5-4b")
     env = {"MTPLX_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}

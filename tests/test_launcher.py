@@ -290,7 +290,7 @@ def test_check_refuses_unrunnable_and_too_big():
 
 
 def _cli_start(args: list[str], stdin: str, tmp_path: Path):
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     env = {"MTPLX_CONFIG": str(tmp_path / "config.json"), "HF_HUB_OFFLINE": "1"}
     return CliRunner().invoke(cli, ["start", *args], input=stdin, env=env)

@@ -221,7 +221,7 @@ def test_bench_chat_turns_reports_both_columns(tmp_path):
 
     from click.testing import CliRunner
 
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     out = tmp_path / "turns.json"
     result = CliRunner().invoke(cli, ["bench", "--model", "demo", "--chat-turns", "2", "--depths", "0,2",
@@ -243,7 +243,7 @@ def test_bench_chat_turns_reports_both_columns(tmp_path):
 def test_bench_chat_turns_bad_options(args, needle):
     from click.testing import CliRunner
 
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     result = CliRunner().invoke(cli, ["bench", *args])
     assert result.exit_code != 0 and needle in result.output and "Traceback" not in result.output

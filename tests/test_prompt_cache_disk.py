@@ -383,7 +383,7 @@ def test_the_chat_keeps_its_caches_on_disk(demo, tmp_path):
 def test_serve_refuses_disk_options_before_loading(tmp_path, args, needle):
     from click.testing import CliRunner
 
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     (tmp_path / "file").write_text("not a folder")
     r = CliRunner().invoke(cli, ["serve", "--model", "demo", "--port", "1"] +

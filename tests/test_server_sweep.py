@@ -22,7 +22,7 @@ from scripted_model import scripted_model
 from server_helpers import assert_anthropic_error, assert_openai_error, running, sse_events, wait_idle
 
 import mtplx
-from mtplx.cli.app import cli
+from mtplx.cli.commands import cli
 from mtplx.engine.constraints import Constraint, compile_format, grammar_for
 from mtplx.engine.schema_limits import MAX_PATTERN_REPEAT, MAX_SCHEMA_DEPTH, nesting, pattern_repeat
 from mtplx.errors import MtplxError

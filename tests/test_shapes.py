@@ -216,7 +216,7 @@ def test_save_round_trip_loads_the_same_model(tmp_path):
 def test_bad_shape_options_are_one_clear_error(args, needle):
     from click.testing import CliRunner
 
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     result = CliRunner().invoke(cli, ["bench", *args])
     assert result.exit_code != 0 and needle in result.output and "Traceback" not in result.output
@@ -286,7 +286,7 @@ def _tiny_shape():
 def test_no_measure_projects_the_batch_in_seconds(tmp_path):
     from click.testing import CliRunner
 
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     out = tmp_path / "p.json"
     args = ["bench", "--shape", "qwen3.5-4b", "--no-measure", "--acceptance", "0.82,0.79", "--concurrency", "1,8",

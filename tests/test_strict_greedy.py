@@ -272,7 +272,7 @@ def test_the_server_takes_the_option_per_request_and_as_default(bf16):
 def test_the_cli_takes_the_option(grafted_bf16, tmp_path):
     from click.testing import CliRunner
 
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     path = str(grafted_bf16[0])
     runner = CliRunner()

@@ -24,7 +24,7 @@ from scripted_model import scripted_model
 from server_helpers import assert_anthropic_error, assert_openai_error, running
 
 import mtplx
-from mtplx.cli.app import cli
+from mtplx.cli.commands import cli
 from mtplx.core import knobs
 from mtplx.errors import MtplxError
 from mtplx.server.app import create_app

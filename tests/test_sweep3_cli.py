@@ -125,7 +125,7 @@ def test_start_verdict_agrees_with_what_tune_saved(tmp_path):
 def _start(args, stdin, config):
     from click.testing import CliRunner
 
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     return CliRunner().invoke(cli, ["start", *args], input=stdin,
                               env={"MTPLX_CONFIG": str(config), "HF_HUB_OFFLINE": "1"})
@@ -221,7 +221,7 @@ def test_bench_announces_its_runs_and_an_estimate_before_timing(demo):
 def test_concurrency_join_is_off_unless_asked(tmp_path):
     from click.testing import CliRunner
 
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     help_text = CliRunner().invoke(cli, ["bench", "--help"]).output
     assert re.search(r"--join-tokens INTEGER RANGE\s+.*\(0: skip;.*\[default: 0;", help_text.replace("\n", " "))

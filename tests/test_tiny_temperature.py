@@ -86,7 +86,7 @@ def test_api_at_a_tiny_temperature_gives_the_greedy_text(demo, temperature, dept
 def test_cli_at_a_tiny_temperature_gives_the_greedy_text():
     from click.testing import CliRunner
 
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     def run(t):
         r = CliRunner().invoke(cli, ["run", "--model", "demo", "--raw", "-n", "6", "-t", t, "-q", "def fib(n):"])

@@ -10,7 +10,7 @@ whose reader left (`mtplx models | head -1`) ends the process quietly, exit 141
 (:mod:`mtplx.cli.broken_pipe`).
 
 Import this module only to run the CLI (it sets that handler); the click group lives in
-:mod:`mtplx.cli.app`. Nothing here imports more than the standard library until ``main`` runs.
+:mod:`mtplx.cli.commands`. Nothing here imports more than the standard library until ``main`` runs.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
 def _run(argv: list[str] | None) -> int:
     import click
 
-    from mtplx.cli.app import cli
+    from mtplx.cli.commands import cli
 
     # standalone_mode=False: click would print "Aborted!" and exit 1 for a Ctrl-C that lands
     # while it parses the command line; here every exit code is decided in one place.

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from mtplx.cli.options import (DistributedOptions, FiniteFloatRange, distributed_options, force_option, graft_if_needed,
-                               knob, load_model, model_option, strict_options, yes_option)
+                               knob, load_model, lookup_option, model_option, strict_options, yes_option)
 from mtplx.errors import MtplxError
 
 
@@ -171,6 +171,7 @@ def _strict_note(model: object, no_mtp: bool, batch: int, margin: float) -> str:
               help="Seconds running generations may take to finish on SIGTERM or Ctrl-C; new requests get 503 and "
                    "queued ones an error at once, and those still running past this end with an error.")
 @strict_options
+@lookup_option
 @force_option
 @yes_option
 @distributed_options
@@ -179,7 +180,8 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
           allowed_hosts: tuple[str, ...],
           max_body_mb: float, prompt_cache_gb: float | None, no_prompt_cache: bool, log_level: str,
           prompt_cache_dir: str | None, prompt_cache_disk_gb: float | None,
-          shutdown_timeout: float, prefill_chunk: int | None, strict_greedy: bool | float, force: bool, yes: bool, distributed: DistributedOptions | None) -> None:
+          shutdown_timeout: float, prefill_chunk: int | None, strict_greedy: bool | float, lookup: int | str,
+          force: bool, yes: bool, distributed: DistributedOptions | None) -> None:
     """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), the
     Responses API (/v1/responses) and Anthropic's Messages API (/v1/messages,
     /v1/messages/count_tokens), with /health and /metrics.
@@ -222,7 +224,8 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
                      queue_size=queue_size, max_tokens_default=max_tokens_default,
                      max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=hosts if loopback or hosts else None,
                      prompt_cache_bytes=cache_bytes, max_batch=max_batch, strict_greedy=strict_greedy,
-                     prefill_chunk=prefill_chunk, prompt_cache_dir=disk_dir, prompt_cache_disk_bytes=disk_bytes)
+                     prefill_chunk=prefill_chunk, prompt_cache_dir=disk_dir, prompt_cache_disk_bytes=disk_bytes,
+                     lookup=lookup)
     shown = f"[{host}]" if ":" in host else host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else shown  # a wildcard is not an address to visit
     base = f"http://{shown}:{port}/v1"

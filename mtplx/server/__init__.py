@@ -3,7 +3,7 @@
 * :mod:`mtplx.server.app` - ``create_app(model, tokenizer, ...)``: assembles the pieces below.
 * :mod:`mtplx.server.core` - the request core every dialect shares (and none knows): prompt
   encoding, response_format compiling, the queue and the engine.
-* :mod:`mtplx.server.errors` - the error type, its OpenAI and Anthropic shapes, and which
+* :mod:`mtplx.server.http_errors` - the error type, its OpenAI and Anthropic shapes, and which
   exceptions are the client's fault (400) or the server's (logged, 500).
 * :mod:`mtplx.server.openai` - OpenAI's chat and completions routes; their request bodies in
   :mod:`mtplx.server.openai_requests`.

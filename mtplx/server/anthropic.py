@@ -7,7 +7,7 @@ messages; ``thinking`` turns the template's ``enable_thinking`` on or off. The a
 calls (parsed as for OpenAI) come back as ``tool_use`` blocks. Streaming follows Anthropic's
 event sequence: message_start, then per block content_block_start / _delta / _stop, then
 message_delta (stop_reason, usage) and message_stop. Errors have Anthropic's shape
-(``{"type": "error", "error": {"type", "message"}}``; see :func:`mtplx.server.errors.anthropic_body`).
+(``{"type": "error", "error": {"type", "message"}}``; see :func:`mtplx.server.http_errors.anthropic_body`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mtplx.server.anthropic_requests import (ADVISORY, CountTokensRequest, Messa
                                              RedactedThinkingBlock, TextBlock, ThinkingBlock, ToolReferenceBlock,
                                              ToolUseBlock)
 from mtplx.server.core import Core, Generation, checked_generation, mtplx_stats
-from mtplx.server.errors import APIError, anthropic_body, unsupported
+from mtplx.server.http_errors import APIError, anthropic_body, unsupported
 from mtplx.server.queue import Job, JobStream
 from mtplx.server.tools import Answer, ToolCall, ToolFormat, check_tools, tool_format
 
@@ -276,7 +276,8 @@ class AnthropicRoutes:
         core.note_advisory(_advisory(body), ADVISORY)
         g = checked_generation(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                top_k=body.top_k, min_p=body.min_p, seed=body.seed, depth=body.depth,
-                               stop=list(body.stop_sequences or []), strict_greedy=body.strict_greedy)
+                               stop=list(body.stop_sequences or []), strict_greedy=body.strict_greedy,
+                               lookup=body.lookup)
         tools = _tools(body, fmt)
         g.grammar = await core.compile_format(_output_format(body))
         if g.grammar is not None and tools:

@@ -173,6 +173,7 @@ class MessagesRequest(PromptRequest):
     min_p: float | None = None
     seed: int | None = None
     depth: int | str | None = None  # mtplx extension: "auto", 0 = plain AR, or N
+    lookup: int | str | None = None  # mtplx extension: drafts copied from the context, 0, N or "auto"
     strict_greedy: bool | float | None = None  # mtplx extension: true or a margin (mtplx.engine.strict)
 
 

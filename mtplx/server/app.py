@@ -20,7 +20,7 @@ from mtplx._version import __version__
 from mtplx.generation.speculation import step_costs
 from mtplx.server.anthropic import anthropic_routes
 from mtplx.server.core import RETRY_AFTER_S, Core
-from mtplx.server.errors import APIError, error_response, from_exception, is_client_error, validation_error
+from mtplx.server.http_errors import APIError, error_response, from_exception, is_client_error, validation_error
 from mtplx.server.guards import RequestGuard
 from mtplx.server.metrics import CONTENT_TYPE, MetricsMiddleware
 from mtplx.server.openai import openai_routes
@@ -44,7 +44,8 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: Iterable[str] | None = (),
                prompt_cache_bytes: int | None = None, max_batch: int | None = None,
                strict_greedy: bool | float = False, prefill_chunk: int | None = None,
-               prompt_cache_dir: str | Path | None = None, prompt_cache_disk_bytes: int | None = None) -> FastAPI:
+               prompt_cache_dir: str | Path | None = None, prompt_cache_disk_bytes: int | None = None,
+               lookup: int | str = "auto") -> FastAPI:
     """An app serving ``model``.
 
     ``served_model_names``: the names requests may ask for (the first is the one reported);
@@ -64,7 +65,7 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
     core = Core(model, tokenizer, served_model_names=served_model_names, depth=depth, queue_size=queue_size,
                 max_tokens_default=max_tokens_default, prompt_cache_bytes=prompt_cache_bytes, max_batch=max_batch,
                 strict_greedy=strict_greedy, prefill_chunk=prefill_chunk, prompt_cache_dir=prompt_cache_dir,
-                prompt_cache_disk_bytes=prompt_cache_disk_bytes)
+                prompt_cache_disk_bytes=prompt_cache_disk_bytes, lookup=lookup)
     model_id = core.model_id
     scheduler, metrics = core.scheduler, core.metrics
     # A request may ask for depth auto whatever the server's default, so its step costs are

@@ -2,8 +2,8 @@
 queue and the engine. The OpenAI routes (:mod:`mtplx.server.openai`) and the Anthropic routes
 (:mod:`mtplx.server.anthropic`) each turn their request into a :class:`Generation` and their
 answer out of :class:`GenerationResponse` objects; everything between is here, once. Nothing
-here knows a dialect: errors are :class:`~mtplx.server.errors.APIError`, shaped per dialect by
-:mod:`mtplx.server.errors`, and each dialect writes its own usage.
+here knows a dialect: errors are :class:`~mtplx.server.http_errors.APIError`, shaped per dialect by
+:mod:`mtplx.server.http_errors`, and each dialect writes its own usage.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from mtplx.engine.prompt_cache import PromptCacheLRU, model_identity
 from mtplx.engine.prompt_cache_disk import PromptCacheDisk, default_max_bytes
 from mtplx.errors import MtplxError
 from mtplx.core.knobs import KnobError
-from mtplx.server import errors
+from mtplx.server import http_errors as errors
 from mtplx.server.capacity import Capacity
-from mtplx.server.errors import APIError, knob
+from mtplx.server.http_errors import APIError, knob
 from mtplx.server.metrics import Metrics
 from mtplx.server.queue import Job, QueueFull, Scheduler, ShuttingDown, until_disconnect
 
@@ -90,7 +90,7 @@ class StrictModel(BaseModel):
         # extra settings) are covered too. The outermost model answers first, so the path is the
         # whole one from the body; the nested models' own checks then find nothing.
         where = lone_surrogate(data)
-        if where is not None:  # worded by mtplx.server.errors.validation_error, which has the path
+        if where is not None:  # worded by mtplx.server.http_errors.validation_error, which has the path
             raise PydanticCustomError("lone_surrogate", "a string holds a lone UTF-16 surrogate", {"param": where})
         return data
 
@@ -115,6 +115,8 @@ class Generation:
     grammar: Grammar | None = None  # a compiled response_format (Core.compile_format); None = free text
     # Strict greedy (mtplx.engine.strict): True, False or a margin, checked; None = the server's default.
     strict_greedy: bool | float | None = None
+    # Drafts copied from the context (mtplx.engine.lookup): 0, N or "auto"; None = the server's default.
+    lookup: int | str | None = None
 
 
 # Stop strings one request may give (OpenAI's API allows 4, Anthropic's more; the scanner's
@@ -124,7 +126,7 @@ MAX_STOPS = 16
 
 def checked_generation(*, max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, min_p: Any, seed: Any,
                        depth: Any, max_tokens_param: str = "max_tokens", strict_greedy: Any = None,
-                       **rest: Any) -> Generation:
+                       lookup: Any = None, **rest: Any) -> Generation:
     """A :class:`Generation` with each decoding knob checked by :func:`knob` (ids are filled in
     later); ``rest`` (stop, logprobs) is taken as given. ``strict_greedy``: absent (None) takes
     the server's default; false turns it off for this request."""
@@ -135,7 +137,8 @@ def checked_generation(*, max_tokens: Any, temperature: Any, top_p: Any, top_k: 
     return Generation([], max_tokens=knob("max_tokens", max_tokens, max_tokens_param),
                       temperature=knob("temperature", temperature), top_p=knob("top_p", top_p),
                       top_k=knob("top_k", top_k), min_p=knob("min_p", min_p), seed=knob("seed", seed),
-                      depth=knob("depth", depth), strict_greedy=strict_greedy, **rest)
+                      depth=knob("depth", depth), strict_greedy=strict_greedy, lookup=knob("lookup", lookup),
+                      **rest)
 
 
 @dataclass
@@ -171,12 +174,16 @@ def mtplx_stats(r: GenerationResponse, job: Job) -> dict[str, Any]:
             "acceptance": [round(a, 4) for a in r.acceptance], "tokens_per_step": round(r.tokens_per_step, 4),
             "depth": job.kwargs["depth"], "depth_histogram": {str(d): n for d, n in enumerate(r.stats.depth_steps)},
             "max_tokens": job.kwargs["max_tokens"], "recomputed": r.stats.recomputed,
+            "lookup": job.kwargs.get("lookup"),
+            # Where the emitted tokens came from: copied drafts, MTP drafts, or sampled from the trunk.
+            "tokens_from": {"lookup": getattr(r.stats, "from_lookup", 0), "mtp": getattr(r.stats, "from_mtp", 0),
+                            "sampled": getattr(r.stats, "from_sampled", 0)},
             "strict_greedy": strict.check(job.kwargs.get("strict_greedy")) is not None}
 
 
 def engine_error(exc: BaseException) -> APIError:
     """An exception raised while generating -> the error the client sees (a server fault is
-    logged, see :func:`mtplx.server.errors.from_exception`)."""
+    logged, see :func:`mtplx.server.http_errors.from_exception`)."""
     if isinstance(exc, ShuttingDown):
         return APIError(503, str(exc), type_="server_error", code="unavailable")
     return errors.from_exception(exc)
@@ -189,7 +196,7 @@ class Core:
                  depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int | None = 512,
                  prompt_cache_bytes: int = 0, max_batch: int | None = None, strict_greedy: bool | float = False,
                  prefill_chunk: int | None = None, prompt_cache_dir: str | Path | None = None,
-                 prompt_cache_disk_bytes: int | None = None):
+                 prompt_cache_disk_bytes: int | None = None, lookup: int | str = knobs.AUTO):
         self.model, self.tokenizer = model, tokenizer
         # Strict greedy for requests that do not say (a request's "strict_greedy" overrides it).
         strict.check(strict_greedy, model)
@@ -206,6 +213,7 @@ class Core:
         self.model_id = self.listed_names[0]
         self.max_tokens_default = max_tokens_default
         self.keepalive_s = KEEPALIVE_S
+        self.lookup = knobs.check("lookup", lookup)  # for requests that do not set "lookup"
         self._advised: set[str] = set()
         self.metrics = Metrics()
         # Prompt caches of recent conversations, bounded in bytes; 0 turns them off.
@@ -364,7 +372,8 @@ class Core:
             strict_greedy = False
         kwargs = dict(max_tokens=min(g.max_tokens or self.max_tokens_default or left, left), temperature=g.temperature,
                       top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, depth=depth, seed=g.seed, stop=g.stop,
-                      logprobs=g.logprobs, strict_greedy=strict_greedy)
+                      logprobs=g.logprobs, strict_greedy=strict_greedy,
+                      lookup=self.lookup if g.lookup is None else g.lookup)
         if g.grammar is not None:
             kwargs["response_format"] = g.grammar
         job = Job(g.ids, kwargs, asyncio.get_running_loop(), boundaries=g.boundaries)

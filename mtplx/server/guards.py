@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from mtplx.server.errors import APIError, error_response
+from mtplx.server.http_errors import APIError, error_response
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 # How deeply a JSON body may nest (objects and arrays). Pydantic, the chat template (Jinja),

@@ -83,6 +83,8 @@ class Metrics:
         self.acceptance = AcceptanceTally()
         # Decode steps by the depth they drafted (depth auto's mix; a pinned depth fills one).
         self.depth_steps: dict[int, int] = defaultdict(int)
+        # Emitted tokens by where they came from: copied drafts, MTP drafts, sampled.
+        self.tokens_from: dict[str, int] = defaultdict(int)
 
         # The prompt-cache LRU, read live at each scrape (None: the server runs without one).
         self.prompt_caches: Any = None
@@ -124,6 +126,8 @@ class Metrics:
             self.acceptance.add(stats)
             for d, n in enumerate(getattr(stats, "depth_steps", ())):
                 self.depth_steps[d] += n
+            for source in ("lookup", "mtp", "sampled"):
+                self.tokens_from[source] += getattr(stats, f"from_{source}", 0)
 
     def render(self) -> str:
         with self._lock:
@@ -169,6 +173,10 @@ class Metrics:
             family("mtplx_steps_by_depth_total", "counter",
                    "Decode steps by the number of tokens they drafted (0 = a plain step), over all generations.",
                    [(f'{{depth="{d}"}}', n) for d, n in sorted(self.depth_steps.items())])
+            family("mtplx_generated_tokens_by_source_total", "counter",
+                   "Generated tokens by where they came from: lookup (accepted drafts copied from the context), "
+                   "mtp (accepted MTP drafts), sampled (sampled from the trunk: first, residual and bonus tokens).",
+                   [(f'{{source="{k}"}}', self.tokens_from[k]) for k in ("lookup", "mtp", "sampled")])
             family("mtplx_queue_depth", "gauge", "Requests waiting for the engine.", [("", self._queue_depth())])
             family("mtplx_busy", "gauge", "1 while a generation is running.", [("", int(self._busy()))])
             family("mtplx_batch_size", "gauge", "Rows decoding together now (--max-batch bounds it).",

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from mtplx.api import GenerationResponse
 from mtplx.generation.stops import check_stop
 from mtplx.server.core import FINGERPRINT, Core, Generation, checked_generation, mtplx_stats
-from mtplx.server.errors import APIError, openai_body, unsupported
+from mtplx.server.http_errors import APIError, openai_body, unsupported
 from mtplx.server.logprob_text import TokenText
 from mtplx.server.openai_requests import (ChatCompletionRequest, ChatMessage, CommonRequest, CompletionRequest,
                                           MessageToolCall, NamedToolChoice)
@@ -75,7 +75,8 @@ def _generation(body: CommonRequest) -> Generation:
     return checked_generation(
         max_tokens=max_tokens, max_tokens_param=param, temperature=body.temperature,
         top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
-        depth=body.depth, stop=check_stop(body.stop), logprobs=_logprobs(body), strict_greedy=body.strict_greedy)
+        depth=body.depth, stop=check_stop(body.stop), logprobs=_logprobs(body), strict_greedy=body.strict_greedy,
+        lookup=body.lookup)
 
 
 def usage(prompt_tokens: int, r: GenerationResponse | None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from mtplx.server.core import MAX_STOPS, StrictModel
-from mtplx.server.errors import APIError
+from mtplx.server.http_errors import APIError
 
 
 class ContentPart(StrictModel):
@@ -103,6 +103,8 @@ class CommonRequest(StrictModel):
     stream_options: StreamOptions | None = None
     depth: int | str | None = Field(None, description="mtplx extension: draft depth, 'auto' (adaptive), "
                                                        "0 = plain AR, or N drafts per step")
+    lookup: int | str | None = Field(None, description="mtplx extension: drafts copied from the context, 0 "
+                                     "(never), N (up to N tokens a step) or 'auto'")
     strict_greedy: bool | float | None = Field(None, description="mtplx extension: at temperature 0, re-decide a "
                                                "near-tie (top-2 margin <= 0.05, or this number) with a one-row "
                                                "pass so greedy MTP equals greedy AR on any backend")

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 
 from mtplx.api import GenerationResponse
 from mtplx.server.core import Core, Generation, checked_generation, mtplx_stats
-from mtplx.server.errors import APIError, unsupported
+from mtplx.server.http_errors import APIError, unsupported
 from mtplx.server.queue import Job, JobStream
 from mtplx.server.responses_requests import (ADVISORY, LOGPROBS_INCLUDE, CustomTool, CustomToolCallItem,
                                              CustomToolCallOutputItem, FunctionCallItem, FunctionCallOutputItem,
@@ -421,7 +421,8 @@ class ResponsesRoutes:
         core.note_advisory(_advisory(body), ADVISORY)
         g = checked_generation(max_tokens=body.max_output_tokens, max_tokens_param="max_output_tokens",
                                temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-                               seed=body.seed, depth=body.depth, strict_greedy=body.strict_greedy)
+                               seed=body.seed, depth=body.depth, strict_greedy=body.strict_greedy,
+                               lookup=body.lookup)
         g.grammar = await core.compile_format(body.text.response_format() if body.text else None)
         tools = _tools(body, self.fmt, grammar=g.grammar is not None)
         # A grammar applies from the first generated token, so the model cannot think first.

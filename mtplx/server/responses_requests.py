@@ -264,6 +264,7 @@ class ResponsesRequest(StrictModel):
     min_p: float | None = None
     seed: int | None = None
     depth: int | str | None = None  # "auto", 0 = plain AR, or N drafts per step
+    lookup: int | str | None = None  # drafts copied from the context: 0, N or "auto"
     strict_greedy: bool | float | None = None  # true or a margin (mtplx.engine.strict)
 
     @model_validator(mode="before")

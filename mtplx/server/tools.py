@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from mtplx.server.errors import APIError, unsupported
+from mtplx.server.http_errors import APIError, unsupported
 
 log = logging.getLogger("mtplx.server")
 
