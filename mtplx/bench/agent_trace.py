@@ -238,14 +238,14 @@ class AgentTraceReport:
         return "\n\n".join(p.table() for p in self.passes) + "".join(f"\n{line}" for line in self.verdicts())
 
     def verdicts(self) -> list[str]:
-        out = [f"{p.name}: disk tier {d['loads']} load(s), {d['writes']} write(s) ({d['writes_dropped']} dropped: "
-               f"its queue was full)" for p in self.passes if (d := p.disk)]
+        out = [f"{p.name}: disk tier {d['loads']} load(s), {d['writes']} write(s), {d['writes_dropped']} write(s) "
+               f"dropped (queue full)" for p in self.passes if (d := p.disk)]
         if len(self.passes) == 2:
             first, again = (p.turns[0] for p in self.passes)
             if not first.skipped and not again.skipped and first.ttft_s > 0:
                 out.append(f"turn 1 after the restart: time to first token {again.ttft_s:.3f} s, {again.cached_tokens} "
                            f"of {again.prompt_tokens} tokens cached, against {first.ttft_s:.3f} s on the first run "
-                           f"({again.ttft_s / first.ttft_s:.2f}x)")
+                           f"({again.ttft_s / first.ttft_s:.3g}x)")
         return out
 
     def as_dict(self) -> dict[str, Any]:
