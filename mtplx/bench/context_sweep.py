@@ -6,7 +6,9 @@ then the bundled probe text, repeated to length, ending with a short code prompt
 length shares, so each length decodes the same task after more context. Each depth (AR, each
 fixed depth, auto) then decodes -n tokens from its own copy of that cache, interleaved in one
 process, and reports tok/s, tokens per step and acceptance by draft position (P(draft k
-accepted) over the steps that drafted k; auto's mix of depths too).
+accepted) over the steps that drafted k, the MTP head's drafts only; auto's mix of depths too,
+and the share of tokens that came from drafts copied out of the context, which the engine makes
+by default: see mtplx.engine.lookup).
 
 With ``--shape`` (real shapes, random weights) the components of a step are timed at each
 context through ``mtplx.bench.shape_bench``, the context prefilled rather than generated;
@@ -122,7 +124,9 @@ class ContextReport:
         for p in self.points:
             for key, r in p.depths.items():
                 acc = " ".join(f"{a:.2f}" for a in r.get("acceptance", [])) or "-"
-                mix = f"  ({r['mix']})" if r.get("mix") else ""
+                notes = ([r["mix"]] if r.get("mix") else []) + (
+                    [f"{100 * r['copied_share']:.0f}% copied from the context"] if r.get("copied_share") else [])
+                mix = f"  ({'; '.join(notes)})" if notes else ""
                 lines.append(f"{p.context:>7} {key:>5} {r['tps']:>9.2f} {r['speedup']:>5.2f}x "
                              f"{r['tokens_per_step']:>8.2f}  {acc}{mix}")
             if p.prefill_s:
@@ -151,6 +155,11 @@ def _summary(runs: list[Any], ar_tps: float | None) -> dict[str, Any]:
            "acceptance": [round(a / d, 4) if d else 0.0 for a, d in zip(accepted, drafted)]}
     if runs[0].adaptive:
         out["mix"] = runs[-1].mode.removeprefix("MTP auto").strip(" ()")
+    # Tokens from drafts copied out of the context (engine/lookup.py, on by default): they count
+    # in tok/s, not in the head's acceptance by position.
+    copied = sum(getattr(s, "from_lookup", 0) for s in runs)
+    if copied:
+        out["copied_share"] = round(copied / generated, 4)
     return out
 
 
