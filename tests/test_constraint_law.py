@@ -74,7 +74,9 @@ def sample(model, depth: int, constraint: Constraint, seed0: int, n: int = N,
     for i in range(n):
         engine = Engine(model, depth, PARAMS, DRAFT, seed=seed0 + i, constraint=constraint)
         tokens = []
-        for step in engine.generate(PROMPT, LENGTH):
+        # One token past the law's LENGTH: a step drafts at most the budget's tokens but one, so
+        # depth 2 needs 3 tokens left after the first; the law is read on the first LENGTH.
+        for step in engine.generate(PROMPT, LENGTH + 1):
             tokens += step.tokens
             if steps is not None and step.drafted:
                 steps.append(step.accepted)

@@ -13,11 +13,13 @@ from mtplx.errors import MtplxError
 
 GOOD = {"depth": [0, 2, knobs.MAX_DEPTH], "max_tokens": [1, 10**6], "temperature": [0, 0.6, 2],
         "draft_temperature": [0.0, 1.5], "top_p": [1e-9, 1.0], "top_k": [0, 20], "min_p": [0.0, 1.0],
-        "seed": [0, knobs.MAX_SEED], "prefill_chunk": [1, 512, knobs.MAX_PREFILL_CHUNK]}
+        "seed": [0, knobs.MAX_SEED], "prefill_chunk": [1, 512, knobs.MAX_PREFILL_CHUNK],
+        "lookup": [0, 4, knobs.MAX_LOOKUP]}
 BAD = {"depth": [-1, knobs.MAX_DEPTH + 1, 2.5, True, "2"], "max_tokens": [0, -1, 1.0],
        "temperature": [-1, math.nan, math.inf, "0.6", None], "draft_temperature": [-0.1, math.nan],
        "top_p": [0, 1.01, -math.inf], "top_k": [-5, 2.0], "min_p": [-0.1, 2], "seed": [-5, knobs.MAX_SEED + 1],
-       "prefill_chunk": [0, -512, knobs.MAX_PREFILL_CHUNK + 1, 512.0, True]}
+       "prefill_chunk": [0, -512, knobs.MAX_PREFILL_CHUNK + 1, 512.0, True],
+       "lookup": [-1, knobs.MAX_LOOKUP + 1, 2.5, True, "4", "always"]}
 
 
 @pytest.mark.parametrize("name", sorted(knobs.KNOBS))
