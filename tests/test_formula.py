@@ -127,7 +127,7 @@ def test_resources_are_real_and_cover_the_runtime_dependencies(declared):
     direct = {uf.canonicalize_name(r.name) for r in map(uf.Requirement, uf.project()["dependencies"])
               if uf._darwin(r.marker, set())}
     assert direct == {"mlx", "mlx-lm", "safetensors", "huggingface-hub", "transformers", "click", "jsonschema",
-                      "llguidance", "fastapi", "uvicorn", "numpy"}
+                      "llguidance", "fastapi", "uvicorn", "numpy", "tqdm"}
     assert direct <= set(resources), f"missing resources: {sorted(direct - set(resources))}"
     assert "mlx-metal" in resources  # mlx's Darwin-only dependency: markers were judged for macOS
 

@@ -288,7 +288,9 @@ def test_counted_bytes_are_the_bytes_held():
     gc.collect()
     mx.clear_cache()
     freed = before - mx.get_active_memory()
-    assert abs(freed - counted) <= 0.02 * counted, (freed, counted)
+    # Within 5%: the allocator rounds buffers (a full run measured 2.2% off); the bug this
+    # catches held 85% more than it counted.
+    assert abs(freed - counted) <= 0.05 * counted, (freed, counted)
 
 
 # -- two real servers in sequence over one folder ------------------------------------------------
