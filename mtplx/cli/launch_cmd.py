@@ -102,11 +102,11 @@ def served_model(url: str) -> str | None:
 
 def _start_server(model_ref: str, host: str, port: int, url: str, serve_args: list[str]) -> subprocess.Popen:
     log_path = Path(tempfile.gettempdir()) / f"mtplx-launch-{port}.log"
-    log = log_path.open("w")
     cmd = [sys.executable, "-m", "mtplx", "serve", "--model", model_ref, "--host", host, "--port", str(port),
            *serve_args]
     click.echo(f"mtplx: starting `mtplx serve --model {model_ref}` on {url} (log: {log_path})", err=True)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with log_path.open("w") as log:  # the server holds its own copy of the file
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + SERVER_START_S
     while served_model(url) is None:
         if proc.poll() is not None:

@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtplx._version import __version__
-from mtplx.generation.speculation import step_costs
 from mtplx.server.anthropic import anthropic_routes
 from mtplx.server.core import RETRY_AFTER_S, Core
 from mtplx.server.http_errors import APIError, error_response, from_exception, is_client_error, validation_error
@@ -68,16 +67,6 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
                 prompt_cache_disk_bytes=prompt_cache_disk_bytes, lookup=lookup)
     model_id = core.model_id
     scheduler, metrics = core.scheduler, core.metrics
-    # A request may ask for depth auto whatever the server's default, so its step costs are
-    # measured (or read) now, never by the engine thread inside a running batch's step.
-    if getattr(model, "has_mtp", False) and getattr(getattr(model, "trunk", None), "stage", None) is None:
-        try:
-            step_costs(model)
-        except Exception as e:  # noqa: BLE001 - a model whose passes fail: each request will say so
-            if core.depth == "auto":
-                raise
-            log.warning("mtplx: measuring step costs for depth auto failed (%s: %s); requests that ask for "
-                        "depth auto will fail", type(e).__name__, e)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

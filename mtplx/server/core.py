@@ -237,6 +237,15 @@ class Core:
                              fix="use --depth 0 or --no-mtp")
         if self.depth == "auto":  # its step costs: measured (or read) now, not in the first request
             step_costs(model)
+        elif getattr(model, "has_mtp", False) and getattr(getattr(model, "trunk", None), "stage", None) is None:
+            # A request may ask for depth auto whatever the default, so its costs are measured now,
+            # never by the engine thread inside a running batch's step. A model whose passes fail
+            # still starts: each request will say so.
+            try:
+                step_costs(model)
+            except Exception as e:  # noqa: BLE001
+                log.warning("mtplx: measuring step costs for depth auto failed (%s: %s); requests that ask "
+                            "for depth auto will fail", type(e).__name__, e)
         # No token decodes to more than `longest` characters, so a text of n characters has at
         # least n / longest tokens; Unicode normalization may merge up to a few code points
         # into one before tokenizing, hence the factor. Beyond this a prompt cannot fit, and

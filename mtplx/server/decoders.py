@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mtplx.core import knobs
 from mtplx.engine.batch import BatchDecoder
 
 
@@ -22,9 +23,8 @@ def make_decoder(model: Any, max_batch: int, prefill_chunk: int | None = None) -
     """The server's decoder; ``prefill_chunk``: prompt tokens a joining row feeds per step (None: the
     knob's default, the API's own, so the server and ``mtplx.generate`` chunk a prompt alike)."""
     # isolate_rows: one row's failing host work (acceptance, logprobs, strict greedy) ends that row only.
-    if prefill_chunk is None:
-        return BatchDecoder(model, max_batch=max_batch, isolate_rows=True)
-    return BatchDecoder(model, max_batch=max_batch, prefill_chunk=prefill_chunk, isolate_rows=True)
+    return BatchDecoder(model, max_batch=max_batch, isolate_rows=True,
+                        prefill_chunk=knobs.PREFILL_CHUNK if prefill_chunk is None else prefill_chunk)
 
 
 class GuardedConstraint:
