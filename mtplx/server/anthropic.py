@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from mtplx.server.anthropic_requests import (ADVISORY, CountTokensRequest, Message, MessagesRequest, PromptRequest,
                                              RedactedThinkingBlock, TextBlock, ThinkingBlock, ToolReferenceBlock,
                                              ToolUseBlock)
-from mtplx.server.core import Core, Generation, checked_generation, mtplx_stats
+from mtplx.server.core import Core, Generation, SystemContext, checked_generation, mtplx_stats
 from mtplx.server.http_errors import APIError, anthropic_body, unsupported
 from mtplx.server.queue import Job, JobStream
 from mtplx.server.tools import Answer, ToolCall, ToolFormat, check_tools, tool_format
@@ -77,26 +77,22 @@ def _system_text(m: Message, param: str) -> str:
 def _template_messages(body: PromptRequest, fmt: ToolFormat | None) -> list[dict[str, Any]]:
     """Anthropic's messages -> the chat template's (OpenAI-like) messages.
 
-    A ``system`` message inside ``messages`` is system context at its place. Qwen's templates
-    accept a system message only first, so one that comes before any turn joins the system
-    prompt, and a later one is put, unchanged, at the front of the next user turn (or stands as a
-    user turn of its own when no user turn follows): the model reads it where the client put it."""
+    A ``system`` message inside ``messages`` is system context at its place
+    (:class:`~mtplx.server.core.SystemContext` places it as Qwen's templates take it)."""
     out: list[dict[str, Any]] = []
-    system = [text] if (text := _system_prompt(body.system)) else []
-    pending: list[str] = []  # system context waiting for the next user turn
+    context = SystemContext(_system_prompt(body.system))
     for i, m in enumerate(body.messages):
         param = f"messages[{i}].content"
         if m.role == "system":
-            text = _system_text(m, param)
-            (pending if out else system).append(text)
+            context.add(_system_text(m, param), out)
             continue
         if isinstance(m.content, str):
             texts, calls, reasoning, results = [m.content], [], [], []
         else:
             texts, calls, reasoning, results = _blocks(m, param, fmt)
         out.extend(results)
-        if pending and m.role == "user":
-            texts, pending = pending + texts, []
+        if m.role == "user":
+            texts = context.take() + texts
         message: dict[str, Any] = {"role": m.role, "content": "\n".join(texts)}
         if calls:
             message["tool_calls"] = calls
@@ -107,11 +103,7 @@ def _template_messages(body: PromptRequest, fmt: ToolFormat | None) -> list[dict
     if not out:
         raise APIError(400, "'messages' needs at least one user or assistant message; system context alone "
                             "asks nothing.", param="messages")
-    if pending:
-        out.append({"role": "user", "content": "\n".join(pending)})
-    if system:
-        out.insert(0, {"role": "system", "content": "\n".join(system)})
-    return out
+    return context.close(out)
 
 
 def _blocks(m: Message, param: str, fmt: ToolFormat | None) -> tuple[list[str], list[dict[str, Any]], list[str],

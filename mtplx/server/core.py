@@ -141,6 +141,35 @@ def checked_generation(*, max_tokens: Any, temperature: Any, top_p: Any, top_k: 
                       **rest)
 
 
+class SystemContext:
+    """System text of a conversation placed where Qwen's templates take it: they accept one system
+    message, first. Text before any turn joins that system prompt; text a client puts later (Claude
+    Code's environment notes, a Responses developer message) goes, unchanged, at the front of the
+    next user turn, or stands as a user turn of its own at the end: the model reads it where the
+    client put it. Each dialect builds its template messages and hands this the system pieces."""
+
+    def __init__(self, *prompt: str | None):
+        self.system = [p for p in prompt if p]
+        self.pending: list[str] = []  # system text waiting for the next user turn
+
+    def add(self, text: str, messages: list[dict[str, Any]]) -> None:
+        """System text met after ``messages`` (the template messages so far)."""
+        (self.pending if messages else self.system).append(text)
+
+    def take(self) -> list[str]:
+        """The waiting system text, for the front of the user turn being built."""
+        pending, self.pending = self.pending, []
+        return pending
+
+    def close(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``messages`` with the system prompt first and any text still waiting as a last user turn."""
+        if self.pending:
+            messages.append({"role": "user", "content": "\n".join(self.take())})
+        if self.system:
+            messages.insert(0, {"role": "system", "content": "\n".join(self.system)})
+        return messages
+
+
 @dataclass
 class Outcome:
     """A whole generation: its text and every engine step (the last one carries the totals)."""

@@ -32,7 +32,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from mtplx.api import GenerationResponse
-from mtplx.server.core import Core, Generation, checked_generation, mtplx_stats
+from mtplx.server.core import Core, Generation, SystemContext, checked_generation, mtplx_stats
 from mtplx.server.http_errors import APIError, unsupported
 from mtplx.server.queue import Job, JobStream
 from mtplx.server.responses_requests import (ADVISORY, LOGPROBS_INCLUDE, CustomTool, CustomToolCallItem,
@@ -154,8 +154,7 @@ def _text(content: str | list[Any], param: str) -> str:
 def template_messages(body: ResponsesRequest, fmt: ToolFormat | None) -> list[dict[str, Any]]:
     """The request's instructions and input items -> the chat template's (OpenAI-like) messages."""
     items = [MessageItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
-    system = [body.instructions] if body.instructions else []
-    pending: list[str] = []  # system context waiting for the next user turn
+    context = SystemContext(body.instructions)
     out: list[dict[str, Any]] = []
     for i, item in enumerate(items):
         where = f"input[{i}]"
@@ -164,10 +163,10 @@ def template_messages(body: ResponsesRequest, fmt: ToolFormat | None) -> list[di
         if isinstance(item, MessageItem):
             text = _text(item.content, f"{where}.content")
             if item.role in ("system", "developer"):  # Qwen's templates know no "developer" role
-                (pending if out else system).append(text)
+                context.add(text, out)
                 continue
-            if pending and item.role == "user":
-                text, pending = "\n".join(pending + [text]), []
+            if item.role == "user":
+                text = "\n".join(context.take() + [text])
             out.append({"role": item.role, "content": text})
             continue
         if fmt is None:
@@ -187,11 +186,7 @@ def template_messages(body: ResponsesRequest, fmt: ToolFormat | None) -> list[di
         elif isinstance(item, (FunctionCallOutputItem, CustomToolCallOutputItem)):
             out.append({"role": "tool", "tool_call_id": item.call_id,
                         "content": _text(item.output, f"{where}.output")})
-    if pending:
-        out.append({"role": "user", "content": "\n".join(pending)})
-    if system:
-        out.insert(0, {"role": "system", "content": "\n".join(system)})
-    return out
+    return context.close(out)
 
 
 def _refuse(body: ResponsesRequest) -> None:
