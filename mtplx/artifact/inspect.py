@@ -23,6 +23,70 @@ def machine_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# KV quantization as mlx-lm's QuantizedKVCache stores it (``--kv-bits``): None is full precision.
+KV_BITS_CHOICES: tuple[int | None, ...] = (None, 8, 4)
+KV_GROUP_SIZES = (32, 64, 128)
+# Rows may take this share of the memory left after the weights and the prompt caches (the rest
+# is a step's activations and the system's); the server admits by it (mtplx/server/capacity.py).
+ROW_SHARE = 0.5
+# The server's default prompt caches take this share of the machine's memory (--prompt-cache-gb).
+PROMPT_CACHE_SHARE = 0.1
+
+
+def check_kv_bits(kv_bits: Any, kv_group_size: Any) -> None:
+    if kv_bits not in KV_BITS_CHOICES or isinstance(kv_bits, bool):
+        raise MtplxError(f"kv_bits must be None, 8 or 4, got {kv_bits!r}", fix="pass kv_bits=None, 8 or 4")
+    if kv_group_size not in KV_GROUP_SIZES or isinstance(kv_group_size, bool):
+        raise MtplxError(f"kv_group_size must be 32, 64 or 128, got {kv_group_size!r}",
+                         fix="pass kv_group_size=64 (the default), 32 or 128")
+
+
+def kv_token_bytes(tc: dict[str, Any], kv_bits: int | None = None, kv_group_size: int = 64) -> int:
+    """Bytes one full-attention layer's keys and values take per token. Quantized (mlx-lm's
+    QuantizedKVCache), each group of ``kv_group_size`` values along the head dimension is
+    ``bits * group / 8`` bytes of data plus a scale and a bias in the keys' dtype (bf16)."""
+    from mtplx.model.shapes import KV_DTYPE
+
+    check_kv_bits(kv_bits, kv_group_size)
+    head_dim = tc["head_dim"]
+    if kv_bits is None:
+        per_head = head_dim * KV_DTYPE
+    else:
+        per_head = head_dim * kv_bits // 8 + 2 * -(-head_dim // kv_group_size) * KV_DTYPE
+    return 2 * tc["num_key_value_heads"] * per_head
+
+
+def cache_bytes(tc: dict[str, Any], tokens: int, head_layers: int, kv_bits: int | None = None,
+                kv_group_size: int = 64) -> int:
+    """Bytes one sequence's caches hold at ``tokens`` tokens: every full-attention layer's KV
+    (at ``kv_bits``), the MTP head's KV (full precision whatever kv_bits: the engine keeps the
+    head's one drafting layer unquantized) and every Gated-DeltaNet layer's state and conv
+    window, which are the same size however long the sequence."""
+    from mtplx.model.shapes import FULL, LINEAR, ShapeBytes, kind_counts
+
+    # mlx-lm places the kinds by full_attention_interval (default 4); a config.json may give
+    # only layer_types, the same pattern spelled out.
+    counts = kind_counts({**tc, "full_attention_interval": tc.get("full_attention_interval") or 4})
+    shape = ShapeBytes(tc, weights=None, counts=counts, draft_vocab=0, context=tokens)  # type: ignore[arg-type]
+    per_token = counts[FULL] * kv_token_bytes(tc, kv_bits, kv_group_size) + head_layers * shape.kv_row_bytes()
+    return int(counts[LINEAR] * (shape.state_bytes() + shape.conv_bytes()) + per_token * tokens)
+
+
+def tokens_that_fit(tc: dict[str, Any], budget: int, head_layers: int, kv_bits: int | None = None,
+                    kv_group_size: int = 64) -> int:
+    """The longest sequence whose caches fit in ``budget`` bytes (0 when not even the fixed
+    state does); the caller caps it at the model's context."""
+    fixed = cache_bytes(tc, 0, head_layers, kv_bits, kv_group_size)
+    per_token = cache_bytes(tc, 1, head_layers, kv_bits, kv_group_size) - fixed
+    return max((budget - fixed) // per_token, 0) if per_token > 0 else 1 << 62
+
+
+def row_budget(memory: int, weights: int, prompt_cache: int) -> int:
+    """The bytes the server's rows may take: ROW_SHARE of what the weights and the prompt
+    caches leave."""
+    return max(int((memory - weights - prompt_cache) * ROW_SHARE), 0)
+
+
 @dataclass
 class Inspection:
     ref: str
@@ -38,9 +102,28 @@ class Inspection:
     verdict: str = ""
     can_run_mtp: bool = False
     can_run_ar: bool = False
+    context_tokens: int = 0  # the model's context (max_position_embeddings)
+    # What one request's caches may take under mtplx serve's defaults (row_budget), and per
+    # kv_bits (None, 8, 4): bytes per context token and the longest context that budget holds.
+    row_budget_bytes: int = 0
+    kv_cache: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
+
+    def memory_lines(self) -> list[str]:
+        """The KV report as `mtplx inspect` prints it (empty when the config lacks the shapes)."""
+        if not self.kv_cache:
+            return []
+        lines = [f"  KV cache:      context {self.context_tokens} tokens; mtplx serve lets one request's caches take "
+                 f"{self.row_budget_bytes / 2**30:.2f} GiB here (half the memory the weights and the default "
+                 "prompt cache leave)"]
+        for k in self.kv_cache:
+            bits = "none" if k["kv_bits"] is None else str(k["kv_bits"])
+            whole = " (the whole context)" if k["max_context_tokens"] >= self.context_tokens else ""
+            lines.append(f"    --kv-bits {bits:<4}  {k['bytes_per_token'] / 1024:8.2f} KiB per token   longest context "
+                         f"in memory: {k['max_context_tokens']} tokens{whole}")
+        return lines
 
 
 def _local_or_metadata(ref: str) -> Path:
@@ -87,7 +170,7 @@ def inspect_ref(ref: str) -> Inspection:
     out = Inspection(ref=ref, memory_bytes=machine_memory_bytes())
     entry = catalog_entry(ref)
     if entry is not None and entry.get("source") and not Path(ref).expanduser().exists() and find_artifact(ref) is None:
-        return _memory_warning(_from_catalog(out, entry))
+        return _memory_warning(_from_catalog(out, entry), entry.get("text_config", {}))
     path = _local_or_metadata(ref)
     out.path = str(path)
     config_file = path / "config.json"
@@ -146,10 +229,29 @@ def inspect_ref(ref: str) -> Inspection:
         out.kind = "mlx-trunk" if config.get("quantization") else "checkpoint"
         out.can_run_ar = True
         out.verdict = "no MTP head: runs as plain AR (--no-mtp); graft the head from the original checkpoint for MTP"
-    return _memory_warning(out)
+    return _memory_warning(out, tc)
 
 
-def _memory_warning(out: Inspection) -> Inspection:
+def _kv_report(out: Inspection, tc: dict[str, Any]) -> None:
+    """Bytes per context token at each kv_bits and the longest context this machine's memory
+    holds for one request, counted as the server admits requests (mtplx/server/capacity.py)."""
+    try:
+        out.context_tokens = int(tc["max_position_embeddings"])
+        head_layers = int(tc.get("mtp_num_hidden_layers") or 0) if out.mtp_head else 0
+        memory = out.memory_bytes
+        out.row_budget_bytes = row_budget(memory, out.weights_bytes, int(memory * PROMPT_CACHE_SHARE))
+        out.kv_cache = [{"kv_bits": bits,
+                         "bytes_per_token": cache_bytes(tc, 1, head_layers, bits) - cache_bytes(tc, 0, head_layers, bits),
+                         "max_context_tokens": min(tokens_that_fit(tc, out.row_budget_bytes, head_layers, bits),
+                                                   out.context_tokens)}
+                        for bits in KV_BITS_CHOICES]
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a config without the shapes: no report
+        out.kv_cache = []
+
+
+def _memory_warning(out: Inspection, tc: dict[str, Any] | None = None) -> Inspection:
+    if tc is not None:
+        _kv_report(out, tc)
     if out.weights_bytes and out.memory_bytes and out.weights_bytes * 1.2 > out.memory_bytes:
         out.verdict += (f"; WARNING: needs about {out.weights_bytes * 1.2 / 2**30:.1f} GiB, "
                         f"this machine offers {out.memory_bytes / 2**30:.1f} GiB")

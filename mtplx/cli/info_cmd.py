@@ -29,6 +29,8 @@ def inspect_cmd(ref, json_out):
         for note in info.inferred:
             click.echo(f"  inferred:      {note}")
         click.echo(f"  weights:       {info.weights_bytes / 2**20:.1f} MiB (machine offers {info.memory_bytes / 2**30:.1f} GiB)")
+        for line in info.memory_lines():
+            click.echo(line)
         click.echo(f"  verdict:       {info.verdict}")
     write_json(info.as_dict(), json_out)
     if not (info.can_run_ar or info.can_run_mtp or info.kind in ("hf-checkpoint", "catalog")):

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtplx._version import __version__
 from mtplx.server.anthropic import anthropic_routes
+from mtplx.server.capacity import Capacity
 from mtplx.server.core import RETRY_AFTER_S, Core
 from mtplx.server.http_errors import APIError, error_response, from_exception, is_client_error, validation_error
 from mtplx.server.guards import RequestGuard
@@ -28,12 +29,11 @@ from mtplx.server.responses import responses_routes
 log = logging.getLogger("mtplx.server")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
-# Prompt caches may take this share of the machine's memory by default (--prompt-cache-gb).
-PROMPT_CACHE_SHARE = 0.1
 
 
 def default_prompt_cache_bytes() -> int:
-    from mtplx.artifact.inspect import machine_memory_bytes
+    # The share is inspect's, which counts the memory a request's caches may take the same way.
+    from mtplx.artifact.inspect import PROMPT_CACHE_SHARE, machine_memory_bytes
 
     return int(machine_memory_bytes() * PROMPT_CACHE_SHARE)
 
@@ -44,7 +44,7 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
                prompt_cache_bytes: int | None = None, max_batch: int | None = None,
                strict_greedy: bool | float = False, prefill_chunk: int | None = None,
                prompt_cache_dir: str | Path | None = None, prompt_cache_disk_bytes: int | None = None,
-               lookup: int | str = "auto") -> FastAPI:
+               lookup: int | str = "auto", capacity: Capacity | None = None) -> FastAPI:
     """An app serving ``model``.
 
     ``served_model_names``: the names requests may ask for (the first is the one reported);
@@ -58,13 +58,14 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
     ``strict_greedy``: the default for requests that do not set it (mtplx.engine.strict);
     ``prompt_cache_dir``: the prompt caches' disk tier (mtplx.engine.prompt_cache_disk; None: in
     memory only), bounded by ``prompt_cache_disk_bytes`` (None: 10 GiB or a quarter of the free
-    disk, whichever is less)."""
+    disk, whichever is less); ``capacity``: the memory the rows' caches may take
+    (mtplx.server.capacity; None: sized from this machine's memory)."""
     if prompt_cache_bytes is None:
         prompt_cache_bytes = default_prompt_cache_bytes()
     core = Core(model, tokenizer, served_model_names=served_model_names, depth=depth, queue_size=queue_size,
                 max_tokens_default=max_tokens_default, prompt_cache_bytes=prompt_cache_bytes, max_batch=max_batch,
                 strict_greedy=strict_greedy, prefill_chunk=prefill_chunk, prompt_cache_dir=prompt_cache_dir,
-                prompt_cache_disk_bytes=prompt_cache_disk_bytes, lookup=lookup)
+                prompt_cache_disk_bytes=prompt_cache_disk_bytes, lookup=lookup, capacity=capacity)
     model_id = core.model_id
     scheduler, metrics = core.scheduler, core.metrics
 

@@ -225,7 +225,8 @@ class Core:
                  depth: int | str | None = None, queue_size: int = 8, max_tokens_default: int | None = 512,
                  prompt_cache_bytes: int = 0, max_batch: int | None = None, strict_greedy: bool | float = False,
                  prefill_chunk: int | None = None, prompt_cache_dir: str | Path | None = None,
-                 prompt_cache_disk_bytes: int | None = None, lookup: int | str = knobs.AUTO):
+                 prompt_cache_disk_bytes: int | None = None, lookup: int | str = knobs.AUTO,
+                 capacity: Capacity | None = None):
         self.model, self.tokenizer = model, tokenizer
         # Strict greedy for requests that do not say (a request's "strict_greedy" overrides it).
         strict.check(strict_greedy, model)
@@ -255,7 +256,7 @@ class Core:
         self.metrics.prompt_caches = self.prompt_caches
         # Rows decoding together: --max-batch, by default as many as the memory left for their
         # caches holds (capacity.py); rows wait while the batch's caches would not fit.
-        capacity = Capacity.of_machine(model, prompt_cache_bytes)
+        capacity = Capacity.of_machine(model, prompt_cache_bytes) if capacity is None else capacity
         self.max_batch = capacity.default_max_batch() if max_batch is None else max_batch
         self.scheduler = Scheduler(model, tokenizer, self.metrics, max_queue=queue_size,
                                    prompt_caches=self.prompt_caches, max_batch=self.max_batch, capacity=capacity,
@@ -393,7 +394,9 @@ class Core:
         """Queue ``g``. ``job.kwargs`` holds what it runs with: ``depth`` (an integer or "auto"),
         and ``max_tokens`` capped at the context left after the prompt (a larger request, up to
         2**63 and beyond, is honoured as "as many as fit"; finish_reason "length" and
-        ``mtplx.max_tokens`` tell)."""
+        ``mtplx.max_tokens`` tell). A default max_tokens is also capped at what memory holds
+        (``Capacity.max_tokens``); a request whose prompt and max_tokens cannot fit in memory
+        even alone is a 400 (``Capacity.admit``)."""
         model = self.model
         if not g.ids:
             raise APIError(400, "The prompt is empty.", param="prompt")
@@ -403,12 +406,19 @@ class Core:
         if depth != 0 and not model.has_mtp:
             raise APIError(400, "This server's model has no MTP head; only depth 0 is available.", param="depth")
         left = model.max_context - len(g.ids)
+        # A reply the request leaves to the server ends where memory would, not only at the context's
+        # end, so a default never trips the refusal below (capacity.py).
+        capacity = self.scheduler.capacity
+        room = left if capacity is None else min(left, capacity.max_tokens() - len(g.ids))
+        max_tokens = min(g.max_tokens, left) if g.max_tokens else min(self.max_tokens_default or left, max(room, 1))
+        if capacity is not None:
+            capacity.admit(len(g.ids), max_tokens)  # a row that cannot fit alone: 400, before any prefill
         strict_greedy = self.strict_greedy if g.strict_greedy is None else g.strict_greedy
         if strict_greedy is not False and not sampling_from(model, g.temperature, None, None, None).greedy:
             # Strict greedy guards argmax tokens only: at temperature > 0 the engine ignores it,
             # and the response's mtplx.strict_greedy says it was not applied.
             strict_greedy = False
-        kwargs = dict(max_tokens=min(g.max_tokens or self.max_tokens_default or left, left), temperature=g.temperature,
+        kwargs = dict(max_tokens=max_tokens, temperature=g.temperature,
                       top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, depth=depth, seed=g.seed, stop=g.stop,
                       logprobs=g.logprobs, strict_greedy=strict_greedy,
                       lookup=self.lookup if g.lookup is None else g.lookup)
