@@ -139,7 +139,7 @@ def _strict_note(model: object, no_mtp: bool, batch: int, margin: float) -> str:
 @click.option("--max-tokens-default", type=click.IntRange(1), default=None,
               help="max_tokens for requests that do not set it. Default: as many as the context leaves after "
                    "the prompt, as OpenAI's and Anthropic's APIs do (Codex sends no limit; a 512 default cut its "
-                   "answers short).")
+                   "answers short), and never more than this machine's memory holds after the prompt.")
 @click.option("--served-model-name", "served_model_names", multiple=True, metavar="NAME[,NAME...]",
               help="Model names requests may ask for (repeatable or comma-separated; the first is reported in "
                    "responses); a name with * or ? is a pattern ('claude-*'). Other names get 404 model_not_found. "
