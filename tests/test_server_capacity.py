@@ -23,6 +23,7 @@ from mtplx.errors import MtplxError
 from mtplx.model.shapes import FULL, LINEAR, ShapeBytes, kind_counts
 from mtplx.server.app import create_app
 from mtplx.server.capacity import Capacity, _text_config, row_bytes
+from mtplx.server.http_errors import APIError
 
 LIMIT = 24  # tokens one request's caches may hold on the test's "machine"
 PROMPT = "def fib(n):"
@@ -141,6 +142,20 @@ def test_row_bytes_count_quantized_kv_as_mlx_lm_stores_it(demo) -> None:
     assert cache_bytes(tc, 100, head, 4) < budget
     with pytest.raises(MtplxError, match="kv_bits must be None, 8 or 4"):
         Capacity(model, budget, kv_bits=3)
+
+
+def test_a_refusal_names_only_the_fixes_that_help(demo) -> None:
+    model, _ = demo
+    with pytest.raises(APIError) as e:  # the weights leave nothing: no prompt is short enough
+        Capacity(model, 0, prompt_cache_bytes=2**30).admit(10, 1)
+    msg = e.value.message
+    assert e.value.status == 400 and "at most 0 tokens" in msg and "fewer than" not in msg
+    assert "--kv-bits 8" in msg and "--prompt-cache-gb" in msg and "1.00 GiB" in msg and "smaller model" in msg
+    with pytest.raises(APIError) as e:  # already at 4 bits: no smaller kv_bits to offer
+        Capacity(model, row_bytes(model, 100, kv_bits=4), kv_bits=4).admit(90, 20)
+    msg = e.value.message
+    assert "at most 100 tokens" in msg and "max_tokens of at most 10" in msg and "--kv-bits" not in msg
+    Capacity(model, row_bytes(model, 100, kv_bits=4), kv_bits=4).admit(90, 10)  # exactly at the limit: admitted
 
 
 def test_inspect_reports_kv_bytes_and_the_longest_context_per_kv_bits(demo) -> None:

@@ -55,11 +55,13 @@ class Capacity:
     """The memory rows may take: ``budget`` bytes, the trunk's KV stored at ``kv_bits``;
     ``admit`` refuses a request that cannot fit alone, ``fits`` says whether one more row joins."""
 
-    def __init__(self, model: Any, budget: int, kv_bits: int | None = None, kv_group_size: int = 64):
+    def __init__(self, model: Any, budget: int, kv_bits: int | None = None, kv_group_size: int = 64,
+                 prompt_cache_bytes: int = 0):
         check_kv_bits(kv_bits, kv_group_size)
         self.model = model
         self.budget = budget
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.prompt_cache_bytes = prompt_cache_bytes  # what the budget was sized after (a refusal names it)
 
     @classmethod
     def of_machine(cls, model: Any, prompt_cache_bytes: int = 0, kv_bits: int | None = None,
@@ -67,7 +69,7 @@ class Capacity:
         from mtplx.artifact.inspect import machine_memory_bytes, row_budget
 
         return cls(model, row_budget(machine_memory_bytes(), weight_bytes(model), prompt_cache_bytes),
-                   kv_bits, kv_group_size)
+                   kv_bits, kv_group_size, prompt_cache_bytes)
 
     def row(self, prompt_tokens: int, max_tokens: int) -> int:
         return row_bytes(self.model, min(prompt_tokens + max_tokens, self.model.max_context), self.kv_bits,
@@ -89,15 +91,22 @@ class Capacity:
         held = (f"this machine's memory holds the caches of at most {limit} tokens per request for this model "
                 f"({per_token} bytes per token with {stored} KV, in {self.budget / 2**30:.2f} GiB left for requests "
                 "after the weights and the prompt caches)")
-        if prompt_tokens >= limit:
-            fix = f"send a prompt of fewer than {limit} tokens"
-        else:
-            fix = f"send a shorter prompt, or max_tokens of at most {limit - prompt_tokens} for this prompt"
+        fixes = []
+        if 1 < limit <= prompt_tokens:
+            fixes.append(f"send a prompt of fewer than {limit} tokens")
+        elif limit > prompt_tokens:
+            fixes.append(f"send a shorter prompt, or max_tokens of at most {limit - prompt_tokens} for this prompt")
         smaller = {None: "`mtplx serve --kv-bits 8` or `--kv-bits 4`", 8: "`mtplx serve --kv-bits 4`"}
         if self.kv_bits in smaller:
-            fix += f"; or restart the server with {smaller[self.kv_bits]}, which stores the KV cache in fewer bytes"
+            fixes.append(f"restart the server with {smaller[self.kv_bits]}, which stores the KV cache in fewer bytes")
+        if self.prompt_cache_bytes > 0:
+            fixes.append(f"give the prompt caches less memory (--prompt-cache-gb; they hold "
+                         f"{self.prompt_cache_bytes / 2**30:.2f} GiB now)")
+        if limit <= 1:
+            fixes.append("serve a smaller model: its weights leave no room for a request")
         raise APIError(400, f"This request needs the caches of {prompt_tokens} prompt tokens + {max_tokens} "
-                            f"max_tokens = {prompt_tokens + max_tokens} tokens, but {held}. Fix: {fix}.",
+                            f"max_tokens = {prompt_tokens + max_tokens} tokens, but {held}. "
+                            f"Fix: {'; or '.join(fixes)}.",
                        code="context_length_exceeded")
 
     def fits(self, need: int, held: int, running: int) -> bool:
