@@ -108,6 +108,8 @@ class BenchReport:
     strict: dict[Depth, DepthResult] = field(default_factory=dict)
     strict_margin: float | None = None
     strict_same: dict[Depth, bool] = field(default_factory=dict)
+    # Drafts copied from the context in every timed run (0 off, N, "auto"; engine/lookup.py).
+    lookup: int | str = 0
 
     @property
     def depths(self) -> list[Depth]:
@@ -224,6 +226,7 @@ class BenchReport:
             "max_tokens": self.max_tokens,
             "prompts": self.prompts,
             "rounds": self.rounds,
+            "lookup": self.lookup,
             "mlx_lm_generate_tps": self.mlx_lm_tps,
             "mlx_lm_generate_tps_per_prompt": [round(x, 3) for x in self.mlx_lm_runs],
             "cost_model": self.cost.as_dict() if self.cost else None,
@@ -238,6 +241,8 @@ class BenchReport:
                     "bound": round(self.bound(d), 4) if self.bound(d) else None,
                     "share_of_bound": round(self.speedup(d) / self.bound(d), 4) if self.bound(d) else None,
                     "depth_mix": {str(k): round(s, 4) for k, s in enumerate(r.depth_mix)},
+                    # Per run: accepted copies, accepted MTP drafts, target samples.
+                    "tokens_from": [x.as_dict()["tokens_from"] for x in r.runs],
                 }
                 for d, r in ((d, self.results[d]) for d in self.depths)
             },
@@ -337,10 +342,12 @@ def run_bench(
     model_name: str = "",
     around_run: Callable[[int], ContextManager[Any]] | None = None,
     strict_margin: float | None = None,
+    lookup: int | str = 0,
 ) -> BenchReport:
     """``around_run(depth)``, if given, wraps every measured generation (a distributed bench
     reads the ranks' counters around each). ``strict_margin``: also run every MTP depth with
-    strict greedy at that margin (greedy ``params`` only), right after its plain run."""
+    strict greedy at that margin (greedy ``params`` only), right after its plain run. ``lookup``:
+    drafts copied from the context in every run (``mtplx bench --lookup``)."""
     from mtplx.api import encode_prompt
 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
@@ -357,7 +364,7 @@ def run_bench(
     for d in depths:
         for margin in variants[d]:
             for _ in Engine(model, depth_policy(model, d, params), params, draft_params, seed,
-                            strict_greedy=margin).generate(encoded[0], 8):
+                            strict_greedy=margin, lookup=lookup).generate(encoded[0], 8):
                 pass
     order = list(depths)
     runs = rounds * len(encoded) * sum(len(v) for v in variants.values())
@@ -370,7 +377,7 @@ def run_bench(
                 plain_tokens = None
                 for margin in variants[d]:
                     engine = Engine(model, depth_policy(model, d, params), params, draft_params, seed + 1000 * r + i,
-                                    strict_greedy=margin)
+                                    strict_greedy=margin, lookup=lookup)
                     with around_run(d) if around_run is not None else nullcontext():
                         tokens = [t for step in engine.generate(ids, max_tokens) for t in step.tokens]
                     if margin is None:
@@ -399,5 +406,5 @@ def run_bench(
     return BenchReport(model=model_name, params=params, max_tokens=max_tokens, prompts=len(encoded), rounds=rounds,
                        results=results, cost=cost, mlx_lm_tps=ref, mlx_lm_runs=ref_runs, device=device_name(),
                        exactness=exactness_verdict(model), strict=strict, strict_margin=strict_margin,
-                       strict_same=same)
+                       strict_same=same, lookup=lookup)
 

@@ -8,7 +8,7 @@ import click
 
 from mtplx.core import knobs
 from mtplx.cli.options import (FiniteFloatRange, distributed_options, force_option, graft_if_needed, json_option, knob,
-                               load_model, model_option, strict_options, write_json, yes_option)
+                               load_model, lookup_option, model_option, strict_options, write_json, yes_option)
 
 
 def _depths(value: str) -> list[int | str]:
@@ -217,6 +217,24 @@ def _run_shape_context(shape, lengths, trunk_bits, layers, acceptance, max_depth
     write_json({"shape": report.model, "context": report.as_dict()}, json_out)
 
 
+def _run_rewrite(model_ref, prompts_file, depth, lookup, max_tokens, temperature, top_p, top_k, seed, force,
+                 json_out) -> None:
+    from mtplx.bench.rewrite import load_prompts, run_rewrite, ways
+    from mtplx.engine.sampling import SamplingParams
+
+    ways(lookup, True, depth)  # a bad file, --lookup 0 or depth 0 are refused before the model loads
+    prompts = load_prompts(prompts_file)
+    model, tokenizer = load_model(model_ref, mtp=True, force=force, distributed=None)
+    report = run_rewrite(model, tokenizer, prompts, max_tokens=max_tokens, lookup=lookup, depth=depth, seed=seed,
+                         params=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k),
+                         model_name=model_ref, progress=lambda s: click.echo(s, err=True))
+    click.echo(report.header())
+    click.echo(report.table())
+    for line in report.verdicts():
+        click.echo(line)
+    write_json({"model": model_ref, "rewrite": report.as_dict()}, json_out)
+
+
 def _context(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
     from mtplx.bench.context_sweep import parse_lengths
 
@@ -227,19 +245,24 @@ def _check_workloads(given, shape, strict_greedy) -> None:
     """--agent-trace, --context, --chat-turns and --concurrency are workloads of their own: one
     at a time; and their own options need them."""
     picked = [f for n, f in (("agent_trace", "--agent-trace"), ("context_lengths", "--context"),
-                             ("chat_turns", "--chat-turns"), ("concurrency", "--concurrency")) if given(n)]
+                             ("chat_turns", "--chat-turns"), ("concurrency", "--concurrency"),
+                             ("workload", "--workload")) if given(n)]
     if len(picked) > 1:
         raise click.UsageError(f"{' and '.join(picked)} are separate workloads: pass one of them")
     for name, flag in (("turns", "--turns"), ("no_restart", "--no-restart"), ("trace_cache_dir", "--prompt-cache-dir")):
         if given(name) and not given("agent_trace"):
             raise click.UsageError(f"{flag} goes with --agent-trace")
-    ours = [f for f in ("--agent-trace", "--context") if f in picked]
+    ours = [f for f in ("--agent-trace", "--context", "--workload") if f in picked]
     if ours and given("distributed"):
         raise click.UsageError(f"{ours[0]} runs in one process; drop --distributed")
     if ours and strict_greedy is not False:
         raise click.UsageError(f"--strict-greedy adds strict columns to the plain bench; drop {ours[0]}")
     if shape is not None and "--agent-trace" in picked:
         raise click.UsageError("--agent-trace replays a session on a model: pass --model, not --shape")
+    if shape is not None and "--workload" in picked:
+        raise click.UsageError("--workload rewrite decodes prompts on a model: pass --model, not --shape")
+    if given("lookup") and [f for f in picked if f != "--workload"]:
+        raise click.UsageError(f"--lookup goes with the plain bench and --workload rewrite; drop it or {picked[0]}")
     if shape is not None and "--context" in picked:
         for name, flag in (("model_ref", "--model"), ("no_measure", "--no-measure"), ("save_dir", "--save"),
                            ("prompt_tokens", "--prompt-tokens")):
@@ -294,11 +317,17 @@ def _check_workloads(given, shape, strict_greedy) -> None:
               help="Decode after contexts of these lengths (1k = 1024 tokens): tok/s for each of --depths and "
                    "acceptance by draft position, per length; lengths over the model's context are dropped. With "
                    "--shape, each context is prefilled and the step's components timed there.")
+@click.option("--workload", type=click.Choice(["rewrite"]), default=None,
+              help="rewrite: files and tool results handed back with one change (shipped prompts, or --prompts FILE "
+                   "in their JSON shape), each decoded AR, MTP, lookup (depth 0, copies forced) and both; tok/s, "
+                   "tokens by source, and how much of the output copied its prompt rather than itself. MTP depth: "
+                   "the last of --depths.")
+@lookup_option
 @click.pass_context
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
           strict_greedy, no_reference, concurrency, join_tokens, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
           draft_vocab, bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, force, json_out, distributed, chat_turns,
-          yes, agent_trace, turns, no_restart, trace_cache_dir, context_lengths):
+          yes, agent_trace, turns, no_restart, trace_cache_dir, context_lengths, workload, lookup):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
 
     With --shape, measure a real model shape instead: random weights at the catalog model's text
@@ -321,6 +350,8 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
         if temperature != 0:
             raise click.UsageError("--strict-greedy changes nothing at temperature > 0: add --temperature 0")
     _check_workloads(given, shape, strict_greedy)
+    if given("lookup") and shape is not None:
+        raise click.UsageError("--lookup copies drafts in a model's runs; --shape measures no runs")
     if shape is not None and context_lengths is not None:
         _run_shape_context(shape, context_lengths, trunk_bits, layers, acceptance, max_depth, draft_vocab,
                            bandwidth_gbs, repeats, seed, json_out)
@@ -348,6 +379,10 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
                          draft_temperature, seed, force, json_out, join_tokens)
         return
     model_ref = graft_if_needed(model_ref, yes)
+    if workload == "rewrite":
+        _run_rewrite(model_ref, prompts_file, _depths(depths)[-1], lookup, max_tokens, temperature, top_p, top_k, seed,
+                     force, json_out)
+        return
     if agent_trace is not None:
         _run_agent_trace(model_ref, agent_trace, turns, _depths(depths)[-1], temperature, seed,
                          max_tokens if given("max_tokens") else None, not no_restart, trace_cache_dir, force, json_out)
@@ -383,9 +418,9 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
     report = run_bench(model, tokenizer, prompts, depth_list, max_tokens, params, draft, rounds=rounds, seed=seed,
                        cost_model=timer is None, reference=not no_reference and timer is None,
                        progress=lambda s: click.echo(s, err=True), model_name=model_ref, around_run=timer,
-                       strict_margin=strict_check(strict_greedy, model))
+                       strict_margin=strict_check(strict_greedy, model), lookup=lookup)
     click.echo(f"mtplx bench: {model_ref} on {report.device}; {len(prompts)} prompts x {rounds} round(s), "
-               f"{max_tokens} tokens, temperature {temperature}, top_p {top_p}, top_k {top_k}")
+               f"{max_tokens} tokens, temperature {temperature}, top_p {top_p}, top_k {top_k}, lookup {lookup}")
     click.echo(report.table())
     for line in report.verdicts():
         click.echo(line)

@@ -97,6 +97,7 @@ class ChatSession:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    lookup: int | str = knobs.AUTO  # drafts copied from the context (mtplx.engine.lookup)
     messages: list[dict[str, str]] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
     # The conversation's prompt cache (mtplx.make_prompt_cache) and its tokens: each turn
@@ -213,7 +214,7 @@ class ChatSession:
                 if self.conversation is not None and self.prompt_cache is not None else 0)
         responses = iter(generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens,
                                   temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, depth=self.depth,
-                                  seed=self.seed, enable_thinking=self.thinking, **cache))
+                                  seed=self.seed, enable_thinking=self.thinking, lookup=self.lookup, **cache))
         with PrefillBar(todo, self.prefill_rate) as bar:
             first = next(responses, None)  # the prefill happens here, before the first token
         if bar.shown:  # the bar drew over the reply's prefix and erased its line: put the prefix back

@@ -19,6 +19,9 @@ from mtplx.cli.options import knob
 @click.option("--depth", "-d", default=None, metavar="N|auto", callback=knob("depth", text=True),
               help="Skip the mode question: draft depth (auto = adaptive, 0 = plain AR).")
 @click.option("--no-mtp", is_flag=True, help="Skip the mode question: plain autoregressive decoding.")
+@click.option("--lookup", default=None, metavar="N|auto", callback=knob("lookup", text=True),
+              help="Drafts copied from the prompt and the reply so far, in the chat or the server (default auto: "
+                   "where it pays in a row that speculates; 0 off; N up to N tokens a step, at depth 0 too).")
 @click.option("--thinking/--no-thinking", default=None, help="Skip the thinking question.")
 @click.option("--surface", type=click.Choice(["chat", "serve"]), default=None,
               help="Skip the surface question: chat in this terminal, or run the API server.")
@@ -39,7 +42,8 @@ from mtplx.cli.options import knob
 @click.pass_context
 def start(ctx: click.Context, model_ref: str | None, depth: int | str | None, no_mtp: bool, thinking: bool | None,
           surface: str | None, port: int | None, temperature: float | None, top_p: float | None, top_k: int | None,
-          max_tokens: int, seed: int | None, prompt_cache_dir: str | None, yes: bool) -> None:
+          max_tokens: int, seed: int | None, prompt_cache_dir: str | None, yes: bool,
+          lookup: int | str | None = None) -> None:
     """Interactive launcher: choose a model, a decoding mode and thinking, check that the model
     fits, then chat in this terminal or start the API server. Every question has a flag that
     skips it; --yes takes all the defaults."""
@@ -54,13 +58,14 @@ def start(ctx: click.Context, model_ref: str | None, depth: int | str | None, no
         surface = "serve"
     p = make_plan(model_ref=model_ref, depth=depth, no_mtp=no_mtp, thinking=thinking, surface=surface, yes=yes)
     if p.surface == "serve":
-        _serve(ctx, p.ref, p.depth, port)
+        _serve(ctx, p.ref, p.depth, port, lookup)
         return
     _chat(p, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed,
-          prompt_cache_dir=prompt_cache_dir)
+          prompt_cache_dir=prompt_cache_dir, lookup=lookup)
 
 
-def _serve(ctx: click.Context, ref: str, depth: int | str | None, port: int | None = None) -> None:
+def _serve(ctx: click.Context, ref: str, depth: int | str | None, port: int | None = None,
+           lookup: int | str | None = None) -> None:
     # Imported late: `mtplx serve` is optional and its module may be missing or broken.
     try:
         from mtplx.cli.serve_cmd import serve
@@ -73,13 +78,16 @@ def _serve(ctx: click.Context, ref: str, depth: int | str | None, port: int | No
     # serve's own port check runs before the model loads, and its "choose another --port" is
     # start's --port too.
     extra = {} if port is None else {"port": port}
+    if lookup is not None:  # else serve's own default
+        extra["lookup"] = lookup
     ctx.invoke(serve, model_ref=ref, depth=None if depth == 0 else depth, no_mtp=depth == 0, **extra)
 
 
 def _chat(p, *, temperature: float | None, top_p: float | None, top_k: int | None, max_tokens: int,
-          seed: int | None, prompt_cache_dir: str | None = None) -> None:
+          seed: int | None, prompt_cache_dir: str | None = None, lookup: int | str | None = None) -> None:
     import mtplx
     from mtplx.api import default_depth
+    from mtplx.core import knobs
     from mtplx.cli.chat import ChatSession, run_chat
 
     # On its own line: a Hugging Face download draws its progress bars below it.
@@ -90,7 +98,8 @@ def _chat(p, *, temperature: float | None, top_p: float | None, top_k: int | Non
     depth = default_depth(model) if p.depth is None else p.depth
     session = ChatSession(model, tokenizer, depth=depth, thinking=p.thinking, max_tokens=max_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                          prompt_cache_dir=_disk_dir(prompt_cache_dir))
+                          prompt_cache_dir=_disk_dir(prompt_cache_dir),
+                          lookup=knobs.AUTO if lookup is None else lookup)
     run_chat(session)
 
 
