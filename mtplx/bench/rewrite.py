@@ -311,10 +311,6 @@ def run_rewrite(model: Any, tokenizer: Any, prompts: list[RewritePrompt], *, max
     results = {w.name: WayResult(w) for w in plan}
     eos = frozenset(getattr(tokenizer, "eos_token_ids", None) or [])
     encoded = [encode_prompt(tokenizer, p.messages, enable_thinking=False) for p in prompts]
-    for w in plan:  # warm-up: first-call costs, and auto's step costs measured or read, before any timed run
-        for _ in Engine(model, depth_policy(model, w.depth, params), params, None, seed,
-                        lookup=w.lookup).generate(encoded[0][-16:], 8):
-            pass
     order = list(plan)
     for i, (p, ids) in enumerate(zip(prompts, encoded)):
         if progress:
@@ -324,6 +320,12 @@ def run_rewrite(model: Any, tokenizer: Any, prompts: list[RewritePrompt], *, max
         base = make_prompt_cache(model)
         for _ in Engine(model, 1 if model.has_mtp else 0, params, None, seed).generate(ids, 1, prompt_cache=base):
             pass
+        # Warm-up, from the shared prefill: first-call costs, and auto's step costs measured or
+        # read, before any timed run.
+        for w in plan if i == 0 else ():
+            for _ in Engine(model, depth_policy(model, w.depth, params), params, None, seed,
+                            lookup=w.lookup).generate(ids, 4, prompt_cache=base.copy_prefix(len(ids) - 1)):
+                pass
         for w in order:
             engine = Engine(model, depth_policy(model, w.depth, params), params, None, seed + i, lookup=w.lookup)
             out = [t for step in engine.generate(ids, max_tokens, eos, prompt_cache=base.copy_prefix(len(ids) - 1))
