@@ -9,9 +9,10 @@ from mtplx.engine.cache import snapshot
 ATOL = 2e-5  # float32 random models: blocks vs single tokens agree to rounding, not bit for bit
 
 
-def ar_reference(model, tokens: list[int]):
-    """Caches after feeding ``tokens`` one at a time; head rows from the per-token hiddens."""
-    ref = model.make_cache()
+def ar_reference(model, tokens: list[int], kv_bits: int | None = None, kv_group_size: int = 64):
+    """Caches after feeding ``tokens`` one at a time; head rows from the per-token hiddens
+    (``kv_bits``: the attention KV quantized, as the cache under test holds it)."""
+    ref = model.make_cache(kv_bits, kv_group_size)
     hiddens = []
     for t in tokens:
         _, h = model.trunk_forward(mx.array([[t]]), ref)
@@ -27,7 +28,8 @@ def compare(model, cache, committed: list[int], atol: float = ATOL) -> float:
     Head rows for positions after the last verify wait in the backlog: compare the rows the
     head holds. ``cache`` is forked first: applying pending prefixes must not change a run."""
     got = snapshot(cache.fork())
-    want = snapshot(ar_reference(model, committed))
+    kv = next(((c.bits, c.group_size) for c in cache.trunk if hasattr(c, "bits")), (None, 64))
+    want = snapshot(ar_reference(model, committed, *kv))
     assert set(got) == set(want) or all(k.startswith("head") for k in set(want) ^ set(got))
     worst = 0.0
     for name, value in got.items():

@@ -5,7 +5,9 @@ Model: a random Qwen3.5 (4 layers, Gated-DeltaNet + attention) with its MTP head
 computed by enumeration (43 trunk passes); MTP at depth 1, 2, 3 is sampled N times with
 independent seeds and compared with it by a chi-square goodness-of-fit test (cells with an
 expected count under 5 pooled). Depth 3 is also checked on the 4th token's marginal, which
-is where its third draft and its bonus token land.
+is where its third draft and its bonus token land. Depth 2 is also checked with the attention
+KV stored 8-bit (kv_bits=8, on the same kind of model with a head size its groups divide):
+the law must then equal AR's law with the same quantized KV.
 
 Power: with N = 1500 and ~30 pooled cells, a chi-square test at level 1e-3 detects a law at
 effect size w = 0.16 (total variation about 0.05 for these laws) with probability above 0.9
@@ -39,10 +41,12 @@ def model():
     return tiny_model(vocab=VOCAB, embed_scale=0.12)
 
 
-def exact_ar_law(model, prefix: list[int], length: int, params: SamplingParams = PARAMS) -> dict[tuple[int, ...], float]:
-    """P(first ``length`` generated tokens) under AR, by enumeration."""
+def exact_ar_law(model, prefix: list[int], length: int, params: SamplingParams = PARAMS,
+                 kv_bits: int | None = None) -> dict[tuple[int, ...], float]:
+    """P(first ``length`` generated tokens) under AR, by enumeration (with ``kv_bits``: AR with
+    the attention KV quantized, groups of 32)."""
     def next_probs(tokens):
-        cache = model.make_cache()
+        cache = model.make_cache(kv_bits, 32)
         logits, _ = model.trunk_forward(mx.array([tokens]), cache)
         return np.array(filtered_probs(logits[0, -1:], params))[0].astype(np.float64)
 
@@ -57,12 +61,14 @@ def exact_ar_law(model, prefix: list[int], length: int, params: SamplingParams =
     return law
 
 
-def sample_engine(model, depth, length: int, acceptance=None, seed0: int = 0) -> list[tuple[int, ...]]:
+def sample_engine(model, depth, length: int, acceptance=None, seed0: int = 0,
+                  kv_bits: int | None = None) -> list[tuple[int, ...]]:
     """N samples of the first ``length`` tokens; ``depth`` is an integer or a callable that
     makes a fresh depth policy for each sample."""
     out = []
     for i in range(N):
-        engine = Engine(model, depth() if callable(depth) else depth, PARAMS, DRAFT, seed=seed0 + i)
+        engine = Engine(model, depth() if callable(depth) else depth, PARAMS, DRAFT, seed=seed0 + i,
+                        kv_bits=kv_bits, kv_group_size=32)
         if acceptance is not None:
             engine.acceptance_arrays = acceptance
         tokens = [t for step in engine.generate(PROMPT, length) for t in step.tokens]
@@ -89,9 +95,19 @@ def law3(model):
     return law
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
-def test_mtp_law_equals_ar_law(model, law3, depth):
-    samples = sample_engine(model, depth, 3, seed0=1000 * depth)
+@pytest.fixture(scope="module")
+def model32():
+    """The same kind of model with attention heads of 32 (kv_bits groups hold 32 at least)."""
+    return tiny_model(vocab=VOCAB, embed_scale=0.12, head_dim=32)
+
+
+@pytest.mark.parametrize("depth,kv_bits", [(1, None), (2, None), (3, None), (2, 8)])
+def test_mtp_law_equals_ar_law(model, law3, depth, kv_bits, request):
+    if kv_bits is not None:
+        model = request.getfixturevalue("model32")
+        law3 = exact_ar_law(model, PROMPT, 3, kv_bits=kv_bits)
+        assert exact_ar_law(model, PROMPT, 3) != law3, "kv_bits changed nothing: the quantized path was not run"
+    samples = sample_engine(model, depth, 3, seed0=1000 * depth, kv_bits=kv_bits)
     assert gof_pvalue(samples, law3) > ALPHA
 
 

@@ -17,10 +17,10 @@ from mtplx.model.mtp_model import MTPModel
 from mtplx.model.trunk import Trunk
 
 
-def tiny_text_config(vocab: int = 6) -> dict:
+def tiny_text_config(vocab: int = 6, head_dim: int = 16) -> dict:
     return {
         "model_type": "qwen3_5_text", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "rms_norm_eps": 1e-6,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": head_dim, "rms_norm_eps": 1e-6,
         "vocab_size": vocab, "max_position_embeddings": 256, "linear_num_value_heads": 2,
         "linear_num_key_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
         "linear_conv_kernel_dim": 4, "tie_word_embeddings": True, "full_attention_interval": 2,
@@ -28,9 +28,10 @@ def tiny_text_config(vocab: int = 6) -> dict:
     }
 
 
-def tiny_model(vocab: int = 6, seed: int = 0, embed_scale: float = 2.5) -> MTPModel:
+def tiny_model(vocab: int = 6, seed: int = 0, embed_scale: float = 2.5, head_dim: int = 16) -> MTPModel:
+    """``head_dim`` 32 or more lets the attention KV be quantized (kv_bits: groups of 32 at least)."""
     mx.random.seed(seed)
-    config = tiny_text_config(vocab)
+    config = tiny_text_config(vocab, head_dim)
     trunk_model = Model(ModelArgs(model_type="qwen3_5", text_config=config))
     head = MTPHead(TextModelArgs.from_dict(config))
     params = dict(tree_flatten(trunk_model.parameters()))

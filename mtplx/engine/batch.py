@@ -118,8 +118,10 @@ class BatchDecoder:
         request.prompt = check_prompt(model, request.prompt)
         check_depth(model, request.depth)
         request.lookup = knobs.check("lookup", request.lookup)
+        request.kv_bits, request.kv_group_size = model.trunk.check_kv(request.kv_bits, request.kv_group_size)
         if request.prompt_cache is not None:
             request.prompt_cache.check_model(model)
+            request.prompt_cache.check_kv(request.kv_bits, request.kv_group_size)
             if any(r.request.prompt_cache is request.prompt_cache for r in self.rows):
                 raise MtplxError("this prompt cache is already in use by a row of the batch",
                                  fix="give each concurrent request its own prompt cache")
@@ -179,7 +181,7 @@ class BatchDecoder:
             row.stats.cached_tokens = row.reused
             stops, at_stop = pc.snapshot_stops(len(prompt), row.reused, request.snapshot_at)
             row.at_stop = at_stop
-        row.cache = pc.cache if pc is not None else model.make_cache()
+        row.cache = pc.cache if pc is not None else model.make_cache(request.kv_bits, request.kv_group_size)
         if row.constraint is not None:  # constraint: every generation starts at the grammar's start
             row.constraint.start()
         row.stops = set(stops)

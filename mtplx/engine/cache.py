@@ -15,8 +15,8 @@ tokens up to ``d_a``:
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
 
+from mtplx.model import kv_quant
 from mtplx.model.mtp_model import ModelCache
 from mtplx.model.trunk import VerifyRecord, materialize
 
@@ -32,7 +32,7 @@ def commit(cache: ModelCache, record: VerifyRecord, accepted: int, head: bool = 
     rejected = drafted - accepted
     if rejected:
         for c in cache.trunk:
-            if isinstance(c, KVCache):
+            if kv_quant.is_kv(c):  # quantized or not: each row is stored on its own, so a trim is exact
                 c.trim(rejected)
         for i, layer_record in record.layers.items():
             layer_record.rollback(cache.trunk[i], keep=accepted + 1)
@@ -48,10 +48,8 @@ def snapshot(cache: ModelCache) -> dict[str, mx.array]:
     out: dict[str, mx.array] = {}
     for name, caches in (("trunk", cache.trunk), ("head", cache.head)):
         for i, c in enumerate(caches):
-            if isinstance(c, KVCache):
-                if c.keys is not None:
-                    out[f"{name}.{i}.keys"] = c.keys[..., : c.offset, :]
-                    out[f"{name}.{i}.values"] = c.values[..., : c.offset, :]
+            if kv_quant.is_kv(c):
+                out.update({f"{name}.{i}.{k}": a for k, a in kv_quant.committed(c).items()})
             else:
                 for j, arr in enumerate(c.cache):
                     if arr is not None:

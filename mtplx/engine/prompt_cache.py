@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
 
 from mtplx.errors import MtplxError
+from mtplx.model import kv_quant
 from mtplx.model.gated_delta_cache import GatedDeltaCache
 from mtplx.model.mtp_model import ModelCache, MTPModel
 
@@ -90,13 +90,12 @@ class Snapshot:
         return out + ([self.backlog] if self.backlog is not None else [])
 
 
-def _kv_rows(c: KVCache, rows: int) -> KVCache:
-    """A KV cache owning its own copy of the first ``rows`` rows."""
-    out = KVCache()
-    if c.keys is not None and rows:
-        out.keys, out.values = mx.contiguous(c.keys[..., :rows, :]), mx.contiguous(c.values[..., :rows, :])
-        out.offset = rows
-    return out
+def cache_identity(model: MTPModel, kv_bits: int | None = None,
+                   kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE) -> str:
+    """What a prompt cache's contents depend on: the model (:func:`model_identity`) and the KV
+    quantization its attention rows are stored with, so a file or a disk folder written with
+    one ``kv_bits`` never serves another."""
+    return kv_quant.identity(model_identity(model), kv_bits, kv_group_size)
 
 
 class PromptCache:
@@ -104,19 +103,23 @@ class PromptCache:
 
     Use one per conversation (``mtplx.make_prompt_cache(model)``) and pass it as
     ``prompt_cache=`` to generate / stream_generate. Not thread-safe: one generation at a time
-    (PromptCacheLRU hands each request its own)."""
+    (PromptCacheLRU hands each request its own). ``kv_bits`` / ``kv_group_size``: how its
+    attention KV is stored (mtplx/model/kv_quant.py); only generations with the same setting
+    may use it."""
 
     def __init__(self, model: MTPModel, *, snapshot_interval: int = SNAPSHOT_INTERVAL,
-                 max_snapshots: int = MAX_SNAPSHOTS):
+                 max_snapshots: int = MAX_SNAPSHOTS, kv_bits: int | None = None,
+                 kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE):
         if snapshot_interval < 1 or max_snapshots < 1:
             raise MtplxError("snapshot_interval and max_snapshots must be >= 1")
-        self.identity = model_identity(model)
+        self.kv_bits, self.kv_group_size = kv_quant.check(kv_bits, kv_group_size)
+        self.identity = cache_identity(model, self.kv_bits, self.kv_group_size)
         self.snapshot_interval = snapshot_interval
         self.max_snapshots = max_snapshots
-        self.cache: ModelCache = model.make_cache()
+        self._make_cache = lambda: model.make_cache(self.kv_bits, self.kv_group_size)
+        self.cache: ModelCache = self._make_cache()
         self.tokens: list[int] = []  # the tokens the trunk has consumed
         self.snapshots: dict[int, Snapshot] = {}
-        self._make_cache = model.make_cache
 
     # -- reuse ------------------------------------------------------------------------------
 
@@ -124,9 +127,20 @@ class PromptCache:
         if model.trunk.stage is not None:  # forks, snapshots and trims would have to reach every rank
             raise MtplxError("prompt caches are not supported in a distributed run (--distributed)",
                              fix="generate without a prompt cache")
-        if model_identity(model) != self.identity:
+        if cache_identity(model, self.kv_bits, self.kv_group_size) != self.identity:
             raise MtplxError("this prompt cache was built with another model (or another head setting)",
                              fix="make a new one with mtplx.make_prompt_cache(model)")
+
+    def check_kv(self, kv_bits: int | None, kv_group_size: int) -> None:
+        """Refuse a generation whose KV quantization is not the one this cache holds: its rows
+        would be read as another target's."""
+        if (kv_bits, kv_group_size if kv_bits is not None else None) != \
+                (self.kv_bits, self.kv_group_size if self.kv_bits is not None else None):
+            raise MtplxError(f"this prompt cache holds attention KV stored with "
+                             f"{kv_quant.describe(self.kv_bits, self.kv_group_size)}, and the generation asks for "
+                             f"{kv_quant.describe(kv_bits, kv_group_size)}",
+                             fix=f"generate with {kv_quant.describe(self.kv_bits, self.kv_group_size)}, or make a new "
+                                 f"cache with mtplx.make_prompt_cache(model, kv_bits={kv_bits!r})")
 
     def reusable(self, prompt: list[int]) -> int:
         """How many leading tokens of ``prompt`` this cache can serve without a prefill."""
@@ -234,6 +248,7 @@ class PromptCache:
         or all of them), sharing no buffer that either will write."""
         out = PromptCache.__new__(PromptCache)
         out.identity, out.snapshot_interval, out.max_snapshots = self.identity, self.snapshot_interval, self.max_snapshots
+        out.kv_bits, out.kv_group_size = self.kv_bits, self.kv_group_size
         out._make_cache = self._make_cache
         out.reset()
         if position == 0:
@@ -250,9 +265,9 @@ class PromptCache:
                     copy.cache = list(snap.gated_delta[i])
                 trunk.append(copy)
             else:
-                trunk.append(_kv_rows(layer, position))
+                trunk.append(kv_quant.rows(layer, position))
         head_rows = c.head[0].offset if snap is None and c.head else (snap.head_offset if snap else 0)
-        out.cache = ModelCache(trunk=trunk, head=[_kv_rows(h, head_rows) for h in c.head],
+        out.cache = ModelCache(trunk=trunk, head=[kv_quant.rows(h, head_rows) for h in c.head],
                                backlog=c.backlog if snap is None else snap.backlog,
                                backlog_tokens=list(c.backlog_tokens if snap is None else snap.backlog_tokens))
         out.tokens = self.tokens[:position]
@@ -274,8 +289,8 @@ class PromptCache:
         if c.backlog is not None:
             arrays[id(c.backlog)] = c.backlog.nbytes
         for layer in c.trunk + c.head:
-            if isinstance(layer, KVCache) and layer.keys is not None:
-                arrays.update({id(layer.keys): layer.keys.nbytes, id(layer.values): layer.values.nbytes})
+            if kv_quant.is_kv(layer):
+                arrays.update({id(a): a.nbytes for a in kv_quant.parts(layer)})
         return sum(arrays.values())
 
     def __repr__(self) -> str:

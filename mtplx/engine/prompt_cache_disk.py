@@ -129,10 +129,13 @@ def _reason(e: MtplxError) -> str:
 
 class PromptCacheDisk:
     """Prompt caches on disk for one model (see the module docstring). ``root``: the folder,
-    shared by models and servers; ``identity``: the model's (prompt_cache.model_identity);
-    ``max_bytes``: the bound on everything under ``root``."""
+    shared by models and servers; ``identity``: the caches' (prompt_cache.cache_identity: the
+    model's, and ``kv_bits`` / ``kv_group_size``, how their attention KV is stored, so each KV
+    setting has its own folder); ``max_bytes``: the bound on everything under ``root``."""
 
-    def __init__(self, root: str | Path, identity: str, max_bytes: int, *, write_queue: int = WRITE_QUEUE):
+    def __init__(self, root: str | Path, identity: str, max_bytes: int, *, write_queue: int = WRITE_QUEUE,
+                 kv_bits: int | None = None, kv_group_size: int = 64):
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.root = Path(root).expanduser()
         self.dir = self.root / identity[:16]
         self.identity = identity
@@ -226,7 +229,7 @@ class PromptCacheDisk:
         key, _ = found
         path = self.dir / f"{key}.safetensors"
         try:
-            cache = load_prompt_cache(path, model)
+            cache = load_prompt_cache(path, model, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
         except MtplxError as e:
             if not path.is_file():  # another server evicted it meanwhile: a plain miss
                 with self._lock:

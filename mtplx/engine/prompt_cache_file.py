@@ -4,12 +4,15 @@ mlx-lm's ``save_prompt_cache`` stores a list of per-layer caches; an mtplx cache
 MTP head's KV cache, the head backlog and the Gated-DeltaNet snapshots, so the file has its own
 documented layout (format version 2):
 
-- arrays: ``trunk.{i}.keys`` / ``trunk.{i}.values`` (attention KV rows up to the offset),
+- arrays: ``trunk.{i}.keys`` / ``trunk.{i}.values`` (attention KV rows up to the offset; stored
+  quantized, ``kv_bits`` 8 or 4, they are the packed data with ``.scales`` and ``.biases`` beside),
   ``trunk.{i}.conv`` / ``trunk.{i}.state`` (Gated-DeltaNet), ``head.{i}.keys`` /
   ``head.{i}.values``, ``backlog``, and per snapshot ``snap.{pos}.{i}.conv`` /
   ``snap.{pos}.{i}.state`` / ``snap.{pos}.backlog``;
 - metadata: ``format`` = mtplx-prompt-cache, ``format_version``, ``mtplx_version``, ``model``
-  (the model identity hash of mtplx.engine.prompt_cache.model_identity), ``layout``: JSON
+  (the cache identity hash of mtplx.engine.prompt_cache.cache_identity: the model's, and the KV
+  quantization when there is one), ``kv_bits`` and ``kv_group_size`` (``none`` / the ints),
+  ``layout``: JSON
   with the cached tokens, the backlog tokens and each snapshot's head offset and backlog tokens,
   and ``sha256``: a checksum of everything else (every other metadata field, then each array's
   name, dtype, shape and bytes, in name order), checked at load.
@@ -19,7 +22,9 @@ The file is safetensors whatever its name says (it is read with an explicit form
 MLX op, so the disk tier's writer thread writes it: mtplx/engine/prompt_cache_disk.py). A file
 that is damaged (the checksum catches bytes changed anywhere in the data, with the header
 intact), written for another model (or head setting) or by another mtplx version is refused
-with an :class:`MtplxError`; callers start cold then (never a wrong answer).
+with an :class:`MtplxError`; callers start cold then (never a wrong answer). So is a file
+written with another ``kv_bits`` (or group size) than the one asked for: its rows belong to
+another target.
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ import threading
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
 
 from mtplx._version import __version__
-from mtplx.engine.prompt_cache import PromptCache, Snapshot, check_prompt_cache, copy_array, model_identity
+from mtplx.engine.prompt_cache import PromptCache, Snapshot, cache_identity, check_prompt_cache, copy_array
 from mtplx.errors import MtplxError
+from mtplx.model import kv_quant
 from mtplx.model.gated_delta_cache import GatedDeltaCache
 from mtplx.model.mtp_model import MTPModel
 
@@ -45,11 +50,10 @@ FORMAT_VERSION = "2"  # 2: the sha256 checksum
 _REBUILD = "delete it: the next run starts cold and writes a new one"
 
 
-def _kv_arrays(prefix: str, c: KVCache, out: dict[str, mx.array], copy: bool = False) -> None:
-    if c.keys is not None and c.offset:
-        keys, values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+def _kv_arrays(prefix: str, c: object, out: dict[str, mx.array], copy: bool = False) -> None:
+    for name, a in kv_quant.committed(c).items():
         # A copy holds the rows alone; mx.contiguous may return the view of the live buffer.
-        out[f"{prefix}.keys"], out[f"{prefix}.values"] = (copy_array(keys), copy_array(values)) if copy else (keys, values)
+        out[f"{prefix}.{name}"] = copy_array(a) if copy else a
 
 
 # safetensors' names of MLX dtypes (the file is written here, not by MLX: see write_file).
@@ -106,7 +110,8 @@ def cache_arrays(prompt_cache: PromptCache, *, copy: bool = False) -> tuple[dict
         snapshots[str(pos)] = {"head_offset": snap.head_offset, "backlog_tokens": snap.backlog_tokens}
     layout = {"tokens": prompt_cache.tokens, "backlog_tokens": c.backlog_tokens, "snapshots": snapshots}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "mtplx_version": __version__,
-                "model": prompt_cache.identity, "layout": json.dumps(layout)}
+                "model": prompt_cache.identity, "layout": json.dumps(layout),
+                "kv_bits": str(prompt_cache.kv_bits).lower(), "kv_group_size": str(prompt_cache.kv_group_size)}
     arrays = {name: mx.contiguous(a) for name, a in arrays.items()}
     mx.eval(list(arrays.values()))
     return arrays, metadata
@@ -168,8 +173,12 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
         raise MtplxError(f"the prompt cache file cannot be read ({e})", path=path, fix=_REBUILD) from None
 
 
-def load_prompt_cache(path: str | Path, model: MTPModel) -> PromptCache:
-    """The prompt cache saved at ``path``, for ``model``; refuses a file that does not belong."""
+def load_prompt_cache(path: str | Path, model: MTPModel, *, kv_bits: int | None = None,
+                      kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE) -> PromptCache:
+    """The prompt cache saved at ``path``, for ``model`` decoding with ``kv_bits`` /
+    ``kv_group_size`` (the file must have been written with the same); refuses a file that does
+    not belong."""
+    kv_bits, kv_group_size = kv_quant.check(kv_bits, kv_group_size)
     path = Path(path)
     arrays, meta = _read(path)
     if meta.get("format") != FORMAT:
@@ -177,7 +186,12 @@ def load_prompt_cache(path: str | Path, model: MTPModel) -> PromptCache:
     if meta.get("format_version") != FORMAT_VERSION or meta.get("mtplx_version") != __version__:
         raise MtplxError(f"the prompt cache was written by mtplx {meta.get('mtplx_version')} (format "
                          f"{meta.get('format_version')}), this is mtplx {__version__}", path=path, fix=_REBUILD)
-    if meta.get("model") != model_identity(model):
+    if meta.get("model") != cache_identity(model, kv_bits, kv_group_size):
+        written = (meta.get("kv_bits", "none"), meta.get("kv_group_size", str(kv_quant.DEFAULT_GROUP_SIZE)))
+        if meta.get("model") == cache_identity(model, *_kv_of(written)):
+            raise MtplxError(f"the prompt cache was written with kv_bits={written[0]} (group size {written[1]}); this "
+                             f"run uses {kv_quant.describe(kv_bits, kv_group_size)}", path=path,
+                             fix=f"pass kv_bits={written[0]} (--kv-bits {written[0]}) to use it, or {_REBUILD}")
         raise MtplxError("the prompt cache was written for another model (its hash does not match this one's)",
                          path=path, fix=_REBUILD)
     try:
@@ -188,29 +202,32 @@ def load_prompt_cache(path: str | Path, model: MTPModel) -> PromptCache:
         raise MtplxError("the prompt cache file is damaged (its data does not match its sha256 checksum)",
                          path=path, fix=_REBUILD)
     try:
-        return _rebuild(arrays, json.loads(meta["layout"]), model)
+        return _rebuild(arrays, json.loads(meta["layout"]), model, kv_bits, kv_group_size)
     except (KeyError, ValueError, TypeError) as e:
         raise MtplxError(f"the prompt cache file is damaged ({type(e).__name__}: {e})", path=path, fix=_REBUILD) from None
 
 
-def _kv(arrays: dict[str, mx.array], prefix: str) -> KVCache:
-    c = KVCache()
-    if f"{prefix}.keys" in arrays:
-        c.keys, c.values = arrays[f"{prefix}.keys"], arrays[f"{prefix}.values"]
-        c.offset = c.keys.shape[2]
-    return c
+def _kv_of(written: tuple[str, str]) -> tuple[int | None, int]:
+    """The (kv_bits, kv_group_size) a file's metadata records, or the default for a value it
+    cannot be (whose identity then matches nothing)."""
+    try:
+        return kv_quant.check(None if written[0] == "none" else int(written[0]), int(written[1]))
+    except (ValueError, MtplxError):
+        return None, kv_quant.DEFAULT_GROUP_SIZE
 
 
-def _rebuild(arrays: dict[str, mx.array], layout: dict, model: MTPModel) -> PromptCache:
-    out = PromptCache(model)
+def _rebuild(arrays: dict[str, mx.array], layout: dict, model: MTPModel, kv_bits: int | None,
+             kv_group_size: int) -> PromptCache:
+    out = PromptCache(model, kv_bits=kv_bits, kv_group_size=kv_group_size)
     c = out.cache
     for i, layer in enumerate(c.trunk):
         if isinstance(layer, GatedDeltaCache):
             if f"trunk.{i}.state" in arrays:
                 layer.cache = [arrays[f"trunk.{i}.conv"], arrays[f"trunk.{i}.state"]]
         else:
-            c.trunk[i] = _kv(arrays, f"trunk.{i}")
-    c.head = [_kv(arrays, f"head.{i}") for i in range(len(c.head))]
+            c.trunk[i] = kv_quant.from_committed(arrays, f"trunk.{i}", kv_bits, kv_group_size)
+    # The head's KV is full precision whatever kv_bits (kv_quant.py).
+    c.head = [kv_quant.from_committed(arrays, f"head.{i}", None, kv_group_size) for i in range(len(c.head))]
     c.backlog, c.backlog_tokens = arrays.get("backlog"), [int(t) for t in layout["backlog_tokens"]]
     out.tokens = [int(t) for t in layout["tokens"]]
     for pos, info in layout["snapshots"].items():

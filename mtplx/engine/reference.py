@@ -28,11 +28,13 @@ __all__ = ["ar_generate"]
 
 def ar_generate(model: MTPModel, prompt: list[int], max_tokens: int, params: SamplingParams, *,
                 seed: int | None = None, eos: Iterable[int] = (), constraint: Constraint | None = None,
-                logprobs: int | None = None, prefill_chunk: int = knobs.PREFILL_CHUNK) -> Iterator[Emitted]:
+                logprobs: int | None = None, prefill_chunk: int = knobs.PREFILL_CHUNK,
+                kv_bits: int | None = None, kv_group_size: int = 64) -> Iterator[Emitted]:
     """Yield one token per step until ``max_tokens`` are out or an EOS token is emitted, as
     ``Engine(model, 0, params, seed=seed, ...).generate(prompt, max_tokens, eos)`` does: the same
     random stream (the first token from the prompt's last logits, then one draw per token), the
-    same grammar mask and logprob rows."""
+    same grammar mask and logprob rows; ``kv_bits`` stores the attention KV as the decoder's
+    rows do (mlx-lm's own QuantizedKVCache and quantized attention)."""
     prompt = check_prompt(model, prompt)
     prefill_chunk = knobs.check("prefill_chunk", prefill_chunk)
     budget = Budget(min(max_tokens, model.max_context - len(prompt)), set(eos))
@@ -45,7 +47,7 @@ def ar_generate(model: MTPModel, prompt: list[int], max_tokens: int, params: Sam
 
     if constraint is not None:  # constraint: every generation starts at the grammar's start
         constraint.start()
-    cache = model.make_cache()
+    cache = model.make_cache(*model.trunk.check_kv(kv_bits, kv_group_size))
     logits, _ = steps.prefill(model, prompt, cache, head=False, chunk=prefill_chunk)
     lp = reader.rows(logits)  # raw logits: logprobs are the model's, not the grammar's
     y, _ = sample_logits(masked(logits), params, rng)

@@ -125,6 +125,10 @@ class RowRequest:
     strict_greedy: float | None = None
     # Drafts copied from the context (lookup.py): 0 off, N up to N tokens a step, "auto".
     lookup: int | str = 0
+    # How the trunk's attention KV is stored (mtplx/model/kv_quant.py): None full precision, 8 or
+    # 4 bits in groups of kv_group_size. A prompt cache must hold the same.
+    kv_bits: int | None = None
+    kv_group_size: int = 64
 
 
 class Row:

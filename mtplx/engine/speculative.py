@@ -29,7 +29,8 @@ class Engine:
     """Decodes one sequence at a time. ``depth`` is a pinned integer (0 = plain AR) or a
     :class:`~mtplx.engine.policy.DepthPolicy` asked before every step. ``prefill_chunk``: prompt
     tokens per prefill pass (:data:`mtplx.core.knobs.PREFILL_CHUNK` by default); ``lookup``: drafts
-    copied from the context (:mod:`mtplx.engine.lookup`)."""
+    copied from the context (:mod:`mtplx.engine.lookup`); ``kv_bits`` / ``kv_group_size``: the
+    trunk's attention KV stored quantized (:mod:`mtplx.model.kv_quant`)."""
 
     def __init__(
         self,
@@ -43,6 +44,8 @@ class Engine:
         strict_greedy: float | None = None,
         prefill_chunk: int = knobs.PREFILL_CHUNK,
         lookup: int | str = 0,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
     ):
         self.policy = check_depth(model, depth)
         self.model = model
@@ -67,6 +70,7 @@ class Engine:
         self.prefill_chunk = knobs.check("prefill_chunk", prefill_chunk)
         # Drafts copied from the context (engine/lookup.py): 0 off, N up to N a step, "auto".
         self.lookup = knobs.check("lookup", lookup)
+        self.kv_bits, self.kv_group_size = model.trunk.check_kv(kv_bits, kv_group_size)
 
     def generate(self, prompt: list[int], max_tokens: int, eos: Iterable[int] = (),
                  prompt_cache: PromptCache | None = None, snapshot_at: Iterable[int] = ()) -> Iterator[Emitted]:
@@ -82,7 +86,8 @@ class Engine:
             prompt=prompt, max_tokens=max_tokens, params=self.params, depth=self.policy,
             draft_params=self.draft_params, eos=frozenset(eos), constraint=self.constraint,
             logprobs=self.logprobs.k, prompt_cache=prompt_cache, snapshot_at=tuple(snapshot_at),
-            strict_greedy=self.strict_greedy, lookup=self.lookup))
+            strict_greedy=self.strict_greedy, lookup=self.lookup, kv_bits=self.kv_bits,
+            kv_group_size=self.kv_group_size))
         # The row draws from this engine's stream and uses its acceptance rule, so a later call
         # continues them.
         row.rng, row.acceptance_arrays = self.rng, self.acceptance_arrays

@@ -6,27 +6,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mtplx.errors import MtplxError
-from mtplx.model import rows
+from mtplx.model import kv_quant, rows
 from mtplx.model.draft_vocab import DraftVocab
 from mtplx.model.mtp_head import MTPHead
 from mtplx.model.gated_delta_cache import GatedDeltaCache
 from mtplx.model.trunk import Trunk, VerifyRecord, cache_arrays
 
 
-def kv_nbytes(c: KVCache) -> int:
+def kv_nbytes(c: KVCache | QuantizedKVCache) -> int:
     """Bytes of the rows a KV cache holds (its buffers are allocated ahead, in steps)."""
-    if c.keys is None:
-        return 0
-    return (c.keys.nbytes + c.values.nbytes) * c.offset // c.keys.shape[2]
-
-
-def _fork_kv(c: KVCache) -> KVCache:
-    other = KVCache()
-    other.keys, other.values, other.offset = c.keys, c.values, c.offset
-    return other
+    return kv_quant.nbytes(c)
 
 
 @dataclass
@@ -40,14 +32,14 @@ class ModelCache:
     cover every position the trunk has consumed."""
 
     trunk: list[Any]
-    head: list[KVCache]
+    head: list[KVCache]  # full precision whatever kv_bits (kv_quant.py says why)
     backlog: mx.array | None = None
     backlog_tokens: list[int] = field(default_factory=list)
 
     @property
     def offset(self) -> int:
         """Tokens the trunk has consumed (read from a full-attention layer's KV cache)."""
-        return next(c.offset for c in self.trunk if isinstance(c, KVCache))
+        return next(c.offset for c in self.trunk if kv_quant.is_kv(c))
 
     def arrays(self) -> list[mx.array]:
         """Every array held, for one mx.eval."""
@@ -63,8 +55,8 @@ class ModelCache:
         """A copy that can be advanced (and rolled back) independently of this one, sharing
         arrays until then. KV buffers are written in place past their offset, so this cache
         must not be advanced while the fork is in use."""
-        return ModelCache(trunk=[c.fork() if isinstance(c, GatedDeltaCache) else _fork_kv(c) for c in self.trunk],
-                          head=[_fork_kv(c) for c in self.head], backlog=self.backlog,
+        return ModelCache(trunk=[c.fork() if isinstance(c, GatedDeltaCache) else kv_quant.fork(c) for c in self.trunk],
+                          head=[kv_quant.fork(c) for c in self.head], backlog=self.backlog,
                           backlog_tokens=list(self.backlog_tokens))
 
 
@@ -121,9 +113,12 @@ class MTPModel:
     def max_context(self) -> int:
         return self.trunk.args.max_position_embeddings
 
-    def make_cache(self) -> ModelCache:
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE) -> ModelCache:
+        """Empty caches for one sequence; ``kv_bits`` 8 or 4 stores the trunk's attention KV
+        quantized (mtplx/model/kv_quant.py; the head's stays full precision)."""
         head_layers = len(self.head.layers) if self.head is not None else 0
-        return ModelCache(trunk=self.trunk.make_cache(), head=[KVCache() for _ in range(head_layers)])
+        return ModelCache(trunk=self.trunk.make_cache(kv_bits, kv_group_size),
+                          head=[KVCache() for _ in range(head_layers)])
 
     def trunk_forward(self, tokens: mx.array, cache: ModelCache, record: VerifyRecord | None = None) -> tuple[mx.array, mx.array]:
         """Logits at every position and the hidden the head reads (see Trunk.forward)."""

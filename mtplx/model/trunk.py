@@ -19,9 +19,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import ArraysCache
+from mlx_lm.models.cache import ArraysCache, KVCache
 
-from mtplx.model import rows
+from mtplx.model import kv_quant, rows
 from mtplx.model.gated_delta_cache import GatedDeltaCache, GatedDeltaRecord
 
 
@@ -49,8 +49,8 @@ def cache_arrays(cache: list[Any]) -> list[mx.array]:
     for c in cache:
         if isinstance(c, GatedDeltaCache):
             out += c.arrays()
-        elif getattr(c, "keys", None) is not None:
-            out += [c.keys, c.values]
+        elif kv_quant.is_kv(c):
+            out += kv_quant.parts(c)
     return out
 
 
@@ -71,12 +71,28 @@ class Trunk:
         """The layers this process runs: all of them, or its range of a pipeline split."""
         return self.body.pipeline_layers
 
-    def make_cache(self) -> list[Any]:
+    def check_kv(self, kv_bits: int | None, kv_group_size: int) -> tuple[int | None, int]:
+        """``kv_quant.check``, and the group size must divide the attention head size (the
+        quantization groups run along it)."""
+        kv_bits, kv_group_size = kv_quant.check(kv_bits, kv_group_size)
+        head_dim = getattr(self.args, "head_dim", None)
+        if kv_bits is not None and head_dim and head_dim % kv_group_size:
+            fits = [g for g in kv_quant.KV_GROUP_SIZES if head_dim % g == 0]
+            raise kv_quant.KnobError("kv_group_size", f"kv_group_size {kv_group_size} does not divide this model's "
+                                     f"attention head size ({head_dim})",
+                                     fix=f"pass kv_group_size {' or '.join(map(str, fits))}" if fits
+                                     else "use kv_bits=None: no group size divides this model's head size")
+        return kv_bits, kv_group_size
+
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE) -> list[Any]:
         """mlx-lm's caches (of this process's layers), with each Gated-DeltaNet one able to
-        hold a pending prefix."""
+        hold a pending prefix and, with ``kv_bits``, each attention one quantized (kv_quant.py)."""
+        kv_bits, kv_group_size = self.check_kv(kv_bits, kv_group_size)
         if self.stage is not None:
             self.stage.new_sequence()
-        return [GatedDeltaCache() if isinstance(c, ArraysCache) else c for c in self.model.make_cache()]
+        return [GatedDeltaCache() if isinstance(c, ArraysCache)
+                else kv_quant.make(kv_bits, kv_group_size) if isinstance(c, KVCache) and kv_bits is not None else c
+                for c in self.model.make_cache()]
 
     def embed(self, tokens: mx.array) -> mx.array:
         return self.body.embed_tokens(tokens)
