@@ -128,6 +128,39 @@ def test_plain_bench_runs_every_timed_run_with_lookup():
         assert copies > 0 if lookup else copies == 0
 
 
+# -- bench --shape --lookup-acceptance A --lookup-length K -----------------------------------
+
+def test_shape_projects_copies_measured_and_memory_bound(tmp_path):
+    from test_shapes import TINY
+
+    shape, out = tmp_path / "tiny-shape.json", tmp_path / "shape.json"
+    shape.write_text(json.dumps({"text_config": TINY}))
+    r = _cli(["bench", "--shape", str(shape), "--layers", "4", "--prompt-tokens", "24", "--repeats", "1",
+              "--acceptance", "0.8,0.5", "--draft-vocab", "1024", "--lookup-acceptance", "0.9", "--lookup-length", "4",
+              "--json", str(out)], tmp_path)
+    assert r.exit_code == 0, r.output
+    p = json.loads(out.read_text())["lookup_projection"]
+    assert p["tokens_per_step"] == pytest.approx(1 + 0.9 + 0.9**2 + 0.9**3 + 0.9**4, abs=1e-4)
+    # A copy of 4 is a verify of 5 tokens; the shape measured verify up to depth 2 + 1 = 3 tokens.
+    assert p["this_machine"] > 0 and p["this_machine_extrapolated"] is True
+    assert 1 < p["memory_bound"] < p["tokens_per_step"]
+    assert "lookup, every step copying 4 tokens at acceptance 0.9" in r.output
+
+
+def test_shape_no_measure_projects_copies_from_the_stored_bytes(tmp_path):
+    out = tmp_path / "shape.json"
+    for a, k in ((0.9, 8), (0.0, 8)):
+        r = _cli(["bench", "--shape", "qwen3.5-4b", "--no-measure", "--lookup-acceptance", str(a), "--lookup-length",
+                  str(k), "--json", str(out)], tmp_path)
+        assert r.exit_code == 0, r.output
+        p = json.loads(out.read_text())["lookup_projection"]
+        assert p["this_machine"] is None
+        if a:  # a 4B trunk's weights dominate a 9-token verify: nearly E[tokens/step] times AR
+            assert 0.9 * p["tokens_per_step"] < p["memory_bound"] < p["tokens_per_step"]
+        else:  # nothing kept: one token a step, at a 9-token verify's cost
+            assert p["tokens_per_step"] == 1 and p["memory_bound"] < 1
+
+
 # -- the flags' parsing ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
@@ -138,6 +171,10 @@ def test_plain_bench_runs_every_timed_run_with_lookup():
     (["--shape", "qwen3.5-4b", "--lookup", "4", "--no-measure"], "--shape measures no runs"),
     (["--workload", "rewrite", "--shape", "qwen3.5-4b"], "pass --model, not --shape"),
     (["--lookup", "often"], "lookup"),
+    (["--lookup-acceptance", "0.9", "--lookup-length", "4"], "go together, with --shape"),
+    (["--shape", "qwen3.5-4b", "--lookup-acceptance", "0.9"], "go together, with --shape"),
+    (["--shape", "qwen3.5-4b", "--lookup-acceptance", "1.5", "--lookup-length", "4"], "--lookup-acceptance"),
+    (["--shape", "qwen3.5-4b", "--lookup-acceptance", "0.5", "--lookup-length", "33"], "--lookup-length"),
     (["--workload", "retype"], "Invalid value for '--workload'"),
 ])
 def test_bench_refuses_what_does_not_go_together(tmp_path, args, message):

@@ -343,3 +343,77 @@ def run_rewrite(model: Any, tokenizer: Any, prompts: list[RewritePrompt], *, max
         order = order[1:] + order[:1]
     return RewriteReport(model=model_name, device=device_name(), params=params, max_tokens=max_tokens,
                          prompts=prompts, results=results)
+
+
+# -- `mtplx bench --shape ... --lookup-acceptance A --lookup-length K` ---------------------------
+
+def lookup_projection(model: Any, acceptance: float, length: int, cap: int, bandwidth_gbs: float,
+                      costs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The speedup over AR of copy steps at a real shape: every step copies ``length`` tokens,
+    each kept with probability ``acceptance`` given the ones before it were (the running
+    acceptance lookup.Lookup keeps per position), so E[tokens/step] = 1 + A + ... + A^K.
+
+    A copy costs no draft pass: memory-bound, a step moves a trunk pass over K + 1 tokens and the
+    rollback capture (``model``: a :class:`mtplx.model.shapes.ShapeBytes`); on this machine
+    (``costs``: a measured shape's cost model, in AR steps) it costs the verify and the sample of
+    K + 1 tokens and the rollback, extrapolated linearly past the verify sizes measured. Every
+    step finding a copy of K tokens is the workload's best case: a real rewrite's steps without
+    a match run as the head's or AR's."""
+    from mtplx.model.shapes import pending_chain, tokens_per_step
+
+    cumulative = [acceptance ** k for k in range(1, length + 1)]  # P(the first k copies all kept)
+    e = tokens_per_step(cumulative, length)
+    t = length + 1
+    ar = sum(model.trunk_pass(1).values())
+    step = sum(model.trunk_pass(t).values()) + model.captured(t, "new", pending_chain(cumulative, length, cap))
+    out: dict[str, Any] = {"acceptance": acceptance, "length": length, "tokens_per_step": round(e, 4),
+                           "memory_bound": round(e * ar / step, 4), "bandwidth_gbs": bandwidth_gbs,
+                           "this_machine": None, "this_machine_extrapolated": False}
+    if costs is not None:
+        def at(steps: dict[str, float]) -> float:
+            sizes = sorted(int(k) for k in steps)
+            if t in sizes:
+                return steps[str(t)]
+            lo, hi = sizes[-2:] if len(sizes) > 1 else (sizes[0], sizes[0])
+            slope = (steps[str(hi)] - steps[str(lo)]) / (hi - lo) if hi > lo else 0.0
+            return steps[str(hi)] + (t - hi) * max(slope, 0.0)
+
+        cost = at(costs["verify_steps"]) + at(costs["sample_steps"]) + costs["rollback_steps"]
+        out["this_machine"] = round(e / cost, 4)
+        out["this_machine_extrapolated"] = t > max(int(k) for k in costs["verify_steps"])
+    return out
+
+
+def lookup_line(p: dict[str, Any]) -> str:
+    here = ("" if p["this_machine"] is None else
+            f"{p['this_machine']:.2f}x on this machine{' (verify extrapolated past the sizes measured)' if p['this_machine_extrapolated'] else ''}, ")
+    return (f"lookup, every step copying {p['length']} tokens at acceptance {p['acceptance']:g} per token: "
+            f"{p['tokens_per_step']:.2f} tokens/step, {here}{p['memory_bound']:.2f}x AR memory-bound at "
+            f"{p['bandwidth_gbs']:g} GB/s (no draft pass; the best case: every step finds a copy)")
+
+
+def shape_bytes(shape_ref: str, trunk_bits: int, prompt_tokens: int, draft_vocab: int | None) -> Any:
+    """The bytes model of a catalog shape, built lazily (as `bench --shape --no-measure` builds it)."""
+    from mtplx.bench.shape_models import lazy_modules, load_shape, stored_weight_bytes
+    from mtplx.model.shapes import ShapeBytes, kind_counts
+
+    shape = load_shape(shape_ref)
+    tc = shape.text_config
+    vocab = int(tc["vocab_size"])
+    draft_vocab = min(32768, vocab) if draft_vocab is None else (vocab if draft_vocab == 0 else min(draft_vocab, vocab))
+    weights = stored_weight_bytes(lazy_modules(shape), trunk_bits)
+    return ShapeBytes(tc, weights, kind_counts(tc), draft_vocab, prompt_tokens)
+
+
+def shape_lookup(acceptance: float, length: int, bandwidth_gbs: float, *, report: Any = None,
+                 shape_ref: str | None = None, trunk_bits: int = 4, prompt_tokens: int = 512,
+                 draft_vocab: int | None = None) -> dict[str, Any]:
+    """:func:`lookup_projection` for a measured shape (``report``: a ShapeReport, with this
+    machine's costs) or, with ``shape_ref``, from the stored bytes alone (memory-bound only)."""
+    from mtplx.model.gated_delta_cache import FUSED_PENDING_CAP
+
+    if report is not None:
+        return lookup_projection(report.bytes_model(), acceptance, length, report.pending_cap, bandwidth_gbs,
+                                 report.cost_model())
+    return lookup_projection(shape_bytes(shape_ref, trunk_bits, prompt_tokens, draft_vocab), acceptance, length,
+                             FUSED_PENDING_CAP, bandwidth_gbs)

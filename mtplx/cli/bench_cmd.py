@@ -88,13 +88,18 @@ def _shape_options(f):
                           "(nothing is built or timed: seconds at any size)."),
         click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False),
                      help="--shape: also write the random model as an artifact in DIR and run it end to end."),
+        click.option("--lookup-acceptance", type=FiniteFloatRange(0, 1), default=None, metavar="A",
+                     help="--shape: also project drafts copied from the context, each copied token kept with "
+                          "probability A (given the ones before it were); with --lookup-length."),
+        click.option("--lookup-length", type=click.IntRange(1, knobs.MAX_LOOKUP), default=None, metavar="K",
+                     help="--shape --lookup-acceptance: tokens every step copies (no draft pass; verify of K + 1)."),
     ]):
         f = opt(f)
     return f
 
 
 def _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs, repeats,
-               save_dir, seed, json_out, concurrency=None, batch_depths=None, peak_tflops=14.2) -> None:
+               save_dir, seed, json_out, concurrency=None, batch_depths=None, peak_tflops=14.2, copies=None) -> None:
     from mtplx.bench.shape_bench import parse_acceptance, run_shape_bench
 
     report = run_shape_bench(shape, trunk_bits=int(trunk_bits), layers=layers, prompt_tokens=prompt_tokens,
@@ -111,11 +116,16 @@ def _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, 
         click.echo(f"end to end at depth 2 ({e['artifact']}): {e['step_ms']:.1f} ms per step against "
                    f"{e['components_ms']:.1f} ms from the components ({e['ratio']:.3f}x, "
                    f"{'within' if e['within_10_percent'] else 'NOT within'} 10%)")
+    if copies:
+        from mtplx.bench.rewrite import lookup_line, shape_lookup
+
+        data["lookup_projection"] = shape_lookup(*copies, bandwidth_gbs, report=report)
+        click.echo(lookup_line(data["lookup_projection"]))
     write_json(data, json_out)
 
 
 def _project_shape(shape, trunk_bits, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs, peak_tflops,
-                   concurrency, batch_depths, json_out) -> None:
+                   concurrency, batch_depths, json_out, copies=None) -> None:
     from mtplx.bench.roofline import table
     from mtplx.bench.shape_bench import parse_acceptance, project_shape
 
@@ -130,6 +140,12 @@ def _project_shape(shape, trunk_bits, prompt_tokens, acceptance, max_depth, draf
         click.echo(f"depth {d}: {x:.2f}x one AR stream at {bandwidth_gbs:g} GB/s (memory-bound, one stream)")
     if data.get("batch_roofline"):
         click.echo(table(data["batch_roofline"]))
+    if copies:
+        from mtplx.bench.rewrite import lookup_line, shape_lookup
+
+        data["lookup_projection"] = shape_lookup(*copies, bandwidth_gbs, shape_ref=shape, trunk_bits=int(trunk_bits),
+                                                 prompt_tokens=prompt_tokens, draft_vocab=draft_vocab)
+        click.echo(lookup_line(data["lookup_projection"]))
     write_json(data, json_out)
 
 
@@ -326,7 +342,7 @@ def _check_workloads(given, shape, strict_greedy) -> None:
 @click.pass_context
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
           strict_greedy, no_reference, concurrency, join_tokens, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
-          draft_vocab, bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, force, json_out, distributed, chat_turns,
+          draft_vocab, bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, lookup_acceptance, lookup_length, force, json_out, distributed, chat_turns,
           yes, agent_trace, turns, no_restart, trace_cache_dir, context_lengths, workload, lookup):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
 
@@ -351,7 +367,11 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
             raise click.UsageError("--strict-greedy changes nothing at temperature > 0: add --temperature 0")
     _check_workloads(given, shape, strict_greedy)
     if given("lookup") and shape is not None:
-        raise click.UsageError("--lookup copies drafts in a model's runs; --shape measures no runs")
+        raise click.UsageError("--lookup copies drafts in a model's runs; --shape measures no runs: project copies "
+                               "with --lookup-acceptance A --lookup-length K")
+    copies = None if lookup_length is None and lookup_acceptance is None else (lookup_acceptance, lookup_length)
+    if copies and (None in copies or shape is None or context_lengths is not None):
+        raise click.UsageError("--lookup-acceptance and --lookup-length go together, with --shape (not --context)")
     if shape is not None and context_lengths is not None:
         _run_shape_context(shape, context_lengths, trunk_bits, layers, acceptance, max_depth, draft_vocab,
                            bandwidth_gbs, repeats, seed, json_out)
@@ -365,11 +385,11 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
                 if given(name):
                     raise click.UsageError(f"--no-measure times nothing; drop {flag}")
             _project_shape(shape, trunk_bits, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
-                           peak_tflops, concurrency, _depths(depths) if given("depths") else None, json_out)
+                           peak_tflops, concurrency, _depths(depths) if given("depths") else None, json_out, copies)
             return
         _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
                    repeats, save_dir, seed, json_out, concurrency, _depths(depths) if given("depths") else None,
-                   peak_tflops)
+                   peak_tflops, copies)
         return
     if concurrency is not None:
         for name, flag in (("chat_turns", "--chat-turns"), ("distributed", "--distributed")):
