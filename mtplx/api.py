@@ -23,6 +23,7 @@ from mtplx.engine.sampling import SamplingParams
 from mtplx.engine import strict
 from mtplx.engine.speculative import Engine
 from mtplx.errors import ContextOverflowError, MtplxError
+from mtplx.model import kv_quant
 from mtplx.model.mtp_model import MTPModel
 from mtplx.generation.prompts import EncodedPrompt, check_prompt
 from mtplx.generation.row_text import GenerationResponse, RowSpec, RowText
@@ -106,7 +107,8 @@ def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int
              seed: int | None = None, stop: Sequence[str] | None = None, enable_thinking: bool | None = None,
              prompt_cache: PromptCache | None = None, response_format: dict[str, Any] | None = None,
              logprobs: int | None = None, strict_greedy: bool | float = False,
-             lookup: int | str | None = knobs.AUTO) -> RowSpec:
+             lookup: int | str | None = knobs.AUTO, kv_bits: int | None = None,
+             kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE) -> RowSpec:
     """A generation request checked and resolved for the engine (arguments as for
     :func:`stream_generate`, which documents them and the errors raised)."""
     k = knobs.check_all(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -116,8 +118,10 @@ def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int
     depth, draft_temperature, seed = k["depth"], k["draft_temperature"], k["seed"]
     stop = check_stop(stop)
     margin = strict.check(strict_greedy, model)
+    kv_bits, kv_group_size = model.trunk.check_kv(kv_bits, kv_group_size)
     if prompt_cache is not None:
         check_prompt_cache(prompt_cache)
+        prompt_cache.check_kv(kv_bits, kv_group_size)
     if enable_thinking is not None and not isinstance(enable_thinking, bool):
         raise MtplxError(f"enable_thinking must be None, True or False, got {enable_thinking!r}",
                          fix="pass a bool (None keeps the chat template's default)")
@@ -137,7 +141,8 @@ def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int
     policy = depth_policy(model, default_depth(model) if depth is None else depth, params)
     return RowSpec(ids, max_tokens, params, policy, draft, seed, frozenset(eos), constraint, logprobs, prompt_cache,
                    tuple(boundaries), strict_greedy=margin, stop=list(stop),
-                   lookup=knobs.AUTO if k["lookup"] is None else k["lookup"])
+                   lookup=knobs.AUTO if k["lookup"] is None else k["lookup"], kv_bits=kv_bits,
+                   kv_group_size=kv_group_size)
 
 
 def stream_generate(
@@ -160,6 +165,8 @@ def stream_generate(
     logprobs: int | None = None,
     strict_greedy: bool | float = False,
     lookup: int | str | None = knobs.AUTO,
+    kv_bits: int | None = None,
+    kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``depth=0`` is plain AR, ``depth=N`` drafts exactly N tokens every
     step, ``depth="auto"`` chooses each step's depth from this machine's measured step costs and
@@ -187,6 +194,12 @@ def stream_generate(
     cached tokens prefill only the new suffix, and leaves the cache holding prompt + reply;
     ``response.cached_tokens`` says how many prompt tokens it served.
 
+    ``kv_bits=8`` or ``4`` stores the trunk's attention KV quantized in groups of
+    ``kv_group_size`` (32, 64 or 128) with mlx-lm's quantized attention: less memory per token
+    of context, a slightly different target (see :mod:`mtplx.model.kv_quant`). MTP output stays
+    exact relative to AR with the same ``kv_bits``. A ``prompt_cache`` must have been made with
+    the same setting (``make_prompt_cache(model, kv_bits=8)``).
+
     ``response_format`` takes OpenAI's shapes: ``{"type": "text"}`` (no constraint),
     ``{"type": "json_object"}`` (any JSON object) or ``{"type": "json_schema", "json_schema":
     {"name": ..., "schema": {...}, "strict": ...}}``. Decoding is then constrained by the
@@ -202,9 +215,11 @@ def stream_generate(
     spec = row_spec(model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, min_p=min_p, depth=depth, draft_temperature=draft_temperature, seed=seed, stop=stop,
                     enable_thinking=enable_thinking, prompt_cache=prompt_cache, response_format=response_format,
-                    logprobs=logprobs, strict_greedy=strict_greedy, lookup=lookup)
+                    logprobs=logprobs, strict_greedy=strict_greedy, lookup=lookup, kv_bits=kv_bits,
+                    kv_group_size=kv_group_size)
     engine = Engine(model, spec.depth, spec.params, spec.draft_params, spec.seed, spec.constraint,
-                    logprobs=spec.logprobs, strict_greedy=spec.strict_greedy, lookup=spec.lookup)
+                    logprobs=spec.logprobs, strict_greedy=spec.strict_greedy, lookup=spec.lookup,
+                    kv_bits=spec.kv_bits, kv_group_size=spec.kv_group_size)
     text = RowText(tokenizer, spec)
     stats = engine.stats
     for step in engine.generate(spec.prompt, spec.max_tokens, spec.eos, prompt_cache=prompt_cache,

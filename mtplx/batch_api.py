@@ -25,7 +25,7 @@ from mtplx.errors import MtplxError
 
 # Settings that may be given per prompt (a list or tuple, one value per prompt).
 PER_PROMPT = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "depth", "draft_temperature", "seed", "stop",
-              "enable_thinking", "response_format", "logprobs", "strict_greedy", "lookup")
+              "enable_thinking", "response_format", "logprobs", "strict_greedy", "lookup", "kv_bits")
 
 
 @dataclass
@@ -103,7 +103,8 @@ def batch_generate(model: Any, tokenizer: Any, prompts: Sequence[api.Prompt], *,
                    temperature: Any = None, top_p: Any = None, top_k: Any = None, min_p: Any = None, depth: Any = None,
                    draft_temperature: Any = None, seed: Any = None, stop: Any = None, enable_thinking: Any = None,
                    response_format: Any = None, logprobs: Any = None, strict_greedy: Any = False,
-                   lookup: Any = knobs.AUTO, prompt_cache: Sequence[PromptCache | None] | None = None, max_batch: int = 8,
+                   lookup: Any = knobs.AUTO, kv_bits: Any = None, kv_group_size: int = 64,
+                   prompt_cache: Sequence[PromptCache | None] | None = None, max_batch: int = 8,
                    prefill_chunk: int = knobs.PREFILL_CHUNK, verbose: bool = False) -> list[BatchResponse]:
     """Complete every prompt (text, chat messages or token ids, as for
     :func:`mtplx.stream_generate`); returns one :class:`BatchResponse` per prompt, in order.
@@ -111,7 +112,9 @@ def batch_generate(model: Any, tokenizer: Any, prompts: Sequence[api.Prompt], *,
     Every setting takes one value for all prompts or a list with one per prompt (``stop``: a
     list of strings for all, or a list of such lists). ``prompt_cache``: None, or a list with
     one cache (from :func:`mtplx.make_prompt_cache`, or None) per prompt, used as
-    :func:`mtplx.generate` uses its own. ``max_batch`` rows decode at once; ``prefill_chunk``
+    :func:`mtplx.generate` uses its own. ``kv_bits`` (None, 8 or 4; per prompt too) stores each
+    row's attention KV quantized, as for :func:`mtplx.stream_generate`; a row's text equals its
+    solo text with the same ``kv_bits``. ``max_batch`` rows decode at once; ``prefill_chunk``
     bounds the prompt tokens a joining row feeds per step. Every argument is checked before the
     model runs."""
     if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence) or not prompts:
@@ -123,11 +126,11 @@ def batch_generate(model: Any, tokenizer: Any, prompts: Sequence[api.Prompt], *,
     given = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
              "depth": depth, "draft_temperature": draft_temperature, "seed": seed, "stop": stop,
              "enable_thinking": enable_thinking, "response_format": response_format, "logprobs": logprobs,
-             "strict_greedy": strict_greedy, "lookup": lookup}
+             "strict_greedy": strict_greedy, "lookup": lookup, "kv_bits": kv_bits}
     settings = {name: _per_prompt(name, value, n) for name, value in given.items()}
     specs = []
     for i, prompt in enumerate(prompts):
-        specs.append(api.row_spec(model, tokenizer, prompt, prompt_cache=caches[i],
+        specs.append(api.row_spec(model, tokenizer, prompt, prompt_cache=caches[i], kv_group_size=kv_group_size,
                                   **{name: settings[name][i] for name in PER_PROMPT}))
     decoder = BatchDecoder(model, max_batch=max_batch, prefill_chunk=prefill_chunk)
     rows: list[Row] = [decoder.add(spec) for spec in specs]

@@ -308,8 +308,9 @@ def noise_note(ratios: list[float], name: str) -> str | None:
 
 
 def mlx_lm_reference(model: MTPModel, tokenizer: Any, prompts: list[list[int]], params: SamplingParams,
-                     max_tokens: int) -> list[float]:
-    """mlx_lm.stream_generate's own generation tok/s on the same trunk, per prompt.
+                     max_tokens: int, kv_bits: int | None = None, kv_group_size: int = 64) -> list[float]:
+    """mlx_lm.stream_generate's own generation tok/s on the same trunk, per prompt (with
+    ``kv_bits``, its own quantized KV from the first token, as mtplx's runs store theirs).
 
     Its sampler filters in another order, which changes the law, not the cost: speed only."""
     from mlx_lm import stream_generate
@@ -319,7 +320,8 @@ def mlx_lm_reference(model: MTPModel, tokenizer: Any, prompts: list[list[int]], 
     rates = []
     for ids in prompts:
         last = None
-        for last in stream_generate(model.trunk.model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler):
+        kv = {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "quantized_kv_start": 0}
+        for last in stream_generate(model.trunk.model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler, **kv):
             pass
         if last is not None:
             rates.append(last.generation_tps)
@@ -343,11 +345,14 @@ def run_bench(
     around_run: Callable[[int], ContextManager[Any]] | None = None,
     strict_margin: float | None = None,
     lookup: int | str = 0,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> BenchReport:
     """``around_run(depth)``, if given, wraps every measured generation (a distributed bench
     reads the ranks' counters around each). ``strict_margin``: also run every MTP depth with
     strict greedy at that margin (greedy ``params`` only), right after its plain run. ``lookup``:
-    drafts copied from the context in every run (``mtplx bench --lookup``)."""
+    drafts copied from the context in every run (``mtplx bench --lookup``). ``kv_bits``: every run
+    (and mlx-lm's reference) stores its attention KV quantized (``mtplx bench --kv-bits``)."""
     from mtplx.api import encode_prompt
 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
@@ -364,7 +369,8 @@ def run_bench(
     for d in depths:
         for margin in variants[d]:
             for _ in Engine(model, depth_policy(model, d, params), params, draft_params, seed,
-                            strict_greedy=margin, lookup=lookup).generate(encoded[0], 8):
+                            strict_greedy=margin, lookup=lookup, kv_bits=kv_bits,
+                            kv_group_size=kv_group_size).generate(encoded[0], 8):
                 pass
     order = list(depths)
     runs = rounds * len(encoded) * sum(len(v) for v in variants.values())
@@ -377,7 +383,7 @@ def run_bench(
                 plain_tokens = None
                 for margin in variants[d]:
                     engine = Engine(model, depth_policy(model, d, params), params, draft_params, seed + 1000 * r + i,
-                                    strict_greedy=margin, lookup=lookup)
+                                    strict_greedy=margin, lookup=lookup, kv_bits=kv_bits, kv_group_size=kv_group_size)
                     with around_run(d) if around_run is not None else nullcontext():
                         tokens = [t for step in engine.generate(ids, max_tokens) for t in step.tokens]
                     if margin is None:
@@ -399,7 +405,8 @@ def run_bench(
     if cost_model:
         deepest = max(knobs.AUTO_MAX_DEPTH if d == knobs.AUTO else d for d in depths)
         cost = measure(model, encoded[0], deepest + 1)
-    ref_runs = mlx_lm_reference(model, tokenizer, encoded, params, max_tokens) if reference and 0 in depths else []
+    ref_runs = (mlx_lm_reference(model, tokenizer, encoded, params, max_tokens, kv_bits, kv_group_size)
+                if reference and 0 in depths else [])
     ref = statistics.median(ref_runs) if ref_runs else None
     from mtplx.core.config import exactness_verdict
 

@@ -8,7 +8,8 @@ import click
 
 from mtplx.core import knobs
 from mtplx.cli.options import (FiniteFloatRange, distributed_options, force_option, graft_if_needed, json_option, knob,
-                               load_model, lookup_option, model_option, strict_options, write_json, yes_option)
+                               kv_options, load_model, lookup_option, model_option, strict_options, write_json,
+                               yes_option)
 
 
 def _depths(value: str) -> list[int | str]:
@@ -339,11 +340,13 @@ def _check_workloads(given, shape, strict_greedy) -> None:
                    "tokens by source, and how much of the output copied its prompt rather than itself. MTP depth: "
                    "the last of --depths.")
 @lookup_option
+@kv_options
 @click.pass_context
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
           strict_greedy, no_reference, concurrency, join_tokens, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
           draft_vocab, bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, lookup_acceptance, lookup_length, force, json_out, distributed, chat_turns,
-          yes, agent_trace, turns, no_restart, trace_cache_dir, context_lengths, workload, lookup):
+          yes, agent_trace, turns, no_restart, trace_cache_dir, context_lengths, workload, lookup, kv_bits,
+          kv_group_size):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
 
     With --shape, measure a real model shape instead: random weights at the catalog model's text
@@ -366,6 +369,10 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
         if temperature != 0:
             raise click.UsageError("--strict-greedy changes nothing at temperature > 0: add --temperature 0")
     _check_workloads(given, shape, strict_greedy)
+    if (given("kv_bits") or given("kv_group_size")) and any(given(n) for n in (
+            "shape", "concurrency", "chat_turns", "agent_trace", "context_lengths", "workload")):
+        raise click.UsageError("--kv-bits applies to the depth comparison (--model, --depths); drop it or the "
+                               "other workload's flag")
     if given("lookup") and shape is not None:
         raise click.UsageError("--lookup copies drafts in a model's runs; --shape measures no runs: project copies "
                                "with --lookup-acceptance A --lookup-length K")
@@ -438,9 +445,11 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
     report = run_bench(model, tokenizer, prompts, depth_list, max_tokens, params, draft, rounds=rounds, seed=seed,
                        cost_model=timer is None, reference=not no_reference and timer is None,
                        progress=lambda s: click.echo(s, err=True), model_name=model_ref, around_run=timer,
-                       strict_margin=strict_check(strict_greedy, model), lookup=lookup)
+                       strict_margin=strict_check(strict_greedy, model), lookup=lookup, kv_bits=kv_bits,
+                       kv_group_size=kv_group_size)
+    kv = "" if kv_bits is None else f", kv_bits {kv_bits} (group {kv_group_size})"
     click.echo(f"mtplx bench: {model_ref} on {report.device}; {len(prompts)} prompts x {rounds} round(s), "
-               f"{max_tokens} tokens, temperature {temperature}, top_p {top_p}, top_k {top_k}, lookup {lookup}")
+               f"{max_tokens} tokens, temperature {temperature}, top_p {top_p}, top_k {top_k}, lookup {lookup}{kv}")
     click.echo(report.table())
     for line in report.verdicts():
         click.echo(line)

@@ -98,6 +98,8 @@ class ChatSession:
     top_k: int | None = None
     seed: int | None = None
     lookup: int | str = knobs.AUTO  # drafts copied from the context (mtplx.engine.lookup)
+    kv_bits: int | None = None  # the attention KV stored quantized (mtplx.model.kv_quant)
+    kv_group_size: int = 64
     messages: list[dict[str, str]] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
     # The conversation's prompt cache (mtplx.make_prompt_cache) and its tokens: each turn
@@ -114,6 +116,10 @@ class ChatSession:
     # Prompt tokens per second prefilled on an earlier turn: what a long prefill's bar estimates
     # with (mtplx/cli/prefill_progress.py); None until a turn prefilled enough to measure.
     prefill_rate: float | None = None
+
+    def kv(self) -> dict[str, Any]:
+        """The KV quantization's arguments, none when unquantized (the API's default)."""
+        return {} if self.kv_bits is None else {"kv_bits": self.kv_bits, "kv_group_size": self.kv_group_size}
 
     @property
     def has_mtp(self) -> bool:
@@ -214,7 +220,8 @@ class ChatSession:
                 if self.conversation is not None and self.prompt_cache is not None else 0)
         responses = iter(generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens,
                                   temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, depth=self.depth,
-                                  seed=self.seed, enable_thinking=self.thinking, lookup=self.lookup, **cache))
+                                  seed=self.seed, enable_thinking=self.thinking, lookup=self.lookup, **cache,
+                                  **self.kv()))
         with PrefillBar(todo, self.prefill_rate) as bar:
             first = next(responses, None)  # the prefill happens here, before the first token
         if bar.shown:  # the bar drew over the reply's prefix and erased its line: put the prefix back
@@ -330,9 +337,9 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] = input,
 
             session.conversation = Conversation(session.tokenizer)
             if session.prompt_cache_dir is not None:
-                session.prompt_caches = disk_store(session.model, session.prompt_cache_dir)
+                session.prompt_caches = disk_store(session.model, session.prompt_cache_dir, **session.kv())
             else:
-                session.prompt_cache = mtplx.make_prompt_cache(session.model)
+                session.prompt_cache = mtplx.make_prompt_cache(session.model, **session.kv())
     if read is input:
         _readline()
     click.echo(f"Chat: {session.settings()}. Type /help for commands, /quit or Ctrl-D to leave.")
@@ -362,14 +369,15 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] = input,
     click.echo(GOODBYE)
 
 
-def disk_store(model: Any, folder: Any) -> Any:
+def disk_store(model: Any, folder: Any, **kv: Any) -> Any:
     """The chat's prompt caches: in memory (a tenth of the machine's, as `mtplx serve`) and on
-    disk in ``folder`` (10 GiB or a quarter of the free disk, whichever is less)."""
+    disk in ``folder`` (10 GiB or a quarter of the free disk, whichever is less); ``kv``: the
+    caches' kv_bits and kv_group_size."""
     from pathlib import Path
 
     from mtplx.artifact.inspect import machine_memory_bytes
-    from mtplx.engine.prompt_cache import PromptCacheLRU, model_identity
+    from mtplx.engine.prompt_cache import PromptCacheLRU, cache_identity
     from mtplx.engine.prompt_cache_disk import PromptCacheDisk, default_max_bytes
 
-    disk = PromptCacheDisk(folder, model_identity(model), default_max_bytes(Path(folder)))
-    return PromptCacheLRU(model, int(machine_memory_bytes() * 0.1), disk=disk)
+    disk = PromptCacheDisk(folder, cache_identity(model, **kv), default_max_bytes(Path(folder)), **kv)
+    return PromptCacheLRU(model, int(machine_memory_bytes() * 0.1), disk=disk, **kv)

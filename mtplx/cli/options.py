@@ -106,6 +106,35 @@ def lookup_option(f: Callable) -> Callable:
                              "speculates.")(f)
 
 
+def _kv_bits(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value in (None, "none") else int(value)
+
+
+def _kv_group_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value not in (32, 64, 128):
+        raise click.BadParameter(f"{value} is not one of 32, 64, 128 (elements per quantization group)")
+    return value
+
+
+def kv_options(f: Callable) -> Callable:
+    """--kv-bits none|8|4 and --kv-group-size 32|64|128: the trunk's attention KV stored
+    quantized (mtplx.model.kv_quant); the command gets ``kv_bits`` (None or an int) and
+    ``kv_group_size``. A value outside the choices is a usage error, before anything loads.
+    (Their defaults are the values themselves, so ``ctx.invoke`` passes them as they are.)"""
+    for opt in reversed([
+        click.option("--kv-bits", type=click.Choice(["none", "8", "4"], case_sensitive=False), default=None,
+                     callback=_kv_bits,
+                     help="Store the attention KV cache quantized to 8 or 4 bits (default none: full precision): "
+                          "about 2x / 3.5x less KV memory per token of context, for a slightly different target "
+                          "(output stays exact relative to plain decoding with the same --kv-bits). Prompt caches "
+                          "are kept apart per setting."),
+        click.option("--kv-group-size", type=int, default=64, show_default=True, callback=_kv_group_size,
+                     help="Elements per quantization group of --kv-bits (32, 64 or 128, along the attention head)."),
+    ]):
+        f = opt(f)
+    return f
+
+
 def format_status(r: Any, *, prefill: bool = False) -> str:
     """The one-line summary after a completion (`mtplx run`, each chat reply), from the last
     GenerationResponse: the mode and depth first (``MTP d2``, ``AR``), then the rates."""

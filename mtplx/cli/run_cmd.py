@@ -7,8 +7,8 @@ import sys
 import click
 
 from mtplx.cli.options import (check_writable, confirm_download, distributed_options, force_option, format_status,
-                               json_option, knob, load_model, lookup_option, model_option, sampling_options, strict_options,
-                               write_json)
+                               json_option, knob, kv_options, load_model, lookup_option, model_option, sampling_options,
+                               strict_options, write_json)
 from mtplx.errors import MtplxError
 
 
@@ -55,6 +55,7 @@ def check_argument(prompt: str) -> str:
 @sampling_options
 @strict_options
 @lookup_option
+@kv_options
 @force_option
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the completion, no statistics.")
@@ -65,7 +66,8 @@ def check_argument(prompt: str) -> str:
                    "run starts cold.")
 @distributed_options
 def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temperature, top_p, top_k, min_p,
-        draft_temperature, seed, strict_greedy, lookup, force, json_out, quiet, yes, prompt_cache_file, distributed):
+        draft_temperature, seed, strict_greedy, lookup, kv_bits, kv_group_size, force, json_out, quiet, yes,
+        prompt_cache_file, distributed):
     """Complete PROMPT (or standard input when PROMPT is omitted or '-')."""
     if no_mtp and depth not in (None, 0):
         raise click.UsageError("--no-mtp decodes at depth 0; drop --depth or --no-mtp")
@@ -94,14 +96,14 @@ def run(prompt, model_ref, max_tokens, depth, no_mtp, chat, thinking, stop, temp
     model, tokenizer = load_model(model_ref, mtp=not no_mtp, force=force, distributed=distributed)
     if strict_greedy is not False:
         note_strict_off(model, temperature)
-    cache = open_prompt_cache(prompt_cache_file, model) if prompt_cache_file else None
+    cache = open_prompt_cache(prompt_cache_file, model, kv_bits, kv_group_size) if prompt_cache_file else None
     messages = [{"role": "user", "content": prompt}] if chat else prompt
     text, last = [], None
     for r in mtplx.stream_generate(model, tokenizer, messages, max_tokens=max_tokens, temperature=temperature,
                                    top_p=top_p, top_k=top_k, min_p=min_p, depth=0 if no_mtp else depth,
                                    draft_temperature=draft_temperature, seed=seed, stop=list(stop),
                                    enable_thinking=thinking, prompt_cache=cache, strict_greedy=strict_greedy,
-                                   lookup=lookup):
+                                   lookup=lookup, kv_bits=kv_bits, kv_group_size=kv_group_size):
         text.append(r.text)
         if json_out != "-":
             click.echo(r.text, nl=False)
@@ -128,20 +130,22 @@ def note_strict_off(model, temperature: float | None) -> None:
                    "whose law is exact without it (pass -t 0 for greedy output)", err=True)
 
 
-def open_prompt_cache(path: str, model):
+def open_prompt_cache(path: str, model, kv_bits: int | None = None, kv_group_size: int = 64):
     """The prompt cache saved at ``path``; a new one when there is none yet, or (after one line
-    saying why) when the file cannot serve this model: damaged, another model, another version."""
+    saying why) when the file cannot serve this model: damaged, another model, another version,
+    another --kv-bits."""
     import os
 
     import mtplx
 
+    kv = {"kv_bits": kv_bits, "kv_group_size": kv_group_size}
     if not os.path.exists(path):
-        return mtplx.make_prompt_cache(model)
+        return mtplx.make_prompt_cache(model, **kv)
     try:
-        return mtplx.load_prompt_cache(path, model)
+        return mtplx.load_prompt_cache(path, model, **kv)
     except MtplxError as e:
         click.echo(f"mtplx: {e} Starting without it; it will be overwritten.", err=True)
-        return mtplx.make_prompt_cache(model)
+        return mtplx.make_prompt_cache(model, **kv)
 
 
 COMMANDS = [run]

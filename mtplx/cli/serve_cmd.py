@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from mtplx.cli.options import (DistributedOptions, FiniteFloatRange, distributed_options, force_option, graft_if_needed,
-                               knob, load_model, lookup_option, model_option, strict_options, yes_option)
+                               knob, kv_options, load_model, lookup_option, model_option, strict_options,
+                               yes_option)
 from mtplx.errors import MtplxError
 
 
@@ -172,6 +173,7 @@ def _strict_note(model: object, no_mtp: bool, batch: int, margin: float) -> str:
                    "queued ones an error at once, and those still running past this end with an error.")
 @strict_options
 @lookup_option
+@kv_options
 @force_option
 @yes_option
 @distributed_options
@@ -181,7 +183,8 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
           max_body_mb: float, prompt_cache_gb: float | None, no_prompt_cache: bool, log_level: str,
           prompt_cache_dir: str | None, prompt_cache_disk_gb: float | None,
           shutdown_timeout: float, prefill_chunk: int | None, strict_greedy: bool | float, lookup: int | str,
-          force: bool, yes: bool, distributed: DistributedOptions | None) -> None:
+          kv_bits: int | None, kv_group_size: int, force: bool, yes: bool,
+          distributed: DistributedOptions | None) -> None:
     """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), the
     Responses API (/v1/responses) and Anthropic's Messages API (/v1/messages,
     /v1/messages/count_tokens), with /health and /metrics.
@@ -225,7 +228,7 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
                      max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=hosts if loopback or hosts else None,
                      prompt_cache_bytes=cache_bytes, max_batch=max_batch, strict_greedy=strict_greedy,
                      prefill_chunk=prefill_chunk, prompt_cache_dir=disk_dir, prompt_cache_disk_bytes=disk_bytes,
-                     lookup=lookup)
+                     lookup=lookup, kv_bits=kv_bits, kv_group_size=kv_group_size)
     shown = f"[{host}]" if ":" in host else host
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else shown  # a wildcard is not an address to visit
     base = f"http://{shown}:{port}/v1"
@@ -234,7 +237,8 @@ def serve(model_ref: str, host: str, port: int, depth: int | str | None, no_mtp:
     if lru is not None and lru.disk is not None:
         cache += f" + {_size(lru.disk.max_bytes)} on disk in {lru.disk.root}"
     batch = app.state.core.max_batch
-    click.echo(f"mtplx serving {', '.join(names)} at {base}  (batch {batch}, queue {queue_size}, {cache}, "
+    kv = "" if kv_bits is None else f", {kv_bits}-bit KV"
+    click.echo(f"mtplx serving {', '.join(names)} at {base}  (batch {batch}, queue {queue_size}, {cache}{kv}, "
                "Ctrl-C to stop)")
     margin = strict_check(strict_greedy)
     if margin is not None:

@@ -10,7 +10,7 @@ import time
 
 import click
 
-from mtplx.cli.options import knob
+from mtplx.cli.options import knob, kv_options
 
 
 @click.command("start")
@@ -39,11 +39,12 @@ from mtplx.cli.options import knob
               help="Where the chat also keeps its prompt caches on disk ('none': memory only). Default: "
                    "prompt-cache/ in mtplx's cache folder (MTPLX_CACHE, ~/.cache/mtplx), as `mtplx serve`.")
 @click.option("--yes", "-y", is_flag=True, help="Accept every default without asking (demo, MTP, chat, thinking off).")
+@kv_options
 @click.pass_context
 def start(ctx: click.Context, model_ref: str | None, depth: int | str | None, no_mtp: bool, thinking: bool | None,
           surface: str | None, port: int | None, temperature: float | None, top_p: float | None, top_k: int | None,
           max_tokens: int, seed: int | None, prompt_cache_dir: str | None, yes: bool,
-          lookup: int | str | None = None) -> None:
+          lookup: int | str | None = None, kv_bits: int | None = None, kv_group_size: int = 64) -> None:
     """Interactive launcher: choose a model, a decoding mode and thinking, check that the model
     fits, then chat in this terminal or start the API server. Every question has a flag that
     skips it; --yes takes all the defaults."""
@@ -58,14 +59,14 @@ def start(ctx: click.Context, model_ref: str | None, depth: int | str | None, no
         surface = "serve"
     p = make_plan(model_ref=model_ref, depth=depth, no_mtp=no_mtp, thinking=thinking, surface=surface, yes=yes)
     if p.surface == "serve":
-        _serve(ctx, p.ref, p.depth, port, lookup)
+        _serve(ctx, p.ref, p.depth, port, lookup, kv_bits=kv_bits, kv_group_size=kv_group_size)
         return
     _chat(p, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed,
-          prompt_cache_dir=prompt_cache_dir, lookup=lookup)
+          prompt_cache_dir=prompt_cache_dir, lookup=lookup, kv_bits=kv_bits, kv_group_size=kv_group_size)
 
 
 def _serve(ctx: click.Context, ref: str, depth: int | str | None, port: int | None = None,
-           lookup: int | str | None = None) -> None:
+           lookup: int | str | None = None, **kv: int | None) -> None:
     # Imported late: `mtplx serve` is optional and its module may be missing or broken.
     try:
         from mtplx.cli.serve_cmd import serve
@@ -80,11 +81,12 @@ def _serve(ctx: click.Context, ref: str, depth: int | str | None, port: int | No
     extra = {} if port is None else {"port": port}
     if lookup is not None:  # else serve's own default
         extra["lookup"] = lookup
-    ctx.invoke(serve, model_ref=ref, depth=None if depth == 0 else depth, no_mtp=depth == 0, **extra)
+    ctx.invoke(serve, model_ref=ref, depth=None if depth == 0 else depth, no_mtp=depth == 0, **extra, **kv)
 
 
 def _chat(p, *, temperature: float | None, top_p: float | None, top_k: int | None, max_tokens: int,
-          seed: int | None, prompt_cache_dir: str | None = None, lookup: int | str | None = None) -> None:
+          seed: int | None, prompt_cache_dir: str | None = None, lookup: int | str | None = None,
+          kv_bits: int | None = None, kv_group_size: int = 64) -> None:
     import mtplx
     from mtplx.api import default_depth
     from mtplx.core import knobs
@@ -99,7 +101,8 @@ def _chat(p, *, temperature: float | None, top_p: float | None, top_k: int | Non
     session = ChatSession(model, tokenizer, depth=depth, thinking=p.thinking, max_tokens=max_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                           prompt_cache_dir=_disk_dir(prompt_cache_dir),
-                          lookup=knobs.AUTO if lookup is None else lookup)
+                          lookup=knobs.AUTO if lookup is None else lookup, kv_bits=kv_bits,
+                          kv_group_size=kv_group_size)
     run_chat(session)
 
 

@@ -44,7 +44,8 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
                prompt_cache_bytes: int | None = None, max_batch: int | None = None,
                strict_greedy: bool | float = False, prefill_chunk: int | None = None,
                prompt_cache_dir: str | Path | None = None, prompt_cache_disk_bytes: int | None = None,
-               lookup: int | str = "auto", capacity: Capacity | None = None) -> FastAPI:
+               lookup: int | str = "auto", capacity: Capacity | None = None, kv_bits: int | None = None,
+               kv_group_size: int = 64) -> FastAPI:
     """An app serving ``model``.
 
     ``served_model_names``: the names requests may ask for (the first is the one reported);
@@ -59,13 +60,16 @@ def create_app(model: Any, tokenizer: Any, *, served_model_names: Sequence[str] 
     ``prompt_cache_dir``: the prompt caches' disk tier (mtplx.engine.prompt_cache_disk; None: in
     memory only), bounded by ``prompt_cache_disk_bytes`` (None: 10 GiB or a quarter of the free
     disk, whichever is less); ``capacity``: the memory the rows' caches may take
-    (mtplx.server.capacity; None: sized from this machine's memory)."""
+    (mtplx.server.capacity; None: sized from this machine's memory); ``kv_bits`` /
+    ``kv_group_size``: every request's attention KV stored quantized (mtplx.model.kv_quant; None:
+    full precision), its prompt caches kept apart from other settings'."""
     if prompt_cache_bytes is None:
         prompt_cache_bytes = default_prompt_cache_bytes()
     core = Core(model, tokenizer, served_model_names=served_model_names, depth=depth, queue_size=queue_size,
                 max_tokens_default=max_tokens_default, prompt_cache_bytes=prompt_cache_bytes, max_batch=max_batch,
                 strict_greedy=strict_greedy, prefill_chunk=prefill_chunk, prompt_cache_dir=prompt_cache_dir,
-                prompt_cache_disk_bytes=prompt_cache_disk_bytes, lookup=lookup, capacity=capacity)
+                prompt_cache_disk_bytes=prompt_cache_disk_bytes, lookup=lookup, capacity=capacity,
+                kv_bits=kv_bits, kv_group_size=kv_group_size)
     model_id = core.model_id
     scheduler, metrics = core.scheduler, core.metrics
 

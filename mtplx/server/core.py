@@ -27,7 +27,7 @@ from mtplx.api import GenerationResponse, default_depth, reuse_boundaries, sampl
 from mtplx.engine import strict
 from mtplx.engine.constraints import Grammar, ResponseFormatError, compile_format
 from mtplx.generation.speculation import step_costs
-from mtplx.engine.prompt_cache import PromptCacheLRU, model_identity
+from mtplx.engine.prompt_cache import PromptCacheLRU, cache_identity
 from mtplx.engine.prompt_cache_disk import PromptCacheDisk, default_max_bytes
 from mtplx.errors import MtplxError
 from mtplx.core.knobs import KnobError
@@ -226,8 +226,11 @@ class Core:
                  prompt_cache_bytes: int = 0, max_batch: int | None = None, strict_greedy: bool | float = False,
                  prefill_chunk: int | None = None, prompt_cache_dir: str | Path | None = None,
                  prompt_cache_disk_bytes: int | None = None, lookup: int | str = knobs.AUTO,
-                 capacity: Capacity | None = None):
+                 capacity: Capacity | None = None, kv_bits: int | None = None, kv_group_size: int = 64):
         self.model, self.tokenizer = model, tokenizer
+        # How every request's attention KV is stored (mtplx.model.kv_quant; no per-request field):
+        # the prompt caches, their disk folder and the capacity's byte model follow it.
+        self.kv = dict(zip(("kv_bits", "kv_group_size"), model.trunk.check_kv(kv_bits, kv_group_size)))
         # Strict greedy for requests that do not say (a request's "strict_greedy" overrides it).
         strict.check(strict_greedy, model)
         self.strict_greedy = strict_greedy
@@ -250,13 +253,15 @@ class Core:
         # With a folder, also on disk (mtplx.engine.prompt_cache_disk): a restart keeps them.
         disk = None
         if prompt_cache_bytes > 0 and prompt_cache_dir is not None:
-            disk = PromptCacheDisk(prompt_cache_dir, model_identity(model), default_max_bytes(Path(prompt_cache_dir))
-                                   if prompt_cache_disk_bytes is None else prompt_cache_disk_bytes)
-        self.prompt_caches = PromptCacheLRU(model, prompt_cache_bytes, disk=disk) if prompt_cache_bytes > 0 else None
+            disk = PromptCacheDisk(prompt_cache_dir, cache_identity(model, **self.kv),
+                                   default_max_bytes(Path(prompt_cache_dir)) if prompt_cache_disk_bytes is None
+                                   else prompt_cache_disk_bytes, **self.kv)
+        self.prompt_caches = (PromptCacheLRU(model, prompt_cache_bytes, disk=disk, **self.kv) if prompt_cache_bytes > 0
+                              else None)
         self.metrics.prompt_caches = self.prompt_caches
         # Rows decoding together: --max-batch, by default as many as the memory left for their
         # caches holds (capacity.py); rows wait while the batch's caches would not fit.
-        capacity = Capacity.of_machine(model, prompt_cache_bytes) if capacity is None else capacity
+        capacity = Capacity.of_machine(model, prompt_cache_bytes, **self.kv) if capacity is None else capacity
         if (fit := capacity.max_tokens()) < model.max_context:  # said once here, not only in each 400
             log.warning("mtplx: this machine's memory holds the caches of %d tokens per request, less than the model's "
                         "context of %d; longer requests (prompt + max_tokens) get 400 (docs/server.md, Memory)",
@@ -425,7 +430,7 @@ class Core:
         kwargs = dict(max_tokens=max_tokens, temperature=g.temperature,
                       top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, depth=depth, seed=g.seed, stop=g.stop,
                       logprobs=g.logprobs, strict_greedy=strict_greedy,
-                      lookup=self.lookup if g.lookup is None else g.lookup)
+                      lookup=self.lookup if g.lookup is None else g.lookup, **self.kv)
         if g.grammar is not None:
             kwargs["response_format"] = g.grammar
         job = Job(g.ids, kwargs, asyncio.get_running_loop(), boundaries=g.boundaries)
