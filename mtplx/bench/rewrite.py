@@ -42,8 +42,8 @@ PROMPTS_FILE = Path(__file__).resolve().parents[1] / "data" / "rewrite_prompts.j
 # The lookup way's copy length when --lookup is auto: a forced length (auto at depth 0 copies
 # nothing), half the engine's ceiling for auto (lookup.MAX_COPY): a rewrite's copies run long.
 FORCED_COPY = 8
-# Below this share of tokens copied from the prompt, and with more copied from the reply's own
-# earlier tokens, the output is called a loop rather than a rewrite.
+# The share of output tokens a copy from the prompt predicts from which the output is called a
+# rewrite (a faithful one of a file is most of it); below it, its copies' speed-up is no rewrite's.
 REWRITE_SHARE = 0.5
 
 
@@ -251,14 +251,12 @@ class RewriteReport:
             if p >= REWRITE_SHARE:
                 lines.append(f"The output copied its prompt ({100 * p:.0f}% of its tokens): '{name}' at {x:.2f}x AR "
                              "is a rewrite's speed-up.")
-            elif s > p:
-                lines.append(f"The output is a loop, not a rewrite: {100 * s:.0f}% of its tokens repeat the reply's "
-                             f"own earlier tokens and {100 * p:.0f}% copy the prompt. Copies from a loop are cheap "
-                             f"too, so '{name}' at {x:.2f}x AR is no rewrite's speed-up; measure that on a model "
-                             "that follows the instruction.")
             else:
-                lines.append(f"The output did not copy its prompt ({100 * p:.0f}% of its tokens do, {100 * s:.0f}% "
-                             f"repeat the reply): '{name}' at {x:.2f}x AR is no rewrite's speed-up.")
+                lines.append(f"The output is no rewrite of its prompt: {100 * p:.0f}% of its tokens copy the prompt, "
+                             f"{100 * s:.0f}% repeat the reply's own earlier tokens (the model looping). The copies "
+                             f"came from {'those repeats' if s > p else 'what little matched'}, so '{name}' at "
+                             f"{x:.2f}x AR is no rewrite's speed-up; measure that on a model that follows the "
+                             "instruction.")
         else:
             lines.append("No way copied a token: the outputs gave the copy source nothing to match.")
         if len(self.prompts) < 2:
