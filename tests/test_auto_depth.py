@@ -62,15 +62,27 @@ def test_picks_the_deepest_on_a_memory_bound_device_and_plain_steps_on_a_compute
     assert tokens / seconds >= (1 - 1.5 * AutoDepth.PROBE_BUDGET) / costs.step(0)
 
 
-def test_plain_ar_unless_a_depth_pays_at_the_artifacts_acceptance():
+def test_plain_lane_unless_a_depth_pays_at_the_artifacts_acceptance():
     """The speculative loop's own overhead, and an AR loop cheaper than a 1-token verify, can
-    make every depth lose at the expected acceptance: then auto is the plain AR loop."""
+    make every depth lose at the expected acceptance: then auto starts in the plain lane, but
+    keeps the depths that could pay (max_depth) to probe them."""
     costs = StepCosts((10.0, 12.0, 14.0), 1.0)
-    assert AutoDepth(costs, 0.5, 2).max_depth == 2
-    assert AutoDepth(StepCosts((10.0, 12.0, 14.0), 1.0, overhead_ms=4.0), 0.5, 2).max_depth == 0
-    assert AutoDepth(StepCosts((10.0, 12.0, 14.0), 1.0, ar_ms=7.0), 0.5, 2).max_depth == 0
-    assert AutoDepth(StepCosts((10.0, 12.0, 14.0), 1.0, overhead_ms=4.0), 0.95, 2).max_depth == 2
+    assert AutoDepth(costs, 0.5, 2).best() > 0
+    for slow in (StepCosts((10.0, 12.0, 14.0), 1.0, overhead_ms=4.0), StepCosts((10.0, 12.0, 14.0), 1.0, ar_ms=7.0)):
+        policy = AutoDepth(slow, 0.5, 2)
+        assert policy.max_depth == 2 and policy.best() == 0
+    assert AutoDepth(StepCosts((10.0, 12.0, 14.0), 1.0, overhead_ms=4.0), 0.95, 2).best() > 0
     assert StepCosts.from_dict(StepCosts((1.0, 2.0), 0.5, 0.25, 0.9).as_dict()) == StepCosts((1.0, 2.0), 0.5, 0.25, 0.9)
+
+
+def test_from_the_plain_lane_auto_finds_a_text_the_head_predicts():
+    """The prior says no depth pays (0.3), the text is accepted at 0.95: probes from the plain
+    lane move the estimate, and within a few hundred steps auto drafts most of the time."""
+    costs = StepCosts((10.0, 12.0, 14.0, 16.0), 1.0, overhead_ms=2.0)
+    policy = AutoDepth(costs, 0.3, 3)
+    assert policy.best() == 0
+    depths = simulate(policy, lambda i: 0.95, 400, seed=2)
+    assert depths[:20].count(0) >= 15 and depths[300:].count(0) < 10, depths
 
 
 def test_reacts_within_tens_of_steps_when_acceptance_drops_and_recovers():
@@ -90,8 +102,11 @@ def test_probe_interval_follows_what_a_probe_may_cost():
     near.acceptance = [0.4]  # depth 1 almost pays: probe often
     far = AutoDepth(StepCosts((10.0, 18.5), 0.4), 0.99, 1)
     far.acceptance = [0.1]  # pays only near full acceptance: rarely
-    assert near.best() == 0 and near.probe_interval(0) == AutoDepth.PROBE_MIN
-    assert far.max_depth == 1 and 20 < far.probe_interval(0) <= AutoDepth.PROBE_MAX
+    assert near.best() == 0 and near.probe_interval(0) < far.probe_interval(0)
+    assert far.max_depth == 1 and AutoDepth.PROBE_MAX < far.probe_interval(0) <= AutoDepth.PROBE_MAX * AutoDepth.PLAIN_PROBE_SPAN
+    deep = AutoDepth(StepCosts((10.0, 11.0, 12.0), 0.5), 0.9, 2)
+    deep.acceptance = [0.9, 0.05]  # at depth 1, depth 2 is close to paying: probe often
+    assert deep.best() == 1 and deep.probe_interval(1) == AutoDepth.PROBE_MIN
 
 
 def test_max_depth_is_bounded_by_the_measured_costs():
@@ -106,7 +121,7 @@ class Jumpy(AutoDepth):
     step's random draws (the case a law test must cover)."""
 
     ALPHA = 0.5
-    PROBE_MIN = PROBE_MAX = 1
+    PROBE_MIN = PROBE_MAX = PLAIN_PROBE_SPAN = 1
 
 
 def jumpy():
@@ -119,16 +134,20 @@ def test_auto_law_equals_ar_law(model, law3):  # noqa: F811
 
 
 def test_jumpy_policy_changes_depth_mid_sequence(model):  # noqa: F811
-    """The law test above is only meaningful if the choice really varies within a sequence."""
-    changed = 0
+    """The law test above is only meaningful if the choice really varies within a sequence,
+    between depths and between the plain lane and drafted steps (in both directions)."""
+    changed = lanes = 0
     for seed in range(40):
-        policy, seen = jumpy(), []
-        observe = policy.observe
-        policy.observe = lambda d, a, o=observe: (seen.append(d), o(d, a))
+        policy, chosen = jumpy(), []
+        choose = policy.choose
+        policy.choose = lambda c=choose: (chosen.append(c()), chosen[-1])[1]
         for _ in Engine(model, policy, SamplingParams(temperature=0.8, top_p=0.95, top_k=5), seed=seed).generate(PROMPT, 6):
             pass
-        changed += len(set(seen)) > 1
-    assert changed >= 20
+        changed += len(set(chosen)) > 1
+        # 0: a plain-lane step; a switch both ways is a drafted step, plain ones, a drafted one
+        runs = [d > 0 for i, d in enumerate(chosen) if i == 0 or (d > 0) != (chosen[i - 1] > 0)]
+        lanes += len(runs) >= 3
+    assert changed >= 20 and lanes >= 5, (changed, lanes)
 
 
 def test_greedy_auto_equals_greedy_ar(model):  # noqa: F811

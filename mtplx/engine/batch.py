@@ -57,6 +57,7 @@ import mlx.core as mx
 from mtplx.core import knobs
 from mtplx.engine import steps, strict
 from mtplx.engine.lookup import AUTO, one_hot
+from mtplx.engine.policy import FixedDepth
 from mtplx.engine.row import (
     Emitted,
     Row,
@@ -136,8 +137,11 @@ class BatchDecoder:
         # A forced lookup (an integer) needs the speculative step to verify its copies; "auto"
         # copies only where the row speculates anyway (the plain lane is the cheaper loop).
         forced = row.lookup.active and request.lookup != AUTO
-        row.plain = (row.depth == 0 and request.constraint is None and not forced
-                     and (not strict.active(row) or self.max_batch == 1))
+        lane_ok = request.constraint is None and (not strict.active(row) or self.max_batch == 1)
+        row.plain = row.depth == 0 and lane_ok and not forced
+        # A policy that chooses per step (auto) takes its plain steps in the plain lane and
+        # leaves it when it drafts (a probe, a depth that pays, a copy that pays): _plan.
+        row.switches = lane_ok and row.depth > 0 and not isinstance(row.policy, FixedDepth)
         if row.plain or request.constraint is not None:
             # A grammar's draft mask is built along the head's drafts: rows under one copy nothing.
             row.lookup.max_copy = 0
@@ -199,16 +203,17 @@ class BatchDecoder:
         if not self._active:
             return []
         t0 = time.perf_counter()
-        ready = [r for r in self._active if not r.prefilling]
-        # A step emits at most depth + 1 tokens: drafting more than the budget's last token needs is waste.
-        decoding = [self._plan(r) for r in ready if not r.plain]
-        plain = [Work(r) for r in ready if r.plain]
+        out: list[tuple[Row, Emitted]] = []
+        decoding, plain = [], []
+        for r in [r for r in self._active if not r.prefilling]:
+            w = self._plan(r, out)
+            if w is not None:
+                (plain if r.plain else decoding).append(w)
         prefill = self._prefill_work()
         self._draft(decoding)
         t1 = time.perf_counter()
         self._verify(decoding, prefill, plain)
         t2 = time.perf_counter()
-        out: list[tuple[Row, Emitted]] = []
         for w in decoding:
             self._host(out, w, self._accept, t1 - t0, t2 - t1)
         unread = [w.row.feed for w in plain if w.row.unread]
@@ -221,8 +226,9 @@ class BatchDecoder:
             w.row.stats.seconds["prefill"] += t2 - t0
             if w.first is not None:
                 self._host(out, w, self._first)
+        out = _one_per_row(out)
         for row, _ in out:
-            if row.budget.done:
+            if row.budget.done and not row.done:
                 self._active.remove(row)
                 self._finish(row)
         return out
@@ -242,16 +248,51 @@ class BatchDecoder:
         if emitted is not None:
             out.append((w.row, emitted))
 
-    @staticmethod
-    def _plan(row: Row) -> Work:
-        """The row's drafts this step: copied from its context (lookup.py) or the head's depth.
-        Decided from committed tokens and past acceptance only, before any of the step's draws."""
+    def _plan(self, row: Row, out: list[tuple[Row, Emitted]]) -> Work | None:
+        """The row's work this step: the plain lane, or drafts copied from its context
+        (lookup.py) or from the head at the policy's depth. Decided from committed tokens and
+        past acceptance only, before any of the step's draws, so the choice (and a change of
+        lane) never biases the output law. None: the row ended on the token it had in flight."""
+        if row.plain and not row.switches:
+            return Work(row)
+        # A step emits at most depth + 1 tokens: drafting more than the budget's last token needs is waste.
         room = row.budget.remaining - 1
         depth = min(row.policy.choose(), room)
         copy = row.lookup.choose(room, row.policy, depth) if row.lookup.active else []
+        if row.plain:
+            if not copy and depth == 0:
+                return Work(row)
+            # Leaving the plain lane: its in-flight token becomes the pending one. A copy was
+            # chosen on the context before that token; its tokens are proposed again after it.
+            self._host(out, Work(row), self._leave_plain)
+            if row.done or row.budget.done:
+                return None
+            room = row.budget.remaining - 1
+            depth = min(depth, room)
+            if copy:
+                copy = row.lookup.index.propose(min(len(copy), room)) if room > 0 else []
+        elif row.switches and not copy and depth == 0:
+            # Into the plain lane: the pending token is fed by the next pass, unread (as _first does).
+            row.plain = True
+            row.feed, row.feed_lp, row.unread = mx.array([row.pending], dtype=mx.int32), None, False
+            return Work(row)
         if copy:
             return Work(row, depth=len(copy), copy=copy)
         return Work(row, depth=depth)
+
+    def _leave_plain(self, w: Work) -> Emitted:
+        """A plain row turns speculative: read and emit the token its last pass sampled, which
+        the trunk has not consumed (the pending token of a speculative row)."""
+        row = w.row
+        token = int(row.feed.item())
+        emitted = row.budget.take([token])
+        logprobs = row.feed_lp.take(emitted) if row.feed_lp is not None else None
+        row.plain, row.feed, row.feed_lp, row.unread = False, None, None, False
+        row.pending = token
+        row.count_step(0, 0, emitted)
+        row.emitted += emitted
+        row.lookup.extend(emitted)
+        return Emitted(emitted, 0, 0, logprobs)
 
     def _prefill_work(self) -> list[Work]:
         """Prompt pieces this step feeds: whole pieces of the joining rows, first come first
@@ -446,6 +487,7 @@ class BatchDecoder:
         row.count_step(0, 0, emitted)
         row.policy.observe(0, 0)
         row.emitted += emitted
+        row.lookup.extend(emitted)
         return Emitted(emitted, 0, 0, logprobs)
 
     def _accept(self, w: Work, draft_s: float, verify_s: float) -> Emitted:
@@ -503,3 +545,16 @@ class BatchDecoder:
         row.lookup.extend(emitted)
         row.emitted += emitted
         return Emitted(emitted, w.depth, a, w.lp.take(emitted))
+
+
+def _one_per_row(out: list[tuple[Row, Emitted]]) -> list[tuple[Row, Emitted]]:
+    """A row that left the plain lane emitted twice this step (its token in flight, then its
+    speculative step's): one emission per row and step, in order, as every caller expects."""
+    merged: dict[int, tuple[Row, Emitted]] = {}
+    for row, e in out:
+        if row.id in merged:
+            first = merged[row.id][1]
+            lp = None if first.logprobs is None and e.logprobs is None else (first.logprobs or []) + (e.logprobs or [])
+            e = Emitted(first.tokens + e.tokens, e.drafted, e.accepted, lp)
+        merged[row.id] = (row, e)
+    return list(merged.values())

@@ -120,13 +120,15 @@ class AutoDepth:
     time spent at D, within [``PROBE_MIN``, ``PROBE_MAX``] steps: where the next depth is close
     to paying off it probes often; where it is hopeless (a compute-bound CPU) rarely.
 
-    Whether to speculate at all is decided once, before the generation: the engine's plain AR
-    loop (pipelined, no head work) is cheaper than depth-0 steps inside the speculative loop, so
-    auto enters that loop only if, at the artifact's measured acceptance (``prior``), some depth
-    beats the AR loop on this machine. Otherwise ``max_depth`` is 0 and the engine runs plain
-    AR (a compute-bound CPU verifying a 4-bit trunk; a small model whose loop overhead eats the
-    gain). Inside the loop, a depth that could not beat the AR loop even if every draft were
-    accepted is never drafted nor probed.
+    Depth 0 is a step of the decoder's plain lane (the pipelined AR loop, no head work, costing
+    ``costs.ar``), which the decoder leaves whenever the policy drafts. So the choice to speculate
+    at all is made at every step, like any depth: a generation starts at the artifact's measured
+    acceptance (``prior``), and where that says no depth pays it stays in the plain lane but
+    still probes depth 1 now and then (the probe also pays for leaving the lane: one step's
+    lost overlap), so a text the head predicts well is noticed. A depth that could not beat the
+    AR loop even if every draft were accepted is never drafted nor probed; where none could
+    (a compute-bound CPU verifying a 4-bit trunk), ``max_depth`` is 0 and the decoder runs the
+    plain lane only, with no head upkeep at all.
 
     Every input of :meth:`choose` (step counter, past accept counts, costs measured before the
     generation) is decided before the step draws anything, so the output law stays AR's.
@@ -136,6 +138,9 @@ class AutoDepth:
     PROBE_BUDGET = 0.03
     PROBE_MIN = 4
     PROBE_MAX = 32
+    # From the plain lane, probes may be this many times further apart: where no depth pays
+    # (the common case on a CPU), they are the only price auto pays over plain AR.
+    PLAIN_PROBE_SPAN = 4
 
     def __init__(self, costs: StepCosts, prior: float | Sequence[float], max_depth: int):
         self.costs = costs
@@ -146,12 +151,13 @@ class AutoDepth:
         # Deeper positions without a prior of their own start at the last one given.
         priors = (priors + priors[-1:] * self.max_depth)[: self.max_depth] if priors else [0.5] * self.max_depth
         self.acceptance = [min(max(float(a), 0.0), 1.0) for a in priors]
-        if max((self.rate(d) for d in range(1, self.max_depth + 1)), default=0.0) <= 1 / costs.ar:
-            self.max_depth, self.acceptance = 0, []  # no depth pays at the expected acceptance: plain AR
         self._since_probe = 0
 
     def rate(self, depth: int) -> float:
-        """Expected tokens per unit of time at ``depth`` with the current estimate."""
+        """Expected tokens per unit of time at ``depth`` with the current estimate (depth 0:
+        the plain lane)."""
+        if depth == 0:
+            return 1.0 / self.costs.ar
         return expected_tokens(self.acceptance, depth) / self.costs.step(depth)
 
     def best(self) -> int:
@@ -161,8 +167,11 @@ class AutoDepth:
         """Steps at ``depth`` between two probes one position deeper."""
         c = self.costs
         loss = c.step(depth + 1) - expected_tokens(self.acceptance, depth + 1) / self.rate(depth)
-        wanted = math.ceil(max(loss, 0.0) / (self.PROBE_BUDGET * c.step(depth)))
-        return min(max(wanted, self.PROBE_MIN), self.PROBE_MAX)
+        here = 1.0 / self.rate(depth) if depth == 0 else c.step(depth)
+        if depth == 0:  # leaving the plain lane waits for its token in flight
+            loss += c.ar
+        wanted = math.ceil(max(loss, 0.0) / (self.PROBE_BUDGET * here))
+        return min(max(wanted, self.PROBE_MIN), self.PROBE_MAX * (self.PLAIN_PROBE_SPAN if depth == 0 else 1))
 
     def choose(self) -> int:
         depth = self.best()

@@ -165,6 +165,9 @@ class Row:
         # Whether the row runs the pipelined plain lane (BatchDecoder._plain): the decoder decides
         # it on admission, since it depends on the batch (strict greedy, batch.py).
         self.plain = False
+        # Whether it moves between the plain lane and speculative steps as its policy chooses
+        # (an adaptive policy that may draft; batch.py decides on admission).
+        self.switches = False
         # The head's cache is kept in step with the trunk only where it will be read: by a row
         # that may draft, or by a later call on the row's prompt cache.
         self.keeps_head = self.depth > 0 or request.prompt_cache is not None
