@@ -40,6 +40,21 @@ def _concurrency(ctx: click.Context, param: click.Parameter, value: str | None) 
     return streams
 
 
+def _prefill_chunks(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    from mtplx.core import knobs
+
+    try:
+        chunks = sorted({int(x) for x in value.split(",")})
+    except ValueError:
+        chunks = []
+    if not chunks or chunks[0] < 1 or chunks[-1] > knobs.MAX_PREFILL_CHUNK:
+        raise click.BadParameter(f"{value!r} is not a list of chunk sizes: give integers in [1, "
+                                 f"{knobs.MAX_PREFILL_CHUNK}] separated by commas, e.g. 256,512,1024,2048")
+    return chunks
+
+
 def _max_depth(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     if value is None:  # bench --shape: one depth per --acceptance value
         return None
@@ -151,7 +166,8 @@ def _project_shape(shape, trunk_bits, prompt_tokens, acceptance, max_depth, draf
 
 
 def _run_concurrency(model_ref, streams, depths, max_tokens, prompts_file, temperature, top_p, top_k,
-                     draft_temperature, seed, force, json_out, join_tokens=4096) -> None:
+                     draft_temperature, seed, force, json_out, join_tokens=4096, prefill_chunks=None,
+                     reference=True) -> None:
     from mtplx.bench.concurrency import run_concurrency, table
     from mtplx.bench.default_prompts import DEFAULT_PROMPTS, read_prompts
     from mtplx.core.device import device_name
@@ -162,7 +178,8 @@ def _run_concurrency(model_ref, streams, depths, max_tokens, prompts_file, tempe
     draft = SamplingParams(temperature=draft_temperature, top_p=top_p, top_k=top_k) if draft_temperature is not None else None
     prompts = read_prompts(prompts_file) if prompts_file else DEFAULT_PROMPTS
     report = run_concurrency(model, tokenizer, prompts, streams, depths, max_tokens, params, draft, seed,
-                             progress=lambda s: click.echo(s, err=True), join_tokens=join_tokens)
+                             progress=lambda s: click.echo(s, err=True), join_tokens=join_tokens,
+                             prefill_chunks=prefill_chunks, reference=reference)
     click.echo(f"mtplx bench --concurrency: {model_ref} on {device_name()}; B requests arriving together, "
                f"{max_tokens} tokens each, temperature {temperature}; batched (one BatchDecoder) against one at a time")
     click.echo(table(report))
@@ -311,6 +328,9 @@ def _check_workloads(given, shape, strict_greedy) -> None:
 @click.option("--join-tokens", type=click.IntRange(min=0), default=0, show_default=True,
               help="--model --concurrency: also time the decoding rows' steps while a prompt of N tokens joins "
                    "(0: skip; 4096 took 3.3 of the 5 minutes on the demo, so it is asked for, not assumed).")
+@click.option("--prefill-chunk", "prefill_chunks", default=None, callback=_prefill_chunks, metavar="C1,C2,..",
+              help="--join-tokens: time the join once per prefill chunk (prompt tokens per step; serve's "
+                   "--prefill-chunk): the running rows' worst gap against the joining prompt's prefill.")
 @strict_options
 @_shape_options
 @force_option
@@ -343,7 +363,7 @@ def _check_workloads(given, shape, strict_greedy) -> None:
 @kv_options
 @click.pass_context
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
-          strict_greedy, no_reference, concurrency, join_tokens, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
+          strict_greedy, no_reference, concurrency, join_tokens, prefill_chunks, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
           draft_vocab, bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, lookup_acceptance, lookup_length, force, json_out, distributed, chat_turns,
           yes, agent_trace, turns, no_restart, trace_cache_dir, context_lengths, workload, lookup, kv_bits,
           kv_group_size):
@@ -403,7 +423,7 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
             if given(name):
                 raise click.UsageError(f"--concurrency decodes several streams in one process; drop {flag}")
         _run_concurrency(model_ref, concurrency, _depths(depths), max_tokens, prompts_file, temperature, top_p, top_k,
-                         draft_temperature, seed, force, json_out, join_tokens)
+                         draft_temperature, seed, force, json_out, join_tokens, prefill_chunks, not no_reference)
         return
     model_ref = graft_if_needed(model_ref, yes)
     if workload == "rewrite":
