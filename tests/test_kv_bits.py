@@ -199,6 +199,17 @@ def test_bad_kv_settings_are_one_clear_error(model, kwargs, needle):
         assert "Fix:" in str(info.value) and info.value.param in ("kv_bits", "kv_group_size")
 
 
+def test_a_pipeline_stage_refuses_kv_bits(model):
+    """A distributed run's other ranks make their own caches, full precision: refused, not mixed."""
+    model.trunk.stage = object()  # any stage: the check reads only that there is one
+    try:
+        with pytest.raises(MtplxError, match="kv_bits is not supported in a distributed run"):
+            Engine(model, 0, SAMPLED, kv_bits=8, kv_group_size=32)
+        assert model.trunk.check_kv(None, 32) == (None, 32)
+    finally:
+        model.trunk.stage = None
+
+
 @pytest.mark.parametrize("command", ["run", "serve", "bench", "start"])
 def test_cli_refuses_a_bad_kv_bits_as_a_usage_error(command):
     from mtplx.cli.commands import cli

@@ -9,9 +9,9 @@ Layout under the root (``mtplx serve --prompt-cache-dir``)::
     <root>/<model>/<key>.safetensors   one conversation's cache (format: prompt_cache_file.py)
     <root>/<model>/<key>.json          its index entry
 
-``<model>`` is the first 16 hex digits of the model identity (prompt_cache.model_identity: the
-artifact's hashes), so two models never share a folder; the file carries the whole identity,
-checked at load. ``<key>`` is the prefix hash of all the cache's tokens.
+``<model>`` is the first 16 hex digits of the cache identity (prompt_cache.cache_identity: the
+artifact's hashes, and the KV quantization, ``kv_bits``, when there is one), so two models or
+two KV settings never share a folder; the file carries the whole identity, checked at load. ``<key>`` is the prefix hash of all the cache's tokens.
 
 **Prefix hash** of ``n`` tokens: sha256 of the first ``n`` token ids as little-endian uint32,
 first 32 hex digits. **Index entry**: ``{"format": "mtplx-prompt-cache-index", "version": 1,

@@ -75,6 +75,9 @@ class Trunk:
         """``kv_quant.check``, and the group size must divide the attention head size (the
         quantization groups run along it)."""
         kv_bits, kv_group_size = kv_quant.check(kv_bits, kv_group_size)
+        if kv_bits is not None and self.stage is not None:  # the other ranks make their own caches, unquantized
+            raise kv_quant.KnobError("kv_bits", "kv_bits is not supported in a distributed run (--distributed)",
+                                     fix="drop --kv-bits (kv_bits=None) with --distributed")
         head_dim = getattr(self.args, "head_dim", None)
         if kv_bits is not None and head_dim and head_dim % kv_group_size:
             fits = [g for g in kv_quant.KV_GROUP_SIZES if head_dim % g == 0]
