@@ -68,11 +68,12 @@ class NoRollback(Constraint):
 
 
 def sample(model, depth: int, constraint: Constraint, seed0: int, n: int = N,
-           steps: list[int] | None = None) -> list[tuple[int, ...]]:
-    """n constrained generations; ``steps`` collects each speculative step's accepted count."""
+           steps: list[int] | None = None, lookup: int = 0, copies: list[int] | None = None) -> list[tuple[int, ...]]:
+    """n constrained generations; ``steps`` collects each speculative step's accepted count,
+    ``copies`` each generation's copied-draft steps (``lookup``: drafts copied from the context)."""
     out = []
     for i in range(n):
-        engine = Engine(model, depth, PARAMS, DRAFT, seed=seed0 + i, constraint=constraint)
+        engine = Engine(model, depth, PARAMS, DRAFT, seed=seed0 + i, constraint=constraint, lookup=lookup)
         tokens = []
         # One token past the law's LENGTH: a step drafts at most the budget's tokens but one, so
         # depth 2 needs 3 tokens left after the first; the law is read on the first LENGTH.
@@ -81,6 +82,8 @@ def sample(model, depth: int, constraint: Constraint, seed0: int, n: int = N,
             if steps is not None and step.drafted:
                 steps.append(step.accepted)
         out.append(tuple(tokens[:LENGTH]))
+        if copies is not None:
+            copies.append(engine.stats.lookup_steps)
     return out
 
 
@@ -115,6 +118,19 @@ def test_constrained_mtp_law_equals_constrained_ar_law(model, law, depth):
     assert pvalue(samples, law) > ALPHA
 
 
+def test_copied_drafts_under_a_grammar_keep_the_constrained_law(model, law, monkeypatch):
+    """Drafts copied from the context (lookup, forced to 2) mixed with the head's, under the
+    grammar: each copy is masked and walked like a head draft, cut before a forbidden token.
+    Same power as above (N = 600, level 1e-3)."""
+    from mtplx.engine import lookup
+
+    monkeypatch.setattr(lookup, "NGRAMS", (2, 1))  # a 3-token prompt has matches from the start
+    copies: list[int] = []
+    samples = sample(model, 2, Constraint(grammar_tokenizer(), grammar()), seed0=7000, lookup=2, copies=copies)
+    assert sum(1 for c in copies if c) > N // 2, "copies were too rare to test"
+    assert pvalue(samples, law) > ALPHA
+
+
 @pytest.mark.parametrize("prompt", [[1, 2, 1], [2, 4]])
 def test_greedy_ar_and_mtp_follow_the_reference_grammar(model, prompt):
     """Greedy = argmax over the allowed tokens, on the AR path and at depth 1 and 2. On these
@@ -126,9 +142,9 @@ def test_greedy_ar_and_mtp_follow_the_reference_grammar(model, prompt):
         expected.append(int(np.argmax(np.where(reference_allowed(expected), np.array(logits[0, -1]), -np.inf))))
     greedy = SamplingParams(temperature=0.0)
     constraint = Constraint(grammar_tokenizer(), grammar())
-    for depth in (0, 1, 2):
-        engine = Engine(model, depth, greedy, seed=0, constraint=constraint)
-        assert [t for step in engine.generate(prompt, 8) for t in step.tokens] == expected, depth
+    for depth, lookup in ((0, 0), (1, 0), (2, 0), (2, 3)):
+        engine = Engine(model, depth, greedy, seed=0, constraint=constraint, lookup=lookup)
+        assert [t for step in engine.generate(prompt, 8) for t in step.tokens] == expected, (depth, lookup)
 
 
 def test_matcher_without_rollback_is_detected(model, law):

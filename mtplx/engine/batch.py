@@ -142,8 +142,7 @@ class BatchDecoder:
         # A policy that chooses per step (auto) takes its plain steps in the plain lane and
         # leaves it when it drafts (a probe, a depth that pays, a copy that pays): _plan.
         row.switches = lane_ok and row.depth > 0 and not isinstance(row.policy, FixedDepth)
-        if row.plain or request.constraint is not None:
-            # A grammar's draft mask is built along the head's drafts: rows under one copy nothing.
+        if row.plain:
             row.lookup.max_copy = 0
         if row.budget.done:
             row.done = True
@@ -276,6 +275,10 @@ class BatchDecoder:
             row.plain = True
             row.feed, row.feed_lp, row.unread = mx.array([row.pending], dtype=mx.int32), None, False
             return Work(row)
+        if copy and row.constraint is not None:
+            # constraint: the copy walked as drafts are (masks recorded, matcher advanced), cut
+            # before a token the grammar forbids; nothing left: the head drafts instead
+            copy = row.constraint.take_copy(copy)
         if copy:
             return Work(row, depth=len(copy), copy=copy)
         return Work(row, depth=depth)

@@ -328,6 +328,23 @@ class Constraint:
             raise MtplxError(f"the grammar matcher refused draft token {token}: {_one_line(self._matcher.get_error())}")
         self._step_moves.append(move)
 
+    def take_copy(self, tokens: list[int]) -> list[int]:
+        """Drafts copied from the context (lookup.py), walked as head drafts are: each
+        position's mask recorded for the verify, the matcher advanced through each token. The
+        copy ends before the first token the grammar forbids (p is 0 there: it could only be
+        rejected); returns the tokens kept, which :meth:`commit` keeps or rolls back."""
+        kept: list[int] = []
+        for token in tokens:
+            allowed = self.allowed()
+            if not allowed[token]:
+                break
+            self._step_masks.append(allowed)
+            self.advance_draft(token)
+            kept.append(token)
+            if self._ended:  # an EOS copied: nothing after it is emitted
+                break
+        return kept
+
     def mask_verify(self, logits: mx.array) -> mx.array:
         """Mask the verify logits ``[D+1, V]``: row i with the state before draft i+1 (recorded
         by :meth:`mask_draft`), the bonus row with the state after all drafts."""
