@@ -1,6 +1,7 @@
 """`mtplx bench --model M --concurrency 1,2,4,8`: B streams at once, batched against one at a time.
 
-For every depth and every B, B requests arrive together (prompts cycled from the bench's set,
+For every depth and every B (``--rounds`` times, the ways interleaved, the median run of each
+way reported), B requests arrive together (prompts cycled from the bench's set,
 seeds ``seed + i``) and are decoded twice in the same process:
 
 - batched: one :class:`~mtplx.engine.batch.BatchDecoder` with ``max_batch=B``, every row joining
@@ -113,6 +114,11 @@ def one_at_a_time(model: Any, requests: list[Any]) -> Streams:
     return out
 
 
+def _median(runs: list[Streams]) -> Streams:
+    """The run of median aggregate tok/s (the lower middle of an even count)."""
+    return sorted(runs, key=lambda r: r.aggregate_tps)[(len(runs) - 1) // 2]
+
+
 def mlx_lm_batched(model: Any, tokenizer: Any, requests: list[Any]) -> Streams:
     """The same requests through mlx-lm's own batching (``mlx_lm.batch_generate``) on the trunk."""
     from mlx_lm.generate import batch_generate
@@ -183,7 +189,7 @@ def join_cost(model: Any, requests: list[Any], prompt_tokens: int, chunk: int, s
 def run_concurrency(model: Any, tokenizer: Any, prompts: list[str], streams: list[int], depths: list[int],
                     max_tokens: int, params: SamplingParams, draft: SamplingParams | None = None, seed: int = 0,
                     progress: Callable[[str], None] | None = None, join_tokens: int = 4096,
-                    prefill_chunks: list[int] | None = None, reference: bool = True) -> dict[str, Any]:
+                    prefill_chunks: list[int] | None = None, reference: bool = True, rounds: int = 1) -> dict[str, Any]:
     """{"streams": {B: {depth: {"batched": ..., "one_at_a_time": ..., "speedup": ..., "identical": ...,
     at depth 0 "mlx_lm": ..., "vs_mlx_lm": ...}}}, "join_cost": [one per prefill chunk]}."""
     from mtplx.core import knobs
@@ -198,17 +204,24 @@ def run_concurrency(model: Any, tokenizer: Any, prompts: list[str], streams: lis
     for b in streams:
         for d in depths:
             reqs = _requests(model, tokenizer, prompts, b, d, max_tokens, params, draft, seed)
-            together = batched(model, reqs)
-            alone = one_at_a_time(model, reqs)
+            ways: dict[str, list[Streams]] = {"batched": [], "alone": [], "mlx_lm": []}
+            for _ in range(rounds):  # the ways interleaved, so a load change hits each alike
+                ways["batched"].append(batched(model, reqs))
+                ways["alone"].append(one_at_a_time(model, reqs))
+                if reference and d == 0:
+                    ways["mlx_lm"].append(mlx_lm_batched(model, tokenizer, reqs))
+            together, alone = _median(ways["batched"]), _median(ways["alone"])
             cell = {"batched": together.as_dict(), "one_at_a_time": alone.as_dict(),
                     "speedup": round(together.aggregate_tps / alone.aggregate_tps, 4) if alone.aggregate_tps else None,
                     "identical": together.tokens == alone.tokens}
             line = (f"{b} streams, depth {d}: {together.aggregate_tps:.1f} tok/s batched, "
                     f"{alone.aggregate_tps:.1f} one at a time ({cell['speedup']}x)")
-            if reference and d == 0:
-                theirs = mlx_lm_batched(model, tokenizer, reqs)
+            if ways["mlx_lm"]:
+                theirs = _median(ways["mlx_lm"])
                 cell["mlx_lm"] = theirs.as_dict()
                 cell["vs_mlx_lm"] = round(together.aggregate_tps / theirs.aggregate_tps, 4) if theirs.aggregate_tps else None
+                cell["vs_mlx_lm_by_round"] = [round(a.aggregate_tps / t.aggregate_tps, 4)
+                                              for a, t in zip(ways["batched"], ways["mlx_lm"]) if t.aggregate_tps]
                 if params.temperature == 0:
                     cell["same_as_mlx_lm"] = together.tokens == theirs.tokens
                 line += f"; mlx_lm.batch_generate {theirs.aggregate_tps:.1f} ({cell['vs_mlx_lm']}x)"
@@ -225,7 +238,7 @@ def run_concurrency(model: Any, tokenizer: Any, prompts: list[str], streams: lis
             say(f"a {n}-token prompt joining {b} rows, {chunk} prompt tokens per step: their worst gap "
                 f"{j['worst_gap_s']:.2f} s ({j['step_ms_before']:.1f} ms per step before); its prefill "
                 f"{j['prefill_s']:.2f} s, {j['prefill_vs_solo']}x alone")
-    return {"streams": out, "join_cost": join, "max_tokens": max_tokens, "prompts": len(prompts),
+    return {"streams": out, "join_cost": join, "max_tokens": max_tokens, "prompts": len(prompts), "rounds": rounds,
             "how": "B requests arrive together; batched = one BatchDecoder (max_batch B); one at a time = the "
                    "single-sequence engine in arrival order (mtplx serve --max-batch 1); mlx_lm = "
                    "mlx_lm.batch_generate on the same trunk (depth 0)"}

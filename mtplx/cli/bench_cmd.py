@@ -167,7 +167,7 @@ def _project_shape(shape, trunk_bits, prompt_tokens, acceptance, max_depth, draf
 
 def _run_concurrency(model_ref, streams, depths, max_tokens, prompts_file, temperature, top_p, top_k,
                      draft_temperature, seed, force, json_out, join_tokens=4096, prefill_chunks=None,
-                     reference=True) -> None:
+                     reference=True, rounds=1) -> None:
     from mtplx.bench.concurrency import run_concurrency, table
     from mtplx.bench.default_prompts import DEFAULT_PROMPTS, read_prompts
     from mtplx.core.device import device_name
@@ -179,7 +179,7 @@ def _run_concurrency(model_ref, streams, depths, max_tokens, prompts_file, tempe
     prompts = read_prompts(prompts_file) if prompts_file else DEFAULT_PROMPTS
     report = run_concurrency(model, tokenizer, prompts, streams, depths, max_tokens, params, draft, seed,
                              progress=lambda s: click.echo(s, err=True), join_tokens=join_tokens,
-                             prefill_chunks=prefill_chunks, reference=reference)
+                             prefill_chunks=prefill_chunks, reference=reference, rounds=rounds)
     click.echo(f"mtplx bench --concurrency: {model_ref} on {device_name()}; B requests arriving together, "
                f"{max_tokens} tokens each, temperature {temperature}; batched (one BatchDecoder) against one at a time")
     click.echo(table(report))
@@ -423,7 +423,8 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
             if given(name):
                 raise click.UsageError(f"--concurrency decodes several streams in one process; drop {flag}")
         _run_concurrency(model_ref, concurrency, _depths(depths), max_tokens, prompts_file, temperature, top_p, top_k,
-                         draft_temperature, seed, force, json_out, join_tokens, prefill_chunks, not no_reference)
+                         draft_temperature, seed, force, json_out, join_tokens, prefill_chunks, not no_reference,
+                         rounds)
         return
     model_ref = graft_if_needed(model_ref, yes)
     if workload == "rewrite":
