@@ -210,6 +210,30 @@ def test_a_pipeline_stage_refuses_kv_bits(model):
         model.trunk.stage = None
 
 
+def test_start_passes_kv_bits_to_the_server(tmp_path, monkeypatch):
+    import click
+
+    import mtplx.cli.serve_cmd as serve_cmd
+    from test_launcher import _cli_start
+
+    seen = {}
+
+    @click.command("serve")
+    @click.option("--model", "model_ref")
+    @click.option("--depth", default=None)
+    @click.option("--no-mtp", is_flag=True)
+    @click.option("--kv-bits", type=int, default=None)
+    @click.option("--kv-group-size", type=int, default=64)
+    def fake_serve(**kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(serve_cmd, "serve", fake_serve)
+    r = _cli_start(["--model", "demo", "--surface", "serve", "--depth", "0", "--kv-bits", "4", "--kv-group-size", "32"],
+                   "", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert seen["kv_bits"] == 4 and seen["kv_group_size"] == 32
+
+
 @pytest.mark.parametrize("command", ["run", "serve", "bench", "start"])
 def test_cli_refuses_a_bad_kv_bits_as_a_usage_error(command):
     from mtplx.cli.commands import cli

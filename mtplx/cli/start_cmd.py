@@ -59,7 +59,9 @@ def start(ctx: click.Context, model_ref: str | None, depth: int | str | None, no
         surface = "serve"
     p = make_plan(model_ref=model_ref, depth=depth, no_mtp=no_mtp, thinking=thinking, surface=surface, yes=yes)
     if p.surface == "serve":
-        _serve(ctx, p.ref, p.depth, port, lookup, kv_bits=kv_bits, kv_group_size=kv_group_size)
+        # Only a quantized setting is passed on: else serve's own default.
+        kv = {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group_size": kv_group_size}
+        _serve(ctx, p.ref, p.depth, port, lookup, **kv)
         return
     _chat(p, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed,
           prompt_cache_dir=prompt_cache_dir, lookup=lookup, kv_bits=kv_bits, kv_group_size=kv_group_size)
