@@ -33,9 +33,24 @@ NEAR_TIE = 0.05
 
 # Prompt tokens per prefill pass: a long prompt is fed in pieces of at most this many tokens, which
 # bounds a pass's activations and, in a batch, what a joining prompt adds to the running rows'
-# step. The one chunk size of every decoding path (a row's chunking changes no token on the CPU
-# backend, but a GPU's kernels may round pieces of different sizes differently).
-PREFILL_CHUNK = 2048
+# step (their longest wait between two tokens). The one chunk size of every decoding path (a row's
+# chunking changes no token on the CPU backend, but a GPU's kernels may round pieces of different
+# sizes differently). Chosen by measurement (docs/batching.md, `mtplx bench --concurrency 4
+# --join-tokens 4000 --prefill-chunk ...`): on MLX's CPU backend a prompt token costs the same in
+# a 64-token pass as in a 2,048-token one, and 64 keeps the running rows' worst gap under a second
+# while a 4,000-token prompt joins them; a GPU prefills tens of times faster, and there mlx-lm's own
+# 2,048 keeps its passes efficient.
+CPU_PREFILL_CHUNK = 64
+GPU_PREFILL_CHUNK = 2048
+
+
+def _default_prefill_chunk() -> int:
+    from mtplx.core.device import backend
+
+    return CPU_PREFILL_CHUNK if backend() == "cpu" else GPU_PREFILL_CHUNK
+
+
+PREFILL_CHUNK = _default_prefill_chunk()
 MAX_PREFILL_CHUNK = 1 << 16
 # The most tokens one step may copy from the context (mtplx.engine.lookup; the issue's ceiling).
 MAX_LOOKUP = 32
