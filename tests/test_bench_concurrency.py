@@ -15,8 +15,8 @@ def test_concurrency_bench_reports_every_cell_and_the_same_tokens(grafted_bf16, 
 
     out = tmp_path / "c.json"
     result = CliRunner().invoke(cli, ["bench", "--model", str(grafted_bf16[0]), "--concurrency", "1,2",
-                                      "--depths", "0,2", "--max-tokens", "8", "--temperature", "0", "--join-tokens", "600",
-                                      "--prefill-chunk", "256,1024", "--json", str(out)])
+                                      "--depths", "0,2", "--max-tokens", "8", "--temperature", "0", "--join-tokens", "300",
+                                      "--prefill-chunk", "64,256", "--json", str(out)])
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())["concurrency"]
     assert set(r["streams"]) == {"1", "2"} and all(set(row) == {"0", "2"} for row in r["streams"].values())
@@ -32,7 +32,7 @@ def test_concurrency_bench_reports_every_cell_and_the_same_tokens(grafted_bf16, 
         assert row["0"]["same_as_mlx_lm"] is True and "mlx_lm" not in row["2"]
     # the join, once per prefill chunk: a smaller chunk takes more steps
     small, large = r["join_cost"]
-    assert [small["prefill_chunk"], large["prefill_chunk"]] == [256, 1024]
+    assert [small["prefill_chunk"], large["prefill_chunk"]] == [64, 256]
     for j in (small, large):
         assert j["running_rows"] == 1 and j["steps_while_joining"] >= -(-j["prompt_tokens"] // j["prefill_chunk"])
         assert 0 < j["worst_gap_s"] <= j["prefill_s"] and j["solo_prefill_s"] > 0

@@ -20,6 +20,7 @@ import pytest
 
 import mtplx
 from cache_compare import compare
+from mtplx.engine.batch import BatchDecoder, RowRequest
 from mtplx.engine.prompt_cache import PromptCache, common_prefix
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
@@ -108,11 +109,15 @@ def test_law_on_a_cache_hit(depth):
     run(law_model, prefix, 2, 1, base)  # MTP leaves its first token pending: holds the prefix alone
     law = exact_ar_law(law_model, prompt, 3)
     samples, served = [], set()
-    for i in range(1500):
-        cache = base.copy_prefix(base.reusable(prompt))
-        tokens, engine = run(law_model, prompt, depth, 3, cache, params=PARAMS, seed=depth * 7919 + i)
-        served.add(engine.stats.cached_tokens)
-        samples.append(tuple(tokens))
+    for start in range(0, 1500, 50):  # 50 rows a batch, each on its own copy of the cache
+        decoder = BatchDecoder(law_model, max_batch=50)
+        rows = [decoder.add(RowRequest(prompt, 3, PARAMS, depth=depth, seed=depth * 7919 + i,
+                                       prompt_cache=base.copy_prefix(base.reusable(prompt))))
+                for i in range(start, start + 50)]
+        while len(decoder):
+            decoder.step()
+        served |= {row.stats.cached_tokens for row in rows}
+        samples += [tuple(row.emitted) for row in rows]
     assert served == {2}, "the cache was not hit"
     assert gof_pvalue(samples, law) > ALPHA
 
