@@ -271,9 +271,7 @@ class BatchDecoder:
             if copy:
                 copy = row.lookup.index.propose(min(len(copy), room)) if room > 0 else []
         elif row.switches and not copy and depth == 0:
-            # Into the plain lane: the pending token is fed by the next pass, unread (as _first does).
-            row.plain = True
-            row.feed, row.feed_lp, row.unread = mx.array([row.pending], dtype=mx.int32), None, False
+            _enter_plain(row)
             return Work(row)
         if copy and row.constraint is not None:
             # constraint: the copy walked as drafts are (masks recorded, matcher advanced), cut
@@ -287,9 +285,7 @@ class BatchDecoder:
         """A plain row turns speculative: read and emit the token its last pass sampled, which
         the trunk has not consumed (the pending token of a speculative row)."""
         row = w.row
-        token = int(row.feed.item())
-        emitted = row.budget.take([token])
-        logprobs = row.feed_lp.take(emitted) if row.feed_lp is not None else None
+        token, emitted, logprobs = _read_in_flight(row)
         row.plain, row.feed, row.feed_lp, row.unread = False, None, None, False
         row.pending = token
         row.count_step(0, 0, emitted)
@@ -459,7 +455,7 @@ class BatchDecoder:
             row.constraint.advance(row.pending)
         emitted = row.budget.take([row.pending])
         if row.plain:  # the plain lane feeds it at the next step
-            row.feed, row.unread = mx.array([row.pending], dtype=mx.int32), False
+            _enter_plain(row)
         row.count_step(0, 0, emitted)
         row.emitted += emitted
         if row.lookup.active:
@@ -474,9 +470,7 @@ class BatchDecoder:
         included."""
         row, model = w.row, self.model
         if row.unread:
-            token = int(row.feed.item())
-            emitted = row.budget.take([token])
-            logprobs = row.feed_lp.take(emitted)
+            token, emitted, logprobs = _read_in_flight(row)
         else:
             token, emitted, logprobs = row.pending, [], None
         row.fed.append(token)
@@ -548,6 +542,21 @@ class BatchDecoder:
         row.lookup.extend(emitted)
         row.emitted += emitted
         return Emitted(emitted, w.depth, a, w.lp.take(emitted))
+
+
+def _enter_plain(row: Row) -> None:
+    """Into the plain lane: the pending token (sampled and emitted, not yet consumed) is what the
+    next pass feeds, with nothing of it left to read."""
+    row.plain = True
+    row.feed, row.feed_lp, row.unread = mx.array([row.pending], dtype=mx.int32), None, False
+
+
+def _read_in_flight(row: Row) -> tuple[int, list[int], Any]:
+    """The token a plain row's last pass sampled, read now: the token, what of it the budget
+    emits, and its logprobs."""
+    token = int(row.feed.item())
+    emitted = row.budget.take([token])
+    return token, emitted, row.feed_lp.take(emitted)
 
 
 def _one_per_row(out: list[tuple[Row, Emitted]]) -> list[tuple[Row, Emitted]]:

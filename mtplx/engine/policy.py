@@ -167,11 +167,12 @@ class AutoDepth:
         """Steps at ``depth`` between two probes one position deeper."""
         c = self.costs
         loss = c.step(depth + 1) - expected_tokens(self.acceptance, depth + 1) / self.rate(depth)
-        here = 1.0 / self.rate(depth) if depth == 0 else c.step(depth)
-        if depth == 0:  # leaving the plain lane waits for its token in flight
+        here, longest = c.step(depth), self.PROBE_MAX
+        if depth == 0:  # a plain-lane step; leaving the lane waits for its token in flight
+            here, longest = c.ar, self.PROBE_MAX * self.PLAIN_PROBE_SPAN
             loss += c.ar
         wanted = math.ceil(max(loss, 0.0) / (self.PROBE_BUDGET * here))
-        return min(max(wanted, self.PROBE_MIN), self.PROBE_MAX * (self.PLAIN_PROBE_SPAN if depth == 0 else 1))
+        return min(max(wanted, self.PROBE_MIN), longest)
 
     def choose(self) -> int:
         depth = self.best()
