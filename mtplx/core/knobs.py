@@ -44,14 +44,22 @@ CPU_PREFILL_CHUNK = 64
 GPU_PREFILL_CHUNK = 2048
 
 
-def _default_prefill_chunk() -> int:
-    from mtplx.core.device import backend
+def __getattr__(name: str) -> Any:
+    # PREFILL_CHUNK asks MLX for its backend: only when read (by the decoding modules, which
+    # import MLX anyway), so a command that never decodes starts without MLX.
+    if name == "PREFILL_CHUNK":
+        from mtplx.core.device import backend
 
-    return CPU_PREFILL_CHUNK if backend() == "cpu" else GPU_PREFILL_CHUNK
-
-
-PREFILL_CHUNK = _default_prefill_chunk()
+        value = CPU_PREFILL_CHUNK if backend() == "cpu" else GPU_PREFILL_CHUNK
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 MAX_PREFILL_CHUNK = 1 << 16
+# How the trunk's attention KV may be stored (mtplx/model/kv_quant.py): full precision (None), or
+# kv_bits-bit groups of one of KV_GROUP_SIZES values along the head dimension.
+KV_BITS = (8, 4)
+KV_GROUP_SIZES = (32, 64, 128)
+DEFAULT_KV_GROUP_SIZE = 64
 # The most tokens one step may copy from the context (mtplx.engine.lookup; the issue's ceiling).
 MAX_LOOKUP = 32
 
@@ -182,3 +190,14 @@ def check_token_ids(ids: Iterable[Any], vocab_size: int, param: str = "prompt") 
                                    f"[0, {vocab_size})", fix="pass ids produced by this model's tokenizer")
         out.append(t)
     return out
+
+
+def check_kv(kv_bits: Any, kv_group_size: Any = DEFAULT_KV_GROUP_SIZE) -> tuple[int | None, int]:
+    """``(kv_bits, kv_group_size)`` as ints, or :class:`KnobError` naming the argument."""
+    if kv_bits is not None and (isinstance(kv_bits, bool) or kv_bits not in KV_BITS):
+        raise KnobError("kv_bits", f"kv_bits must be None, 8 or 4, got {kv_bits!r}",
+                        fix="pass kv_bits=None (full-precision KV), 8 or 4 (--kv-bits none|8|4)")
+    if isinstance(kv_group_size, bool) or kv_group_size not in KV_GROUP_SIZES:
+        raise KnobError("kv_group_size", f"kv_group_size must be 32, 64 or 128, got {kv_group_size!r}",
+                        fix="pass kv_group_size=64 (the default), 32 or 128 (--kv-group-size)")
+    return (None if kv_bits is None else int(kv_bits)), int(kv_group_size)
