@@ -23,7 +23,6 @@ from mtplx.engine.sampling import SamplingParams
 from mtplx.engine import strict
 from mtplx.engine.speculative import Engine
 from mtplx.errors import ContextOverflowError, MtplxError
-from mtplx.model import kv_quant
 from mtplx.model.mtp_model import MTPModel
 from mtplx.generation.prompts import EncodedPrompt, check_prompt
 from mtplx.generation.row_text import GenerationResponse, RowSpec, RowText
@@ -108,7 +107,7 @@ def row_spec(model: MTPModel, tokenizer: Any, prompt: Prompt, *, max_tokens: int
              prompt_cache: PromptCache | None = None, response_format: dict[str, Any] | None = None,
              logprobs: int | None = None, strict_greedy: bool | float = False,
              lookup: int | str | None = knobs.AUTO, kv_bits: int | None = None,
-             kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE) -> RowSpec:
+             kv_group_size: int = knobs.DEFAULT_KV_GROUP_SIZE) -> RowSpec:
     """A generation request checked and resolved for the engine (arguments as for
     :func:`stream_generate`, which documents them and the errors raised)."""
     k = knobs.check_all(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -166,7 +165,7 @@ def stream_generate(
     strict_greedy: bool | float = False,
     lookup: int | str | None = knobs.AUTO,
     kv_bits: int | None = None,
-    kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE,
+    kv_group_size: int = knobs.DEFAULT_KV_GROUP_SIZE,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``depth=0`` is plain AR, ``depth=N`` drafts exactly N tokens every
     step, ``depth="auto"`` chooses each step's depth from this machine's measured step costs and

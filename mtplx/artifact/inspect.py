@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtplx.core.knobs import KV_BITS, check_kv
 from mtplx.errors import MtplxError
 
 
@@ -24,21 +25,12 @@ def machine_memory_bytes() -> int:
 
 
 # KV quantization as mlx-lm's QuantizedKVCache stores it (``--kv-bits``): None is full precision.
-KV_BITS_CHOICES: tuple[int | None, ...] = (None, 8, 4)
-KV_GROUP_SIZES = (32, 64, 128)
+KV_BITS_CHOICES: tuple[int | None, ...] = (None, *KV_BITS)
 # Rows may take this share of the memory left after the weights and the prompt caches (the rest
 # is a step's activations and the system's); the server admits by it (mtplx/server/capacity.py).
 ROW_SHARE = 0.5
 # The server's default prompt caches take this share of the machine's memory (--prompt-cache-gb).
 PROMPT_CACHE_SHARE = 0.1
-
-
-def check_kv_bits(kv_bits: Any, kv_group_size: Any) -> None:
-    if kv_bits not in KV_BITS_CHOICES or isinstance(kv_bits, bool):
-        raise MtplxError(f"kv_bits must be None, 8 or 4, got {kv_bits!r}", fix="pass kv_bits=None, 8 or 4")
-    if kv_group_size not in KV_GROUP_SIZES or isinstance(kv_group_size, bool):
-        raise MtplxError(f"kv_group_size must be 32, 64 or 128, got {kv_group_size!r}",
-                         fix="pass kv_group_size=64 (the default), 32 or 128")
 
 
 def kv_token_bytes(tc: dict[str, Any], kv_bits: int | None = None, kv_group_size: int = 64) -> int:
@@ -47,7 +39,7 @@ def kv_token_bytes(tc: dict[str, Any], kv_bits: int | None = None, kv_group_size
     ``bits * group / 8`` bytes of data plus a scale and a bias in the keys' dtype (bf16)."""
     from mtplx.model.shapes import KV_DTYPE
 
-    check_kv_bits(kv_bits, kv_group_size)
+    check_kv(kv_bits, kv_group_size)
     head_dim = tc["head_dim"]
     if kv_bits is None:
         per_head = head_dim * KV_DTYPE

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Protocol
 import mlx.core as mx
 
 from mtplx.errors import MtplxError
+from mtplx.core import knobs
 from mtplx.model import kv_quant
 from mtplx.model.gated_delta_cache import GatedDeltaCache
 from mtplx.model.mtp_model import ModelCache, MTPModel
@@ -91,7 +92,7 @@ class Snapshot:
 
 
 def cache_identity(model: MTPModel, kv_bits: int | None = None,
-                   kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE) -> str:
+                   kv_group_size: int = knobs.DEFAULT_KV_GROUP_SIZE) -> str:
     """What a prompt cache's contents depend on: the model (:func:`model_identity`) and the KV
     quantization its attention rows are stored with, so a file or a disk folder written with
     one ``kv_bits`` never serves another."""
@@ -109,10 +110,10 @@ class PromptCache:
 
     def __init__(self, model: MTPModel, *, snapshot_interval: int = SNAPSHOT_INTERVAL,
                  max_snapshots: int = MAX_SNAPSHOTS, kv_bits: int | None = None,
-                 kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE):
+                 kv_group_size: int = knobs.DEFAULT_KV_GROUP_SIZE):
         if snapshot_interval < 1 or max_snapshots < 1:
             raise MtplxError("snapshot_interval and max_snapshots must be >= 1")
-        self.kv_bits, self.kv_group_size = kv_quant.check(kv_bits, kv_group_size)
+        self.kv_bits, self.kv_group_size = knobs.check_kv(kv_bits, kv_group_size)
         self.identity = cache_identity(model, self.kv_bits, self.kv_group_size)
         self.snapshot_interval = snapshot_interval
         self.max_snapshots = max_snapshots

@@ -41,6 +41,7 @@ import mlx.core as mx
 from mtplx._version import __version__
 from mtplx.engine.prompt_cache import PromptCache, Snapshot, cache_identity, check_prompt_cache, copy_array
 from mtplx.errors import MtplxError
+from mtplx.core import knobs
 from mtplx.model import kv_quant
 from mtplx.model.gated_delta_cache import GatedDeltaCache
 from mtplx.model.mtp_model import MTPModel
@@ -174,11 +175,11 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
 
 
 def load_prompt_cache(path: str | Path, model: MTPModel, *, kv_bits: int | None = None,
-                      kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE) -> PromptCache:
+                      kv_group_size: int = knobs.DEFAULT_KV_GROUP_SIZE) -> PromptCache:
     """The prompt cache saved at ``path``, for ``model`` decoding with ``kv_bits`` /
     ``kv_group_size`` (the file must have been written with the same); refuses a file that does
     not belong."""
-    kv_bits, kv_group_size = kv_quant.check(kv_bits, kv_group_size)
+    kv_bits, kv_group_size = knobs.check_kv(kv_bits, kv_group_size)
     path = Path(path)
     arrays, meta = _read(path)
     if meta.get("format") != FORMAT:
@@ -187,7 +188,7 @@ def load_prompt_cache(path: str | Path, model: MTPModel, *, kv_bits: int | None 
         raise MtplxError(f"the prompt cache was written by mtplx {meta.get('mtplx_version')} (format "
                          f"{meta.get('format_version')}), this is mtplx {__version__}", path=path, fix=_REBUILD)
     if meta.get("model") != cache_identity(model, kv_bits, kv_group_size):
-        written = (meta.get("kv_bits", "none"), meta.get("kv_group_size", str(kv_quant.DEFAULT_GROUP_SIZE)))
+        written = (meta.get("kv_bits", "none"), meta.get("kv_group_size", str(knobs.DEFAULT_KV_GROUP_SIZE)))
         if meta.get("model") == cache_identity(model, *_kv_of(written)):
             raise MtplxError(f"the prompt cache was written with kv_bits={written[0]} (group size {written[1]}); this "
                              f"run uses {kv_quant.describe(kv_bits, kv_group_size)}", path=path,
@@ -211,9 +212,9 @@ def _kv_of(written: tuple[str, str]) -> tuple[int | None, int]:
     """The (kv_bits, kv_group_size) a file's metadata records, or the default for a value it
     cannot be (whose identity then matches nothing)."""
     try:
-        return kv_quant.check(None if written[0] == "none" else int(written[0]), int(written[1]))
+        return knobs.check_kv(None if written[0] == "none" else int(written[0]), int(written[1]))
     except (ValueError, MtplxError):
-        return None, kv_quant.DEFAULT_GROUP_SIZE
+        return None, knobs.DEFAULT_KV_GROUP_SIZE
 
 
 def _rebuild(arrays: dict[str, mx.array], layout: dict, model: MTPModel, kv_bits: int | None,

@@ -22,24 +22,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-from mtplx.core.knobs import KnobError
-
-KV_BITS = (8, 4)
-KV_GROUP_SIZES = (32, 64, 128)
-DEFAULT_GROUP_SIZE = 64
-
 AnyKV = (KVCache, QuantizedKVCache)
-
-
-def check(kv_bits: Any, kv_group_size: Any = DEFAULT_GROUP_SIZE) -> tuple[int | None, int]:
-    """``(kv_bits, kv_group_size)`` as ints, or :class:`KnobError` naming the argument."""
-    if kv_bits is not None and (isinstance(kv_bits, bool) or kv_bits not in KV_BITS):
-        raise KnobError("kv_bits", f"kv_bits must be None, 8 or 4, got {kv_bits!r}",
-                        fix="pass kv_bits=None (full-precision KV), 8 or 4 (--kv-bits none|8|4)")
-    if isinstance(kv_group_size, bool) or kv_group_size not in KV_GROUP_SIZES:
-        raise KnobError("kv_group_size", f"kv_group_size must be 32, 64 or 128, got {kv_group_size!r}",
-                        fix="pass kv_group_size=64 (the default), 32 or 128 (--kv-group-size)")
-    return (None if kv_bits is None else int(kv_bits)), int(kv_group_size)
 
 
 def describe(kv_bits: int | None, kv_group_size: int) -> str:

@@ -9,6 +9,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mtplx.errors import MtplxError
+from mtplx.core import knobs
 from mtplx.model import kv_quant, rows
 from mtplx.model.draft_vocab import DraftVocab
 from mtplx.model.mtp_head import MTPHead
@@ -113,7 +114,7 @@ class MTPModel:
     def max_context(self) -> int:
         return self.trunk.args.max_position_embeddings
 
-    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE) -> ModelCache:
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = knobs.DEFAULT_KV_GROUP_SIZE) -> ModelCache:
         """Empty caches for one sequence; ``kv_bits`` 8 or 4 stores the trunk's attention KV
         quantized (mtplx/model/kv_quant.py; the head's stays full precision)."""
         head_layers = len(self.head.layers) if self.head is not None else 0

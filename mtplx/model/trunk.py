@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache, KVCache
 
+from mtplx.core import knobs
 from mtplx.model import kv_quant, rows
 from mtplx.model.gated_delta_cache import GatedDeltaCache, GatedDeltaRecord
 
@@ -72,22 +73,22 @@ class Trunk:
         return self.body.pipeline_layers
 
     def check_kv(self, kv_bits: int | None, kv_group_size: int) -> tuple[int | None, int]:
-        """``kv_quant.check``, and the group size must divide the attention head size (the
+        """``knobs.check_kv``, and the group size must divide the attention head size (the
         quantization groups run along it)."""
-        kv_bits, kv_group_size = kv_quant.check(kv_bits, kv_group_size)
+        kv_bits, kv_group_size = knobs.check_kv(kv_bits, kv_group_size)
         if kv_bits is not None and self.stage is not None:  # the other ranks make their own caches, unquantized
-            raise kv_quant.KnobError("kv_bits", "kv_bits is not supported in a distributed run (--distributed)",
-                                     fix="drop --kv-bits (kv_bits=None) with --distributed")
+            raise knobs.KnobError("kv_bits", "kv_bits is not supported in a distributed run (--distributed)",
+                                  fix="drop --kv-bits (kv_bits=None) with --distributed")
         head_dim = getattr(self.args, "head_dim", None)
         if kv_bits is not None and head_dim and head_dim % kv_group_size:
-            fits = [g for g in kv_quant.KV_GROUP_SIZES if head_dim % g == 0]
-            raise kv_quant.KnobError("kv_group_size", f"kv_group_size {kv_group_size} does not divide this model's "
-                                     f"attention head size ({head_dim})",
-                                     fix=f"pass kv_group_size {' or '.join(map(str, fits))}" if fits
-                                     else "use kv_bits=None: no group size divides this model's head size")
+            fits = [g for g in knobs.KV_GROUP_SIZES if head_dim % g == 0]
+            raise knobs.KnobError("kv_group_size", f"kv_group_size {kv_group_size} does not divide this model's "
+                                  f"attention head size ({head_dim})",
+                                  fix=f"pass kv_group_size {' or '.join(map(str, fits))}" if fits
+                                  else "use kv_bits=None: no group size divides this model's head size")
         return kv_bits, kv_group_size
 
-    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = kv_quant.DEFAULT_GROUP_SIZE) -> list[Any]:
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = knobs.DEFAULT_KV_GROUP_SIZE) -> list[Any]:
         """mlx-lm's caches (of this process's layers), with each Gated-DeltaNet one able to
         hold a pending prefix and, with ``kv_bits``, each attention one quantized (kv_quant.py)."""
         kv_bits, kv_group_size = self.check_kv(kv_bits, kv_group_size)

@@ -21,7 +21,8 @@ from typing import Any
 
 from mlx.utils import tree_flatten
 
-from mtplx.artifact.inspect import cache_bytes, check_kv_bits, tokens_that_fit
+from mtplx.artifact.inspect import cache_bytes, tokens_that_fit
+from mtplx.core.knobs import check_kv
 from mtplx.server.http_errors import APIError
 
 # The default --max-batch plans each row at this many tokens (prompt + reply); rows longer than
@@ -57,7 +58,7 @@ class Capacity:
 
     def __init__(self, model: Any, budget: int, kv_bits: int | None = None, kv_group_size: int = 64,
                  prompt_cache_bytes: int = 0):
-        check_kv_bits(kv_bits, kv_group_size)
+        check_kv(kv_bits, kv_group_size)
         self.model = model
         self.budget = budget
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
