@@ -26,11 +26,12 @@ FLAT = StepCosts((10.0, 10.5, 11.0, 11.5), 1.0)
 LINEAR = StepCosts((137.0, 270.0, 401.0, 534.0), 20.0)
 
 
-def simulate(policy: AutoDepth, accept_p, steps: int, seed: int = 0) -> list[int]:
-    """Run ``policy`` against drafts accepted independently with probability accept_p(step)."""
+def simulate(policy: AutoDepth, accept_p, steps: int, seed: int = 0, context=lambda i: 0) -> list[int]:
+    """Run ``policy`` against drafts accepted independently with probability accept_p(step), at
+    a context of context(step) tokens."""
     rng, depths = random.Random(seed), []
     for i in range(steps):
-        d = policy.choose()
+        d = policy.choose(context(i))
         accepted = 0
         while accepted < d and rng.random() < accept_p(i):
             accepted += 1
@@ -115,6 +116,39 @@ def test_max_depth_is_bounded_by_the_measured_costs():
         StepCosts((0.0, 1.0), 1.0)
 
 
+def test_costs_move_with_the_context():
+    costs = StepCosts((10.0, 11.0, 12.0), 1.0, ar_ms=9.0, context=16, verify_per_k=(2.0, 2.2, 2.4), draft_per_k=0.5)
+    far = costs.at(2016)
+    assert far.verify_ms == pytest.approx((14.0, 15.4, 16.8)) and far.draft_ms == pytest.approx(2.0)
+    assert far.ar_ms == pytest.approx(13.0) and far.context == 2016
+    assert costs.at(0).verify_ms == costs.verify_ms  # never cheaper than where it was measured
+    assert StepCosts.from_dict(costs.as_dict()) == costs
+    flat = StepCosts((10.0, 11.0), 1.0)
+    assert flat.at(10**6) is flat and not flat.grows
+    with pytest.raises(ValueError):
+        StepCosts((10.0, 11.0), 1.0, verify_per_k=(1.0,))  # one slope per verify size
+
+
+def test_auto_prices_each_step_at_the_rows_context():
+    """A memory-bound device: every pass reads the context once, so AR pays it per token and a
+    verify once per step. No depth pays at a short context, depth 2 does at a long one: auto
+    stays plain (not even probing) at 100 tokens and drafts deep at 30K."""
+    memory_bound = StepCosts((10.0, 20.0, 30.0), 1.0, context=16, verify_per_k=(3.0, 3.0, 3.0), draft_per_k=0.1)
+    policy = AutoDepth(memory_bound, 0.9, 2, max_context=32768)
+    assert policy.max_depth == 2
+    assert set(simulate(policy, lambda i: 0.9, 200, context=lambda i: 100)) == {0}
+    late = simulate(policy, lambda i: 0.9, 200, context=lambda i: 30_000)
+    assert late[50:].count(2) > 120, late
+    # A CPU, where attention is compute: a verify's growth is per token verified. Depth 2 pays
+    # at a short context, none does at 8K: auto drafts early and returns to the plain lane.
+    compute = StepCosts((10.0, 12.0, 14.0), 1.0, context=16, verify_per_k=(2.0, 4.0, 6.0), draft_per_k=2.0)
+    cpu = AutoDepth(compute, 0.9, 2, max_context=8192)
+    depths = simulate(cpu, lambda i: 0.9, 400, context=lambda i: 16 + 20 * i)
+    assert depths[20:60].count(2) > 30 and set(depths[-40:]) == {0}, depths
+    # Without a max_context, only the costs as measured decide the depths kept.
+    assert AutoDepth(memory_bound, 0.9, 2).max_depth == 0
+
+
 class Jumpy(AutoDepth):
     """Auto with a hair trigger: each step's outcome moves the estimate by half, and probes
     come after a single step, so the depth changes on most steps in answer to the previous
@@ -140,7 +174,7 @@ def test_jumpy_policy_changes_depth_mid_sequence(model):  # noqa: F811
     for seed in range(40):
         policy, chosen = jumpy(), []
         choose = policy.choose
-        policy.choose = lambda c=choose: (chosen.append(c()), chosen[-1])[1]
+        policy.choose = lambda context=0, c=choose: (chosen.append(c(context)), chosen[-1])[1]
         for _ in Engine(model, policy, SamplingParams(temperature=0.8, top_p=0.95, top_k=5), seed=seed).generate(PROMPT, 6):
             pass
         changed += len(set(chosen)) > 1
@@ -180,6 +214,9 @@ def test_step_costs_cached_per_artifact_mlx_and_device(grafted_bf16, tmp_path, m
     model, _ = mtplx.load(grafted_bf16[0])
     costs = speculation.step_costs(model)
     assert costs.max_depth == knobs.AUTO_MAX_DEPTH and costs.draft_ms > 0
+    # Timed at a 16-token context and at about 4K: each cost's growth per 1,000 tokens.
+    assert costs.context == 16 and len(costs.verify_per_k) == costs.max_depth + 1
+    assert costs.at(4096).verify_ms[0] > costs.verify_ms[0]
     (entry,) = json.loads(config.read_text())["tuned"].values()
     assert entry["step_costs"]["source"] == "first use" and entry["step_costs"]["mlx"]
     again, _ = mtplx.load(grafted_bf16[0])  # a new process would read the file, not measure
@@ -293,3 +330,28 @@ def test_bench_reports_auto_as_a_column(grafted_bf16):
     assert data["best_fixed_depth"] in (0, 1) and data["auto_vs_best_fixed"] > 0
     assert any(line.startswith("Depth auto chose d") for line in data["verdicts"])
     assert " auto " in report.table()
+
+
+def test_auto_starts_drafting_as_the_context_grows_and_greedy_still_equals_ar(model):  # noqa: F811
+    """Costs where depth 1 pays only past about 130 tokens of context (each pass gains 0.05 ms
+    a token; the tiny model holds 256): the engine asks the policy at each row's own context,
+    so a 100-token prompt runs plain steps first and drafts after crossing the line; the
+    output stays AR's."""
+    costs = StepCosts((10.0, 25.0), 1.0, context=16, verify_per_k=(50.0, 50.0), draft_per_k=0.0)
+    seen: list[tuple[int, int]] = []
+
+    class Recorded(Jumpy):
+        CONTEXT_BUCKET = 16
+
+        def choose(self, context: int = 0) -> int:
+            seen.append((context, super().choose(context)))
+            return seen[-1][1]
+
+    prompt = [(5 * i + 3) % 6 for i in range(100)]
+    greedy = SamplingParams(temperature=0.0)
+    ar = [t for s in Engine(model, 0, greedy).generate(prompt, 100) for t in s.tokens]
+    policy = Recorded(costs, 1.0, 1, max_context=model.max_context)
+    auto = [t for s in Engine(model, policy, greedy).generate(prompt, 100) for t in s.tokens]
+    assert auto == ar and len(ar) == 100
+    assert {d for c, d in seen if c < 128} == {0} and any(d for c, d in seen if c >= 144), seen
+    assert [c for c, _ in seen] == sorted(c for c, _ in seen) and seen[0][0] >= 100

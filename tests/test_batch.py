@@ -115,7 +115,7 @@ class Cycle:
     def __init__(self, depths):
         self.depths, self.i, self.max_depth = depths, -1, max(depths)
 
-    def choose(self):
+    def choose(self, context: int = 0):
         self.i += 1
         return self.depths[self.i % len(self.depths)]
 
@@ -322,7 +322,7 @@ class _FailingPolicy:
     def __init__(self):
         self.steps = 0
 
-    def choose(self) -> int:
+    def choose(self, context: int = 0) -> int:
         return 2
 
     def observe(self, drafted: int, accepted: int) -> None:

@@ -79,7 +79,7 @@ class ScriptedDepth:
         self.depths, self.i, self.seen = list(depths), 0, []
         self.max_depth = max(depths)
 
-    def choose(self) -> int:
+    def choose(self, context: int = 0) -> int:
         d = self.depths[self.i % len(self.depths)]
         self.i += 1
         return d

@@ -36,8 +36,8 @@ class Recording(AutoDepth):
         super().__init__(StepCosts((10.0, 12.0, 14.0, 16.0), 1.0), 0.5, 3)
         self.chosen: list[int] = []
 
-    def choose(self) -> int:
-        self.chosen.append(super().choose())
+    def choose(self, context: int = 0) -> int:
+        self.chosen.append(super().choose(context))
         return self.chosen[-1]
 
 

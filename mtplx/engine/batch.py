@@ -256,7 +256,7 @@ class BatchDecoder:
             return Work(row)
         # A step emits at most depth + 1 tokens: drafting more than the budget's last token needs is waste.
         room = row.budget.remaining - 1
-        depth = min(row.policy.choose(), room)
+        depth = min(row.policy.choose(len(row.request.prompt) + len(row.fed)), room)
         copy = row.lookup.choose(room, row.policy, depth) if row.lookup.active else []
         if row.plain:
             if not copy and depth == 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import mlx.core as mx
@@ -22,6 +22,10 @@ from mtplx.engine.policy import StepCosts
 from mtplx.engine.sampling import Rng, SamplingParams, sample_logits
 from mtplx.model.mtp_model import MTPModel
 from mtplx.engine import steps
+from mtplx.model import kv_quant
+
+# The long context step costs are also timed at (tokens, or what the model allows).
+CONTEXT_PROBE = 4096
 
 
 @dataclass
@@ -131,35 +135,90 @@ def measure(model: MTPModel, prompt: list[int], max_tokens: int, repeats: int = 
     return CostModel(ar_step_ms=ar_ms, verify_ms=verify_ms, draft_ms=draft_ms, plain_ms=plain_ms)
 
 
+def _padded(model: MTPModel, prompt: list[int], extra: int):
+    """A cache prefilled with ``prompt`` whose attention layers (trunk and head) then hold
+    ``extra`` more rows of zeros: what a pass reads at a long context, without prefilling one
+    (a pass's cost does not depend on what the rows hold; Gated-DeltaNet states have one size at
+    every context)."""
+    cache, hidden = _prefilled(model, prompt)
+    for c in [c for c in cache.trunk if kv_quant.is_kv(c)] + list(cache.head):
+        if c.keys is None:
+            continue
+        _, heads, _, dim = c.keys.shape
+        zeros = mx.zeros((1, heads, extra, dim), dtype=c.keys.dtype)
+        c.update_and_fetch(zeros, zeros)
+    mx.eval(cache.arrays())
+    return cache, hidden
+
+
+def _fastest(calls: list[Callable[[], None]], rounds: int) -> list[float]:
+    """Each call's fastest time over ``rounds`` rounds that interleave them (see
+    measure_step_costs)."""
+    calls[0]()  # the first pass of a process (or at a new shape) loads what later ones share
+    best = [median_ms(call, 1, warmup=False) for call in calls]
+    for _ in range(rounds - 1):
+        best = [min(b, median_ms(call, 1, warmup=False)) for b, call in zip(best, calls)]
+    return best
+
+
+def _step_calls(model: MTPModel, cache, hidden: mx.array, token: int, max_depth: int) -> list[Callable[[], None]]:
+    calls = [_verify_call(model, cache, token, t) for t in range(1, max_depth + 2)]
+    if model.has_mtp and max_depth:
+        calls.append(_draft_call(model, cache, hidden, token))
+    return calls
+
+
 def measure_step_costs(model: MTPModel, max_depth: int, rounds: int = 3, prompt: list[int] | None = None) -> StepCosts:
-    """What depth "auto" needs, quickly (about 4.5 s for the 4-bit demo on an idle 2-core CPU):
+    """What depth "auto" needs, quickly (about 5 s for the 4-bit demo on an idle 2-core CPU):
     ``rounds`` rounds of one verify pass at every T = 1..max_depth+1 and one draft step, keeping
     each one's fastest time. Rounds interleave the sizes, so a slow spell on a shared machine
     hits them alike, and the minimum drops first calls and calls another process interrupted
     (both only ever add time).
 
-    Where some depth could beat a 1-token verify at full acceptance, the two loops are then
-    timed as the engine runs them (a few tokens each, the faster of two runs): the pipelined AR
-    step, and a depth-1 step, whose excess over a verify of 2 and a draft is the speculative
-    loop's own overhead. Where none could (a 4-bit trunk on a CPU), auto runs plain AR and
-    neither is needed."""
+    The same calls are then timed at a long context (``CONTEXT_PROBE`` tokens, or what the
+    model allows; its attention rows are zeros, see _padded), which gives each cost's growth
+    per 1,000 tokens of context (StepCosts.at).
+
+    Where some depth could beat a 1-token verify at full acceptance at either context, the two
+    loops are then timed as the engine runs them (a few tokens each, the faster of two runs):
+    the pipelined AR step, and a depth-1 step, whose excess over a verify of 2 and a draft is
+    the speculative loop's own overhead. Where none could (a 4-bit trunk on a CPU), auto runs
+    plain AR and neither is needed."""
     prompt = prompt or [(7 * i + 1) % model.vocab_size for i in range(16)]
     cache, hidden = _prefilled(model, prompt)
-    token = prompt[-1]
-    calls = [_verify_call(model, cache, token, t) for t in range(1, max_depth + 2)]
-    if model.has_mtp and max_depth:
-        calls.append(_draft_call(model, cache, hidden, token))
-    calls[0]()  # the first pass of a process loads what every later one shares
-    best = [median_ms(call, 1, warmup=False) for call in calls]
-    for _ in range(rounds - 1):
-        best = [min(b, median_ms(call, 1, warmup=False)) for b, call in zip(best, calls)]
+    best = _fastest(_step_calls(model, cache, hidden, prompt[-1], max_depth), rounds)
     verify_ms = tuple(best[: max_depth + 1])
     draft_ms = best[max_depth + 1] if len(best) > max_depth + 1 else 0.0
-    if not any((d + 1) / (verify_ms[d] + d * draft_ms) > 1 / verify_ms[0] for d in range(1, max_depth + 1)):
-        return StepCosts(verify_ms, draft_ms)
+    costs = StepCosts(verify_ms, draft_ms, context=len(prompt))
+    extra = min(CONTEXT_PROBE, model.max_context - len(prompt) - max_depth - 2)
+    if extra >= CONTEXT_PROBE // 4:
+        del cache
+        long_cache, long_hidden = _padded(model, prompt, extra)
+        far = _fastest(_step_calls(model, long_cache, long_hidden, prompt[-1], max_depth), rounds)
+        per_k = [(f - b) * 1000 / extra for f, b in zip(far, best)]
+        costs = replace(costs, verify_per_k=_linear_in_tokens(per_k[: max_depth + 1]),
+                        draft_per_k=max(per_k[max_depth + 1], 0.0) if len(per_k) > max_depth + 1 else 0.0)
+        del long_cache
+    if not (costs.winning() or costs.at(model.max_context).winning()):
+        return costs
     ar_ms = min(pipelined_ar_ms(model, prompt, tokens=12) for _ in range(2))
     step_ms = min(_loop_step_ms(model, prompt, depth=1, tokens=12) for _ in range(2))
-    return StepCosts(verify_ms, draft_ms, max(step_ms - verify_ms[1] - draft_ms, 0.0), ar_ms)
+    return replace(costs, overhead_ms=max(step_ms - verify_ms[1] - draft_ms, 0.0), ar_ms=ar_ms)
+
+
+def _linear_in_tokens(growth: list[float]) -> tuple[float, ...]:
+    """The growth of a verify pass over t = 1..n tokens as a + b (t - 1), a, b >= 0, fitted by
+    least squares: a pass reads the context once (a: what a memory-bound device pays) and
+    attends to it once per token (b: what compute pays). Two noisy timings per size give
+    noisy differences; the fit shares them across sizes."""
+    n = len(growth)
+    if n == 1:
+        return (max(growth[0], 0.0),)
+    mean_t, mean_g = (n - 1) / 2, sum(growth) / n
+    b = sum((t - mean_t) * (g - mean_g) for t, g in enumerate(growth)) / sum((t - mean_t) ** 2 for t in range(n))
+    b = max(b, 0.0)
+    a = max(mean_g - b * mean_t, 0.0)
+    return tuple(a + b * t for t in range(n))
 
 
 def _loop_step_ms(model: MTPModel, prompt: list[int], depth: int, tokens: int) -> float:

@@ -60,6 +60,8 @@ def _saved(model: Any, max_depth: int) -> StepCosts | None:
         costs = StepCosts.from_dict(record)
     except (KeyError, TypeError, ValueError):
         return None  # damaged by hand: measure again and overwrite it
+    if "context" not in record:
+        return None  # measured before costs were priced by context: measure again
     # What `mtplx tune --max-depth N` measured stands, whatever N; a first-use measurement
     # shallower than asked for is measured again.
     return costs if costs.max_depth >= max_depth or record.get("source") == "tune" else None
@@ -115,7 +117,8 @@ def depth_policy(model: Any, depth: int | str, params: SamplingParams,
         raise MtplxError("depth auto times verify passes on forked caches, which a distributed pipeline cannot "
                          "do (every rank holds part of each cache)", fix="pass a fixed depth, e.g. --depth 2")
     costs = step_costs(model, progress=progress)
-    return AutoDepth(costs, prior_acceptance(model, params), min(costs.max_depth, knobs.MAX_DEPTH))
+    return AutoDepth(costs, prior_acceptance(model, params), min(costs.max_depth, knobs.MAX_DEPTH),
+                     max_context=model.max_context)
 
 
 def draft_params(model: Any, params: SamplingParams, draft_temperature: float | None) -> SamplingParams:
