@@ -269,6 +269,17 @@ def _run_rewrite(model_ref, prompts_file, depth, lookup, max_tokens, temperature
     write_json({"model": model_ref, "rewrite": report.as_dict()}, json_out)
 
 
+def _run_prefill(model_ref, lengths, rounds, chunk, force, json_out) -> None:
+    from mtplx.bench.prefill import run_prefill
+
+    model, tokenizer = load_model(model_ref, mtp=True, force=force, distributed=None)
+    report = run_prefill(model, tokenizer, lengths, rounds=rounds, chunk=chunk, model_name=model_ref,
+                         progress=lambda s: click.echo(s, err=True))
+    click.echo(f"mtplx bench --prefill: {model_ref} on {report.device} (context {model.max_context})")
+    click.echo(report.table())
+    write_json({"model": model_ref, "prefill": report.as_dict()}, json_out)
+
+
 def _context(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
     from mtplx.bench.context_sweep import parse_lengths
 
@@ -280,19 +291,21 @@ def _check_workloads(given, shape, strict_greedy) -> None:
     at a time; and their own options need them."""
     picked = [f for n, f in (("agent_trace", "--agent-trace"), ("context_lengths", "--context"),
                              ("chat_turns", "--chat-turns"), ("concurrency", "--concurrency"),
-                             ("workload", "--workload")) if given(n)]
+                             ("workload", "--workload"), ("prefill_lengths", "--prefill")) if given(n)]
     if len(picked) > 1:
         raise click.UsageError(f"{' and '.join(picked)} are separate workloads: pass one of them")
     for name, flag in (("turns", "--turns"), ("no_restart", "--no-restart"), ("trace_cache_dir", "--prompt-cache-dir")):
         if given(name) and not given("agent_trace"):
             raise click.UsageError(f"{flag} goes with --agent-trace")
-    ours = [f for f in ("--agent-trace", "--context", "--workload") if f in picked]
+    ours = [f for f in ("--agent-trace", "--context", "--workload", "--prefill") if f in picked]
     if ours and given("distributed"):
         raise click.UsageError(f"{ours[0]} runs in one process; drop --distributed")
     if ours and strict_greedy is not False:
         raise click.UsageError(f"--strict-greedy adds strict columns to the plain bench; drop {ours[0]}")
     if shape is not None and "--agent-trace" in picked:
         raise click.UsageError("--agent-trace replays a session on a model: pass --model, not --shape")
+    if shape is not None and "--prefill" in picked:
+        raise click.UsageError("--prefill times a model's prompt processing against mlx-lm's: pass --model, not --shape")
     if shape is not None and "--workload" in picked:
         raise click.UsageError("--workload rewrite decodes prompts on a model: pass --model, not --shape")
     if given("lookup") and [f for f in picked if f != "--workload"]:
@@ -354,6 +367,9 @@ def _check_workloads(given, shape, strict_greedy) -> None:
               help="Decode after contexts of these lengths (1k = 1024 tokens): tok/s for each of --depths and "
                    "acceptance by draft position, per length; lengths over the model's context are dropped. With "
                    "--shape, each context is prefilled and the step's components timed there.")
+@click.option("--prefill", "prefill_lengths", default=None, callback=_context, metavar="L1,L2,..",
+              help="Time prompt processing at these lengths (1k = 1024 tokens) to the first token: mtplx with and "
+                   "without the head's cache against mlx-lm's generate_step on the same weights, --rounds interleaved.")
 @click.option("--workload", type=click.Choice(["rewrite"]), default=None,
               help="rewrite: files and tool results handed back with one change (shipped prompts, or --prompts FILE "
                    "in their JSON shape), each decoded AR, MTP, lookup (depth 0, copies forced) and both; tok/s, "
@@ -365,8 +381,8 @@ def _check_workloads(given, shape, strict_greedy) -> None:
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
           strict_greedy, no_reference, concurrency, join_tokens, prefill_chunks, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
           draft_vocab, bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, lookup_acceptance, lookup_length, force, json_out, distributed, chat_turns,
-          yes, agent_trace, turns, no_restart, trace_cache_dir, context_lengths, workload, lookup, kv_bits,
-          kv_group_size):
+          yes, agent_trace, turns, no_restart, trace_cache_dir, context_lengths, prefill_lengths, workload, lookup,
+          kv_bits, kv_group_size):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
 
     With --shape, measure a real model shape instead: random weights at the catalog model's text
@@ -390,7 +406,7 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
             raise click.UsageError("--strict-greedy changes nothing at temperature > 0: add --temperature 0")
     _check_workloads(given, shape, strict_greedy)
     if (given("kv_bits") or given("kv_group_size")) and any(given(n) for n in (
-            "shape", "concurrency", "chat_turns", "agent_trace", "context_lengths", "workload")):
+            "shape", "concurrency", "chat_turns", "agent_trace", "context_lengths", "workload", "prefill_lengths")):
         raise click.UsageError("--kv-bits applies to the depth comparison (--model, --depths); drop it or the "
                                "other workload's flag")
     if given("lookup") and shape is not None:
@@ -427,6 +443,9 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
                          rounds)
         return
     model_ref = graft_if_needed(model_ref, yes)
+    if prefill_lengths is not None:
+        _run_prefill(model_ref, prefill_lengths, rounds, (prefill_chunks or [None])[0], force, json_out)
+        return
     if workload == "rewrite":
         _run_rewrite(model_ref, prompts_file, _depths(depths)[-1], lookup, max_tokens, temperature, top_p, top_k, seed,
                      force, json_out)

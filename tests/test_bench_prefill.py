@@ -1,0 +1,49 @@
+"""`mtplx bench --prefill`: prompt processing to the first token, mtplx against mlx-lm's own
+generate_step on the same weights (mtplx/bench/prefill.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mtplx.bench.prefill import WAYS, PrefillPoint
+from mtplx.cli.commands import cli
+
+
+def _bench(*args: str) -> tuple[int, str]:
+    r = CliRunner().invoke(cli, ["bench", *args])
+    return r.exit_code, r.output
+
+
+def test_prefill_bench_times_the_four_ways_at_each_length(grafted_bf16, tmp_path):
+    out = tmp_path / "p.json"
+    code, text = _bench("--model", str(grafted_bf16[0]), "--prefill", "40,72", "--rounds", "2",
+                        "--prefill-chunk", "32", "--json", str(out))
+    assert code == 0, text
+    r = json.loads(out.read_text())["prefill"]
+    assert r["chunk"] == 32 and r["rounds"] == 2 and r["mlx_lm_prefill_step_size"] == 2048
+    assert [p["tokens"] for p in r["points"]] == [40, 72]
+    for p in r["points"]:
+        assert set(p["tps"]) == set(WAYS) and all(v > 0 for v in p["tps"].values())
+        assert all(len(s) == 2 for s in p["seconds"].values())
+        assert p["mtplx_vs_mlx_lm"] == pytest.approx(p["tps"]["mtplx"] / p["tps"]["mlx_lm"], rel=1e-3)
+    assert "vs mlx-lm" in text and "the head's cache costs" in text
+
+
+def test_ratios_pair_rounds_and_noise_is_not_a_verdict():
+    p = PrefillPoint(100, {"mtplx": [1.0, 2.0], "mtplx_no_head": [1.0, 1.0], "mlx_lm": [1.2, 1.8],
+                           "mlx_lm_same_chunk": [1.0, 1.0]})
+    assert p.ratios("mtplx", "mlx_lm") == pytest.approx([1.2, 0.9])
+    assert p.ratio("mtplx", "mlx_lm") == pytest.approx(1.0)  # medians: 1.5 s each
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prefill", "1k", "--context", "1k"], "separate workloads"),
+    (["--prefill", "1k", "--shape", "qwen3.5-4b"], "pass --model, not --shape"),
+    (["--prefill", "4"], "'4' is not a context length"),
+])
+def test_prefill_flag_is_checked_before_any_model_loads(args, message):
+    code, out = _bench(*args)
+    assert code != 0 and message in out, out
