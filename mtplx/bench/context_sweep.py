@@ -101,10 +101,20 @@ class ContextPoint:
     prefill_s: float = 0.0
     depths: dict[str, dict[str, Any]] = field(default_factory=dict)  # "AR", "1", .., "auto"
 
+    def auto_vs_best(self) -> tuple[str, float] | None:
+        """(the fastest fixed depth, auto's tok/s over its), where both were run."""
+        fixed = {k: r for k, r in self.depths.items() if k != knobs.AUTO}
+        if knobs.AUTO not in self.depths or not fixed:
+            return None
+        best = max(fixed, key=lambda k: fixed[k]["tps"])
+        return best, self.depths[knobs.AUTO]["tps"] / fixed[best]["tps"] if fixed[best]["tps"] else 0.0
+
     def as_dict(self) -> dict[str, Any]:
+        verdict = self.auto_vs_best()
         return {"context": self.context, "prefill_s": round(self.prefill_s, 4),
                 "prefill_tps": round(self.context / self.prefill_s, 2) if self.prefill_s > 0 else None,
-                "depths": self.depths}
+                "depths": self.depths} | (
+                    {"best_fixed": verdict[0], "auto_vs_best_fixed": round(verdict[1], 4)} if verdict else {})
 
 
 @dataclass
@@ -131,6 +141,9 @@ class ContextReport:
                              f"{r['tokens_per_step']:>8.2f}  {acc}{mix}")
             if p.prefill_s:
                 lines.append(f"{p.context:>7} prefill {p.prefill_s:.2f} s ({p.context / p.prefill_s:.0f} tok/s)")
+            verdict = p.auto_vs_best()
+            if verdict:
+                lines.append(f"{p.context:>7} auto runs at {verdict[1]:.3f}x the best fixed depth ({verdict[0]})")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

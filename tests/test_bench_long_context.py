@@ -1,5 +1,6 @@
-"""`mtplx bench --prefill`: prompt processing to the first token, mtplx against mlx-lm's own
-generate_step on the same weights (mtplx/bench/prefill.py)."""
+"""Long contexts in the bench: `mtplx bench --prefill` (prompt processing to the first token,
+mtplx against mlx-lm's own generate_step on the same weights: mtplx/bench/prefill.py) and the
+context sweep's verdict on depth auto (mtplx/bench/context_sweep.py)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,16 @@ def test_ratios_pair_rounds_and_noise_is_not_a_verdict():
 def test_prefill_flag_is_checked_before_any_model_loads(args, message):
     code, out = _bench(*args)
     assert code != 0 and message in out, out
+
+
+def test_context_sweep_says_how_auto_compares_with_the_best_fixed_depth():
+    from mtplx.bench.context_sweep import ContextPoint, ContextReport
+
+    point = ContextPoint(1024, 2.0, {"AR": {"tps": 50.0, "speedup": 1.0, "tokens_per_step": 1.0},
+                                     "2": {"tps": 60.0, "speedup": 1.2, "tokens_per_step": 2.0},
+                                     "auto": {"tps": 58.2, "speedup": 1.164, "tokens_per_step": 1.9}})
+    assert point.auto_vs_best() == ("2", pytest.approx(0.97))
+    assert point.as_dict()["best_fixed"] == "2" and point.as_dict()["auto_vs_best_fixed"] == pytest.approx(0.97)
+    report = ContextReport("m", "cpu", 4096, 16, 0.0, points=[point])
+    assert "1024 auto runs at 0.970x the best fixed depth (2)" in report.table()
+    assert ContextPoint(1024, 2.0, {"AR": point.depths["AR"]}).auto_vs_best() is None
