@@ -269,6 +269,20 @@ def _run_rewrite(model_ref, prompts_file, depth, lookup, max_tokens, temperature
     write_json({"model": model_ref, "rewrite": report.as_dict()}, json_out)
 
 
+def _run_replay(model_ref, prompts_file, force, json_out) -> None:
+    from mtplx.bench.lookup_replay import cases, run_grid
+    from mtplx.generation.speculation import step_costs
+
+    model, tokenizer = load_model(model_ref, mtp=True, force=force, distributed=None)
+    found = cases(tokenizer, prompts_file)  # a file without references is refused before the costs are timed
+    costs = step_costs(model, progress=lambda s: click.echo(s, err=True)) if model.has_mtp else None
+    report = run_grid(found, costs=costs, tokenizer_name=model_ref, progress=lambda s: click.echo(s, err=True))
+    click.echo(report.table())
+    for line in report.summary():
+        click.echo(line)
+    write_json({"model": model_ref, "replay": report.as_dict()}, json_out)
+
+
 def _run_prefill(model_ref, lengths, rounds, chunk, force, json_out) -> None:
     from mtplx.bench.prefill import run_prefill
 
@@ -375,6 +389,9 @@ def _check_workloads(given, shape, strict_greedy) -> None:
                    "in their JSON shape), each decoded AR, MTP, lookup (depth 0, copies forced) and both; tok/s, "
                    "tokens by source, and how much of the output copied its prompt rather than itself. MTP depth: "
                    "the last of --depths.")
+@click.option("--replay", is_flag=True,
+              help="--workload rewrite: no decode; replay each prompt's reference reply through lookup over a grid "
+                   "of n-gram sizes and copy lengths K, priced memory-bound and by this machine's step costs.")
 @lookup_option
 @kv_options
 @click.pass_context
@@ -382,7 +399,7 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
           strict_greedy, no_reference, concurrency, join_tokens, prefill_chunks, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
           draft_vocab, bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, lookup_acceptance, lookup_length, force, json_out, distributed, chat_turns,
           yes, agent_trace, turns, no_restart, trace_cache_dir, context_lengths, prefill_lengths, workload, lookup,
-          kv_bits, kv_group_size):
+          kv_bits, kv_group_size, replay):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
 
     With --shape, measure a real model shape instead: random weights at the catalog model's text
@@ -405,6 +422,8 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
         if temperature != 0:
             raise click.UsageError("--strict-greedy changes nothing at temperature > 0: add --temperature 0")
     _check_workloads(given, shape, strict_greedy)
+    if replay and workload != "rewrite":
+        raise click.UsageError("--replay goes with --workload rewrite")
     if (given("kv_bits") or given("kv_group_size")) and any(given(n) for n in (
             "shape", "concurrency", "chat_turns", "agent_trace", "context_lengths", "workload", "prefill_lengths")):
         raise click.UsageError("--kv-bits applies to the depth comparison (--model, --depths); drop it or the "
@@ -445,6 +464,9 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
     model_ref = graft_if_needed(model_ref, yes)
     if prefill_lengths is not None:
         _run_prefill(model_ref, prefill_lengths, rounds, (prefill_chunks or [None])[0], force, json_out)
+        return
+    if workload == "rewrite" and replay:
+        _run_replay(model_ref, prompts_file, force, json_out)
         return
     if workload == "rewrite":
         _run_rewrite(model_ref, prompts_file, _depths(depths)[-1], lookup, max_tokens, temperature, top_p, top_k, seed,
