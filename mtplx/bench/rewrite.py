@@ -18,8 +18,8 @@ a CPU). Every way is exact, so at temperature 0 all four emit the same tokens; t
 whether they did.
 
 The "copied" figure says what the output was: the share of its tokens that the latest earlier
-occurrence of the longest 8- or 3-gram ending just before them predicts (the lookup index's own
-rule), split by where that occurrence lies: in the prompt (the reply copying the file it was
+occurrence of the longest n-gram (n in lookup.NGRAMS) ending just before them predicts (the lookup
+index's own rule), split by where that occurrence lies: in the prompt (the reply copying the file it was
 given, a rewrite) or earlier in the reply (the model repeating itself: a loop). A small model
 loops; a copy from its own loop speeds it up as much as a faithful rewrite would, and the report
 says which one it measured.
@@ -45,6 +45,8 @@ FORCED_COPY = 8
 # The share of output tokens a copy from the prompt predicts from which the output is called a
 # rewrite (a faithful one of a file is most of it); below it, its copies' speed-up is no rewrite's.
 REWRITE_SHARE = 0.5
+# The index's sizes as the report names them ("12- or 2-gram"): they follow lookup.NGRAMS.
+_GRAMS = " or ".join(f"{n}-" for n in sorted(set(NGRAMS), reverse=True)) + "gram"
 
 
 class RewritePromptError(MtplxError):
@@ -236,8 +238,8 @@ class RewriteReport:
     def verdicts(self) -> list[str]:
         from mtplx.bench.runner import noise_note
 
-        lines = ["copyable: the share of output tokens that the latest earlier occurrence of the longest 8- or "
-                 "3-gram before them predicts, found in the prompt (the reply copying what it was given) or earlier "
+        lines = ["copyable: the share of output tokens that the latest earlier occurrence of the longest "
+                 f"{_GRAMS} before them predicts, found in the prompt (the reply copying what it was given) or earlier "
                  "in the reply itself (the model repeating its own tokens)."]
         same = self.same_tokens
         if same is not None:
@@ -288,8 +290,8 @@ class RewriteReport:
             }
         return {"model": self.model, "device": self.device, "sampler": vars(self.params),
                 "max_tokens": self.max_tokens, "prompts": [p.name for p in self.prompts],
-                "copyable_means": ("share of output tokens that the latest earlier occurrence of the longest 8- or "
-                                   "3-gram before them predicts: from the prompt (a rewrite copying its input) or "
+                "copyable_means": ("share of output tokens that the latest earlier occurrence of the longest "
+                                   f"{_GRAMS} before them predicts: from the prompt (a rewrite copying its input) or "
                                    "from the output's own earlier tokens (the model repeating itself)"),
                 "same_tokens_as_ar": self.same_tokens, "ways": ways, "verdicts": self.verdicts()}
 

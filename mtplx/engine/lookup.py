@@ -28,12 +28,16 @@ from mtplx.engine.policy import expected_tokens
 __all__ = ["AUTO", "MAX_COPY", "NGRAMS", "ContextIndex", "Lookup", "one_hot"]
 
 AUTO = "auto"
-# Match sizes, longest first tried. 3 is the shortest that rarely matches by chance in
-# sub-word text; 8 prefers a long match (the place a rewrite is really copying from) over the
-# latest 3-token coincidence. docs/performance.md ("Drafts copied from the context").
-NGRAMS = (8, 3)
-# The most tokens one step copies (the issue's ceiling is 32): a longer copy makes a longer
-# verify block, worth it only where copies run long; "auto" picks k <= this by the cost model.
+# Match sizes, longest first tried: 12 finds the place a rewrite is really copying from (in a
+# file with repeated lines the latest short match is often the wrong row); 2 picks the copy up
+# again right after the edit. Chosen by replaying faithful rewrites of the shipped prompts
+# (`mtplx bench --workload rewrite --replay`, bench/lookup_replay.py; docs/performance.md, "Drafts
+# copied from the context"): memory-bound, auto at K = 16, 6.34x AR against 5.80x for the first
+# choice (8, 3), better on each of the five prompts; single sizes and a fallback of 3 or 4 lose.
+NGRAMS = (12, 2)
+# The most tokens one step copies (the issue's ceiling is 32); "auto" picks k <= this by the cost
+# model. The same replay: under auto, K = 12..32 lie within 0.2% of each other (auto's running
+# acceptance never tries positions past about 13), so 16 stays; a forced lookup=N copies N.
 MAX_COPY = 16
 
 
