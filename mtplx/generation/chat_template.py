@@ -7,6 +7,7 @@ One place renders templates, for the API (mtplx.api), the terminal chat's growin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from mtplx.engine.prompt_cache import common_prefix
@@ -36,7 +37,8 @@ def chat_ids(tokenizer: Any, messages: list[dict], enable_thinking: bool | None,
     except TemplateError as e:
         raise MtplxError(f"the model's chat template refused these messages: {e}",
                          fix="check the roles and the order of the messages") from None
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    # transformers returns a BatchEncoding (a Mapping, not a dict) where mlx-lm's wrapper returns ids.
+    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
 
 
 def assistant_closing(tokenizer: Any, question: dict[str, Any]) -> list[int] | None:
