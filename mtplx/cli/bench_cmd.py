@@ -6,6 +6,7 @@ import dataclasses
 
 import click
 
+from mtplx.cli import bench_runs as runs
 from mtplx.core import knobs
 from mtplx.cli.options import (FiniteFloatRange, distributed_options, force_option, graft_if_needed, json_option, knob,
                                kv_options, load_model, lookup_option, model_option, strict_options, write_json,
@@ -112,186 +113,6 @@ def _shape_options(f):
     ]):
         f = opt(f)
     return f
-
-
-def _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs, repeats,
-               save_dir, seed, json_out, concurrency=None, batch_depths=None, peak_tflops=14.2, copies=None) -> None:
-    from mtplx.bench.shape_bench import parse_acceptance, run_shape_bench
-
-    report = run_shape_bench(shape, trunk_bits=int(trunk_bits), layers=layers, prompt_tokens=prompt_tokens,
-                             acceptance=parse_acceptance(acceptance) if acceptance else None, max_depth=max_depth,
-                             draft_vocab=draft_vocab, bandwidth_gbs=bandwidth_gbs, repeats=repeats, seed=seed,
-                             save=save_dir, progress=lambda s: click.echo(s, err=True), concurrency=concurrency,
-                             batch_depths=batch_depths, peak_tflops=peak_tflops)
-    data = report.as_dict()
-    click.echo(f"mtplx bench --shape {report.shape.name}: {data['trunk_bits']}-bit trunk, random weights, "
-               f"{data['layers_measured']} of {data['layers_full']} layers measured on {report.device}")
-    click.echo(report.table())
-    if report.end_to_end:
-        e = report.end_to_end
-        click.echo(f"end to end at depth 2 ({e['artifact']}): {e['step_ms']:.1f} ms per step against "
-                   f"{e['components_ms']:.1f} ms from the components ({e['ratio']:.3f}x, "
-                   f"{'within' if e['within_10_percent'] else 'NOT within'} 10%)")
-    if copies:
-        from mtplx.bench.rewrite import lookup_line, shape_lookup
-
-        data["lookup_projection"] = shape_lookup(*copies, bandwidth_gbs, report=report)
-        click.echo(lookup_line(data["lookup_projection"]))
-    write_json(data, json_out)
-
-
-def _project_shape(shape, trunk_bits, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs, peak_tflops,
-                   concurrency, batch_depths, json_out, copies=None) -> None:
-    from mtplx.bench.roofline import table
-    from mtplx.bench.shape_bench import parse_acceptance, project_shape
-
-    data = project_shape(shape, trunk_bits=int(trunk_bits), prompt_tokens=prompt_tokens,
-                         acceptance=parse_acceptance(acceptance) if acceptance else None, max_depth=max_depth,
-                         draft_vocab=draft_vocab, bandwidth_gbs=bandwidth_gbs, peak_tflops=peak_tflops,
-                         concurrency=concurrency, batch_depths=batch_depths)
-    click.echo(f"mtplx bench --shape {data['shape']} --no-measure: {data['trunk_bits']}-bit trunk, "
-               f"{data['weight_bytes'] / 1e9:.2f} GB of trunk weights, context {prompt_tokens}, acceptance "
-               f"{', '.join(f'{a:g}' for a in data['acceptance'])} ({data['acceptance_source']})")
-    for d, x in data["projection_memory_bound"].items():
-        click.echo(f"depth {d}: {x:.2f}x one AR stream at {bandwidth_gbs:g} GB/s (memory-bound, one stream)")
-    if data.get("batch_roofline"):
-        click.echo(table(data["batch_roofline"]))
-    if copies:
-        from mtplx.bench.rewrite import lookup_line, shape_lookup
-
-        data["lookup_projection"] = shape_lookup(*copies, bandwidth_gbs, shape_ref=shape, trunk_bits=int(trunk_bits),
-                                                 prompt_tokens=prompt_tokens, draft_vocab=draft_vocab)
-        click.echo(lookup_line(data["lookup_projection"]))
-    write_json(data, json_out)
-
-
-def _run_concurrency(model_ref, streams, depths, max_tokens, prompts_file, temperature, top_p, top_k,
-                     draft_temperature, seed, force, json_out, join_tokens=4096, prefill_chunks=None,
-                     reference=True, rounds=1) -> None:
-    from mtplx.bench.concurrency import run_concurrency, table
-    from mtplx.bench.default_prompts import DEFAULT_PROMPTS, read_prompts
-    from mtplx.core.device import device_name
-    from mtplx.engine.sampling import SamplingParams
-
-    model, tokenizer = load_model(model_ref, mtp=max(depths) > 0, force=force, distributed=None)
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    draft = SamplingParams(temperature=draft_temperature, top_p=top_p, top_k=top_k) if draft_temperature is not None else None
-    prompts = read_prompts(prompts_file) if prompts_file else DEFAULT_PROMPTS
-    report = run_concurrency(model, tokenizer, prompts, streams, depths, max_tokens, params, draft, seed,
-                             progress=lambda s: click.echo(s, err=True), join_tokens=join_tokens,
-                             prefill_chunks=prefill_chunks, reference=reference, rounds=rounds)
-    click.echo(f"mtplx bench --concurrency: {model_ref} on {device_name()}; B requests arriving together, "
-               f"{max_tokens} tokens each, temperature {temperature}; batched (one BatchDecoder) against one at a time")
-    click.echo(table(report))
-    write_json({"model": model_ref, "device": device_name(), "concurrency": report}, json_out)
-
-
-def _run_chat_turns(model_ref, turns, depth, max_tokens, seed, force, json_out) -> None:
-    from mtplx.bench.chat_turns import run_chat_turns
-
-    model, tokenizer = load_model(model_ref, mtp=depth != 0, force=force, distributed=None)
-    report = run_chat_turns(model, tokenizer, turns, depth=depth, max_tokens=max_tokens, seed=seed,
-                            progress=lambda s: click.echo(s, err=True))
-    click.echo(f"mtplx bench --chat-turns {turns}: {model_ref}, depth {depth}, greedy, {max_tokens}-token replies; "
-               f"time to first token with the prompt cache against a cold prefill of the same prompt")
-    click.echo(report.table())
-    click.echo(report.verdict())
-    write_json({"model": model_ref, "chat_turns": report.as_dict()}, json_out)
-
-
-def _run_agent_trace(model_ref, trace_ref, turns, depth, temperature, seed, max_tokens, restart, disk_dir, force,
-                     json_out) -> None:
-    import tempfile
-
-    from mtplx.bench.agent_trace import load_trace, replay
-
-    trace = load_trace(trace_ref)  # a bad file is refused before the model loads
-    model, tokenizer = load_model(model_ref, mtp=depth != 0, force=force, distributed=None)
-    off = disk_dir is not None and disk_dir.strip().lower() == "none"
-    # By default the disk tier lives in a folder of the bench's own, removed afterwards: the user's
-    # prompt-cache folder neither warms the first pass nor receives the replay's files.
-    with tempfile.TemporaryDirectory(prefix="mtplx-agent-trace-") as tmp:
-        folder = None if off else disk_dir or tmp
-        report = replay(model, tokenizer, trace, turns=turns, depth=depth, temperature=temperature, seed=seed,
-                        max_tokens=max_tokens, restart=restart, disk_dir=folder,
-                        progress=lambda s: click.echo(s, err=True))
-    replies = f"{max_tokens}-token replies" if max_tokens else "each request's max_tokens"
-    click.echo(f"mtplx bench --agent-trace {trace.name}: {model_ref} (context {model.max_context}), "
-               f"{len(trace.requests[:turns])} of {len(trace.requests)} requests, depth {depth}, temperature "
-               f"{temperature}, {replies}; system turn {report.system_tokens} tokens; through the prompt cache as "
-               "the server serves them")
-    click.echo(report.table())
-    write_json({"model": model_ref, "agent_trace": report.as_dict()}, json_out)
-
-
-def _run_context(model_ref, lengths, depths, max_tokens, temperature, seed, rounds, force, json_out) -> None:
-    from mtplx.bench.context_sweep import run_context_sweep
-
-    model, tokenizer = load_model(model_ref, mtp=depths != [0], force=force, distributed=None)
-    report = run_context_sweep(model, tokenizer, lengths, depths, max_tokens=max_tokens, temperature=temperature,
-                               seed=seed, rounds=rounds, model_name=model_ref, progress=lambda s: click.echo(s, err=True))
-    click.echo(f"mtplx bench --context: {model_ref} on {report.device} (context {model.max_context}); {max_tokens} "
-               f"tokens decoded after each context, temperature {temperature}")
-    click.echo(report.table())
-    write_json({"model": model_ref, "context": report.as_dict()}, json_out)
-
-
-def _run_shape_context(shape, lengths, trunk_bits, layers, acceptance, max_depth, draft_vocab, bandwidth_gbs, repeats,
-                       seed, json_out) -> None:
-    from mtplx.bench.context_sweep import run_shape_context_sweep
-    from mtplx.bench.shape_bench import parse_acceptance
-
-    report = run_shape_context_sweep(shape, lengths, trunk_bits=int(trunk_bits), layers=layers,
-                                     acceptance=parse_acceptance(acceptance) if acceptance else None,
-                                     max_depth=max_depth, draft_vocab=draft_vocab, bandwidth_gbs=bandwidth_gbs,
-                                     repeats=repeats, seed=seed, progress=lambda s: click.echo(s, err=True))
-    click.echo(f"mtplx bench --shape {report.model} --context: {trunk_bits}-bit trunk, random weights, on "
-               f"{report.device}; each context prefilled, a step's components timed there and composed")
-    click.echo(report.table())
-    write_json({"shape": report.model, "context": report.as_dict()}, json_out)
-
-
-def _run_rewrite(model_ref, prompts_file, depth, lookup, max_tokens, temperature, top_p, top_k, seed, force,
-                 json_out) -> None:
-    from mtplx.bench.rewrite import load_prompts, run_rewrite, ways
-    from mtplx.engine.sampling import SamplingParams
-
-    ways(lookup, True, depth)  # a bad file, --lookup 0 or depth 0 are refused before the model loads
-    prompts = load_prompts(prompts_file)
-    model, tokenizer = load_model(model_ref, mtp=True, force=force, distributed=None)
-    report = run_rewrite(model, tokenizer, prompts, max_tokens=max_tokens, lookup=lookup, depth=depth, seed=seed,
-                         params=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k),
-                         model_name=model_ref, progress=lambda s: click.echo(s, err=True))
-    click.echo(report.header())
-    click.echo(report.table())
-    for line in report.verdicts():
-        click.echo(line)
-    write_json({"model": model_ref, "rewrite": report.as_dict()}, json_out)
-
-
-def _run_replay(model_ref, prompts_file, force, json_out) -> None:
-    from mtplx.bench.lookup_replay import cases, run_grid
-    from mtplx.generation.speculation import step_costs
-
-    model, tokenizer = load_model(model_ref, mtp=True, force=force, distributed=None)
-    found = cases(tokenizer, prompts_file)  # a file without references is refused before the costs are timed
-    costs = step_costs(model, progress=lambda s: click.echo(s, err=True)) if model.has_mtp else None
-    report = run_grid(found, costs=costs, tokenizer_name=model_ref, progress=lambda s: click.echo(s, err=True))
-    click.echo(report.table())
-    for line in report.summary():
-        click.echo(line)
-    write_json({"model": model_ref, "replay": report.as_dict()}, json_out)
-
-
-def _run_prefill(model_ref, lengths, rounds, chunk, force, json_out) -> None:
-    from mtplx.bench.prefill import run_prefill
-
-    model, tokenizer = load_model(model_ref, mtp=True, force=force, distributed=None)
-    report = run_prefill(model, tokenizer, lengths, rounds=rounds, chunk=chunk, model_name=model_ref,
-                         progress=lambda s: click.echo(s, err=True))
-    click.echo(f"mtplx bench --prefill: {model_ref} on {report.device} (context {model.max_context})")
-    click.echo(report.table())
-    write_json({"model": model_ref, "prefill": report.as_dict()}, json_out)
 
 
 def _context(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -435,7 +256,7 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
     if copies and (None in copies or shape is None or context_lengths is not None):
         raise click.UsageError("--lookup-acceptance and --lookup-length go together, with --shape (not --context)")
     if shape is not None and context_lengths is not None:
-        _run_shape_context(shape, context_lengths, trunk_bits, layers, acceptance, max_depth, draft_vocab,
+        runs.shape_context(shape, context_lengths, trunk_bits, layers, acceptance, max_depth, draft_vocab,
                            bandwidth_gbs, repeats, seed, json_out)
         return
     if shape is not None:
@@ -446,10 +267,10 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
             for name, flag in (("layers", "--layers"), ("save_dir", "--save"), ("repeats", "--repeats")):
                 if given(name):
                     raise click.UsageError(f"--no-measure times nothing; drop {flag}")
-            _project_shape(shape, trunk_bits, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
+            runs.project_shape(shape, trunk_bits, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
                            peak_tflops, concurrency, _depths(depths) if given("depths") else None, json_out, copies)
             return
-        _run_shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
+        runs.shape(shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth, draft_vocab, bandwidth_gbs,
                    repeats, save_dir, seed, json_out, concurrency, _depths(depths) if given("depths") else None,
                    peak_tflops, copies)
         return
@@ -457,34 +278,34 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
         for name, flag in (("chat_turns", "--chat-turns"), ("distributed", "--distributed")):
             if given(name):
                 raise click.UsageError(f"--concurrency decodes several streams in one process; drop {flag}")
-        _run_concurrency(model_ref, concurrency, _depths(depths), max_tokens, prompts_file, temperature, top_p, top_k,
+        runs.concurrency(model_ref, concurrency, _depths(depths), max_tokens, prompts_file, temperature, top_p, top_k,
                          draft_temperature, seed, force, json_out, join_tokens, prefill_chunks, not no_reference,
                          rounds)
         return
     model_ref = graft_if_needed(model_ref, yes)
     if prefill_lengths is not None:
-        _run_prefill(model_ref, prefill_lengths, rounds, (prefill_chunks or [None])[0], force, json_out)
+        runs.prefill(model_ref, prefill_lengths, rounds, (prefill_chunks or [None])[0], force, json_out)
         return
     if workload == "rewrite" and replay:
-        _run_replay(model_ref, prompts_file, force, json_out)
+        runs.replay(model_ref, prompts_file, force, json_out)
         return
     if workload == "rewrite":
-        _run_rewrite(model_ref, prompts_file, _depths(depths)[-1], lookup, max_tokens, temperature, top_p, top_k, seed,
+        runs.rewrite(model_ref, prompts_file, _depths(depths)[-1], lookup, max_tokens, temperature, top_p, top_k, seed,
                      force, json_out)
         return
     if agent_trace is not None:
-        _run_agent_trace(model_ref, agent_trace, turns, _depths(depths)[-1], temperature, seed,
+        runs.agent_trace(model_ref, agent_trace, turns, _depths(depths)[-1], temperature, seed,
                          max_tokens if given("max_tokens") else None, not no_restart, trace_cache_dir, force, json_out)
         return
     if context_lengths is not None:
-        _run_context(model_ref, context_lengths, _depths(depths), max_tokens, temperature, seed, rounds, force,
+        runs.context(model_ref, context_lengths, _depths(depths), max_tokens, temperature, seed, rounds, force,
                      json_out)
         return
     if chat_turns is not None:
         if distributed is not None:
             raise click.UsageError("--chat-turns measures the prompt cache, which --distributed turns off")
         listed = _depths(depths)
-        _run_chat_turns(model_ref, chat_turns, listed[-1], max_tokens if given("max_tokens") else 48,
+        runs.chat_turns(model_ref, chat_turns, listed[-1], max_tokens if given("max_tokens") else 48,
                         seed, force, json_out)
         return
     from mtplx.bench.default_prompts import DEFAULT_PROMPTS, read_prompts
