@@ -355,3 +355,13 @@ def test_auto_starts_drafting_as_the_context_grows_and_greedy_still_equals_ar(mo
     assert auto == ar and len(ar) == 100
     assert {d for c, d in seen if c < 128} == {0} and any(d for c, d in seen if c >= 144), seen
     assert [c for c, _ in seen] == sorted(c for c, _ in seen) and seen[0][0] >= 100
+
+
+def test_a_verify_passes_growth_is_fitted_read_once_plus_per_token():
+    from mtplx.engine.cost_model import _linear_in_tokens
+
+    assert _linear_in_tokens([1.0, 1.5, 2.0, 2.5]) == pytest.approx((1.0, 1.5, 2.0, 2.5))
+    # Noise around a flat growth (a memory-bound device) stays flat, never below zero.
+    assert _linear_in_tokens([1.1, 0.9, 1.0, 1.0]) == pytest.approx((1.0, 1.0, 1.0, 1.0))
+    assert min(_linear_in_tokens([0.0, -0.3, 0.1, -0.2])) >= 0.0
+    assert _linear_in_tokens([-1.0]) == (0.0,)
