@@ -88,3 +88,27 @@ def grafted_reduced(fixture_checkpoint, grafted_bf16, tmp_path_factory):
     out = tmp_path_factory.mktemp("artifacts") / "tiny-bf16-vocab1024"
     report = graft(fixture_checkpoint, out, trunk=grafted_bf16[0], draft_vocab=1024)
     return out, report
+
+
+@pytest.fixture(scope="session")
+def demo_bf16_path(grafted_bf16, tmp_path_factory) -> Path:
+    """The demo's checkpoint on a bf16 trunk: the fixture grafted with --trunk-bits 16 (the
+    same tokenizer and head as the demo), with the demo's own chat template. On MLX's CPU
+    backend a 4-bit matmul costs several times a bf16 one, so this decodes about 4x faster
+    than the 4-bit demo: for tests of the engine, the caches and the surfaces rather than of
+    the 4-bit demo itself (tests/test_greedy.py and others keep the demo)."""
+    import mtplx
+
+    out = tmp_path_factory.mktemp("demo-bf16") / "tiny-qwen35-mtp-bf16"
+    shutil.copytree(grafted_bf16[0], out)
+    shutil.copy(Path(mtplx.__file__).parent / "demo" / "tiny-qwen35-mtp" / "chat_template.jinja",
+                out / "chat_template.jinja")
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_bf16(demo_bf16_path):
+    """``mtplx.load`` of :func:`demo_bf16_path`: (model, tokenizer)."""
+    import mtplx
+
+    return mtplx.load(str(demo_bf16_path))

@@ -122,10 +122,10 @@ def test_law_on_a_cache_hit(depth):
     assert gof_pvalue(samples, law) > ALPHA
 
 
-def test_chat_turns_reuse_the_history(demo):
+def test_chat_turns_reuse_the_history(demo_bf16):
     """Through the API with chat messages: the template drops the <think> block of the previous
     reply, and the cache still reuses everything before that reply."""
-    model, tok = demo
+    model, tok = demo_bf16  # the demo's bf16 trunk: a quarter of the 4-bit demo's time
     cache = mtplx.make_prompt_cache(model)
     messages = [{"role": "user", "content": "def add(a, b):"}]
     for turn in range(2):
@@ -219,7 +219,7 @@ def test_conversation_appends_each_turn_to_what_the_model_saw(demo):
     assert conv.ids == first + reply
 
 
-def test_bench_chat_turns_reports_both_columns(tmp_path):
+def test_bench_chat_turns_reports_both_columns(demo_bf16_path, tmp_path):
     """`mtplx bench --chat-turns`: each turn after the first is served mostly from the cache, and
     the cold column times the same prompt."""
     import json
@@ -229,7 +229,7 @@ def test_bench_chat_turns_reports_both_columns(tmp_path):
     from mtplx.cli.commands import cli
 
     out = tmp_path / "turns.json"
-    result = CliRunner().invoke(cli, ["bench", "--model", "demo", "--chat-turns", "2", "--depths", "0,2",
+    result = CliRunner().invoke(cli, ["bench", "--model", str(demo_bf16_path), "--chat-turns", "2", "--depths", "0,2",
                                       "--max-tokens", "4", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "with the prompt cache" in result.output and "TTFT cold" in result.output
@@ -254,11 +254,11 @@ def test_bench_chat_turns_bad_options(args, needle):
     assert result.exit_code != 0 and needle in result.output and "Traceback" not in result.output
 
 
-def test_an_array_prompt_uses_the_cache_like_a_list(demo):
+def test_an_array_prompt_uses_the_cache_like_a_list(demo_bf16):
     """Token ids as an array (numpy here) are a prompt like their list; with a prompt cache too."""
     import numpy as np
 
-    model, tok = demo
+    model, tok = demo_bf16  # the demo's bf16 trunk: a quarter of the 4-bit demo's time
     ids = tok.encode("def add(a, b):")
     kw = dict(max_tokens=6, temperature=0.0, depth=2)
     cold = mtplx.generate(model, tok, ids, **kw)
@@ -267,13 +267,13 @@ def test_an_array_prompt_uses_the_cache_like_a_list(demo):
     assert mtplx.generate(model, tok, np.array(ids), prompt_cache=cache, **kw) == cold
 
 
-def test_conversations_sharing_only_a_system_prompt_reuse_it(demo):
+def test_conversations_sharing_only_a_system_prompt_reuse_it(demo_bf16):
     """Issue 21: a snapshot is taken at the end of the system prefix, so a second conversation
     with the same system prompt (far below the 4,096-token interval) and another question
     prefills only from the question on, and answers as it would cold."""
     from mtplx.api import prompt_ids
 
-    model, tok = demo
+    model, tok = demo_bf16  # the demo's bf16 trunk: a quarter of the 4-bit demo's time
     system = {"role": "system", "content": "You are a careful Python programmer. Answer with code only."}
     one = [system, {"role": "user", "content": "def add(a, b):"}]
     two = [system, {"role": "user", "content": "class Stack:"}]

@@ -326,11 +326,12 @@ def _turns(s, first, second, x_reply=None, y_reply=None):
     return (_openai(s, x2), _anthropic(s, y2)), (x2, y2)
 
 
-def test_a_restarted_server_answers_a_returning_conversation_from_disk(demo, tmp_path, caplog):
+def test_a_restarted_server_answers_a_returning_conversation_from_disk(demo_bf16, tmp_path, caplog):
+    """On the demo's bf16 trunk: a quarter of the 4-bit demo's time on MLX's CPU backend."""
     from mtplx.server.app import create_app
     from server_helpers import running, wait_idle
 
-    model, tok = demo
+    model, tok = demo_bf16
 
     apps = []
 
