@@ -16,8 +16,8 @@ GREEDY = {"temperature": 0, "max_tokens": 6, "chat_template_kwargs": {"enable_th
 
 
 @pytest.fixture(scope="module")
-def server(demo) -> Server:
-    model, tok = demo
+def server(demo_bf16) -> Server:
+    model, tok = demo_bf16  # the demo's bf16 trunk: a quarter of the 4-bit demo's time
     with running(create_app(model, tok, served_model_names=["demo"], prompt_cache_bytes=1 << 30), model, tok) as s:
         yield s
 
@@ -79,8 +79,8 @@ def test_concurrent_requests_sharing_a_prefix_answer_as_alone(server: Server) ->
                                             enable_thinking=False)
 
 
-def test_a_tiny_bound_evicts_and_no_prompt_cache_turns_it_off(demo) -> None:
-    model, tok = demo
+def test_a_tiny_bound_evicts_and_no_prompt_cache_turns_it_off(demo_bf16) -> None:
+    model, tok = demo_bf16
     with running(create_app(model, tok, served_model_names=["demo"], prompt_cache_bytes=300_000), model, tok) as s:
         for q in ("def a():", "def b():", "def c():"):
             chat(s, [{"role": "user", "content": q}], max_tokens=1)

@@ -14,8 +14,8 @@ PROMPT = "import os\n"
 
 
 @pytest.fixture(scope="module")
-def server(demo) -> Server:
-    model, tok = demo
+def server(demo_bf16) -> Server:
+    model, tok = demo_bf16  # the demo's bf16 trunk: a quarter of the 4-bit demo's time
     with running(create_app(model, tok, served_model_names=["demo"], prompt_cache_bytes=1 << 30), model, tok) as s:
         yield s
 

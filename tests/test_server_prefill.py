@@ -9,8 +9,8 @@ import mtplx
 from mtplx.server.app import create_app
 
 
-def test_a_small_prefill_chunk_answers_as_generate(demo) -> None:
-    model, tokenizer = demo
+def test_a_small_prefill_chunk_answers_as_generate(demo_bf16) -> None:
+    model, tokenizer = demo_bf16  # the demo's bf16 trunk: a quarter of the 4-bit demo's time
     prompt = "import os\nimport sys\n" * 20  # well over one 16-token chunk
     app = create_app(model, tokenizer, served_model_names=["demo"], prefill_chunk=16, prompt_cache_bytes=0)
     with running(app, model, tokenizer) as s:
