@@ -4,7 +4,11 @@ Analytically, the speculative rule outputs token x with probability
     q(x) min(1, p(x)/q(x)) + (1 - sum_y min(p(y), q(y))) * r(x),   r = norm(max(0, p - q)),
 which equals p(x). We check that identity for filtered p (top-k/top-p), q with zeros and
 p == q, then check the implementation by sampling: 40,000 draws per case, chi-square
-goodness of fit to p at level 1e-3. With 40,000 draws over <= 12 categories the test has
+goodness of fit to p at level 1e-3. Each draw is one one-draft verify through
+acceptance_arrays and decide (speculative_verdict is exactly these two, and the batch decoder
+calls them); the draws' device halves are computed as one stack of 40,000 independent rows
+and decide runs once per draw on the host, so a case costs a second, not one MLX evaluation
+per draw. With 40,000 draws over <= 12 categories the test has
 power > 0.99 against any law at total-variation distance >= 0.02 from p (effect size
 w >= 0.04, noncentrality 64); the biased variant below (residual drawn from p instead of
 norm(max(0, p - q))) is far beyond that and must be rejected.
@@ -17,8 +21,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mtplx.engine.sampling import (Rng, SamplingParams, Verdict, filtered_probs, residual, sample,
-                                   speculative_verdict)
+from mtplx.engine.sampling import (Rng, SamplingParams, Verdict, acceptance_arrays, decide, filtered_probs, residual,
+                                   sample, speculative_verdict)
 
 N = 40_000
 ALPHA = 1e-3
@@ -84,32 +88,52 @@ def test_inverse_cdf_sampling_law():
     assert _gof_pvalue(counts, p) > ALPHA
 
 
-def _empirical_law(p, q, verdict_fn, seed: int) -> np.ndarray:
-    """Run the one-draft rule N times, vectorized over draws by looping the real function."""
+def _empirical_law(p, q, seed: int, biased: bool = False) -> np.ndarray:
+    """N one-draft verifies of the rule, each with its own draft (drawn from q) and uniforms.
+
+    The device side is one acceptance_arrays call over the N verifies stacked as N draft rows
+    (p against q: each row its own ratio and its own residual draw, computed row by row) and
+    one bonus row, plus one more bonus draw from p per verify (``sample``, as acceptance_arrays
+    draws its bonus). decide, the host side, then runs once per verify on that verify's ratio
+    and its two candidates. ``biased``: the classic bug, on a rejection the next token is drawn
+    from p instead of the residual (a fresh uniform per verify)."""
     rng = Rng(seed)
     gen = np.random.default_rng(seed + 1)
-    pm = mx.array(np.stack([p, p]).astype(np.float32))
-    qm = mx.array(q[None].astype(np.float32))
     drafts = gen.choice(len(q), size=N, p=q / q.sum())
+    pm = mx.array(np.tile(p.astype(np.float32), (N + 1, 1)))
+    qm = mx.array(np.tile(q.astype(np.float32), (N, 1)))
+    ratio, candidates = acceptance_arrays(pm, qm, mx.array(drafts.astype(np.int32)), rng)
+    bonus = sample(pm[:N], rng.sampling(N))
+    from_p = sample(pm[:N], rng.sampling(N))
+    mx.eval(ratio, candidates, bonus, from_p)
+    ratio, candidates, bonus, from_p = (np.array(a) for a in (ratio, candidates, bonus, from_p))
     counts = np.zeros(len(p), dtype=np.int64)
-    for d in drafts:
-        v: Verdict = verdict_fn(pm, qm, mx.array([int(d)]), rng)
-        counts[int(d) if v.accepted == 1 else v.next_token] += 1
+    for i, d in enumerate(drafts):
+        v: Verdict = decide(ratio[i : i + 1], np.array([candidates[i], bonus[i]]), rng)
+        counts[int(d) if v.accepted == 1 else (int(from_p[i]) if biased else v.next_token)] += 1
     return counts
 
 
-def _biased_verdict(p, q, drafts, rng):
-    """The classic bug: on rejection, resample from p instead of the residual."""
-    v = speculative_verdict(p, q, drafts, rng)
-    if v.accepted == 0:
-        v.next_token = int(sample(p[:1], rng.sampling(1)).item())
-    return v
+def test_one_verify_is_acceptance_arrays_then_decide():
+    """speculative_verdict, which the draws above take apart, is acceptance_arrays then decide,
+    draw for draw."""
+    p, q = _cases()["filtered p, dense q"]
+    pm, qm = mx.array(np.stack([p, p]).astype(np.float32)), mx.array(q[None].astype(np.float32))
+    outcomes = set()
+    for seed in range(30):
+        for d in range(len(q)):
+            rng = Rng(seed)
+            ratio, candidates = acceptance_arrays(pm, qm, mx.array([d]), rng)
+            want = decide(np.array(ratio), np.array(candidates), rng)
+            assert speculative_verdict(pm, qm, mx.array([d]), Rng(seed)) == want
+            outcomes.add(want.accepted)
+    assert outcomes == {0, 1}
 
 
 @pytest.mark.parametrize("name", ["filtered p, dense q", "dense p, q with zeros"])
 def test_rule_law_by_sampling(name):
     p, q = _cases()[name]
-    counts = _empirical_law(p, q, speculative_verdict, seed=11)
+    counts = _empirical_law(p, q, seed=11)
     support = p > 0
     assert counts[~support].sum() == 0, "a token outside p's support came out"
     assert _gof_pvalue(counts, p) > ALPHA
@@ -117,7 +141,7 @@ def test_rule_law_by_sampling(name):
 
 def test_biased_rule_is_detected():
     p, q = _cases()["filtered p, dense q"]
-    counts = _empirical_law(p, q, _biased_verdict, seed=11)
+    counts = _empirical_law(p, q, seed=11, biased=True)
     # Its law is min(p, q) + (1 - sum min(p, q)) p: too little mass where p > q.
     biased_law = np.minimum(p, q) + (1 - np.minimum(p, q).sum()) * p
     assert 0.5 * np.abs(biased_law - p).sum() > 0.05
