@@ -1,4 +1,8 @@
-"""The Python API: streaming, stops, max_tokens, EOS, chat template, determinism."""
+"""The Python API: streaming, stops, max_tokens, EOS, chat template, determinism.
+
+The tests that decode run on conftest's demo_bf16 (the demo's head, tokenizer and template on a
+bf16 trunk: a quarter of the 4-bit demo's time on MLX's CPU backend); the template and refusal
+tests use the demo itself."""
 
 from __future__ import annotations
 
@@ -10,15 +14,15 @@ from mtplx.generation.stops import StopScanner
 from mtplx.errors import MtplxError
 
 
-def test_generate_is_deterministic_per_seed(demo):
-    model, tok = demo
+def test_generate_is_deterministic_per_seed(demo_bf16):
+    model, tok = demo_bf16
     a = mtplx.generate(model, tok, "def add(a, b):", max_tokens=16, seed=3, depth=2)
     b = mtplx.generate(model, tok, "def add(a, b):", max_tokens=16, seed=3, depth=2)
     assert a == b and a
 
 
-def test_stream_matches_generate_and_reports_stats(demo):
-    model, tok = demo
+def test_stream_matches_generate_and_reports_stats(demo_bf16):
+    model, tok = demo_bf16
     chunks = list(mtplx.stream_generate(model, tok, "import os\n", max_tokens=20, seed=1, depth=2))
     assert "".join(c.text for c in chunks) == mtplx.generate(model, tok, "import os\n", max_tokens=20, seed=1, depth=2)
     last = chunks[-1]
@@ -29,15 +33,15 @@ def test_stream_matches_generate_and_reports_stats(demo):
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
-def test_max_tokens_is_exact(demo, depth):
-    model, tok = demo
+def test_max_tokens_is_exact(demo_bf16, depth):
+    model, tok = demo_bf16
     tokens = [t for r in mtplx.stream_generate(model, tok, "def f(x):", max_tokens=13, temperature=0, depth=depth)
               for t in r.tokens]
     assert len(tokens) == 13
 
 
-def test_stop_string_inside_an_accepted_run(demo):
-    model, tok = demo
+def test_stop_string_inside_an_accepted_run(demo_bf16):
+    model, tok = demo_bf16
     full = mtplx.generate(model, tok, "import os\n", max_tokens=40, temperature=0, depth=3)
     stop = full[10:14]
     cut = mtplx.generate(model, tok, "import os\n", max_tokens=40, temperature=0, depth=3, stop=[stop])
@@ -47,8 +51,8 @@ def test_stop_string_inside_an_accepted_run(demo):
     assert (last.finish_reason, last.stop_sequence) == ("stop", stop)
 
 
-def test_eos_ends_the_output(demo):
-    model, tok = demo
+def test_eos_ends_the_output(demo_bf16):
+    model, tok = demo_bf16
     # Force an early EOS: treat the first greedy token as end-of-sequence.
     first = next(iter(mtplx.stream_generate(model, tok, "import os\n", max_tokens=5, temperature=0, depth=2))).tokens[0]
     saved = set(tok.eos_token_ids)
