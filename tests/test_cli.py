@@ -260,7 +260,10 @@ def interrupt_when(args: list[str], on_import: str | None, timeout: float = 120)
     None,  # while the completion streams
 ])
 def test_ctrl_c_at_any_moment_exits_130_with_one_line(moment):
-    rc, lines = interrupt_when(["run", "--model", "demo", "--raw", "-n", "2000", "-t", "0", "def f("], moment)
+    # --depth 2: with MTPLX_CONFIG=/dev/null depth auto would time this machine's step costs (seconds
+    # on the 4-bit demo) before the completion streams, in every run.
+    rc, lines = interrupt_when(["run", "--model", "demo", "--raw", "-n", "2000", "-t", "0", "--depth", "2", "def f("],
+                               moment)
     assert rc == 130 and lines == ["mtplx: interrupted\n"], (rc, "".join(lines))
 
 
