@@ -32,7 +32,7 @@ from mtplx.engine.lookup import ContextIndex, Lookup
 from mtplx.engine.reference import ar_generate
 from mtplx.engine.sampling import SamplingParams, acceptance_arrays
 from mtplx.engine.speculative import Engine
-from test_engine_law import ALPHA, DRAFT, VOCAB, exact_ar_law, gof_pvalue
+from test_engine_law import ALPHA, DRAFT, LAYERS, VOCAB, exact_ar_law, gof_pvalue
 from tiny_models import tiny_model
 
 PROMPT = [1, 4, 2, 1, 4, 5, 3, 0, 2]  # every token occurs, most with a successor: copies always find a match
@@ -46,7 +46,7 @@ GEN = 6
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(vocab=VOCAB, embed_scale=0.12)
+    return tiny_model(vocab=VOCAB, embed_scale=0.12, layers=LAYERS)
 
 
 @pytest.fixture(scope="module")

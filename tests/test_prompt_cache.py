@@ -25,7 +25,7 @@ from mtplx.engine.prompt_cache import PromptCache, common_prefix
 from mtplx.engine.sampling import SamplingParams
 from mtplx.engine.speculative import Engine
 from mtplx.errors import MtplxError
-from test_engine_law import ALPHA, PARAMS, VOCAB, exact_ar_law, gof_pvalue
+from test_engine_law import ALPHA, LAYERS, PARAMS, VOCAB, exact_ar_law, gof_pvalue
 from tiny_models import tiny_model
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -103,7 +103,7 @@ def test_interrupted_update_starts_cold(model):
 @pytest.mark.parametrize("depth", [0, 2])
 def test_law_on_a_cache_hit(depth):
     """The law of the first three tokens after a cached prefix equals the exact AR law."""
-    law_model = tiny_model(vocab=VOCAB, embed_scale=0.12)
+    law_model = tiny_model(vocab=VOCAB, embed_scale=0.12, layers=LAYERS)  # test_engine_law's model
     prefix, prompt = [1, 4], [1, 4, 2]
     base = mtplx.make_prompt_cache(law_model)
     run(law_model, prefix, 2, 1, base)  # MTP leaves its first token pending: holds the prefix alone
