@@ -55,6 +55,31 @@ def __getattr__(name: str) -> Any:
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 MAX_PREFILL_CHUNK = 1 << 16
+
+# A cold prefill gives the MTP head's cache rows for the last HEAD_WINDOW positions of the prompt
+# only (docs/performance.md, "The head's window"). A head row needs the trunk's last layer at its
+# position, which a prefill for the trunk alone never computes (only the caches are read): on a
+# long prompt the last attention layer's attention over the whole context is what the head costs.
+# The head attends to its own rows only, by relative position, so a window changes acceptance,
+# never the output. 0: every position. MTPLX_HEAD_WINDOW overrides it (for measuring).
+DEFAULT_HEAD_WINDOW = 1024
+
+
+def head_window() -> int:
+    """The head's window for a cold prefill (0: the whole prompt); MTPLX_HEAD_WINDOW if set."""
+    import os
+
+    text = os.environ.get("MTPLX_HEAD_WINDOW")
+    if text is None:
+        return DEFAULT_HEAD_WINDOW
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise KnobError("head_window", f"MTPLX_HEAD_WINDOW={text!r} is not a number of tokens",
+                        fix="set it to 0 (the whole prompt) or a positive token count, or unset it")
+    return value
 # How the trunk's attention KV may be stored (mtplx/model/kv_quant.py): full precision (None), or
 # kv_bits-bit groups of one of KV_GROUP_SIZES values along the head dimension.
 KV_BITS = (8, 4)

@@ -436,9 +436,13 @@ class BatchDecoder:
             if not w.row.keeps_head:
                 continue
             cache, ids = w.row.cache, prompt_ids[id(w)]
-            h = hidden[:, s:e]
-            if cache.backlog is None:  # nothing consumed yet: the first row is this piece's first
-                rows_h, successors = h, ids[1:]
+            start, end = w.chunk
+            skip = cache.head_rows_from(start, end, len(w.row.request.prompt)) - start
+            if skip == end - start:  # before the head's window: no row, and no last layer for it
+                continue
+            h = hidden[:, s + skip : e]
+            if cache.backlog is None:  # the head's first rows: the first is this piece's (or the window's) first
+                rows_h, successors = h, ids[skip + 1 :]
             else:
                 rows_h, successors = mx.concatenate([cache.backlog, h], axis=1), cache.backlog_tokens + ids
             if successors:

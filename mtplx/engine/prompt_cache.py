@@ -76,6 +76,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def head_start(position: int, head_rows: int, backlog: mx.array | None) -> int:
+    """Where the head's rows start in a cache holding ``position`` tokens (ModelCache.head_start):
+    the positions its rows and its backlog do not cover came before them."""
+    return position - head_rows - (backlog.shape[1] if backlog is not None else 0)
+
+
 @dataclass
 class Snapshot:
     """The non-trimmable part of the caches after ``position`` tokens."""
@@ -163,7 +169,8 @@ class PromptCache:
         offset = self.cache.offset
         head = self.cache.head[0].offset if self.cache.head else None
         backlog = self.cache.backlog.shape[1] if self.cache.backlog is not None else 0
-        return offset == len(self.tokens) and (head is None or not self.tokens or head + backlog == offset)
+        return offset == len(self.tokens) and (head is None or not self.tokens
+                                               or self.cache.head_start + head + backlog == offset)
 
     def reset(self) -> None:
         self.cache = self._make_cache()
@@ -185,6 +192,7 @@ class PromptCache:
         for layer in c.head:
             layer.trim(layer.offset - snap.head_offset)
         c.backlog, c.backlog_tokens = snap.backlog, list(snap.backlog_tokens)
+        c.head_start = head_start(position, snap.head_offset, c.backlog)
         self.tokens = self.tokens[:position]
         self.snapshots = {s: v for s, v in self.snapshots.items() if s <= position}
 
@@ -271,6 +279,7 @@ class PromptCache:
         out.cache = ModelCache(trunk=trunk, head=[kv_quant.rows(h, head_rows) for h in c.head],
                                backlog=c.backlog if snap is None else snap.backlog,
                                backlog_tokens=list(c.backlog_tokens if snap is None else snap.backlog_tokens))
+        out.cache.head_start = head_start(position, head_rows, out.cache.backlog) if c.head else 0
         out.tokens = self.tokens[:position]
         out.snapshots = {s: v for s, v in self.snapshots.items() if s <= position}
         # Copy the KV rows now: the source's buffers are written in place when it is extended.

@@ -54,11 +54,18 @@ def prefill(
     stops = set(stops)
     ids = mx.array(tokens)[None]
     post = None
+    base = cache.offset if head else 0
     for start, end in chunks(len(tokens), stops, chunk):
         hidden, post = model.trunk_hidden(ids[:, start:end], cache)
         if head:
-            if cache.backlog is None:  # nothing consumed yet: the first row is this chunk's first
-                rows, successors = hidden, tokens[start + 1 : end]
+            first = cache.head_rows_from(base + start, base + end, base + len(tokens)) - base
+            if first == end:  # before the head's window: no row, and no last layer for it
+                mx.eval(cache.arrays())
+                if end in stops and at_stop is not None:
+                    at_stop(end)
+                continue
+            if cache.backlog is None:  # the head's first rows: the first is this chunk's (or the window's) first
+                rows, successors = hidden[:, first - start :], tokens[first + 1 : end]
             else:
                 rows = mx.concatenate([cache.backlog, hidden], axis=1)
                 successors = cache.backlog_tokens + tokens[start:end]

@@ -26,16 +26,18 @@ def kv_nbytes(c: KVCache | QuantizedKVCache) -> int:
 class ModelCache:
     """Every cache of one sequence: the trunk's (KV + Gated-DeltaNet) and the head's KV.
 
-    Head row i pairs the trunk hidden at position i with token i+1, so the hiddens of the last
-    positions wait in ``backlog [1, r, H]`` until their rows enter the head's cache;
-    ``backlog_tokens`` are the r-1 already-consumed tokens that follow all but the last of them
-    (the last one's successor is the next token fed). The head's rows plus the backlog always
-    cover every position the trunk has consumed."""
+    Head row i pairs the trunk hidden at position ``head_start + i`` with the token after it,
+    so the hiddens of the last positions wait in ``backlog [1, r, H]`` until their rows enter the
+    head's cache; ``backlog_tokens`` are the r-1 already-consumed tokens that follow all but the
+    last of them (the last one's successor is the next token fed). ``head_start`` (0 unless a
+    cold prefill kept only the prompt's last positions: knobs.head_window) plus the head's rows
+    plus the backlog always make every position the trunk has consumed."""
 
     trunk: list[Any]
     head: list[KVCache]  # full precision whatever kv_bits (kv_quant.py says why)
     backlog: mx.array | None = None
     backlog_tokens: list[int] = field(default_factory=list)
+    head_start: int = 0
 
     @property
     def offset(self) -> int:
@@ -58,7 +60,19 @@ class ModelCache:
         must not be advanced while the fork is in use."""
         return ModelCache(trunk=[c.fork() if isinstance(c, GatedDeltaCache) else kv_quant.fork(c) for c in self.trunk],
                           head=[kv_quant.fork(c) for c in self.head], backlog=self.backlog,
-                          backlog_tokens=list(self.backlog_tokens))
+                          backlog_tokens=list(self.backlog_tokens), head_start=self.head_start)
+
+    def head_rows_from(self, start: int, end: int, prompt_len: int) -> int:
+        """The first position of a prompt piece ``[start, end)`` whose head row this prefill makes:
+        ``start``, or, while the head's cache is still empty, no earlier than the prompt's last
+        ``knobs.head_window()`` positions (``end``: none of the piece). The head then starts there,
+        so its cache never has a gap."""
+        window = knobs.head_window()
+        if not window or self.backlog is not None or (self.head and self.head[0].offset):
+            return start
+        first = min(max(start, prompt_len - window), end)
+        self.head_start = first
+        return first
 
 
 def _check_draft_ids(ids: Any, vocab_size: int) -> mx.array:
