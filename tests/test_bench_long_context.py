@@ -61,3 +61,21 @@ def test_context_sweep_says_how_auto_compares_with_the_best_fixed_depth():
     report = ContextReport("m", "cpu", 4096, 16, 0.0, points=[point])
     assert "1024 auto runs at 0.970x the best fixed depth (2)" in report.table()
     assert ContextPoint(1024, 2.0, {"AR": point.depths["AR"]}).auto_vs_best() is None
+
+
+def test_window_agreement_is_the_heads_greedy_acceptance_per_window():
+    from mtplx.bench.prefill import window_agreement
+    from tiny_models import tiny_model
+
+    m = tiny_model(vocab=32, embed_scale=0.12, seed=1)
+    ids = [(5 * i + 3) % 31 + 1 for i in range(120)]
+    got = window_agreement(m, ids, 80, [0, 80, 200, 8, 1], chunk=32)
+    assert set(got) == {0, 80, 200, 8, 1} and all(0.0 <= a <= 1.0 for a in got.values())
+    assert got[80] == got[200] == got[0]  # a window at least the prompt is the whole prompt
+
+
+def test_head_windows_go_with_prefill():
+    code, out = _bench("--head-windows", "0,256")
+    assert code != 0 and "--head-windows goes with --prefill" in out
+    code, out = _bench("--prefill", "1k", "--head-windows", "x")
+    assert code != 0 and "give token counts >= 0" in out

@@ -18,6 +18,11 @@ machine, and each way reports its median:
 Each way starts from an empty cache and ends when its first token is on the host (both sample
 greedily from the last position's logits). Ratios are tok/s of mtplx over mlx-lm's, so above 1
 is faster; a ratio whose rounds straddle 1 is reported as within noise.
+
+mtplx gives the head rows for the prompt's last ``knobs.head_window()`` positions only (the
+head needs the trunk's last layer at every row it keeps). What that window costs the head is
+:func:`window_agreement`: teacher-forced on the same text, the head's greedy agreement with the
+trunk over the positions after the prompt, with the head's cache started at each window.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any, Callable
 from mtplx.bench.context_sweep import cap_lengths, context_ids, context_text
 from mtplx.bench.runner import noise_note
 
+AGREEMENT_SPAN = 256  # positions after the "prompt" a window's agreement is measured over
 WAYS = ("mtplx", "mtplx_no_head", "mlx_lm", "mlx_lm_same_chunk")
 MLX_LM_DEFAULT_STEP = 2048  # mlx_lm.generate.generate_step's prefill_step_size
 
@@ -38,6 +44,7 @@ MLX_LM_DEFAULT_STEP = 2048  # mlx_lm.generate.generate_step's prefill_step_size
 class PrefillPoint:
     tokens: int
     seconds: dict[str, list[float]] = field(default_factory=lambda: {w: [] for w in WAYS})
+    agreement: dict[int, float] = field(default_factory=dict)  # head window -> greedy agreement
 
     def tps(self, way: str) -> float:
         return self.tokens / statistics.median(self.seconds[way])
@@ -54,7 +61,8 @@ class PrefillPoint:
                 "seconds": {w: [round(s, 4) for s in v] for w, v in self.seconds.items()},
                 "mtplx_vs_mlx_lm": round(self.ratio("mtplx", "mlx_lm"), 4),
                 "mtplx_vs_mlx_lm_same_chunk": round(self.ratio("mtplx", "mlx_lm_same_chunk"), 4),
-                "head_share": round(1 - self.ratio("mtplx", "mtplx_no_head"), 4)}
+                "head_share": round(1 - self.ratio("mtplx", "mtplx_no_head"), 4),
+                "head_window_agreement": {str(w): round(a, 4) for w, a in self.agreement.items()}}
 
 
 @dataclass
@@ -63,6 +71,7 @@ class PrefillReport:
     device: str
     chunk: int
     rounds: int
+    window: int
     points: list[PrefillPoint] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -80,13 +89,18 @@ class PrefillReport:
                 note = noise_note(p.ratios("mtplx", against), f"{against} at {p.tokens} tokens")
                 if note:
                     lines.append(f"note: {note}")
-            lines.append(f"note: at {p.tokens} tokens the head's cache costs "
+            lines.append(f"note: at {p.tokens} tokens the head's cache (window {self.window or 'all'}) costs "
                          f"{100 * (1 - p.ratio('mtplx', 'mtplx_no_head')):.1f}% of mtplx's prefill speed")
+            if p.agreement:
+                cells = ", ".join(f"{w or 'all'}: {a:.3f}" for w, a in p.agreement.items())
+                lines.append(f"head window against its greedy agreement over the last {AGREEMENT_SPAN} tokens of "
+                             f"{p.tokens} (depth 1's acceptance at temperature 0): {cells}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "device": self.device, "chunk": self.chunk, "rounds": self.rounds,
+                "head_window": self.window,
                 "mlx_lm_prefill_step_size": MLX_LM_DEFAULT_STEP, "points": [p.as_dict() for p in self.points],
                 "notes": self.notes}
 
@@ -115,15 +129,17 @@ def _mlx_lm_seconds(model: Any, ids: list[int], step: int) -> float:
 
 
 def run_prefill(model: Any, tokenizer: Any, lengths: list[int], *, rounds: int = 2, chunk: int | None = None,
-                model_name: str = "", progress: Callable[[str], None] | None = None) -> PrefillReport:
-    """Time the four ways (module docstring) at each length, ``rounds`` times, interleaved."""
+                windows: list[int] | None = None, model_name: str = "",
+                progress: Callable[[str], None] | None = None) -> PrefillReport:
+    """Time the four ways (module docstring) at each length, ``rounds`` times, interleaved; with
+    ``windows``, each head window's greedy agreement at each length (:func:`window_agreement`)."""
     from mtplx.core import knobs
     from mtplx.core.device import device_name
 
     say = progress or (lambda _: None)
     chunk = chunk or knobs.PREFILL_CHUNK
     kept, notes = cap_lengths(lengths, model.max_context, 1)
-    report = PrefillReport(model_name, device_name(), chunk, rounds, notes=notes)
+    report = PrefillReport(model_name, device_name(), chunk, rounds, knobs.head_window(), notes=notes)
     if not model.has_mtp:
         report.notes.append("this model has no MTP head: 'mtplx' and 'no head' are the same work")
     body = list(tokenizer.encode(context_text(), verbose=False))
@@ -145,5 +161,39 @@ def run_prefill(model: Any, tokenizer: Any, lengths: list[int], *, rounds: int =
                 seconds = ways[way](ids)
                 point.seconds[way].append(seconds)
                 say(f"prefill {length} tokens, {way}, round {r + 1}: {length / seconds:.1f} tok/s")
+        if windows and model.has_mtp and length > 2 * AGREEMENT_SPAN:
+            say(f"prefill {length} tokens: the head's agreement at windows {windows}")
+            point.agreement = window_agreement(model, ids, length - AGREEMENT_SPAN, windows)
         report.points.append(point)
     return report
+
+
+def window_agreement(model: Any, ids: list[int], prompt_len: int, windows: list[int],
+                     chunk: int = 512) -> dict[int, float]:
+    """Per head window W (0: the whole prompt): the share of positions i >= ``prompt_len`` where
+    the head's argmax at row i (trunk hidden at i, token i+1) is the trunk's greedy token at i+2,
+    with the head's rows starting at ``prompt_len - W``: depth 1's greedy acceptance on this text
+    as a decode after a cold prefill with that window would see it (rows after the prompt all
+    kept, as the engine keeps them)."""
+    import mlx.core as mx
+
+    cache = model.make_cache()
+    hiddens, greedy = [], []
+    for s in range(0, len(ids), chunk):
+        logits, hidden = model.trunk_forward(mx.array([ids[s : s + chunk]]), cache)
+        hiddens.append(hidden)
+        greedy.append(mx.argmax(logits[0], axis=-1))
+        mx.eval(hiddens[-1], greedy[-1])
+    hidden, target = mx.concatenate(hiddens, axis=1), mx.concatenate(greedy)  # target[i]: the token after i
+    tokens = mx.array([ids])
+    out = {}
+    for w in windows:
+        start = 0 if not w else max(prompt_len - w, 0)
+        head = model.make_cache()
+        logits, _ = model.draft(hidden[:, start:-1], tokens[:, start + 1 :], head)
+        drafted = mx.argmax(logits[0, prompt_len - start :], axis=-1)
+        ids_of = model.draft_vocab.token_ids(drafted) if model.draft_vocab is not None else drafted
+        wanted = target[prompt_len + 1 :]
+        n = min(ids_of.shape[0], wanted.shape[0])
+        out[w] = float(mx.mean(ids_of[:n] == wanted[:n]).item())
+    return out

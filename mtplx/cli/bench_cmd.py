@@ -115,6 +115,18 @@ def _shape_options(f):
     return f
 
 
+def _head_windows(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        out = [int(v) for v in value.split(",")]
+    except ValueError:
+        out = [-1]
+    if not out or min(out) < 0:
+        raise click.BadParameter(f"{value!r}: give token counts >= 0 separated by commas (0: the whole prompt)")
+    return out
+
+
 def _context(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
     from mtplx.bench.context_sweep import parse_lengths
 
@@ -129,6 +141,8 @@ def _check_workloads(given, shape, strict_greedy) -> None:
                              ("workload", "--workload"), ("prefill_lengths", "--prefill")) if given(n)]
     if len(picked) > 1:
         raise click.UsageError(f"{' and '.join(picked)} are separate workloads: pass one of them")
+    if given("head_windows") and not given("prefill_lengths"):
+        raise click.UsageError("--head-windows goes with --prefill")
     for name, flag in (("turns", "--turns"), ("no_restart", "--no-restart"), ("trace_cache_dir", "--prompt-cache-dir")):
         if given(name) and not given("agent_trace"):
             raise click.UsageError(f"{flag} goes with --agent-trace")
@@ -205,6 +219,9 @@ def _check_workloads(given, shape, strict_greedy) -> None:
 @click.option("--prefill", "prefill_lengths", default=None, callback=_context, metavar="L1,L2,..",
               help="Time prompt processing at these lengths (1k = 1024 tokens) to the first token: mtplx with and "
                    "without the head's cache against mlx-lm's generate_step on the same weights, --rounds interleaved.")
+@click.option("--head-windows", "head_windows", default=None, callback=_head_windows, metavar="W1,W2,..",
+              help="--prefill: also the head's greedy agreement over each length's last 256 tokens with its cache "
+                   "started at each window (0: the whole prompt), teacher-forced on the same text.")
 @click.option("--workload", type=click.Choice(["rewrite"]), default=None,
               help="rewrite: files and tool results handed back with one change (shipped prompts, or --prompts FILE "
                    "in their JSON shape), each decoded AR, MTP, lookup (depth 0, copies forced) and both; tok/s, "
@@ -219,7 +236,7 @@ def _check_workloads(given, shape, strict_greedy) -> None:
 def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature, top_p, top_k, draft_temperature, seed,
           strict_greedy, no_reference, concurrency, join_tokens, prefill_chunks, shape, trunk_bits, layers, prompt_tokens, acceptance, max_depth,
           draft_vocab, bandwidth_gbs, peak_tflops, repeats, no_measure, save_dir, lookup_acceptance, lookup_length, force, json_out, distributed, chat_turns,
-          yes, agent_trace, turns, no_restart, trace_cache_dir, context_lengths, prefill_lengths, workload, lookup,
+          yes, agent_trace, turns, no_restart, trace_cache_dir, context_lengths, prefill_lengths, head_windows, workload, lookup,
           kv_bits, kv_group_size, replay):
     """Compare AR and each MTP depth in one process: tokens/s, acceptance, cost model.
 
@@ -284,7 +301,7 @@ def bench(ctx, model_ref, depths, max_tokens, prompts_file, rounds, temperature,
         return
     model_ref = graft_if_needed(model_ref, yes)
     if prefill_lengths is not None:
-        runs.prefill(model_ref, prefill_lengths, rounds, (prefill_chunks or [None])[0], force, json_out)
+        runs.prefill(model_ref, prefill_lengths, rounds, (prefill_chunks or [None])[0], head_windows, force, json_out)
         return
     if workload == "rewrite" and replay:
         runs.replay(model_ref, prompts_file, force, json_out)

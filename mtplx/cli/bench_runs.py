@@ -178,11 +178,11 @@ def replay(model_ref, prompts_file, force, json_out) -> None:
     write_json({"model": model_ref, "replay": report.as_dict()}, json_out)
 
 
-def prefill(model_ref, lengths, rounds, chunk, force, json_out) -> None:
+def prefill(model_ref, lengths, rounds, chunk, windows, force, json_out) -> None:
     from mtplx.bench.prefill import run_prefill
 
     model, tokenizer = load_model(model_ref, mtp=True, force=force, distributed=None)
-    report = run_prefill(model, tokenizer, lengths, rounds=rounds, chunk=chunk, model_name=model_ref,
+    report = run_prefill(model, tokenizer, lengths, rounds=rounds, chunk=chunk, windows=windows, model_name=model_ref,
                          progress=lambda s: click.echo(s, err=True))
     click.echo(f"mtplx bench --prefill: {model_ref} on {report.device} (context {model.max_context})")
     click.echo(report.table())

@@ -62,7 +62,7 @@ MAX_PREFILL_CHUNK = 1 << 16
 # long prompt the last attention layer's attention over the whole context is what the head costs.
 # The head attends to its own rows only, by relative position, so a window changes acceptance,
 # never the output. 0: every position. MTPLX_HEAD_WINDOW overrides it (for measuring).
-DEFAULT_HEAD_WINDOW = 1024
+DEFAULT_HEAD_WINDOW = 512
 
 
 def head_window() -> int:
