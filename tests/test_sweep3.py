@@ -225,8 +225,8 @@ def test_batch_generate_stop_forms_still_mean_what_they_say(scripted):
     assert per[0].text == same[0].text and per[1].finish_reason == "length"
 
 
-def test_batch_generate_takes_one_prompt_cache_per_prompt(demo):
-    model, tok = demo
+def test_batch_generate_takes_one_prompt_cache_per_prompt(demo_bf16):
+    model, tok = demo_bf16  # the demo's bf16 trunk: a quarter of the 4-bit demo's time
     ids = tok.encode("def fib(n):")
     caches = [mtplx.make_prompt_cache(model), None]
     first = mtplx.batch_generate(model, tok, [ids, tok.encode("class A:")], max_tokens=6, temperature=0, depth=2,
@@ -310,11 +310,11 @@ def test_an_exported_config_is_never_written(tmp_path):
 
 # -- row 20: strict greedy's statistics, and the last step's depth ------------------------------
 
-def test_a_strict_recompute_that_agrees_with_the_draft_counts_it_accepted(demo):
+def test_a_strict_recompute_that_agrees_with_the_draft_counts_it_accepted(demo_bf16):
     """Margin inf re-decides every token with a one-row pass, so each step stops at its first
     row. Where that pass agrees with the draft (on this CPU backend it always chooses what the
     verify chose), the drafts count as accepted; they used to count as rejected, every one."""
-    model, tok = demo
+    model, tok = demo_bf16  # the demo's bf16 trunk: a quarter of the 4-bit demo's time
     ar = mtplx.generate(model, tok, "def fib(n):", max_tokens=12, temperature=0, depth=0)
     plain = list(mtplx.stream_generate(model, tok, "def fib(n):", max_tokens=12, temperature=0, depth=2))
     strict = list(mtplx.stream_generate(model, tok, "def fib(n):", max_tokens=12, temperature=0, depth=2,
