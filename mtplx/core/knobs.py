@@ -54,6 +54,8 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 MAX_PREFILL_CHUNK = 1 << 16
 
 # A cold prefill gives the MTP head's cache rows for the last HEAD_WINDOW positions of the prompt
@@ -83,6 +85,8 @@ def head_window() -> int:
         raise KnobError("head_window", f"MTPLX_HEAD_WINDOW={text!r} is not a number of tokens",
                         fix="set it to 0 (the whole prompt) or a positive token count, or unset it")
     return value
+
+
 # How the trunk's attention KV may be stored (mtplx/model/kv_quant.py): full precision (None), or
 # kv_bits-bit groups of one of KV_GROUP_SIZES values along the head dimension.
 KV_BITS = (8, 4)

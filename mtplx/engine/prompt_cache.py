@@ -76,12 +76,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def head_start(position: int, head_rows: int, backlog: mx.array | None) -> int:
-    """Where the head's rows start in a cache holding ``position`` tokens (ModelCache.head_start):
-    the positions its rows and its backlog do not cover came before them."""
-    return position - head_rows - (backlog.shape[1] if backlog is not None else 0)
-
-
 @dataclass
 class Snapshot:
     """The non-trimmable part of the caches after ``position`` tokens."""
@@ -192,7 +186,7 @@ class PromptCache:
         for layer in c.head:
             layer.trim(layer.offset - snap.head_offset)
         c.backlog, c.backlog_tokens = snap.backlog, list(snap.backlog_tokens)
-        c.head_start = head_start(position, snap.head_offset, c.backlog)
+        c.realign_head_start()
         self.tokens = self.tokens[:position]
         self.snapshots = {s: v for s, v in self.snapshots.items() if s <= position}
 
@@ -279,7 +273,7 @@ class PromptCache:
         out.cache = ModelCache(trunk=trunk, head=[kv_quant.rows(h, head_rows) for h in c.head],
                                backlog=c.backlog if snap is None else snap.backlog,
                                backlog_tokens=list(c.backlog_tokens if snap is None else snap.backlog_tokens))
-        out.cache.head_start = head_start(position, head_rows, out.cache.backlog) if c.head else 0
+        out.cache.realign_head_start()
         out.tokens = self.tokens[:position]
         out.snapshots = {s: v for s, v in self.snapshots.items() if s <= position}
         # Copy the KV rows now: the source's buffers are written in place when it is extended.

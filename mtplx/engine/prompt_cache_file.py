@@ -39,8 +39,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mtplx._version import __version__
-from mtplx.engine.prompt_cache import (PromptCache, Snapshot, cache_identity, check_prompt_cache, copy_array,
-                                       head_start)
+from mtplx.engine.prompt_cache import PromptCache, Snapshot, cache_identity, check_prompt_cache, copy_array
 from mtplx.errors import MtplxError
 from mtplx.core import knobs
 from mtplx.model import kv_quant
@@ -238,8 +237,7 @@ def _rebuild(arrays: dict[str, mx.array], layout: dict, model: MTPModel, kv_bits
         out.snapshots[int(pos)] = Snapshot(gated_delta=gated, head_offset=int(info["head_offset"]),
                                            backlog=arrays.get(f"snap.{pos}.backlog"),
                                            backlog_tokens=[int(t) for t in info["backlog_tokens"]])
-    if c.head:
-        c.head_start = head_start(len(out.tokens), c.head[0].offset, c.backlog)
+    c.realign_head_start()
     if out.tokens and not (out.consistent() and 0 <= c.head_start <= len(out.tokens)):
         raise ValueError("its caches do not hold the number of tokens it records")
     return out

@@ -62,6 +62,12 @@ class ModelCache:
                           head=[kv_quant.fork(c) for c in self.head], backlog=self.backlog,
                           backlog_tokens=list(self.backlog_tokens), head_start=self.head_start)
 
+    def realign_head_start(self) -> None:
+        """Set ``head_start`` from what the caches hold (after a cut, a copy or a load): the
+        positions the head's rows and its backlog do not cover came before them."""
+        backlog = self.backlog.shape[1] if self.backlog is not None else 0
+        self.head_start = self.offset - self.head[0].offset - backlog if self.head else 0
+
     def head_rows_from(self, start: int, end: int, prompt_len: int) -> int:
         """The first position of a prompt piece ``[start, end)`` whose head row this prefill makes:
         ``start``, or, while the head's cache is still empty, no earlier than the prompt's last
