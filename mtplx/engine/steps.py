@@ -57,13 +57,10 @@ def prefill(
     base = cache.offset if head else 0
     for start, end in chunks(len(tokens), stops, chunk):
         hidden, post = model.trunk_hidden(ids[:, start:end], cache)
-        if head:
-            first = cache.head_rows_from(base + start, base + end, base + len(tokens)) - base
-            if first == end:  # before the head's window: no row, and no last layer for it
-                mx.eval(cache.arrays())
-                if end in stops and at_stop is not None:
-                    at_stop(end)
-                continue
+        # A chunk before the head's window (first == end) gets no head row, so nothing reads its
+        # outputs and the trunk's last layer never runs there.
+        first = cache.head_rows_from(base + start, base + end, base + len(tokens)) - base if head else end
+        if first < end:
             if cache.backlog is None:  # the head's first rows: the first is this chunk's (or the window's) first
                 rows, successors = hidden[:, first - start :], tokens[first + 1 : end]
             else:
@@ -72,7 +69,7 @@ def prefill(
             if successors:
                 model.fill_head(rows[:, :-1], mx.array(successors)[None], cache)
             cache.backlog, cache.backlog_tokens = rows[:, -1:], []
-        mx.eval(cache.arrays(), post[:, -1:], cache.backlog if head else [])
+        mx.eval(cache.arrays())  # the backlog among them; the last chunk's logits are computed on return
         if end in stops and at_stop is not None:
             at_stop(end)
     logits = model.trunk.lm_head(post[:, -1:])[:, -1]
