@@ -28,7 +28,6 @@ left out: "auto" weighs a copy against the plain lane only.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -70,14 +69,6 @@ class Case:
     reference: list[int]
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The chat template as rewrite.py applies it (generation prompt, thinking off), rendered to
-    text and then encoded, so any tokenizer with a chat template serves (the same ids as
-    api.encode_prompt gives through mlx-lm's wrapper)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
 def _end_token(tokenizer: Any) -> int | None:
     """The token a reply ends with: the chat template's turn end (``<|im_end|>`` for Qwen), else EOS."""
     for name in ("<|im_end|>",):
@@ -92,19 +83,21 @@ def _end_token(tokenizer: Any) -> int | None:
 def cases(tokenizer: Any, path: str | Path | None = None) -> list[Case]:
     """The rewrite prompts of ``path`` (default: the shipped ones) with their ``"reference"``
     replies, tokenized by ``tokenizer`` (mlx-lm's wrapper or a transformers tokenizer)."""
+    from mtplx.generation.chat_template import chat_ids
+
     prompts = load_prompts(path)
     path = PROMPTS_FILE if path is None else Path(path).expanduser()
-    items = json.loads(path.read_text(encoding="utf-8"))["prompts"]
     end = _end_token(tokenizer)
     out = []
-    for i, (p, item) in enumerate(zip(prompts, items)):
-        ref = item.get("reference")
-        if not isinstance(ref, str) or not ref:
+    for i, p in enumerate(prompts):
+        ref = p.reference
+        if ref is None:
             raise RewritePromptError(f"{path}: prompts[{i}] ({p.name}) has no \"reference\" reply to replay",
                                      fix="add \"reference\": the exact reply a faithful model gives (the file with "
                                          "the one change), as mtplx/data/rewrite_prompts.json does")
         ids = list(tokenizer.encode(ref, add_special_tokens=False)) + ([] if end is None else [end])
-        out.append(Case(p.name, _render(tokenizer, p.messages), ids))
+        # As the rewrite workload renders it (generation prompt, thinking off).
+        out.append(Case(p.name, chat_ids(tokenizer, p.messages, False, True), ids))
     return out
 
 

@@ -59,6 +59,7 @@ class RewritePrompt:
     kind: str
     change: str
     messages: list[dict[str, str]] | list[int]  # chat messages (thinking off), or token ids
+    reference: str | None = None  # the reply a faithful model gives (the replay walks it: lookup_replay.py)
 
 
 @dataclass
@@ -84,7 +85,7 @@ def ways(lookup: int | str, has_mtp: bool, depth: int | str = knobs.AUTO) -> lis
 
 def load_prompts(path: str | Path | None = None) -> list[RewritePrompt]:
     """The shipped prompts, or a JSON file of the same shape: {"prompts": [{"name", "kind",
-    "change", "messages": [{"role", "content"}, ...]}, ...]}."""
+    "change", "messages": [{"role", "content"}, ...], optionally "reference"}, ...]}."""
     path = PROMPTS_FILE if path is None else Path(path).expanduser()
     fix = f"write it as {PROMPTS_FILE.name} is written (mtplx/data/)"
     try:
@@ -106,11 +107,11 @@ def load_prompts(path: str | Path | None = None) -> list[RewritePrompt]:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in msgs)):
             raise RewritePromptError(f"{where}.messages must be a non-empty list of {{role, content}} strings", fix=fix)
-        text = {k: p.get(k, "") for k in ("name", "kind", "change")}
+        text = {k: p.get(k, "") for k in ("name", "kind", "change", "reference")}
         if not all(isinstance(v, str) for v in text.values()):
-            raise RewritePromptError(f"{where}: name, kind and change must be strings", fix=fix)
+            raise RewritePromptError(f"{where}: name, kind, change and reference must be strings", fix=fix)
         out.append(RewritePrompt(name=text["name"] or f"prompt {i + 1}", kind=text["kind"], change=text["change"],
-                                 messages=msgs))
+                                 messages=msgs, reference=text["reference"] or None))
     return out
 
 
