@@ -427,27 +427,17 @@ class BatchDecoder:
                 w.row.at_stop(end)
 
     def _fill_prompt_rows(self, prefill: list[Work], prompt_ids: dict, hidden: mx.array, where: list) -> None:
-        """Head rows of the prompt pieces (as steps.prefill): hidden at i with token i+1, the
-        piece's last hidden waiting in the backlog for the token after it."""
+        """Head rows of the prompt pieces (ModelCache.take_prompt_rows, as steps.prefill), filled
+        in one pass for every row."""
         if not self.model.has_mtp:
             return
         fills = []
         for w, (s, e) in zip(prefill, where):
-            if not w.row.keeps_head:
-                continue
-            cache, ids = w.row.cache, prompt_ids[id(w)]
-            start, end = w.chunk
-            skip = cache.head_rows_from(start, end, len(w.row.request.prompt)) - start
-            if skip == end - start:  # before the head's window: no row, and no last layer for it
-                continue
-            h = hidden[:, s + skip : e]
-            if cache.backlog is None:  # the head's first rows: the first is this piece's (or the window's) first
-                rows_h, successors = h, ids[skip + 1 :]
-            else:
-                rows_h, successors = mx.concatenate([cache.backlog, h], axis=1), cache.backlog_tokens + ids
-            if successors:
-                fills.append((rows_h[:, :-1], mx.array(successors)[None], cache))
-            cache.backlog, cache.backlog_tokens = rows_h[:, -1:], []
+            if w.row.keeps_head:
+                fill = w.row.cache.take_prompt_rows(hidden[:, s:e], prompt_ids[id(w)], *w.chunk,
+                                                    len(w.row.request.prompt))
+                if fill is not None:
+                    fills.append((*fill, w.row.cache))
         if fills:
             self.model.fill_head_rows(*(list(x) for x in zip(*fills)))
 

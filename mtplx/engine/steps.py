@@ -57,18 +57,12 @@ def prefill(
     base = cache.offset if head else 0
     for start, end in chunks(len(tokens), stops, chunk):
         hidden, post = model.trunk_hidden(ids[:, start:end], cache)
-        # A chunk before the head's window (first == end) gets no head row, so nothing reads its
-        # outputs and the trunk's last layer never runs there.
-        first = cache.head_rows_from(base + start, base + end, base + len(tokens)) - base if head else end
-        if first < end:
-            if cache.backlog is None:  # the head's first rows: the first is this chunk's (or the window's) first
-                rows, successors = hidden[:, first - start :], tokens[first + 1 : end]
-            else:
-                rows = mx.concatenate([cache.backlog, hidden], axis=1)
-                successors = cache.backlog_tokens + tokens[start:end]
-            if successors:
-                model.fill_head(rows[:, :-1], mx.array(successors)[None], cache)
-            cache.backlog, cache.backlog_tokens = rows[:, -1:], []
+        # A chunk before the head's window makes no head row, so nothing reads its outputs and
+        # the trunk's last layer never runs there.
+        fill = cache.take_prompt_rows(hidden, tokens[start:end], base + start, base + end, base + len(tokens)) \
+            if head else None
+        if fill is not None:
+            model.fill_head(*fill, cache)
         mx.eval(cache.arrays())  # the backlog among them; the last chunk's logits are computed on return
         if end in stops and at_stop is not None:
             at_stop(end)

@@ -80,6 +80,23 @@ class ModelCache:
         self.head_start = first
         return first
 
+    def take_prompt_rows(self, hidden: mx.array, ids: list[int], start: int, end: int,
+                         prompt_len: int) -> tuple[mx.array, mx.array] | None:
+        """The head rows a prompt piece ``[start, end)`` makes, from its trunk hiddens
+        ``[1, end - start, H]`` and its tokens: (row hiddens, their successor tokens) to fill, or
+        None. Row i pairs the hidden at i with token i+1, so the piece's last hidden waits in the
+        backlog for the token after it (the next piece's first, or the sampled one); a piece
+        before the head's window makes no row and leaves the backlog alone."""
+        skip = self.head_rows_from(start, end, prompt_len) - start
+        if skip == end - start:
+            return None
+        if self.backlog is None:  # the head's first rows: the first is this piece's (or the window's) first
+            rows, successors = hidden[:, skip:], list(ids[skip + 1:])
+        else:
+            rows, successors = mx.concatenate([self.backlog, hidden[:, skip:]], axis=1), self.backlog_tokens + list(ids)
+        self.backlog, self.backlog_tokens = rows[:, -1:], []
+        return (rows[:, :-1], mx.array(successors)[None]) if successors else None
+
 
 def _check_draft_ids(ids: Any, vocab_size: int) -> mx.array:
     """Draft vocabulary ids as int32, or :class:`MtplxError`: a duplicate id would scatter two
