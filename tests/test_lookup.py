@@ -279,6 +279,22 @@ def test_lookup_choice_follows_the_running_acceptance():
     assert picks[:-1] == [[]] * (lookup.Lookup.PROBE - 1) and picks[-1] == [2]
 
 
+def test_auto_prices_a_position_not_reached_yet_as_the_deepest_reached():
+    """A copy that ran true for its first tokens is priced to run on: a new position starts at
+    the deepest reached one's acceptance, not at the flat prior."""
+    lk = Lookup("auto")
+    assert lk.estimates() == [Lookup.PRIOR] * lk.max_copy
+    for _ in range(6):
+        lk.observe(3, 3)  # three copied, three kept
+    deepest = lk.acceptance[2]
+    assert lk.reached == 3 and deepest > 0.8
+    assert lk.estimates()[3:] == [deepest] * (lk.max_copy - 3)
+    lk.observe(5, 5)  # positions 3 and 4 reached: they start from that estimate, then move
+    assert lk.reached == 5 and lk.acceptance[4] == pytest.approx(lk.acceptance[3] + Lookup.ALPHA * (1 - lk.acceptance[3]))
+    lk.observe(5, 0)  # a miss at the first position is the only one observed
+    assert lk.acceptance[0] < deepest and lk.acceptance[1:5] == lk.estimates()[1:5]
+
+
 # -- surfaces ----------------------------------------------------------------------------------
 
 LOOP = [{"role": "user", "content": "Repeat: the quick brown fox jumps over the lazy dog. the quick brown fox."}]

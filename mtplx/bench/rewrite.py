@@ -40,7 +40,7 @@ from mtplx.errors import MtplxError
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "data" / "rewrite_prompts.json"
 # The lookup way's copy length when --lookup is auto: a forced length (auto at depth 0 copies
-# nothing), half the engine's ceiling for auto (lookup.MAX_COPY): a rewrite's copies run long.
+# nothing), under the engine's ceiling for auto (lookup.MAX_COPY): a rewrite's copies run long.
 FORCED_COPY = 8
 # The share of output tokens a copy from the prompt predicts from which the output is called a
 # rewrite (a faithful one of a file is most of it); below it, its copies' speed-up is no rewrite's.
