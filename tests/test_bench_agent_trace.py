@@ -222,7 +222,8 @@ def test_context_sweep_reports_each_depth_and_acceptance_by_position(long_contex
         assert ar["speedup"] == 1.0 and ar["acceptance"] == [] and ar["tokens_per_step"] == pytest.approx(1.0)
         assert len(d2["acceptance"]) == 2 and 0 <= d2["acceptance"][1] <= d2["acceptance"][0] <= 1
         assert d2["tokens_per_step"] >= 1 and "mix" in auto
-        assert all(1 <= x["generated"] <= 12 for x in (ar, d2, auto))
+        assert all(1 <= x["generated"] <= 12 and len(x["round_tps"]) == 1 for x in (ar, d2, auto))
+        assert len(p["auto_vs_best_fixed_by_round"]) == 1
 
 
 def test_shape_context_prefills_each_length_and_caps_at_the_config(tmp_path):

@@ -63,6 +63,24 @@ def test_context_sweep_says_how_auto_compares_with_the_best_fixed_depth():
     assert ContextPoint(1024, 2.0, {"AR": point.depths["AR"]}).auto_vs_best() is None
 
 
+def test_context_sweep_pairs_auto_with_the_best_fixed_depth_round_by_round():
+    from mtplx.bench.context_sweep import ContextPoint, ContextReport
+
+    def point(auto_rounds):
+        return ContextPoint(4096, 2.0, {"AR": {"tps": 50.0, "speedup": 1.0, "tokens_per_step": 1.0,
+                                               "round_tps": [48.0, 52.0, 50.0]},
+                                        "auto": {"tps": 50.0, "speedup": 1.0, "tokens_per_step": 1.0,
+                                                 "round_tps": auto_rounds}})
+
+    steady = point([47.04, 51.48, 50.5])
+    assert steady.auto_ratios() == [pytest.approx(0.98), pytest.approx(0.99), pytest.approx(1.01)]
+    text = ContextReport("m", "cpu", 8192, 16, 0.0, points=[steady]).table()
+    assert "0.980-1.010x round by round" in text and "within noise" in text
+    assert steady.as_dict()["auto_vs_best_fixed_by_round"] == [0.98, 0.99, 1.01]
+    slower = ContextReport("m", "cpu", 8192, 16, 0.0, points=[point([40.0, 44.0, 42.0])]).table()
+    assert "0.833-0.846x round by round" in slower and "within noise" not in slower
+
+
 def test_window_agreement_is_the_heads_greedy_acceptance_per_window():
     from mtplx.bench.prefill import window_agreement
     from tiny_models import tiny_model

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mtplx.bench.runner import depth_order
+from mtplx.bench.runner import depth_order, noise_note
 from mtplx.core import knobs
 from mtplx.errors import MtplxError
 
@@ -109,12 +109,23 @@ class ContextPoint:
         best = max(fixed, key=lambda k: fixed[k]["tps"])
         return best, self.depths[knobs.AUTO]["tps"] / fixed[best]["tps"] if fixed[best]["tps"] else 0.0
 
+    def auto_ratios(self) -> list[float]:
+        """Auto's tok/s over the best fixed depth's, round by round: each round runs every depth
+        back to back on the same cache and seed, so a round's ratio is the difference plus the
+        machine's noise, and their range is what a verdict must clear."""
+        verdict = self.auto_vs_best()
+        if verdict is None:
+            return []
+        auto, best = (self.depths[k].get("round_tps", []) for k in (knobs.AUTO, verdict[0]))
+        return [a / b for a, b in zip(auto, best) if b > 0]
+
     def as_dict(self) -> dict[str, Any]:
         verdict = self.auto_vs_best()
         return {"context": self.context, "prefill_s": round(self.prefill_s, 4),
                 "prefill_tps": round(self.context / self.prefill_s, 2) if self.prefill_s > 0 else None,
                 "depths": self.depths} | (
-                    {"best_fixed": verdict[0], "auto_vs_best_fixed": round(verdict[1], 4)} if verdict else {})
+                    {"best_fixed": verdict[0], "auto_vs_best_fixed": round(verdict[1], 4),
+                     "auto_vs_best_fixed_by_round": [round(r, 4) for r in self.auto_ratios()]} if verdict else {})
 
 
 @dataclass
@@ -143,7 +154,12 @@ class ContextReport:
                 lines.append(f"{p.context:>7} prefill {p.prefill_s:.2f} s ({p.context / p.prefill_s:.0f} tok/s)")
             verdict = p.auto_vs_best()
             if verdict:
-                lines.append(f"{p.context:>7} auto runs at {verdict[1]:.3f}x the best fixed depth ({verdict[0]})")
+                ratios = p.auto_ratios()
+                spread = f", {min(ratios):.3f}-{max(ratios):.3f}x round by round" if len(ratios) > 1 else ""
+                lines.append(f"{p.context:>7} auto runs at {verdict[1]:.3f}x the best fixed depth ({verdict[0]}){spread}")
+                note = noise_note(ratios, f"the best fixed depth ({verdict[0]})")
+                if note:
+                    lines.append(f"{p.context:>7}   {note}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -164,6 +180,7 @@ def _summary(runs: list[Any], ar_tps: float | None) -> dict[str, Any]:
     accepted = [sum(s.accepted[k] for s in runs if k < len(s.accepted)) for k in range(depth)]
     tps = generated / seconds if seconds > 0 else 0.0
     out = {"tps": round(tps, 3), "speedup": round(tps / ar_tps, 4) if ar_tps else 1.0,
+           "round_tps": [round(s.tokens_per_second, 3) for s in runs],
            "tokens_per_step": round(generated / steps, 4) if steps else 0.0, "generated": generated,
            "acceptance": [round(a / d, 4) if d else 0.0 for a, d in zip(accepted, drafted)]}
     if runs[0].adaptive:
