@@ -107,6 +107,30 @@ def test_int4_head_stays_close_to_bf16_head(grafted_4bit, fixture_checkpoint):
     assert acc_int4 > acc_bf16 - 0.05
 
 
+def test_the_cpu_probe_runs_dequantized_and_agrees_with_the_stored_weights(grafted_4bit):
+    """On MLX's CPU backend (the suite's) the graft probes on weights dequantized to bf16, which
+    its contract says; the figures agree with a pass over the 4-bit weights as the engine runs
+    them (64 tokens here: agreement moves in steps of 1/62; the figure on the trunk's argmax
+    path counts only the few positions where the trunk's argmax is the text's token, which the
+    two passes need not pick alike, so it is left out)."""
+    import mtplx
+    from mtplx.artifact.probe import AS_STORED, DEQUANTIZED, default_probe_text, measure_acceptance, probe_weights
+    from mtplx.core.device import backend
+
+    out, _ = grafted_4bit
+    assert contract_io.read(out).data["measured"]["probe_weights"] == (DEQUANTIZED if backend() == "cpu" else AS_STORED)
+    model, tok = mtplx.load(str(out))
+    tokens = tok.encode(default_probe_text())
+    stored = measure_acceptance(model, tokens, max_tokens=64)
+    assert probe_weights(model) == DEQUANTIZED  # this model is discarded after the test
+    assert model.trunk.body.layers[0].mlp.gate_proj.weight.dtype == mx.bfloat16
+    fast = measure_acceptance(model, tokens, max_tokens=64)
+    for convention in stored:
+        for figure in ("greedy_agreement", "expected_acceptance"):
+            value = stored[convention][figure]
+            assert abs(fast[convention][figure] - value) <= 0.035, (convention, figure, value, fast[convention][figure])
+
+
 def test_greedy_agreement_matches_fixture_figure(grafted_bf16):
     """On Python source (the fixture's domain) and on the trunk's argmax path (the context
     greedy decoding sees, as the fixture's figure is measured), the grafted head agrees with

@@ -308,7 +308,7 @@ def _build(src: SourceCheckpoint, out: Path, trunk: Path | None, trunk_bits: int
     from mlx_lm import load as mlx_load
 
     from mtplx.artifact.probe import (CONVENTIONS, DEFAULT_SAMPLER, MAX_PROBE_TOKENS, default_probe_text, head_figures,
-                                      trunk_pass)
+                                      probe_weights, trunk_pass)
     from mtplx.model.mtp_model import MTPModel
     from mtplx.model.trunk import Trunk
 
@@ -366,6 +366,7 @@ def _build(src: SourceCheckpoint, out: Path, trunk: Path | None, trunk_bits: int
     trunk_view = Trunk(model)
     head, ids = load_head(out, contract, trunk_view.args)
     mtp = MTPModel(trunk_view, head, contract)
+    weights = probe_weights(mtp)  # the model was loaded for the probe alone
     tokens = tokenizer.encode(probe_text or default_probe_text())
     tp = trunk_pass(mtp, tokens)
     acceptance = {convention: head_figures(mtp, tp, convention) for convention in CONVENTIONS}
@@ -374,6 +375,7 @@ def _build(src: SourceCheckpoint, out: Path, trunk: Path | None, trunk_bits: int
     data["measured"] = {
         "probe": "bundled" if probe_text is None else "user",
         "probe_tokens": min(len(tokens), MAX_PROBE_TOKENS),
+        "probe_weights": weights,
         "hidden_source_chosen_by": "measurement" if hidden_source is None else "override",
         "acceptance": acceptance,
         "sampler": {k: getattr(DEFAULT_SAMPLER, k) for k in ("temperature", "top_p", "top_k")},
