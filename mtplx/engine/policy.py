@@ -113,9 +113,9 @@ class StepCosts:
                        ar_ms=None if self.ar_ms is None else self.ar_ms + self.verify_per_k[0] * k,
                        context=max(context, self.context))
 
-    def winning(self) -> list[int]:
-        """Depths that would beat the AR loop here if every draft were accepted."""
-        return [d for d in range(1, self.max_depth + 1) if (d + 1) / self.step(d) > 1 / self.ar]
+    def winning(self, margin: float = 1.0) -> list[int]:
+        """Depths that would beat the AR loop here (by ``margin``) if every draft were accepted."""
+        return [d for d in range(1, self.max_depth + 1) if (d + 1) / self.step(d) > margin / self.ar]
 
     def as_dict(self) -> dict:
         out = {"verify_ms": [round(v, 4) for v in self.verify_ms], "draft_ms": round(self.draft_ms, 4),
