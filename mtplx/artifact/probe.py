@@ -42,14 +42,16 @@ def probe_weights(model: MTPModel) -> str:
     import os
 
     import mlx.utils
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
     from mlx_lm.utils import dequantize_model
 
     from mtplx.core.device import backend
 
     modules = [model.trunk.model, model.head]
-    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-                    for module in modules for _, m in module.named_modules())
-    if backend() != "cpu" or not quantized:
+    kinds = {type(m) for module in modules for _, m in module.named_modules()}
+    # A mixture of experts stays as stored: MLX's CPU gather_mm, which its dequantized experts
+    # would run on, takes float32 only.
+    if backend() != "cpu" or not kinds & {nn.QuantizedLinear, nn.QuantizedEmbedding} or QuantizedSwitchLinear in kinds:
         return AS_STORED
     elements = sum(v.size for m in modules for _, v in mlx.utils.tree_flatten(m.parameters()))
     # 4-bit weights pack 8 values in a uint32: an upper bound on the bf16 copy's elements.
