@@ -478,7 +478,7 @@ def test_depth_auto_and_pinned_per_request(server: Server) -> None:
 # -- load and cancellation -----------------------------------------------------------------------
 
 async def _one_stream(client: httpx.AsyncClient, i: int) -> str:
-    body = {"messages": [{"role": "user", "content": f"Request {i}"}], "max_tokens": 6, "temperature": 0.6,
+    body = {"messages": [{"role": "user", "content": f"Request {i}"}], "max_tokens": 3, "temperature": 0.6,
             "seed": i, "stream": True}
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code == 429:
