@@ -103,7 +103,8 @@ class Lookup:
     deepest one reached does, and starts from that when first reached. A copy that ran true
     for ten tokens is likely to run on (a file being rewritten), so auto reaches deeper copies
     as fast as the shallow ones earn it, where a flat prior would price each new position at
-    ``PRIOR`` and stop short of where a faithful rewrite's copies run. With the head's step costs (an AutoDepth policy), a copy of k tokens costs a
+    ``PRIOR`` and stop short of where a faithful rewrite's copies run. With the head's step
+    costs (an AutoDepth policy), a copy of k tokens costs a
     verify of k + 1 tokens and the step's overhead, no draft pass; it is taken when its rate
     E(k) / cost(k) beats the head's best depth's. Without costs (a pinned depth), a copy is taken
     while the running acceptance of its first token is at least ``MIN_FIRST``, and probed every
@@ -187,8 +188,8 @@ class Lookup:
 
     def observe(self, copied: int, accepted: int) -> None:
         for k in range(copied):
-            if k >= self.reached:  # first reached: it starts from the estimate it was priced at
-                self.acceptance[k] = self.estimates()[k]
+            if k == self.reached:  # first reached: it starts from the estimate it was priced at
+                self.acceptance[k] = self.acceptance[k - 1] if k else self.PRIOR
                 self.reached = k + 1
             hit = 1.0 if k < accepted else 0.0
             self.acceptance[k] += self.ALPHA * (hit - self.acceptance[k])
