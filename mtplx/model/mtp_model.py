@@ -68,7 +68,7 @@ class ModelCache:
         backlog = self.backlog.shape[1] if self.backlog is not None else 0
         self.head_start = self.offset - self.head[0].offset - backlog if self.head else 0
 
-    def head_rows_from(self, start: int, end: int, prompt_len: int) -> int:
+    def _first_head_row(self, start: int, end: int, prompt_len: int) -> int:
         """The first position of a prompt piece ``[start, end)`` whose head row this prefill makes:
         ``start``, or, while the head's cache is still empty, no earlier than the prompt's last
         ``knobs.head_window()`` positions (``end``: none of the piece). The head then starts there,
@@ -87,7 +87,7 @@ class ModelCache:
         None. Row i pairs the hidden at i with token i+1, so the piece's last hidden waits in the
         backlog for the token after it (the next piece's first, or the sampled one); a piece
         before the head's window makes no row and leaves the backlog alone."""
-        skip = self.head_rows_from(start, end, prompt_len) - start
+        skip = self._first_head_row(start, end, prompt_len) - start
         if skip == end - start:
             return None
         if self.backlog is None:  # the head's first rows: the first is this piece's (or the window's) first
