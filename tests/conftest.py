@@ -67,15 +67,13 @@ def demo():
 
 
 @pytest.fixture(scope="session")
-def demo_plain_template(tmp_path_factory):
-    """The demo with a chat template that renders no tools (the shared fixture's minimal one)."""
-    import shutil
-
+def demo_plain_template(demo_bf16_path, tmp_path_factory):
+    """The demo's bf16 copy (:func:`demo_bf16_path`) with a chat template that renders no tools
+    (the shared fixture's minimal one)."""
     import mtplx
 
-    src = Path(mtplx.__file__).parent / "demo" / "tiny-qwen35-mtp"
-    out = tmp_path_factory.mktemp("demo-plain") / "tiny-qwen35-mtp"
-    shutil.copytree(src, out)
+    out = tmp_path_factory.mktemp("demo-plain") / "tiny-qwen35-mtp-bf16"
+    shutil.copytree(demo_bf16_path, out)
     shutil.copy(FIXTURE / "chat_template.jinja", out / "chat_template.jinja")
     return mtplx.load(str(out))
 

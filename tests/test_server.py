@@ -1,6 +1,7 @@
-"""`mtplx serve` end to end: a real uvicorn server on 127.0.0.1 with the demo model, driven by
-the openai client and httpx. No mocks. Every client call has a timeout and every wait loop a
-deadline, so a broken server fails the test instead of hanging it.
+"""`mtplx serve` end to end: a real uvicorn server on 127.0.0.1 with the demo model on a bf16 trunk
+(conftest's demo_bf16: the demo's head, tokenizer and template, a quarter of the 4-bit demo's time
+on MLX's CPU backend), driven by the openai client and httpx. No mocks. Every client call has a
+timeout and every wait loop a deadline, so a broken server fails the test instead of hanging it.
 
 Reference outputs come from mtplx.generate on the same model object, always while the server
 is idle (the engine runs one generation at a time; see wait_idle).
@@ -29,8 +30,8 @@ MAX_BODY = 2**20
 
 
 @pytest.fixture(scope="module")
-def server(demo) -> Server:
-    model, tokenizer = demo
+def server(demo_bf16) -> Server:
+    model, tokenizer = demo_bf16
     # --max-batch 1: the one-at-a-time server (the batched one is tests/test_server_batch.py).
     app = create_app(model, tokenizer, served_model_names=["demo", "mtplx"], queue_size=8, max_tokens_default=16,
                      max_body_bytes=MAX_BODY, max_batch=1)

@@ -1,6 +1,6 @@
-"""Anthropic's Messages API end to end with the official `anthropic` client: plain text on the
-demo model (against mtplx.generate), tool use on the scripted model (tests/scripted_model.py),
-Anthropic-shaped errors, count_tokens."""
+"""Anthropic's Messages API end to end with the official `anthropic` client: plain text on the demo
+model's bf16 copy (conftest's demo_bf16; against mtplx.generate), tool use on the scripted model
+(tests/scripted_model.py), Anthropic-shaped errors, count_tokens."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def _client(base: str) -> anthropic.Anthropic:
 
 
 @pytest.fixture(scope="module")
-def demo_server(demo):
-    model, tokenizer = demo
+def demo_server(demo_bf16):
+    model, tokenizer = demo_bf16
     app = create_app(model, tokenizer, served_model_names=["demo"], max_body_bytes=2**16)
     with running(app, model, tokenizer) as s:
         s.anthropic = _client(s.base)

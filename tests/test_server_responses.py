@@ -1,8 +1,9 @@
 """OpenAI's Responses API (``POST /v1/responses``) end to end with the official `openai` client and
-raw SSE, on the demo model (text: the same greedy text as the Chat Completions route) and on a
-scripted model that writes tool calls (tests/scripted_model.py), with requests shaped as Codex CLI
-sends them (written for these tests). Every answer is also checked against the SDK's own pydantic
-types (Response, ResponseStreamEvent), which the client itself parses leniently."""
+raw SSE, on the demo model's bf16 copy (conftest's demo_bf16; text: the same greedy text as the Chat
+Completions route) and on a scripted model that writes tool calls (tests/scripted_model.py), with
+requests shaped as Codex CLI sends them (written for these tests). Every answer is also checked
+against the SDK's own pydantic types (Response, ResponseStreamEvent), which the client itself parses
+leniently."""
 
 from __future__ import annotations
 
@@ -109,8 +110,8 @@ def raw_events(s: Server, body: dict) -> tuple[list[str], list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def demo_server(demo):
-    model, tokenizer = demo
+def demo_server(demo_bf16):
+    model, tokenizer = demo_bf16
     app = create_app(model, tokenizer, served_model_names=["demo"], max_tokens_default=16)
     with running(app, model, tokenizer) as s:
         s.core = app.state.core
