@@ -201,7 +201,9 @@ def venv_seeing_these_packages(venv: Path) -> Path:
     import site
     import sysconfig
 
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # No pip of its own (ensurepip takes seconds): the caller installs with this interpreter's
+    # pip, ``pip --python``.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
     purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -217,8 +219,8 @@ def test_sdist_installs_and_runs_in_a_fresh_venv(sdist, tmp_path):
     venv = tmp_path / "venv"
     # mtplx itself is installed from the sdist into the venv (--force-reinstall --no-deps).
     py = venv_seeing_these_packages(venv)
-    subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                    "--force-reinstall", str(sdist)], check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--quiet",
+                    "--disable-pip-version-check", "--no-deps", "--force-reinstall", str(sdist)], check=True, cwd=tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(MTPLX_CONFIG=str(tmp_path / "config.json"), HF_HUB_OFFLINE="1")
 
@@ -230,8 +232,10 @@ def test_sdist_installs_and_runs_in_a_fresh_venv(sdist, tmp_path):
     version = subprocess.run([mtplx, "--version"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert version.returncode == 0 and version.stdout.strip() == f"mtplx, version {VERSION}", version
 
-    run = subprocess.run([mtplx, "run", "--model", "demo", "-n", "8", "--raw", "-t", "0", "def f("],
+    # At a fixed depth, so the installed head drafts (its weights are package data) without the
+    # seconds depth auto spends timing a fresh config's first run (tests/test_auto_depth.py).
+    run = subprocess.run([mtplx, "run", "--model", "demo", "-n", "8", "--raw", "-t", "0", "--depth", "3", "def f("],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip(), f"no completion printed; stderr: {run.stderr}"
-    assert "8 tokens" in run.stderr
+    assert run.stderr.startswith("[MTP d3 | 8 tokens"), run.stderr
