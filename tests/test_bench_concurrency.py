@@ -15,7 +15,7 @@ def test_concurrency_bench_reports_every_cell_and_the_same_tokens(grafted_bf16, 
 
     out = tmp_path / "c.json"
     result = CliRunner().invoke(cli, ["bench", "--model", str(grafted_bf16[0]), "--concurrency", "1,2",
-                                      "--depths", "0,2", "--max-tokens", "8", "--temperature", "0", "--join-tokens", "300",
+                                      "--depths", "0,2", "--max-tokens", "8", "--temperature", "0", "--join-tokens", "160",
                                       "--prefill-chunk", "64,256", "--json", str(out)])
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())["concurrency"]
