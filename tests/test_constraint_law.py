@@ -10,6 +10,7 @@ chi-square goodness-of-fit test (cells with an expected count under 5 pooled). T
 cover one whole depth-1 step (draft and bonus) and both drafts of a depth-2 step.
 
 Power: the law has 45 sequences, 27 of them with an expected count of 5 or more at N = 600
+BATCH = 50
 (28 cells after pooling, df = 27). At level 1e-3 the test detects a law at effect size
 w = 0.28 with probability 0.9 (noncentral chi-square, lambda = N w^2 = 48:
 scipy.stats.ncx2.sf(chi2.isf(1e-3, 27), 27, 48) = 0.9). A sample outside the constrained
@@ -21,11 +22,14 @@ with other seeds), so 200 samples miss it with probability about 0.95^200 < 1e-4
 
 from __future__ import annotations
 
+from typing import Callable
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from scipy import stats
 
+from mtplx.engine.batch import BatchDecoder, RowRequest
 from mtplx.engine.constraints import Constraint
 from mtplx.engine.sampling import SamplingParams, filtered_probs
 from mtplx.engine.speculative import Engine
@@ -36,6 +40,7 @@ from tiny_models import tiny_model
 PROMPT = [1, 2, 1]
 LENGTH = 3
 N = 600
+BATCH = 50
 
 
 @pytest.fixture(scope="module")
@@ -67,23 +72,27 @@ class NoRollback(Constraint):
         super().commit(len(self._step_moves), next_token)
 
 
-def sample(model, depth: int, constraint: Constraint, seed0: int, n: int = N,
+def sample(model, depth: int, make_constraint: Callable[[], Constraint], seed0: int, n: int = N,
            steps: list[int] | None = None, lookup: int = 0, copies: list[int] | None = None) -> list[tuple[int, ...]]:
-    """n constrained generations; ``steps`` collects each speculative step's accepted count,
-    ``copies`` each generation's copied-draft steps (``lookup``: drafts copied from the context)."""
+    """n constrained generations, each a row with its own seed and matcher, decoded BATCH at a
+    time (a row's tokens do not depend on the rows beside it: tests/test_batch_law.py);
+    ``steps`` collects each speculative step's accepted count, ``copies`` each generation's
+    copied-draft steps (``lookup``: drafts copied from the context)."""
     out = []
-    for i in range(n):
-        engine = Engine(model, depth, PARAMS, DRAFT, seed=seed0 + i, constraint=constraint, lookup=lookup)
-        tokens = []
+    for start in range(0, n, BATCH):
+        decoder = BatchDecoder(model, max_batch=BATCH)
         # One token past the law's LENGTH: a step drafts at most the budget's tokens but one, so
         # depth 2 needs 3 tokens left after the first; the law is read on the first LENGTH.
-        for step in engine.generate(PROMPT, LENGTH + 1):
-            tokens += step.tokens
-            if steps is not None and step.drafted:
-                steps.append(step.accepted)
-        out.append(tuple(tokens[:LENGTH]))
+        rows = [decoder.add(RowRequest(PROMPT, LENGTH + 1, PARAMS, depth=depth, draft_params=DRAFT, seed=seed0 + i,
+                                       constraint=make_constraint(), lookup=lookup))
+                for i in range(start, min(start + BATCH, n))]
+        while len(decoder):
+            for _, emitted in decoder.step():
+                if steps is not None and emitted.drafted:
+                    steps.append(emitted.accepted)
+        out += [tuple(row.emitted[:LENGTH]) for row in rows]
         if copies is not None:
-            copies.append(engine.stats.lookup_steps)
+            copies += [row.stats.lookup_steps for row in rows]
     return out
 
 
@@ -109,9 +118,9 @@ def test_law_is_constrained_and_varied(law):
 
 @pytest.mark.parametrize("depth", [1, 2])
 def test_constrained_mtp_law_equals_constrained_ar_law(model, law, depth):
-    constraint = Constraint(grammar_tokenizer(), grammar())  # one matcher, restarted per generation
     accepted = []
-    samples = sample(model, depth, constraint, seed0=1000 * depth, steps=accepted)
+    samples = sample(model, depth, lambda: Constraint(grammar_tokenizer(), grammar()), seed0=1000 * depth,
+                     steps=accepted)
     # Every outcome of a step occurs: rejection at each draft position (residual) and full
     # acceptance (bonus), so the rollback and every mask position are exercised.
     assert set(range(depth + 1)) <= set(accepted), sorted(set(accepted))
@@ -126,7 +135,8 @@ def test_copied_drafts_under_a_grammar_keep_the_constrained_law(model, law, monk
 
     monkeypatch.setattr(lookup, "NGRAMS", (2, 1))  # a 3-token prompt has matches from the start
     copies: list[int] = []
-    samples = sample(model, 2, Constraint(grammar_tokenizer(), grammar()), seed0=7000, lookup=2, copies=copies)
+    samples = sample(model, 2, lambda: Constraint(grammar_tokenizer(), grammar()), seed0=7000, lookup=2,
+                     copies=copies)
     assert sum(1 for c in copies if c) > N // 2, "copies were too rare to test"
     assert pvalue(samples, law) > ALPHA
 
@@ -148,5 +158,5 @@ def test_greedy_ar_and_mtp_follow_the_reference_grammar(model, prompt):
 
 
 def test_matcher_without_rollback_is_detected(model, law):
-    samples = sample(model, 1, NoRollback(grammar_tokenizer(), grammar()), seed0=5000, n=200)
+    samples = sample(model, 1, lambda: NoRollback(grammar_tokenizer(), grammar()), seed0=5000, n=200)
     assert pvalue(samples, law) < ALPHA
