@@ -97,6 +97,22 @@ def long_context(fixture_checkpoint, tmp_path_factory):
     return root / "tiny-8k"
 
 
+@pytest.fixture(scope="module")
+def long_context_narrow(tmp_path_factory):
+    """A random model of Qwen3.5's layout (tests/test_shapes.py's TINY: hidden 64, 4 layers, one of
+    them full attention) with a context of 8,192 and the demo's tokenizer and chat template, saved
+    as an artifact: the same caches and engine as the long-context copy, at a small fraction of
+    its prefill time on a CPU, for a turn of over 4,096 tokens."""
+    from test_shapes import TINY
+
+    from mtplx.bench.shape_models import Shape, random_modules, save_artifact
+
+    out = tmp_path_factory.mktemp("long-context-narrow") / "random-8k"
+    save_artifact(random_modules(Shape("tiny-8k", {**TINY, "max_position_embeddings": 8192}), layers=4), out,
+                  trunk_bits=16)
+    return out
+
+
 def _small_trace(path: Path) -> None:
     """The sample's first three requests cut small (system prompt, tools and tool results
     shortened: a test's prefill must take seconds), then its real first request, over the long-
@@ -171,9 +187,9 @@ def test_bench_refuses_mixed_workloads(args, message):
 
 
 @pytest.mark.slow
-def test_long_context_copy_replays_a_turn_past_4096_tokens(long_context, tmp_path):
-    """A request over the demo's context runs on the long-context copy: its prompt is cached
-    from the turn before (only the new part is prefilled); past the copy's context it is skipped."""
+def test_a_turn_past_4096_tokens_replays_through_the_prompt_cache(long_context_narrow, tmp_path):
+    """A request over the demo's context runs on a model whose context is 8,192: its prompt is
+    cached from the turn before (only the new part is prefilled); past that context it is skipped."""
     sample = json.loads(SAMPLE_FILE.read_text())["requests"]
     short = dict(sample[0], messages=[dict(sample[0]["messages"][0], content=sample[0]["messages"][0]["content"][:400]),
                                       sample[0]["messages"][1]], tools=sample[0]["tools"][:2])
@@ -181,7 +197,7 @@ def test_long_context_copy_replays_a_turn_past_4096_tokens(long_context, tmp_pat
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps({"name": "long", "requests": [short, grown, sample[-1]]}))
     out = tmp_path / "r.json"
-    code, text = _bench("--model", str(long_context), "--agent-trace", str(trace), "-n", "2", "--depths", "2",
+    code, text = _bench("--model", str(long_context_narrow), "--agent-trace", str(trace), "-n", "2", "--depths", "2",
                         "--temperature", "0", "--no-restart", "--json", str(out))
     assert code == 0, text
     r = json.loads(out.read_text())["agent_trace"]
