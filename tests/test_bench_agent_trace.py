@@ -131,11 +131,11 @@ def _small_trace(path: Path) -> None:
     path.write_text(json.dumps([cut(r) for r in sample[:3]] + [sample[0], cut(sample[3])]))
 
 
-def test_replay_reports_each_turn_and_a_restart_pass(long_context, tmp_path):
+def test_replay_reports_each_turn_and_a_restart_pass(long_context_narrow, tmp_path):
     trace = tmp_path / "small.json"
     _small_trace(trace)
     out = tmp_path / "r.json"
-    code, text = _bench("--model", str(long_context), "--agent-trace", str(trace), "--turns", "4", "-n", "4",
+    code, text = _bench("--model", str(long_context_narrow), "--agent-trace", str(trace), "--turns", "4", "-n", "4",
                         "--depths", "0,2", "--temperature", "0", "--json", str(out))
     assert code == 0, text
     assert "turn" in text and "TTFT s" in text and "after a restart" in text and "skipped" in text
