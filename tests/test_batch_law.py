@@ -1,7 +1,7 @@
 """Exactness of the batched decoder: the law of every row equals AR's law for that row.
 
-Model and method as tests/test_engine_law.py (random tiny-vocab Qwen3.5, exact AR law of the
-first three generated tokens by enumeration, chi-square goodness of fit at level 1e-3, cells
+Model and method as tests/test_engine_law.py (random tiny-vocab Qwen3.5 of 2 layers, one
+Gated-DeltaNet and one attention; exact AR law of the first three generated tokens by enumeration, chi-square goodness of fit at level 1e-3, cells
 with an expected count under 5 pooled). Here two kinds of rows decode *together*, each with
 its own prompt length, temperature, top-p / top-k and depth, so a batch mixes blocks of
 different sizes and laws. Each batch holds ``COPIES`` rows of every kind (independent seeds);
@@ -22,7 +22,7 @@ from scipy import stats
 
 from mtplx.engine.batch import BatchDecoder, RowRequest
 from mtplx.engine.sampling import SamplingParams
-from test_engine_law import ALPHA, DRAFT, VOCAB, exact_ar_law, gof_pvalue
+from test_engine_law import ALPHA, DRAFT, LAYERS, VOCAB, exact_ar_law, gof_pvalue
 from tiny_models import tiny_model
 
 N = 600
@@ -38,7 +38,7 @@ KINDS = [  # (prompt, target sampler, depth)
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(vocab=VOCAB, embed_scale=0.12)
+    return tiny_model(vocab=VOCAB, embed_scale=0.12, layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
