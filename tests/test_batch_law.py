@@ -1,11 +1,12 @@
 """Exactness of the batched decoder: the law of every row equals AR's law for that row.
 
-Model and method as tests/test_engine_law.py (random tiny-vocab Qwen3.5 of 2 layers, one
-Gated-DeltaNet and one attention; exact AR law of the first three generated tokens by enumeration, chi-square goodness of fit at level 1e-3, cells
-with an expected count under 5 pooled). Here two kinds of rows decode *together*, each with
-its own prompt length, temperature, top-p / top-k and depth, so a batch mixes blocks of
-different sizes and laws. Each batch holds ``COPIES`` rows of every kind (independent seeds);
-N = 600 generations per kind (the per-row cost of a step bounds N on this CPU).
+Model and method as tests/test_engine_law.py (random tiny-vocab Qwen3.5 of 2 layers, one Gated-
+DeltaNet and one attention; exact AR law of the first three generated tokens by enumeration,
+chi-square goodness of fit at level 1e-3, cells with an expected count under 5 pooled). Here two
+kinds of rows decode *together*, each with its own prompt length, temperature, top-p / top-k and
+depth, so a batch mixes blocks of different sizes and laws. Each batch holds ``COPIES`` rows of
+every kind (independent seeds); N = 600 generations per kind (the per-row cost of a step bounds
+N on this CPU).
 
 Power: with N = 600 and the laws' pooled cells (under 50), the test at level 1e-3 detects an
 effect size w = 0.35 with probability above 0.9 per kind (noncentral chi-square, lambda =
