@@ -1,5 +1,7 @@
-"""Structured output on the demo artifact (4-bit trunk, int4 head, trained on Python source, so
-its JSON is odd but must be valid): a json_schema response_format with a nested object and a
+"""Structured output on the demo's bf16 copy (conftest's demo_bf16: the demo's int4 head and
+tokenizer on a bf16 trunk, trained on Python source, so its JSON is odd but must be valid; the
+masks do not depend on how the trunk is stored, and test_greedy.py holds the 4-bit demo's greedy
+output to AR's): a json_schema response_format with a nested object and a
 bounded array, greedy, at depth 0 and depth 2. Both outputs end with EOS, parse and validate
 against the schema, and greedy constrained MTP equals greedy constrained AR token for token
 (a flip is allowed only at a numerical tie of the masked logits, as in test_greedy.py).
@@ -34,12 +36,12 @@ SCHEMA = {
 FORMAT = {"type": "json_schema", "json_schema": {"name": "config", "schema": SCHEMA, "strict": True}}
 PROMPT = "import json\n\n"
 MAX_TOKENS = 96
-TIE = 0.05  # as in test_greedy.py: bf16 logits of a 4-bit trunk
+TIE = 0.05  # as in test_greedy.py: bf16 logits
 
 
 @pytest.fixture(scope="module")
-def outputs(demo):
-    model, tok = demo
+def outputs(demo_bf16):
+    model, tok = demo_bf16
     out = {}
     for depth in (0, 2):
         chunks = list(mtplx.stream_generate(model, tok, PROMPT, max_tokens=MAX_TOKENS, temperature=0, depth=depth,
@@ -55,8 +57,8 @@ def test_output_parses_and_validates(outputs, depth):
     jsonschema.validate(json.loads(text), SCHEMA)
 
 
-def test_greedy_constrained_mtp_equals_greedy_constrained_ar(demo, outputs):
-    model, tok = demo
+def test_greedy_constrained_mtp_equals_greedy_constrained_ar(demo_bf16, outputs):
+    model, tok = demo_bf16
     _, ar, _ = outputs[0]
     _, mtp, last = outputs[2]
     acceptance = last.acceptance
