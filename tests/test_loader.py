@@ -155,8 +155,9 @@ def test_repo_id_resolves_offline_from_local_cache(tmp_path):
     cache = tmp_path / "hub"
     _populate_hf_cache(cache, "mtplx-test/tiny-demo")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    # depth=2: resolving the repo id is the point, not depth auto's first-use timing of the 4-bit demo.
     code = ("import mtplx; m, t = mtplx.load('mtplx-test/tiny-demo'); "
-            "print(m.path); print(mtplx.generate(m, t, 'def f(', max_tokens=4, temperature=0))")
+            "print(m.path); print(mtplx.generate(m, t, 'def f(', max_tokens=4, temperature=0, depth=2))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "models--mtplx-test--tiny-demo/snapshots/0123456789abcdef" in out.stdout
