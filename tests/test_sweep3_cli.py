@@ -165,10 +165,10 @@ def _chat_session(demo):
     return s
 
 
-def test_prefill_expected_to_be_long_shows_an_estimated_bar_at_once(demo, capsys):
+def test_prefill_expected_to_be_long_shows_an_estimated_bar_at_once(demo_bf16, capsys):
     import mtplx
 
-    s = _chat_session(demo)
+    s = _chat_session(demo_bf16)
     s.reply("hello there", mtplx.stream_generate)
     assert s.prefill_rate is None or s.prefill_rate > 0
     s.prefill_rate = 1.0  # 1 token/s: the whole history re-prefilled would take far over a second
@@ -180,7 +180,7 @@ def test_prefill_expected_to_be_long_shows_an_estimated_bar_at_once(demo, capsys
     assert out.out.count("mtplx> ") == 2  # the bar's line erased, the reply's prefix put back once
 
 
-def test_prefill_that_outlasts_a_second_shows_a_bar_even_without_an_estimate(demo, capsys):
+def test_prefill_that_outlasts_a_second_shows_a_bar_even_without_an_estimate(demo_bf16, capsys):
     import time
 
     import mtplx
@@ -190,7 +190,7 @@ def test_prefill_that_outlasts_a_second_shows_a_bar_even_without_an_estimate(dem
         time.sleep(1.4)
         yield from it
 
-    s = _chat_session(demo)
+    s = _chat_session(demo_bf16)
     s.reply("hello there", slow)
     err = capsys.readouterr().err
     assert re.search(r"prefill of [\d,]+ tokens: 00:01", err)
@@ -202,10 +202,10 @@ def test_prefill_that_outlasts_a_second_shows_a_bar_even_without_an_estimate(dem
 
 # ---------------------------------------------------------------- row 14: long runs say what they will take
 
-def test_bench_announces_its_runs_and_an_estimate_before_timing(demo):
+def test_bench_announces_its_runs_and_an_estimate_before_timing(demo_bf16):
     from mtplx.bench.runner import run_bench
 
-    model, tok = demo
+    model, tok = demo_bf16
     lines: list[str] = []
     report = run_bench(model, tok, ["Hello", "def f("], [0, 1], 4, SamplingParams(temperature=0.0), rounds=1,
                        cost_model=False, reference=False, progress=lines.append)
