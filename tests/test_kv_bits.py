@@ -156,13 +156,13 @@ def test_the_disk_tier_keeps_each_kv_setting_apart(model, tmp_path):
     restarted.close()
 
 
-def test_the_server_decodes_every_request_with_its_kv_bits(demo, tmp_path):
-    """serve --kv-bits 8: answers equal mtplx.generate(kv_bits=8), and the prompt caches (memory
-    and the disk folder of that setting) hold 8-bit KV."""
+def test_the_server_decodes_every_request_with_its_kv_bits(demo_bf16, tmp_path):
+    """serve --kv-bits 8 (on the demo's bf16 copy): answers equal mtplx.generate(kv_bits=8), and
+    the prompt caches (memory and the disk folder of that setting) hold 8-bit KV."""
     from mtplx.server.app import create_app
     from server_helpers import running, wait_idle
 
-    model, tok = demo
+    model, tok = demo_bf16
     app = create_app(model, tok, served_model_names=["demo"], prompt_cache_bytes=1 << 30, prompt_cache_dir=tmp_path,
                      kv_bits=8)
     messages = [{"role": "user", "content": "def add(a, b):"}]

@@ -360,12 +360,12 @@ def test_a_restarted_server_answers_a_returning_conversation_from_disk(demo_bf16
     assert apps[-1].state.core.prompt_caches.disk_hits == 2
 
 
-def test_the_chat_keeps_its_caches_on_disk(demo, tmp_path):
+def test_the_chat_keeps_its_caches_on_disk(demo_bf16, tmp_path):
     """`mtplx start`'s chat writes each turn's cache to its folder; a later chat that starts as
-    this one did loads it, and answers as the first did."""
+    this one did loads it, and answers as the first did (on the demo's bf16 copy)."""
     from mtplx.cli.chat import ChatSession, run_chat
 
-    model, tok = demo
+    model, tok = demo_bf16
     chats = []
     for _ in range(2):
         s = ChatSession(model, tok, depth=0, thinking=False, max_tokens=4, temperature=0.0, prompt_cache_dir=tmp_path)
