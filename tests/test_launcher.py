@@ -425,7 +425,7 @@ def _at_prompt(text: str) -> bool:
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux / brew install tmux)")
 def test_start_in_a_real_terminal(tmp_path):
     env = f"MTPLX_CONFIG={shlex.quote(str(tmp_path / 'config.json'))} HF_HUB_OFFLINE=1 MTPLX_DEBUG="
-    command = (f"env {env} {shlex.quote(sys.executable)} -m mtplx start --max-tokens 24 --seed 0; "
+    command = (f"env {env} {shlex.quote(sys.executable)} -m mtplx start --max-tokens 12 --seed 0; "
                f"echo \"[exit $?]\"; sleep 300")
     t = Tmux("start")
     t.start(command, ROOT)
@@ -475,8 +475,8 @@ def test_start_in_a_real_terminal(tmp_path):
             pytest.fail("three long replies all ended before Ctrl-C arrived")
         assert "Bye." not in text  # still in the chat
 
-        t.send("/max 24")
-        t.wait_for("max 24 tokens")
+        t.send("/max 12")
+        t.wait_for("max 12 tokens")
         t.send("/depth 0")
         t.wait_for("Now: plain AR (depth 0)")
         t.send("one more")
