@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtplx.core.device import machine_memory_bytes
 from mtplx.core.knobs import KV_BITS, check_kv
 from mtplx.errors import MtplxError
-
-
-def machine_memory_bytes() -> int:
-    """What the model may use: Metal's recommended working set on a Mac, else physical memory."""
-    try:
-        import mlx.core as mx
-
-        if mx.metal.is_available():
-            return int(mx.metal.device_info()["max_recommended_working_set_size"])
-    except Exception:  # noqa: BLE001 - fall back to physical memory
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # KV quantization as mlx-lm's QuantizedKVCache stores it (``--kv-bits``): None is full precision.

@@ -39,13 +39,11 @@ def probe_weights(model: MTPModel) -> str:
     by at most 0.009 (greedy agreement, expected acceptance) and 0.012 (on the argmax path), so
     the convention chosen is the same; tests/test_graft.py holds a 64-token probe to 0.035. A
     GPU keeps the weights as stored, as the engine runs them."""
-    import os
-
     import mlx.utils
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
     from mlx_lm.utils import dequantize_model
 
-    from mtplx.core.device import backend
+    from mtplx.core.device import backend, machine_memory_bytes
 
     modules = [model.trunk.model, model.head]
     kinds = {type(m) for module in modules for _, m in module.named_modules()}
@@ -55,7 +53,7 @@ def probe_weights(model: MTPModel) -> str:
         return AS_STORED
     elements = sum(v.size for m in modules for _, v in mlx.utils.tree_flatten(m.parameters()))
     # 4-bit weights pack 8 values in a uint32: an upper bound on the bf16 copy's elements.
-    if 2 * 8 * elements > DEQUANTIZE_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+    if 2 * 8 * elements > DEQUANTIZE_SHARE * machine_memory_bytes():
         return AS_STORED
     for m in modules:
         dequantize_model(m)

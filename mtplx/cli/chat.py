@@ -375,7 +375,7 @@ def disk_store(model: Any, folder: Any, **kv: Any) -> Any:
     caches' kv_bits and kv_group_size."""
     from pathlib import Path
 
-    from mtplx.artifact.inspect import machine_memory_bytes
+    from mtplx.core.device import machine_memory_bytes
     from mtplx.engine.prompt_cache import PromptCacheLRU, cache_identity
     from mtplx.engine.prompt_cache_disk import PromptCacheDisk, default_max_bytes
 

@@ -76,7 +76,7 @@ def _installation(json_out: str | None) -> None:
     import mlx.core as mx
 
     from mtplx._version import __version__
-    from mtplx.artifact.inspect import machine_memory_bytes
+    from mtplx.core.device import machine_memory_bytes
     from mtplx.artifact.paths import cache_root
     from mtplx.core.config import config_path
     from mtplx.kernels import backend

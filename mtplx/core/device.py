@@ -1,8 +1,9 @@
 """Which MLX backend this process runs on, named once for every report (bench, doctor, the
-step-cost cache key)."""
+step-cost cache key), and the memory a model may use on it."""
 
 from __future__ import annotations
 
+import os
 import platform
 
 import mlx.core as mx
@@ -27,3 +28,13 @@ def device_name() -> str:
     if b == "cuda":
         return "NVIDIA GPU (CUDA)"
     return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def machine_memory_bytes() -> int:
+    """What the model may use: Metal's recommended working set on a Mac, else physical memory."""
+    try:
+        if mx.metal.is_available():
+            return int(mx.metal.device_info()["max_recommended_working_set_size"])
+    except Exception:  # noqa: BLE001 - fall back to physical memory
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

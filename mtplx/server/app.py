@@ -33,7 +33,8 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 
 def default_prompt_cache_bytes() -> int:
     # The share is inspect's, which counts the memory a request's caches may take the same way.
-    from mtplx.artifact.inspect import PROMPT_CACHE_SHARE, machine_memory_bytes
+    from mtplx.artifact.inspect import PROMPT_CACHE_SHARE
+    from mtplx.core.device import machine_memory_bytes
 
     return int(machine_memory_bytes() * PROMPT_CACHE_SHARE)
 

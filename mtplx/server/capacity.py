@@ -67,7 +67,8 @@ class Capacity:
     @classmethod
     def of_machine(cls, model: Any, prompt_cache_bytes: int = 0, kv_bits: int | None = None,
                    kv_group_size: int = 64) -> "Capacity":
-        from mtplx.artifact.inspect import machine_memory_bytes, row_budget
+        from mtplx.artifact.inspect import row_budget
+        from mtplx.core.device import machine_memory_bytes
 
         return cls(model, row_budget(machine_memory_bytes(), weight_bytes(model), prompt_cache_bytes),
                    kv_bits, kv_group_size, prompt_cache_bytes)
