@@ -29,7 +29,7 @@ class ArReference:
     head_start: int
     tokens: list[int] = field(default_factory=list)
     hiddens: list[mx.array] = field(default_factory=list)
-    cache: Any = None
+    cache: Any = field(init=False)
 
     def __post_init__(self) -> None:
         self.cache = self.model.make_cache(self.kv_bits, self.kv_group_size)

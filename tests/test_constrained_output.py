@@ -1,10 +1,10 @@
 """Structured output on the demo's bf16 copy (conftest's demo_bf16: the demo's int4 head and
-tokenizer on a bf16 trunk, trained on Python source, so its JSON is odd but must be valid; the
-masks do not depend on how the trunk is stored, and test_greedy.py holds the 4-bit demo's greedy
-output to AR's): a json_schema response_format with a nested object and a
-bounded array, greedy, at depth 0 and depth 2. Both outputs end with EOS, parse and validate
-against the schema, and greedy constrained MTP equals greedy constrained AR token for token
-(a flip is allowed only at a numerical tie of the masked logits, as in test_greedy.py).
+tokenizer on a bf16 trunk, trained on Python source, so its JSON is odd but must be valid; the masks
+do not depend on how the trunk is stored, and test_greedy.py holds the 4-bit demo's greedy output to
+AR's): a json_schema response_format with a nested object and a bounded array, greedy, at depth 0
+and depth 2. Both outputs end with EOS, parse and validate against the schema, and greedy
+constrained MTP equals greedy constrained AR token for token (a flip is allowed only at a numerical
+tie of the masked logits, as in test_greedy.py).
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ chi-square goodness-of-fit test (cells with an expected count under 5 pooled). T
 cover one whole depth-1 step (draft and bonus) and both drafts of a depth-2 step.
 
 Power: the law has 45 sequences, 27 of them with an expected count of 5 or more at N = 600
-BATCH = 50
 (28 cells after pooling, df = 27). At level 1e-3 the test detects a law at effect size
 w = 0.28 with probability 0.9 (noncentral chi-square, lambda = N w^2 = 48:
 scipy.stats.ncx2.sf(chi2.isf(1e-3, 27), 27, 48) = 0.9). A sample outside the constrained
